@@ -1,0 +1,140 @@
+"""Configuration of EmoVLM-KD: a Qwen2-VL backbone, a distillation head on its visual encoder and a gate.
+
+This file travels to the Hub with the model: it imports only `transformers` (and the standard library).
+"""
+
+from transformers import AutoConfig, PretrainedConfig
+from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+GATE_TYPES = ("concat_linear", "moe", "bilinear", "dynamic_weighting", "cross_gating")
+VLM_MODES = ("score", "generate")
+VLM_VECTORS = ("probs", "onehot")
+
+DEFAULT_PROMPT = (
+    "Observe the image and select the emotion category that best matches this image from the following "
+    "{num_labels} categories: {label_list}. Answer in dictionary form as follows: {example_answer}"
+)
+DEFAULT_ANSWER_TEMPLATE = "{{'emotion': '{label}'}}"
+
+
+def format_label_list(labels):
+    """`a, b, and c` as in the paper's categorical instruction."""
+    labels = list(labels)
+    if len(labels) <= 1:
+        return "".join(labels)
+    if len(labels) == 2:
+        return f"{labels[0]} and {labels[1]}"
+    return ", ".join(labels[:-1]) + f", and {labels[-1]}"
+
+
+class EmoVLMKDConfig(PretrainedConfig):
+    r"""
+    Configuration for [`EmoVLMKDForImageClassification`].
+
+    Args:
+        vlm_config (`dict` or `PretrainedConfig`, *optional*):
+            Config of the vision-language backbone (a Qwen2-VL config; any `model_type` registered in transformers
+            whose model has the Qwen2-VL layout works).
+        head_hidden_sizes (`list[int]`, *optional*, defaults to `[1024]`):
+            Hidden widths of the distillation head (Linear -> GELU -> Dropout per entry, then Linear -> labels).
+            The paper's Table 3 compares `[1024]` to deeper heads such as `[1024, 512, 256, 128, 64]`.
+        head_dropout (`float`, *optional*, defaults to 0.1): dropout inside the head.
+        gate_type (`str`, *optional*, defaults to `"concat_linear"`): one of `concat_linear`, `moe`, `bilinear`,
+            `dynamic_weighting`, `cross_gating` (the paper's Table 4).
+        gate_num_experts (`int`, *optional*, defaults to 3): experts of the `moe` gate.
+        vlm_mode (`str`, *optional*, defaults to `"score"`): how the VLM branch answers. `score` ranks every label's
+            answer string by its log-likelihood (deterministic); `generate` decodes an answer and parses it.
+        vlm_vector (`str`, *optional*, defaults to `"probs"`): what `score` mode hands to the gate: the normalised
+            label distribution (`probs`) or its argmax as a one-hot vector (`onehot`, as in the paper). `generate`
+            mode always gives a one-hot vector (all zeros when the answer names no label).
+        prompt (`str`, *optional*): the classification instruction. `{num_labels}`, `{label_list}` and
+            `{example_answer}` are filled from the labels.
+        answer_template (`str`, *optional*): the answer format; `{label}` is filled with the label name.
+        label_answer_token_ids (`list[list[int]]`, *optional*): the token ids of each label's answer as the
+            tokenizer writes it after the prompt (set by `EmoVLMKDForImageClassification.set_answer_tokens`).
+        vlm_max_new_tokens (`int`, *optional*, defaults to 32): generation budget of `generate` mode.
+        vlm_do_sample (`bool`), vlm_temperature (`float`): sampling in `generate` mode (off by default; the paper's code
+            samples at temperature 0.8).
+    """
+
+    model_type = "emovlm_kd"
+    sub_configs = {"vlm_config": AutoConfig}
+
+    def __init__(
+        self,
+        vlm_config=None,
+        head_hidden_sizes=(1024,),
+        head_dropout=0.1,
+        gate_type="concat_linear",
+        gate_num_experts=3,
+        vlm_mode="score",
+        vlm_vector="probs",
+        prompt=DEFAULT_PROMPT,
+        answer_template=DEFAULT_ANSWER_TEMPLATE,
+        label_answer_token_ids=None,
+        vlm_max_new_tokens=32,
+        vlm_do_sample=False,
+        vlm_temperature=0.8,
+        **kwargs,
+    ):
+        if vlm_config is None:
+            vlm_config = CONFIG_MAPPING["qwen2_vl"]()
+        elif isinstance(vlm_config, dict):
+            vlm_config = dict(vlm_config)
+            vlm_config = CONFIG_MAPPING[vlm_config.pop("model_type", "qwen2_vl")](**vlm_config)
+        self.vlm_config = vlm_config
+        self.head_hidden_sizes = [int(h) for h in head_hidden_sizes]
+        self.head_dropout = float(head_dropout)
+        self.gate_type = gate_type
+        self.gate_num_experts = int(gate_num_experts)
+        self.vlm_mode = vlm_mode
+        self.vlm_vector = vlm_vector
+        self.prompt = prompt
+        self.answer_template = answer_template
+        self.label_answer_token_ids = label_answer_token_ids
+        self.vlm_max_new_tokens = int(vlm_max_new_tokens)
+        self.vlm_do_sample = bool(vlm_do_sample)
+        self.vlm_temperature = float(vlm_temperature)
+        super().__init__(**kwargs)
+        self.validate()
+
+    def validate(self):
+        """Raise a `ValueError` that names the field when a value is out of range."""
+        if self.gate_type not in GATE_TYPES:
+            raise ValueError(f"gate_type must be one of {GATE_TYPES}, got {self.gate_type!r}")
+        if self.vlm_mode not in VLM_MODES:
+            raise ValueError(f"vlm_mode must be one of {VLM_MODES}, got {self.vlm_mode!r}")
+        if self.vlm_vector not in VLM_VECTORS:
+            raise ValueError(f"vlm_vector must be one of {VLM_VECTORS}, got {self.vlm_vector!r}")
+        if not 0.0 <= self.head_dropout < 1.0:
+            raise ValueError(f"head_dropout must be in [0, 1), got {self.head_dropout}")
+        if any(h <= 0 for h in self.head_hidden_sizes):
+            raise ValueError(f"head_hidden_sizes must be positive, got {self.head_hidden_sizes}")
+        if self.gate_num_experts < 1:
+            raise ValueError(f"gate_num_experts must be >= 1, got {self.gate_num_experts}")
+        if "{label}" not in self.answer_template:
+            raise ValueError("answer_template must contain '{label}'")
+
+    @property
+    def labels(self):
+        """Label names in id order."""
+        return [self.id2label[i] for i in range(len(self.id2label))]
+
+    def answer_for(self, label):
+        return self.answer_template.format(label=label)
+
+    def classification_prompt(self):
+        """The categorical instruction for this config's labels (the paper's prompt by default)."""
+        labels = self.labels
+        return self.prompt.format(
+            num_labels=len(labels), label_list=format_label_list(labels), example_answer=self.answer_for(labels[0])
+        )
+
+    def to_dict(self):
+        output = super().to_dict()
+        if hasattr(self.vlm_config, "to_dict"):
+            output["vlm_config"] = self.vlm_config.to_dict()
+        return output
+
+
+__all__ = ["EmoVLMKDConfig", "GATE_TYPES", "VLM_MODES", "VLM_VECTORS"]

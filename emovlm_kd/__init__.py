@@ -1,0 +1,3 @@
+"""EmoVLM-KD tooling: tiny offline models, Hub bundle saving, the `emovlm-kd` command line."""
+
+__version__ = "0.1.0"

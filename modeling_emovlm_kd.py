@@ -1,0 +1,566 @@
+"""EmoVLM-KD: a Qwen2-VL backbone, a distillation head on its visual encoder and a gate, as one `PreTrainedModel`.
+
+One pass through the visual encoder per image: its merger tokens feed the language model (the VLM branch) and,
+mean-pooled per image, the distillation head. The gate combines the VLM branch's per-label vector with the head's
+probabilities into the final logits.
+
+This file travels to the Hub with the model: it imports only torch, transformers and its configuration file.
+"""
+
+import re
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import AutoModelForImageTextToText, PreTrainedModel
+from transformers.utils import ModelOutput, logging
+
+try:
+    from .configuration_emovlm_kd import EmoVLMKDConfig
+except ImportError:  # imported as a plain module (not from a Hub folder)
+    from configuration_emovlm_kd import EmoVLMKDConfig
+
+logger = logging.get_logger(__name__)
+
+
+@dataclass
+class EmoVLMKDOutput(ModelOutput):
+    r"""
+    loss (`torch.FloatTensor` of shape `()`, *optional*): cross-entropy of `logits` against `labels`.
+    logits (`torch.FloatTensor` of shape `(batch_size, num_labels)`): the gate's output, the final prediction.
+    distill_logits (`torch.FloatTensor` of shape `(batch_size, num_labels)`): the distillation head's logits.
+    vlm_scores (`torch.FloatTensor` of shape `(batch_size, num_labels)`): the VLM branch's per-label vector as fed
+        to the gate (label distribution or one-hot; all zeros for a generated answer that names no label).
+    vlm_log_likelihoods (`torch.FloatTensor` of shape `(batch_size, num_labels)`, *optional*): `score` mode's
+        log-likelihood of each label's answer string.
+    vlm_answer_found (`torch.BoolTensor` of shape `(batch_size,)`): False where a generated answer named no label.
+    image_embeds (`torch.FloatTensor` of shape `(batch_size, hidden_size)`): mean-pooled visual tokens per image.
+    generated_ids (`torch.LongTensor` of shape `(batch_size, new_tokens)`, *optional*): `generate` mode's answer.
+    generated_text (`list[str]`, *optional*): decoded answers (when the model has a tokenizer attached).
+    """
+
+    loss: torch.FloatTensor | None = None
+    logits: torch.FloatTensor | None = None
+    distill_logits: torch.FloatTensor | None = None
+    vlm_scores: torch.FloatTensor | None = None
+    vlm_log_likelihoods: torch.FloatTensor | None = None
+    vlm_answer_found: torch.BoolTensor | None = None
+    image_embeds: torch.FloatTensor | None = None
+    generated_ids: torch.LongTensor | None = None
+    generated_text: list | None = None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Building blocks
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class EmoVLMKDDistillationHead(nn.Module):
+    """Mean-pooled visual tokens -> [Linear -> GELU -> Dropout] * len(hidden_sizes) -> Linear -> label logits."""
+
+    def __init__(self, in_features, hidden_sizes, num_labels, dropout):
+        super().__init__()
+        layers, width = [], in_features
+        for hidden in hidden_sizes:
+            layers += [nn.Linear(width, hidden), nn.GELU(), nn.Dropout(dropout)]
+            width = hidden
+        self.layers = nn.Sequential(*layers)
+        self.classifier = nn.Linear(width, num_labels)
+
+    def forward(self, image_embeds):  # (B, H) -> (B, C)
+        return self.classifier(self.layers(image_embeds))
+
+
+class ConcatLinearGate(nn.Module):
+    """y = W [v_vlm ; p_head] + b (the paper's default)."""
+
+    def __init__(self, num_labels, **_):
+        super().__init__()
+        self.proj = nn.Linear(2 * num_labels, num_labels)
+
+    def forward(self, vlm_vector, head_probs):
+        return self.proj(torch.cat([vlm_vector, head_probs], dim=-1))
+
+
+class MoEGate(nn.Module):
+    """Experts over the concatenation, mixed by a softmax gate over the same concatenation."""
+
+    def __init__(self, num_labels, num_experts=3, **_):
+        super().__init__()
+        self.experts = nn.ModuleList(nn.Linear(2 * num_labels, num_labels) for _ in range(num_experts))
+        self.router = nn.Linear(2 * num_labels, num_experts)
+
+    def forward(self, vlm_vector, head_probs):
+        h = torch.cat([vlm_vector, head_probs], dim=-1)
+        weights = self.router(h).softmax(-1)  # (B, E)
+        expert_out = torch.stack([expert(h) for expert in self.experts], dim=1)  # (B, E, C)
+        return (weights.unsqueeze(-1) * expert_out).sum(1)
+
+
+class BilinearGate(nn.Module):
+    """v_vlm^T W v_head, then a linear layer."""
+
+    def __init__(self, num_labels, **_):
+        super().__init__()
+        self.bilinear = nn.Bilinear(num_labels, num_labels, num_labels)
+        self.proj = nn.Linear(num_labels, num_labels)
+
+    def forward(self, vlm_vector, head_probs):
+        return self.proj(self.bilinear(vlm_vector, head_probs))
+
+
+class DynamicWeightingGate(nn.Module):
+    """Softmax weights (w1, w2) from the concatenation; w1 v_vlm + w2 p_head, then a linear layer."""
+
+    def __init__(self, num_labels, **_):
+        super().__init__()
+        self.weights = nn.Linear(2 * num_labels, 2)
+        self.proj = nn.Linear(num_labels, num_labels)
+
+    def forward(self, vlm_vector, head_probs):
+        w = self.weights(torch.cat([vlm_vector, head_probs], dim=-1)).softmax(-1)
+        return self.proj(w[:, :1] * vlm_vector + w[:, 1:] * head_probs)
+
+
+class CrossGatingGate(nn.Module):
+    """g1 = sigmoid(L(p_head)), g2 = sigmoid(L(v_vlm)); g1 v_vlm + g2 p_head, then a linear layer."""
+
+    def __init__(self, num_labels, **_):
+        super().__init__()
+        self.gate_vlm = nn.Linear(num_labels, num_labels)
+        self.gate_head = nn.Linear(num_labels, num_labels)
+        self.proj = nn.Linear(num_labels, num_labels)
+
+    def forward(self, vlm_vector, head_probs):
+        g1 = torch.sigmoid(self.gate_vlm(head_probs))
+        g2 = torch.sigmoid(self.gate_head(vlm_vector))
+        return self.proj(g1 * vlm_vector + g2 * head_probs)
+
+
+GATE_CLASSES = {
+    "concat_linear": ConcatLinearGate,
+    "moe": MoEGate,
+    "bilinear": BilinearGate,
+    "dynamic_weighting": DynamicWeightingGate,
+    "cross_gating": CrossGatingGate,
+}
+
+
+def build_gate(config):
+    return GATE_CLASSES[config.gate_type](config.num_labels, num_experts=config.gate_num_experts)
+
+
+class LabelScoringPlan:
+    """How to score every label's answer tokens with one prefill and at most one small continuation.
+
+    The answers' common token prefix goes into the prefill. The label-specific rest is laid out as a token trie:
+    every trie node that has children becomes one continuation token, which attends to the prompt and to its
+    ancestors only (a tree attention mask), so all labels are scored in one forward with no copy of the cache.
+    When the labels' first tokens already differ and each answer ends there, no continuation runs at all.
+    """
+
+    def __init__(self, answer_token_ids):
+        if not answer_token_ids:
+            raise ValueError("label_answer_token_ids is empty: call `set_answer_tokens(tokenizer)` first")
+        common = 0
+        while all(len(a) > common for a in answer_token_ids) and len({a[common] for a in answer_token_ids}) == 1:
+            common += 1
+        self.prefix = list(answer_token_ids[0][:common])
+        suffixes = [list(a[common:]) for a in answer_token_ids]
+        if any(not s for s in suffixes) or len({tuple(s) for s in suffixes}) != len(suffixes):
+            raise ValueError("label answers must be distinct and none may be a prefix of another")
+        # Trie over suffixes; node = (parent_node, token). Internal nodes become continuation tokens.
+        node_ids, node_parent, node_token = {}, [], []
+        paths = []
+        for suffix in suffixes:
+            parent, path = -1, []
+            for token in suffix:
+                key = (parent, token)
+                if key not in node_ids:
+                    node_ids[key] = len(node_token)
+                    node_parent.append(parent)
+                    node_token.append(token)
+                parent = node_ids[key]
+                path.append(parent)
+            paths.append(path)
+        internal = sorted({node for path in paths for node in path[:-1]})
+        slot = {node: i for i, node in enumerate(internal)}
+        self.tree_tokens = [node_token[n] for n in internal]
+        depth, ancestors = [], []
+        for n in internal:
+            chain, p = [], n
+            while p != -1:
+                chain.append(slot[p])
+                p = node_parent[p]
+            depth.append(len(chain) - 1)
+            ancestors.append(chain)
+        self.tree_depth = depth
+        self.tree_ancestors = ancestors
+        # For each label: (source row, target token); source 0 = prefill's last position, 1 + i = tree slot i.
+        self.max_len = max(len(s) for s in suffixes)
+        self.sources = [[0] + [1 + slot[n] for n in path[:-1]] for path in paths]
+        self.targets = suffixes
+
+    def tensors(self, device):
+        C, K, T = len(self.targets), self.max_len, len(self.tree_tokens)
+        src = torch.zeros(C, K, dtype=torch.long)
+        tgt = torch.zeros(C, K, dtype=torch.long)
+        valid = torch.zeros(C, K, dtype=torch.bool)
+        for c, (s, t) in enumerate(zip(self.sources, self.targets)):
+            src[c, : len(s)] = torch.tensor(s)
+            tgt[c, : len(t)] = torch.tensor(t)
+            valid[c, : len(t)] = True
+        tree_mask = torch.zeros(T, T, dtype=torch.bool)
+        for i, chain in enumerate(self.tree_ancestors):
+            tree_mask[i, chain] = True
+        return {
+            "prefix": torch.tensor(self.prefix, dtype=torch.long, device=device),
+            "tree_tokens": torch.tensor(self.tree_tokens, dtype=torch.long, device=device),
+            "tree_depth": torch.tensor(self.tree_depth, dtype=torch.long, device=device),
+            "tree_mask": tree_mask.to(device),
+            "src": src.to(device),
+            "tgt": tgt.to(device),
+            "valid": valid.to(device),
+        }
+
+
+def to_left_padding(attention_mask, *tensors):
+    """Move right padding to the left, row by row (scoring and generation append after the last column)."""
+    if attention_mask is None or bool(attention_mask[:, -1].all()):
+        return (attention_mask, *tensors)
+    length = attention_mask.shape[1]
+    pad = length - attention_mask.sum(-1, keepdim=True)  # (B, 1)
+    index = (torch.arange(length, device=attention_mask.device) - pad) % length
+    return tuple(t.gather(1, index) if t is not None else None for t in (attention_mask, *tensors))
+
+
+_ANSWER_RE = re.compile(r"""['"]?emotion['"]?\s*:\s*['"]?\s*([A-Za-z_\- ]+?)\s*['"}]""")
+
+
+def parse_answer(text, labels):
+    """The label a generated answer names, or None. `{'emotion': 'awe'}` first, else a single label word."""
+    lowered = {label.lower(): i for i, label in enumerate(labels)}
+    match = _ANSWER_RE.search(text)
+    if match and match.group(1).strip().lower() in lowered:
+        return lowered[match.group(1).strip().lower()]
+    found = {lowered[w] for w in re.findall(r"[A-Za-z_\-]+", text.lower()) if w in lowered}
+    return found.pop() if len(found) == 1 else None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Models
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class EmoVLMKDPreTrainedModel(PreTrainedModel):
+    config_class = EmoVLMKDConfig
+    config: EmoVLMKDConfig
+    base_model_prefix = "emovlm_kd"
+    main_input_name = "input_ids"
+    input_modalities = ("image", "text")
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["Qwen2VLDecoderLayer", "Qwen2VLVisionBlock", "Qwen2_5_VLDecoderLayer"]
+    _supports_sdpa = True
+    _supports_flash_attn = True
+
+    def _init_weights(self, module):
+        std = getattr(self.config.vlm_config.get_text_config(), "initializer_range", 0.02)
+        if isinstance(module, (nn.Linear, nn.Bilinear)):
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+
+
+class EmoVLMKDForImageClassification(EmoVLMKDPreTrainedModel):
+    """Qwen2-VL + distillation head + gate. `forward` takes what the Qwen2-VL processor returns."""
+
+    def __init__(self, config: EmoVLMKDConfig, vlm=None):
+        super().__init__(config)
+        self.vlm = vlm if vlm is not None else AutoModelForImageTextToText.from_config(config.vlm_config)
+        hidden = config.vlm_config.get_text_config().hidden_size
+        self.distill_head = EmoVLMKDDistillationHead(
+            hidden, config.head_hidden_sizes, config.num_labels, config.head_dropout
+        )
+        self.gate = build_gate(config)
+        self._tokenizer = None
+        self._plan_cache = None
+        self.post_init()
+
+    # -- construction helpers ------------------------------------------------------------------------------------
+
+    @classmethod
+    def from_vlm(cls, vlm, labels, processor=None, **config_kwargs):
+        """Wrap a Qwen2-VL model (an instance, or a name/path loaded with `from_pretrained`) into a new bundle."""
+        if isinstance(vlm, str):
+            vlm = AutoModelForImageTextToText.from_pretrained(vlm, **config_kwargs.pop("vlm_kwargs", {}))
+        labels = list(labels)
+        config_kwargs.setdefault("attn_implementation", vlm.config._attn_implementation)
+        config = EmoVLMKDConfig(
+            vlm_config=vlm.config,
+            id2label=dict(enumerate(labels)),
+            label2id={label: i for i, label in enumerate(labels)},
+            **config_kwargs,
+        )
+        model = cls(config, vlm=vlm)
+        model.to(next(vlm.parameters()).device)
+        if processor is not None:
+            model.set_answer_tokens(processor)
+        return model
+
+    def set_answer_tokens(self, processor):
+        """Record how the tokenizer writes each label's answer right after the prompt (needed by `score` mode)."""
+        tokenizer = getattr(processor, "tokenizer", processor)
+        prompt = build_prompt_text(processor, self.config)
+        prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        answers = []
+        for label in self.config.labels:
+            ids = tokenizer(prompt + self.config.answer_for(label), add_special_tokens=False)["input_ids"]
+            common = 0
+            while common < min(len(ids), len(prompt_ids)) and ids[common] == prompt_ids[common]:
+                common += 1
+            if common != len(prompt_ids):
+                raise ValueError(
+                    f"The tokenizer merges the end of the prompt with the answer for label {label!r}; "
+                    "change `answer_template` so that the answer starts a new token"
+                )
+            answers.append(ids[common:])
+        self.config.label_answer_token_ids = answers
+        self._plan_cache = None
+        self.attach_tokenizer(tokenizer)
+        return answers
+
+    def attach_tokenizer(self, tokenizer):
+        """Give `generate` mode a tokenizer to decode and parse answers (else answers are matched as tokens)."""
+        self._tokenizer = getattr(tokenizer, "tokenizer", tokenizer)
+
+    # -- the parts -----------------------------------------------------------------------------------------------
+
+    @property
+    def spatial_merge_size(self):
+        return self.vlm.model.visual.spatial_merge_size
+
+    def encode_images(self, pixel_values, image_grid_thw):
+        """The single visual-encoder pass: per-image merger tokens (a tuple, one (n_i, H) tensor per image)."""
+        return self.vlm.model.get_image_features(pixel_values, image_grid_thw, return_dict=True)
+
+    @staticmethod
+    def pool_image_features(image_tokens):
+        """Mean over each image's own tokens (never across the batch): tuple of (n_i, H) -> (B, H)."""
+        return torch.stack([tokens.mean(0) for tokens in image_tokens])
+
+    def forward_head(self, image_embeds):
+        return self.distill_head(image_embeds.to(self.distill_head.classifier.weight.dtype))
+
+    def forward_gate(self, vlm_vector, head_probs):
+        dtype = self.distill_head.classifier.weight.dtype
+        return self.gate(vlm_vector.to(dtype), head_probs.to(dtype))
+
+    def _scoring_plan(self, device):
+        if self._plan_cache is None or self._plan_cache[0] != device:
+            plan = LabelScoringPlan(self.config.label_answer_token_ids)
+            self._plan_cache = (device, plan.tensors(device))
+        return self._plan_cache[1]
+
+    def score_labels(self, input_ids, attention_mask, image_grid_thw, mm_token_type_ids, image_outputs):
+        """Log-likelihood of each label's answer after the prompt: (B, C).
+
+        One prefill of prompt + image (+ the answers' common prefix), then one continuation over a token trie of
+        the label-specific parts with a tree attention mask, sharing the prefill's cache across all labels.
+        """
+        plan = self._scoring_plan(input_ids.device)
+        batch = input_ids.shape[0]
+        prefix = plan["prefix"].expand(batch, -1)
+        num_prefix = prefix.shape[1]
+        input_ids = torch.cat([input_ids, prefix], dim=1)
+        attention_mask = torch.cat([attention_mask, torch.ones_like(prefix, dtype=attention_mask.dtype)], dim=1)
+        if mm_token_type_ids is not None:
+            mm_token_type_ids = torch.cat([mm_token_type_ids, torch.zeros_like(prefix)], dim=1)
+        prefill = self.vlm(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            image_grid_thw=image_grid_thw,
+            mm_token_type_ids=mm_token_type_ids,
+            mm_encoder_outputs={"image": image_outputs},
+            use_cache=True,
+            logits_to_keep=num_prefix + 1,
+        )
+        # the common prefix's log-likelihood is the same for every label; it is added so that the result is the
+        # full answer's log-likelihood (it cancels in the normalised distribution)
+        prefix_logits = prefill.logits[:, :-1].float().log_softmax(-1)
+        prefix_ll = prefix_logits.gather(-1, prefix[:, :, None]).sum((1, 2))  # (B,)
+        step_logits = [prefill.logits[:, -1:].float()]
+        num_tree = plan["tree_tokens"].numel()
+        if num_tree:
+            length = input_ids.shape[1]
+            # text positions continue after each row's last real token: valid length + rope delta (M-RoPE)
+            start = attention_mask.sum(-1) + self.vlm.model.rope_deltas.to(input_ids.device).view(-1)  # (B,)
+            position_ids = start.view(1, batch, 1) + plan["tree_depth"].view(1, 1, -1)
+            position_ids = position_ids.expand(3, batch, num_tree)
+            mask = torch.cat(
+                [
+                    attention_mask.bool()[:, None, None, :].expand(batch, 1, num_tree, length),
+                    plan["tree_mask"][None, None].expand(batch, 1, num_tree, num_tree),
+                ],
+                dim=-1,
+            )
+            attn = self.vlm.model.language_model.config._attn_implementation or "sdpa"
+            if attn != "sdpa":
+                if attn != "eager":
+                    raise NotImplementedError(f"score mode needs sdpa or eager attention (a tree mask), not {attn}")
+                mask = torch.zeros(mask.shape, dtype=prefill.logits.dtype, device=mask.device).masked_fill(
+                    ~mask, torch.finfo(prefill.logits.dtype).min
+                )
+            continuation = self.vlm(
+                input_ids=plan["tree_tokens"].expand(batch, -1),
+                attention_mask=mask,
+                position_ids=position_ids,
+                cache=prefill.cache,
+                use_cache=True,
+            )
+            step_logits.append(continuation.logits.float())
+        log_probs = torch.cat(step_logits, dim=1).log_softmax(-1)  # (B, 1 + T, V)
+        picked = log_probs[:, plan["src"], plan["tgt"]]  # (B, C, K)
+        return picked.masked_fill(~plan["valid"], 0.0).sum(-1) + prefix_ll[:, None]
+
+    def generate_answers(self, input_ids, attention_mask, image_grid_thw, mm_token_type_ids, image_outputs, **kw):
+        """The paper's protocol: decode an answer (greedy unless `do_sample`), return new tokens."""
+        do_sample = kw.pop("do_sample", self.config.vlm_do_sample)
+        gen_kwargs = {"max_new_tokens": kw.pop("max_new_tokens", self.config.vlm_max_new_tokens), "do_sample": do_sample}
+        if do_sample:
+            gen_kwargs["temperature"] = kw.pop("temperature", self.config.vlm_temperature)
+        gen_kwargs.update(kw)
+        text_config = self.vlm.config.get_text_config()
+        pad = getattr(self.vlm.generation_config, "pad_token_id", None)
+        if pad is None:
+            pad = text_config.pad_token_id if text_config.pad_token_id is not None else 0
+        output = self.vlm.generate(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            image_grid_thw=image_grid_thw,
+            mm_token_type_ids=mm_token_type_ids,
+            mm_encoder_outputs={"image": image_outputs},
+            pad_token_id=pad,
+            **gen_kwargs,
+        )
+        return output[:, input_ids.shape[1] :]
+
+    def answers_to_vectors(self, generated_ids):
+        """Parse generated answers to one-hot vectors; an answer that names no label gives zeros."""
+        labels = self.config.labels
+        batch, num_labels = generated_ids.shape[0], len(labels)
+        vectors = torch.zeros(batch, num_labels, device=generated_ids.device)
+        found = torch.zeros(batch, dtype=torch.bool, device=generated_ids.device)
+        texts = None
+        if self._tokenizer is not None:
+            texts = self._tokenizer.batch_decode(generated_ids, skip_special_tokens=True)
+            choices = [parse_answer(text, labels) for text in texts]
+        else:  # token-level match of each label's answer tokens
+            answers = self.config.label_answer_token_ids or []
+            choices = []
+            for row in generated_ids.tolist():
+                hits = [i for i, a in enumerate(answers) if row[: len(a)] == list(a)]
+                choices.append(hits[0] if len(hits) == 1 else None)
+        for b, choice in enumerate(choices):
+            if choice is not None:
+                vectors[b, choice] = 1.0
+                found[b] = True
+        return vectors, found, texts
+
+    # -- forward -------------------------------------------------------------------------------------------------
+
+    def forward(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        pixel_values=None,
+        image_grid_thw=None,
+        mm_token_type_ids=None,
+        labels=None,
+        vlm_mode=None,
+        generation_kwargs=None,
+        return_dict=None,
+        **kwargs,
+    ):
+        r"""
+        input_ids, attention_mask, pixel_values, image_grid_thw, mm_token_type_ids: as returned by the Qwen2-VL
+            processor for one image and the classification prompt per sample (either padding side).
+        labels (`torch.LongTensor` of shape `(batch_size,)`, *optional*): class ids; gives `loss`.
+        vlm_mode (`str`, *optional*): `score` or `generate`, overriding `config.vlm_mode` for this call.
+        generation_kwargs (`dict`, *optional*): extra arguments for `generate` mode (`do_sample`, `temperature`...).
+        """
+        if pixel_values is None or image_grid_thw is None:
+            raise ValueError("EmoVLM-KD needs `pixel_values` and `image_grid_thw` (one image per sample)")
+        if input_ids is None:
+            raise ValueError("EmoVLM-KD needs `input_ids` holding the classification prompt")
+        if image_grid_thw.shape[0] != input_ids.shape[0]:
+            raise ValueError(
+                f"one image per sample expected: {input_ids.shape[0]} prompts but {image_grid_thw.shape[0]} images"
+            )
+        vlm_mode = vlm_mode or self.config.vlm_mode
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        attention_mask, input_ids, mm_token_type_ids = to_left_padding(attention_mask, input_ids, mm_token_type_ids)
+
+        image_outputs = self.encode_images(pixel_values, image_grid_thw)  # the one encoder pass
+        image_embeds = self.pool_image_features(image_outputs.pooler_output)
+        distill_logits = self.forward_head(image_embeds)
+
+        log_likelihoods = generated_ids = texts = None
+        if vlm_mode == "score":
+            log_likelihoods = self.score_labels(
+                input_ids, attention_mask, image_grid_thw, mm_token_type_ids, image_outputs
+            )
+            probs = log_likelihoods.softmax(-1)
+            if self.config.vlm_vector == "onehot":
+                probs = F.one_hot(probs.argmax(-1), probs.shape[-1]).to(probs.dtype)
+            vlm_scores = probs
+            found = torch.ones(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+        elif vlm_mode == "generate":
+            with torch.no_grad():
+                generated_ids = self.generate_answers(
+                    input_ids,
+                    attention_mask,
+                    image_grid_thw,
+                    mm_token_type_ids,
+                    image_outputs,
+                    **(generation_kwargs or {}),
+                )
+            vlm_scores, found, texts = self.answers_to_vectors(generated_ids)
+        else:
+            raise ValueError(f"vlm_mode must be 'score' or 'generate', got {vlm_mode!r}")
+
+        logits = self.forward_gate(vlm_scores, distill_logits.softmax(-1))
+        loss = None
+        if labels is not None:
+            loss = F.cross_entropy(logits.float(), labels.to(logits.device))
+        return EmoVLMKDOutput(
+            loss=loss,
+            logits=logits,
+            distill_logits=distill_logits,
+            vlm_scores=vlm_scores,
+            vlm_log_likelihoods=log_likelihoods,
+            vlm_answer_found=found,
+            image_embeds=image_embeds,
+            generated_ids=generated_ids,
+            generated_text=texts,
+        )
+
+
+def build_prompt_text(processor, config):
+    """The chat-formatted classification prompt (one image placeholder) ending with the assistant's turn."""
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": config.classification_prompt()}]}]
+    return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+
+EmoVLMKDModel = EmoVLMKDForImageClassification
+
+__all__ = [
+    "EmoVLMKDForImageClassification",
+    "EmoVLMKDModel",
+    "EmoVLMKDOutput",
+    "EmoVLMKDPreTrainedModel",
+    "LabelScoringPlan",
+    "build_prompt_text",
+    "parse_answer",
+]
