@@ -72,6 +72,6 @@ def load_bundle(path, dtype=None, device=None):
     model = AutoModelForImageClassification.from_pretrained(path, **kwargs).eval()
     if device is not None:
         model.to(device)
-    processor = AutoProcessor.from_pretrained(path)
+    processor = AutoProcessor.from_pretrained(path, trust_remote_code=True)
     model.attach_tokenizer(processor.tokenizer)
     return model, processor

@@ -1,0 +1,32 @@
+"""`emovlm-kd tiny OUT`: a tiny randomly initialised bundle (model + processor, FI labels), offline and seeded."""
+
+from emovlm_kd.labels import KNOWN_LABEL_SETS
+
+
+def add_arguments(parser):
+    parser.add_argument("output_dir", help="folder to write the bundle to")
+    parser.add_argument("--labels", default="mikels8", help=f"one of {sorted(KNOWN_LABEL_SETS)} or a comma list")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--gate-type", default="concat_linear")
+    parser.add_argument("--head-hidden-sizes", default="64", help="comma-separated widths, e.g. 64,32")
+
+
+def run(args):
+    from configuration_emovlm_kd import GATE_TYPES
+    from emovlm_kd.cli import UsageError
+    from emovlm_kd.hub import save_bundle
+    from emovlm_kd.tiny import build_tiny_bundle
+
+    labels = KNOWN_LABEL_SETS.get(args.labels) or [x.strip() for x in args.labels.split(",") if x.strip()]
+    if len(labels) < 2:
+        raise UsageError(f"--labels: need at least two labels, got {args.labels!r}")
+    if args.gate_type not in GATE_TYPES:
+        raise UsageError(f"--gate-type must be one of {GATE_TYPES}, got {args.gate_type!r}")
+    try:
+        hidden = [int(x) for x in args.head_hidden_sizes.split(",") if x.strip()]
+    except ValueError:
+        raise UsageError(f"--head-hidden-sizes must be comma-separated integers, got {args.head_hidden_sizes!r}")
+    model, processor = build_tiny_bundle(labels, seed=args.seed, head_hidden_sizes=hidden, gate_type=args.gate_type)
+    out = save_bundle(model, processor, args.output_dir)
+    print(f"wrote a tiny EmoVLM-KD bundle ({sum(p.numel() for p in model.parameters()):,} parameters) to {out}")
+    return 0

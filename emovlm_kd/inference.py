@@ -1,0 +1,46 @@
+"""Batched inference shared by `predict`, `evaluate` and the training stages."""
+
+import torch
+
+from pipeline_emovlm_kd import prepare_inputs
+
+
+@torch.inference_mode()
+def run_batch(model, processor, images, vlm_mode=None):
+    """Model outputs for a list of RGB PIL images (one prompt each), moved to the CPU as float32."""
+    inputs = prepare_inputs(processor, model.config, images).to(model.device)
+    if "pixel_values" in inputs:
+        inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
+    output = model(**inputs, vlm_mode=vlm_mode)
+    for key in ("logits", "distill_logits", "vlm_scores", "vlm_log_likelihoods", "image_embeds"):
+        if output.get(key) is not None:
+            output[key] = output[key].detach().float().cpu()
+    if output.get("vlm_answer_found") is not None:
+        output["vlm_answer_found"] = output["vlm_answer_found"].cpu()
+    return output
+
+
+def describe(output, index, id2label):
+    """One sample's prediction as a JSON-ready dict: the final answer and what each branch said."""
+    probs = output.logits[index].softmax(-1)
+    head = output.distill_logits[index].softmax(-1)
+    vlm = output.vlm_scores[index]
+    best = int(probs.argmax())
+    found = bool(output.vlm_answer_found[index])
+    record = {
+        "label": id2label[best],
+        "score": round(float(probs[best]), 6),
+        "scores": {id2label[i]: round(float(p), 6) for i, p in enumerate(probs)},
+        "vlm": {
+            "label": id2label[int(vlm.argmax())] if found else None,
+            "scores": {id2label[i]: round(float(p), 6) for i, p in enumerate(vlm)},
+        },
+        "distill": {
+            "label": id2label[int(head.argmax())],
+            "score": round(float(head.max()), 6),
+            "scores": {id2label[i]: round(float(p), 6) for i, p in enumerate(head)},
+        },
+    }
+    if output.get("generated_text") is not None:
+        record["vlm"]["answer"] = output.generated_text[index]
+    return record
