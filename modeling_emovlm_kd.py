@@ -152,12 +152,13 @@ def build_gate(config):
 
 
 class LabelScoringPlan:
-    """How to score every label's answer tokens with one prefill and at most one small continuation.
+    """How to score every label's answer tokens in the prefill itself (one forward pass, no cache).
 
-    The answers' common token prefix goes into the prefill. The label-specific rest is laid out as a token trie:
-    every trie node that has children becomes one continuation token, which attends to the prompt and to its
-    ancestors only (a tree attention mask), so all labels are scored in one forward with no copy of the cache.
-    When the labels' first tokens already differ and each answer ends there, no continuation runs at all.
+    The answers' common token prefix follows the prompt. The label-specific rest is laid out as a token trie:
+    every trie node that has children becomes one extra token after the prefix, which attends to the prompt and
+    to its ancestors only (a tree attention mask), so all labels are scored in one forward with no copy of a cache.
+    Leaves are never fed (only predicted): when the labels' first tokens already differ and each answer ends
+    there, no trie token is added at all.
     """
 
     def __init__(self, answer_token_ids):
@@ -365,62 +366,70 @@ class EmoVLMKDForImageClassification(EmoVLMKDPreTrainedModel):
     def score_labels(self, input_ids, attention_mask, image_grid_thw, mm_token_type_ids, image_outputs):
         """Log-likelihood of each label's answer after the prompt: (B, C).
 
-        One prefill of prompt + image (+ the answers' common prefix), then one continuation over a token trie of
-        the label-specific parts with a tree attention mask, sharing the prefill's cache across all labels.
+        One forward pass of the language model, no cache: the prompt + image, the answers' common prefix and a token
+        trie of the label-specific parts are laid out as one sequence. The prompt and prefix attend causally; each
+        trie token attends to the prompt, the prefix and its own ancestors only (a tree attention mask) and sits at
+        the position it would have in its answer. Every label is thus scored in the prefill itself: the weights are
+        read once (a second, small forward over a cache costs a full read of the weights, which dominates on a CPU
+        and at small batch on a GPU). `input_ids` must be left padded (`forward` takes care of it).
         """
         plan = self._scoring_plan(input_ids.device)
-        batch = input_ids.shape[0]
+        batch, length = input_ids.shape
+        device = input_ids.device
         prefix = plan["prefix"].expand(batch, -1)
-        num_prefix = prefix.shape[1]
-        input_ids = torch.cat([input_ids, prefix], dim=1)
-        attention_mask = torch.cat([attention_mask, torch.ones_like(prefix, dtype=attention_mask.dtype)], dim=1)
-        if mm_token_type_ids is not None:
-            mm_token_type_ids = torch.cat([mm_token_type_ids, torch.zeros_like(prefix)], dim=1)
-        prefill = self.vlm(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
+        tree = plan["tree_tokens"].expand(batch, -1)
+        num_prefix, num_tree = prefix.shape[1], tree.shape[1]
+        if mm_token_type_ids is None:
+            mm_token_type_ids = (input_ids == self.vlm.config.image_token_id).to(torch.int)
+        head = torch.cat([input_ids, prefix], dim=1)  # prompt + common prefix, attended causally
+        head_mask = torch.cat([attention_mask, torch.ones_like(prefix, dtype=attention_mask.dtype)], dim=1)
+        head_types = torch.cat([mm_token_type_ids, torch.zeros_like(prefix, dtype=mm_token_type_ids.dtype)], dim=1)
+        position_ids, rope_deltas = self.vlm.model.get_rope_index(
+            head,
             image_grid_thw=image_grid_thw,
-            mm_token_type_ids=mm_token_type_ids,
-            mm_encoder_outputs={"image": image_outputs},
-            use_cache=True,
-            logits_to_keep=num_prefix + 1,
+            video_grid_thw=None,
+            attention_mask=head_mask,
+            mm_token_type_ids=head_types,
         )
+        total = head.shape[1]
+        valid = head_mask.bool()
+        if num_tree:
+            # a trie token's text position continues after its row's last real token (valid length + rope delta)
+            start = valid.sum(-1) + rope_deltas.to(device).view(-1)  # (B,)
+            tree_positions = (start[:, None] + plan["tree_depth"][None]).to(position_ids.dtype)
+            position_ids = torch.cat([position_ids, tree_positions[None].expand(3, -1, -1)], dim=-1)
+        full = total + num_tree
+        causal = torch.ones(total, total, dtype=torch.bool, device=device).tril()
+        mask = torch.zeros(batch, 1, full, full, dtype=torch.bool, device=device)
+        # padded rows attend to themselves only, so that no row is fully masked (NaN-free; never read by real rows)
+        mask[:, 0, :total, :total] = (causal[None] & valid[:, None, :]) | torch.eye(total, dtype=torch.bool, device=device)
+        if num_tree:
+            mask[:, 0, total:, :total] = valid[:, None, :]
+            mask[:, 0, total:, total:] = plan["tree_mask"]
+        attn = self.vlm.model.language_model.config._attn_implementation or "sdpa"
+        if attn != "sdpa":
+            if attn != "eager":
+                raise NotImplementedError(f"score mode needs sdpa or eager attention (a tree mask), not {attn}")
+            dtype = self.vlm.lm_head.weight.dtype
+            mask = torch.zeros(mask.shape, dtype=dtype, device=device).masked_fill(~mask, torch.finfo(dtype).min)
+        output = self.vlm(
+            input_ids=torch.cat([head, tree], dim=1),
+            attention_mask=mask,
+            position_ids=position_ids,
+            image_grid_thw=image_grid_thw,
+            mm_token_type_ids=torch.cat([head_types, torch.zeros_like(tree, dtype=head_types.dtype)], dim=1),
+            mm_encoder_outputs={"image": image_outputs},
+            use_cache=False,
+            logits_to_keep=num_prefix + 1 + num_tree,
+        )
+        # rows: the last prompt token and the prefix tokens (predicting the prefix, then each label's first
+        # specific token), then the trie tokens (predicting the next token of the labels that pass through them)
+        log_probs = output.logits.float().log_softmax(-1)  # (B, P + 1 + T, V)
         # the common prefix's log-likelihood is the same for every label; it is added so that the result is the
         # full answer's log-likelihood (it cancels in the normalised distribution)
-        prefix_logits = prefill.logits[:, :-1].float().log_softmax(-1)
-        prefix_ll = prefix_logits.gather(-1, prefix[:, :, None]).sum((1, 2))  # (B,)
-        step_logits = [prefill.logits[:, -1:].float()]
-        num_tree = plan["tree_tokens"].numel()
-        if num_tree:
-            length = input_ids.shape[1]
-            # text positions continue after each row's last real token: valid length + rope delta (M-RoPE)
-            start = attention_mask.sum(-1) + self.vlm.model.rope_deltas.to(input_ids.device).view(-1)  # (B,)
-            position_ids = start.view(1, batch, 1) + plan["tree_depth"].view(1, 1, -1)
-            position_ids = position_ids.expand(3, batch, num_tree)
-            mask = torch.cat(
-                [
-                    attention_mask.bool()[:, None, None, :].expand(batch, 1, num_tree, length),
-                    plan["tree_mask"][None, None].expand(batch, 1, num_tree, num_tree),
-                ],
-                dim=-1,
-            )
-            attn = self.vlm.model.language_model.config._attn_implementation or "sdpa"
-            if attn != "sdpa":
-                if attn != "eager":
-                    raise NotImplementedError(f"score mode needs sdpa or eager attention (a tree mask), not {attn}")
-                mask = torch.zeros(mask.shape, dtype=prefill.logits.dtype, device=mask.device).masked_fill(
-                    ~mask, torch.finfo(prefill.logits.dtype).min
-                )
-            continuation = self.vlm(
-                input_ids=plan["tree_tokens"].expand(batch, -1),
-                attention_mask=mask,
-                position_ids=position_ids,
-                cache=prefill.cache,
-                use_cache=True,
-            )
-            step_logits.append(continuation.logits.float())
-        log_probs = torch.cat(step_logits, dim=1).log_softmax(-1)  # (B, 1 + T, V)
-        picked = log_probs[:, plan["src"], plan["tgt"]]  # (B, C, K)
+        prefix_ll = log_probs[:, :num_prefix].gather(-1, prefix[:, :, None]).sum((1, 2))  # (B,)
+        steps = log_probs[:, num_prefix:]  # (B, 1 + T, V): row 0 = after the prefix, 1 + i = trie slot i
+        picked = steps[:, plan["src"], plan["tgt"]]  # (B, C, K)
         return picked.masked_fill(~plan["valid"], 0.0).sum(-1) + prefix_ll[:, None]
 
     def generate_answers(self, input_ids, attention_mask, image_grid_thw, mm_token_type_ids, image_outputs, **kw):

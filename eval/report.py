@@ -1,0 +1,335 @@
+"""Pure aggregation of per-sample predictions into the benchmark report (no model needed).
+
+Conventions: class ids index `labels` (the dataset's order); a prediction of -1 means "no answer" (a generated VLM
+answer that names no label) and is never correct. Accuracies and F1 are fractions in [0, 1] in the JSON report
+and percentages in the Markdown.
+"""
+
+import functools
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+from .metrics import load_metric
+from .paper import TABLE2_FI
+
+PARTS = ("vlm", "distill", "emovlm_kd", "teacher")
+PART_TITLES = {"vlm": "VLM", "distill": "Distill head", "emovlm_kd": "EmoVLM-KD", "teacher": "ViT teacher"}
+COMPLEMENTARITY_PAIRS = (("vlm", "distill"), ("vlm", "teacher"))
+NO_ANSWER = -1
+
+
+@functools.cache
+def _metric(name):
+    return load_metric(name)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Building blocks
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def complementarity(correct_a, correct_b, name_a="vlm", name_b="distill"):
+    """The paper's Figure 1 counts for two parts: `both_correct`, `<a>_only`, `<b>_only`, `neither` (sum = N)."""
+    a, b = np.asarray(correct_a, dtype=bool), np.asarray(correct_b, dtype=bool)
+    if a.shape != b.shape:
+        raise ValueError(f"correctness vectors differ in shape: {a.shape} vs {b.shape}")
+    return {
+        "both_correct": int((a & b).sum()),
+        f"{name_a}_only": int((a & ~b).sum()),
+        f"{name_b}_only": int((~a & b).sum()),
+        "neither": int((~a & ~b).sum()),
+    }
+
+
+def gate_decisions(vlm_pred, distill_pred, final_pred, references):
+    """Which branch the gate followed where the VLM and the head disagree, and who was right there."""
+    vlm, head, final, refs = (np.asarray(x, dtype=np.int64) for x in (vlm_pred, distill_pred, final_pred, references))
+    disagree = vlm != head
+    agree = ~disagree
+    return {
+        "disagreements": int(disagree.sum()),
+        "followed_vlm": int((disagree & (final == vlm)).sum()),
+        "followed_distill": int((disagree & (final == head)).sum()),
+        "followed_neither": int((disagree & (final != vlm) & (final != head)).sum()),
+        "vlm_correct": int((disagree & (vlm == refs)).sum()),
+        "distill_correct": int((disagree & (head == refs)).sum()),
+        "gate_correct": int((disagree & (final == refs)).sum()),
+        "agreements": int(agree.sum()),
+        "overrode_agreement": int((agree & (final != vlm)).sum()),
+    }
+
+
+def part_metrics(predictions, references, num_classes, probabilities=None, n_bins=15):
+    """accuracy, macro_f1, per_class_accuracy, confusion_matrix (and ece with probabilities), via the metric modules.
+
+    Macro-F1 averages over the classes present in the references or the (answered) predictions, as scikit-learn
+    does; "no answer" (-1) counts as wrong for every metric and is left out of the confusion matrix.
+    """
+    predictions = np.asarray(predictions, dtype=np.int64)
+    references = np.asarray(references, dtype=np.int64)
+    answered = predictions != NO_ANSWER
+    f1_labels = sorted(set(references.tolist()) | set(predictions[answered].tolist()))
+    result = {
+        "accuracy": _metric("accuracy").compute(predictions=predictions, references=references)["accuracy"],
+        "macro_f1": _metric("macro_f1").compute(predictions=predictions, references=references, labels=f1_labels)[
+            "macro_f1"
+        ],
+        "per_class_accuracy": _metric("per_class_accuracy").compute(
+            predictions=predictions, references=references, num_classes=num_classes
+        )["per_class_accuracy"],
+        "confusion_matrix": _metric("confusion_matrix").compute(
+            predictions=predictions[answered], references=references[answered], num_classes=num_classes
+        )["confusion_matrix"],
+        "no_answer": int((~answered).sum()),
+    }
+    if probabilities is not None:
+        result["ece"] = _metric("ece").compute(
+            probabilities=np.asarray(probabilities, dtype=np.float64), references=references, n_bins=n_bins
+        )["ece"]
+    return result
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The report
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def build_report(labels, references, predictions, probabilities=None, *, meta=None, parameters=None, n_bins=15):
+    """The report dict from per-sample arrays.
+
+    labels: class names in id order. references: (N,) true ids. predictions: {part: (N,) ids, -1 = no answer} for
+    parts among `PARTS`. probabilities: {part: (N, C)} for the parts whose calibration is measured (ECE).
+    The final answer is `emovlm_kd` when present, else `vlm` (the zero-shot baseline).
+    """
+    labels = [str(label) for label in labels]
+    references = np.asarray(references, dtype=np.int64)
+    probabilities = probabilities or {}
+    parts = [p for p in PARTS if p in predictions]
+    unknown = set(predictions) - set(PARTS)
+    if unknown:
+        raise ValueError(f"unknown parts {sorted(unknown)}; expected some of {PARTS}")
+    if not parts:
+        raise ValueError("no predictions to report")
+    final = "emovlm_kd" if "emovlm_kd" in predictions else parts[0]
+    num = int(references.shape[0])
+    metrics = {
+        part: part_metrics(predictions[part], references, len(labels), probabilities.get(part), n_bins=n_bins)
+        for part in parts
+    }
+    report = dict(meta or {})
+    report.update(
+        {
+            "num_samples": num,
+            "labels": labels,
+            "support": np.bincount(references, minlength=len(labels)).tolist(),
+            "final": final,
+            "zero_shot": "emovlm_kd" not in predictions,
+            "accuracy": {part: metrics[part]["accuracy"] for part in parts},
+            "macro_f1": {part: metrics[part]["macro_f1"] for part in parts},
+            "ece": {part: metrics[part]["ece"] for part in parts if "ece" in metrics[part]},
+            "ece_n_bins": n_bins,
+            "per_class_accuracy": {
+                part: dict(zip(labels, metrics[part]["per_class_accuracy"])) for part in parts
+            },
+            "no_answer": {part: metrics[part]["no_answer"] for part in parts if metrics[part]["no_answer"]},
+            "complementarity": {},
+            "confusion_matrix": {part: metrics[part]["confusion_matrix"] for part in parts},
+        }
+    )
+    correct = {part: np.asarray(predictions[part]) == references for part in parts}
+    for a, b in COMPLEMENTARITY_PAIRS:
+        if a in correct and b in correct:
+            report["complementarity"][f"{a}_vs_{b}"] = complementarity(correct[a], correct[b], a, b)
+    if {"vlm", "distill", "emovlm_kd"} <= set(parts):
+        report["gate"] = gate_decisions(predictions["vlm"], predictions["distill"], predictions["emovlm_kd"], references)
+    if parameters:
+        report["parameters"] = {part: int(parameters[part]) for part in PARTS if part in parameters}
+    return report
+
+
+def prediction_records(labels, references, predictions, probabilities=None, ids=None, paths=None, extra=None):
+    """One JSON-ready dict per sample: id, path, true label and each part's predicted label (None = no answer),
+    with the predicted label's probability for the parts in `probabilities`."""
+    probabilities = probabilities or {}
+    parts = [p for p in PARTS if p in predictions]
+    records = []
+    for i, ref in enumerate(np.asarray(references).tolist()):
+        record = {"index": i, "id": str(ids[i]) if ids is not None else str(i)}
+        if paths is not None and paths[i]:
+            record["path"] = str(paths[i])
+        record["label"] = labels[ref]
+        record["predictions"] = {}
+        confidence = {}
+        for part in parts:
+            pred = int(predictions[part][i])
+            record["predictions"][part] = labels[pred] if pred != NO_ANSWER else None
+            if part in probabilities and pred != NO_ANSWER:
+                confidence[part] = round(float(probabilities[part][i][pred]), 6)
+        if confidence:
+            record["confidence"] = confidence
+        for key, values in (extra or {}).items():
+            if values is not None and values[i] is not None:
+                record[key] = values[i]
+        records.append(record)
+    return records
+
+
+def accuracies_from_records(records):
+    """{part: accuracy} recomputed from prediction records (e.g. the lines of `predictions.jsonl`)."""
+    records = list(records)
+    if not records:
+        raise ValueError("no records")
+    parts = list(records[0]["predictions"])
+    return {part: sum(r["predictions"][part] == r["label"] for r in records) / len(records) for part in parts}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Writing
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def atomic_write(path, write, mode="w"):
+    """Write `path` through `write(file)` into a temporary file beside it, then `os.replace` it into place."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.part")
+    try:
+        with open(tmp, mode, **({"encoding": "utf-8"} if "b" not in mode else {})) as handle:
+            write(handle)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def write_json(path, data):
+    return atomic_write(path, lambda f: f.write(json.dumps(data, indent=2, ensure_ascii=False) + "\n"))
+
+
+def write_jsonl(path, records):
+    return atomic_write(path, lambda f: f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+
+
+def write_text(path, text):
+    return atomic_write(path, lambda f: f.write(text))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Markdown
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _pct(value, digits=2):
+    return "-" if value is None else f"{100 * value:.{digits}f}"
+
+
+def _table(header, rows):
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def accuracy_table(report):
+    """A short plain-text table of the accuracies (what the command prints at the end)."""
+    rows = [(PART_TITLES[p], _pct(report["accuracy"][p]), _pct(report["macro_f1"][p])) for p in report["accuracy"]]
+    width = max(len(r[0]) for r in rows)
+    lines = [f"{'part':<{width}}  accuracy  macro-F1"]
+    lines += [f"{name:<{width}}  {acc:>8}  {f1:>8}" for name, acc, f1 in rows]
+    return "\n".join(lines)
+
+
+def render_markdown(report, images=("confusion_matrix.png", "complementarity.png")):
+    """`report.md`: components (Table 2), complementarity (Figure 1), the gate, per-class accuracy, confusion."""
+    num = report["num_samples"]
+    parts = list(report["accuracy"])
+    labels = report["labels"]
+    title = report.get("dataset") or "dataset"
+    out = [f"# EmoVLM-KD evaluation: {title}", ""]
+    facts = [("model", report.get("model")), ("split", report.get("split")), ("samples", num),
+             ("VLM mode", report.get("vlm_mode")), ("teacher", report.get("teacher"))]
+    out += [f"- {key}: `{value}`" for key, value in facts if value is not None]
+    if report.get("zero_shot"):
+        out.append("- zero-shot baseline: the VLM branch alone (no trained head or gate)")
+    out.append("")
+
+    out += ["## Components (the paper's Table 2)", ""]
+    params = report.get("parameters", {})
+    header = ["part", "parameters", "accuracy (%)", "macro-F1 (%)", f"ECE ({report['ece_n_bins']} bins)",
+              "paper, FI (%)"]
+    rows = []
+    for part in parts:
+        ece = report["ece"].get(part)
+        rows.append((PART_TITLES[part], f"{params[part]:,}" if part in params else "-", _pct(report["accuracy"][part]),
+                     _pct(report["macro_f1"][part]), "-" if ece is None else f"{ece:.4f}", TABLE2_FI[part][1]))
+    out += [_table(header, rows), ""]
+    if report.get("no_answer"):
+        missing = ", ".join(f"{PART_TITLES[p]} {n}" for p, n in report["no_answer"].items())
+        out += [f"Answers that named no label (counted as wrong): {missing}.", ""]
+
+    if report["complementarity"]:
+        out += ["## Complementarity (the paper's Figure 1)", "",
+                "Share of samples that both parts, only one, or neither classify correctly; "
+                "`either` is the accuracy of a perfect chooser between the two.", ""]
+        rows = []
+        for pair, counts in report["complementarity"].items():
+            a, b = pair.split("_vs_")
+            cells = [counts["both_correct"], counts[f"{a}_only"], counts[f"{b}_only"], counts["neither"]]
+            rows.append([f"{PART_TITLES[a]} vs {PART_TITLES[b]}"] + [f"{c} ({_pct(c / num, 1)}%)" for c in cells]
+                        + [_pct(1 - counts["neither"] / num)])
+        header = ["pair", "both correct", "first only", "second only", "neither", "either (%)"]
+        out += [_table(header, rows), ""]
+        if "complementarity.png" in images:
+            out += ["![complementarity](complementarity.png)", ""]
+
+    gate = report.get("gate")
+    if gate:
+        d = gate["disagreements"]
+        out += ["## The gate where the VLM and the head disagree", ""]
+        rows = [("disagreements", d, _pct(d / num, 1) + "% of samples"),
+                ("gate followed the VLM", gate["followed_vlm"], _share(gate["followed_vlm"], d)),
+                ("gate followed the head", gate["followed_distill"], _share(gate["followed_distill"], d)),
+                ("gate chose a third label", gate["followed_neither"], _share(gate["followed_neither"], d)),
+                ("VLM right", gate["vlm_correct"], _share(gate["vlm_correct"], d)),
+                ("head right", gate["distill_correct"], _share(gate["distill_correct"], d)),
+                ("gate right", gate["gate_correct"], _share(gate["gate_correct"], d)),
+                ("gate overrode an agreement", gate["overrode_agreement"], _share(gate["overrode_agreement"],
+                                                                                  gate["agreements"]))]
+        out += [_table(["", "count", "share"], rows), ""]
+
+    out += ["## Per-class accuracy (%)", ""]
+    rows = [[label, report["support"][i]] + [_pct(report["per_class_accuracy"][p][label], 1) for p in parts]
+            for i, label in enumerate(labels)]
+    out += [_table(["label", "support"] + [PART_TITLES[p] for p in parts], rows), ""]
+
+    final = report["final"]
+    matrix = report["confusion_matrix"][final]
+    out += [f"## Confusion matrix of {PART_TITLES[final]} (rows: true label, columns: predicted)", ""]
+    out += [_table(["true \\ predicted"] + labels, [[label] + row for label, row in zip(labels, matrix)]), ""]
+    if "confusion_matrix.png" in images:
+        out += ["![confusion matrices](confusion_matrix.png)", ""]
+    return "\n".join(out)
+
+
+def _share(count, total):
+    return f"{_pct(count / total, 1)}%" if total else "-"
+
+
+__all__ = [
+    "PARTS",
+    "accuracies_from_records",
+    "accuracy_table",
+    "atomic_write",
+    "build_report",
+    "complementarity",
+    "gate_decisions",
+    "part_metrics",
+    "prediction_records",
+    "render_markdown",
+    "write_json",
+    "write_jsonl",
+    "write_text",
+]

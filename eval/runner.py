@@ -1,0 +1,335 @@
+"""Evaluation runs: load a bundle (or a bare Qwen2-VL for the zero-shot baseline), run batched inference once over a
+dataset split, aggregate with `eval.report` and write the report files. Shared by `evaluate` and `table1`.
+
+    from eval.runner import load_model, bind_labels, evaluate_model
+    model, processor, zero_shot = load_model("runs/demo/model")
+    model, perm = bind_labels(model, processor, zero_shot, dataset.features["label"].names)
+    report = evaluate_model(model, processor, dataset, "results/fi", zero_shot=zero_shot, label_perm=perm)
+"""
+
+import logging
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .report import (
+    PARTS,
+    accuracy_table,
+    build_report,
+    prediction_records,
+    render_markdown,
+    write_json,
+    write_jsonl,
+    write_text,
+)
+
+logger = logging.getLogger(__name__)
+
+ZERO_SHOT_MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl")
+BUNDLE_MODEL_TYPE = "emovlm_kd"
+REPORT_FILES = ("report.json", "predictions.jsonl", "report.md", "confusion_matrix.png", "complementarity.png")
+
+
+class LabelMismatchError(ValueError):
+    """The model's (or teacher's) label names are not the dataset's; the message names the differences."""
+
+
+class ModelLoadError(ValueError):
+    """A model id or folder that does not load (or is neither a bundle nor a Qwen2-VL checkpoint)."""
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Labels
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _normalise(name):
+    return str(name).strip().lower()
+
+
+def dataset_label_names(dataset):
+    """The names of the `label` column's `ClassLabel`, in id order."""
+    feature = dataset.features.get("label")
+    names = getattr(feature, "names", None)
+    if not names:
+        raise ValueError(f"the dataset's `label` column must be a ClassLabel, got {feature!r}")
+    return list(names)
+
+
+def align_labels(source_labels, target_labels, what="model"):
+    """`perm` with `perm[j]` = the index in `source_labels` of `target_labels[j]` (names compared case-insensitively).
+
+    Reorders a model's outputs into the dataset's label order: `scores[:, perm]`. Different label sets raise
+    `LabelMismatchError` naming the labels missing on either side.
+    """
+    source = [_normalise(label) for label in source_labels]
+    target = [_normalise(label) for label in target_labels]
+    if len(set(source)) != len(source):
+        raise LabelMismatchError(f"the {what}'s labels contain duplicates: {source}")
+    if set(source) != set(target) or len(source) != len(target):
+        missing = [label for label in target if label not in source]
+        extra = [label for label in source if label not in target]
+        raise LabelMismatchError(
+            f"the {what}'s labels {source} are not the dataset's {target}: "
+            f"missing from the {what}: {missing or 'none'}; not in the dataset: {extra or 'none'}"
+        )
+    return [source.index(label) for label in target]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Loading
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def checkpoint_model_type(model_id):
+    """The `model_type` in a checkpoint's config.json (folder or Hub id), read without importing remote code."""
+    from transformers import PretrainedConfig
+
+    config_dict, _ = PretrainedConfig.get_config_dict(str(model_id))
+    return config_dict.get("model_type")
+
+
+def default_device(device=None):
+    return device or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def load_model(model_id, *, device=None, dtype=None):
+    """`(model, processor, zero_shot)`.
+
+    An EmoVLM-KD bundle loads through `emovlm_kd.hub.load_bundle` (zero_shot False). A plain Qwen2-VL /
+    Qwen2.5-VL checkpoint loads as `AutoModelForImageTextToText` (zero_shot True): `bind_labels` wraps it for
+    a dataset's labels. Anything else raises `ValueError`.
+    """
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from emovlm_kd.hub import load_bundle
+
+    device = default_device(device)
+    model_type = checkpoint_model_type(model_id)
+    if model_type == BUNDLE_MODEL_TYPE:
+        model, processor = load_bundle(model_id, dtype=dtype, device=device)
+        return model, processor, False
+    if model_type in ZERO_SHOT_MODEL_TYPES:
+        kwargs = {"dtype": dtype} if dtype is not None else {}
+        vlm = AutoModelForImageTextToText.from_pretrained(model_id, **kwargs).eval().to(device)
+        processor = AutoProcessor.from_pretrained(model_id)
+        logger.info("%s is a bare %s checkpoint: evaluating the zero-shot VLM branch only", model_id, model_type)
+        return vlm, processor, True
+    raise ValueError(
+        f"{model_id} has model_type {model_type!r}: expected an EmoVLM-KD bundle ({BUNDLE_MODEL_TYPE}) "
+        f"or a Qwen2-VL checkpoint for the zero-shot baseline ({', '.join(ZERO_SHOT_MODEL_TYPES)})"
+    )
+
+
+def bind_labels(model, processor, zero_shot, labels):
+    """`(model, perm)` ready for a dataset with `labels`.
+
+    Zero-shot: `model` is a bare VLM, wrapped with a fresh head and gate whose labels are `labels` (identity perm;
+    only the VLM branch is reported). Bundle: `perm` reorders its outputs into `labels` order
+    (`LabelMismatchError` when the label sets differ).
+    """
+    if zero_shot:
+        from modeling_emovlm_kd import EmoVLMKDForImageClassification
+
+        wrapped = EmoVLMKDForImageClassification.from_vlm(model, [str(label) for label in labels], processor=processor)
+        return wrapped.eval(), list(range(len(labels)))
+    return model, align_labels(model.config.labels, labels, "model")
+
+
+def load_teacher(model_id, *, device=None, dtype=None):
+    """`(teacher, image_processor)`: an `AutoModelForImageClassification` (e.g. a fine-tuned ViT) and its processor."""
+    from transformers import AutoImageProcessor, AutoModelForImageClassification
+
+    kwargs = {"dtype": dtype} if dtype is not None else {}
+    teacher = AutoModelForImageClassification.from_pretrained(model_id, **kwargs).eval().to(default_device(device))
+    return teacher, AutoImageProcessor.from_pretrained(model_id)
+
+
+def teacher_label_names(teacher):
+    return [teacher.config.id2label[i] for i in range(teacher.config.num_labels)]
+
+
+def count_parameters(module):
+    return sum(p.numel() for p in module.parameters())
+
+
+def part_parameters(model, zero_shot=False, teacher=None):
+    """Parameter counts per part, as the paper's Table 2 lists them (EmoVLM-KD = VLM + head + gate)."""
+    vlm = count_parameters(model.vlm)
+    counts = {"vlm": vlm}
+    if not zero_shot:
+        head, gate = count_parameters(model.distill_head), count_parameters(model.gate)
+        counts.update({"distill": head, "emovlm_kd": vlm + head + gate})
+    if teacher is not None:
+        counts["teacher"] = count_parameters(teacher)
+    return counts
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Inference
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def take(dataset, limit=None):
+    """The first `limit` rows of `dataset` (all when None)."""
+    if limit is None or limit >= len(dataset):
+        return dataset
+    if limit < 1:
+        raise ValueError(f"limit must be >= 1, got {limit}")
+    return dataset.select(range(limit))
+
+
+def _prepare_images(images):
+    from emovlm_kd.images import fit_image
+    from pipeline_emovlm_kd import to_rgb
+
+    return [fit_image(to_rgb(image)) for image in images]
+
+
+@torch.inference_mode()
+def _teacher_probs(teacher, teacher_processor, images):
+    inputs = teacher_processor(images=images, return_tensors="pt").to(teacher.device)
+    inputs["pixel_values"] = inputs["pixel_values"].to(teacher.dtype)
+    return teacher(**inputs).logits.float().softmax(-1).cpu()
+
+
+def predict_split(model, processor, dataset, *, label_perm=None, teacher=None, teacher_processor=None,
+                  teacher_perm=None, batch_size=8, vlm_mode=None, seed=0, desc="evaluate"):
+    """Batched inference once over `dataset` (`image`, `label`, optional `id`): per-sample arrays in dataset order.
+
+    Returns a dict: `references` (N,), `ids`, `paths`, `final_probs`, `distill_probs`, `vlm_scores` (N, C, in the
+    dataset's label order), `vlm_found` (N,), `vlm_answers` (generated text or None), `teacher_probs` (or None).
+    """
+    from tqdm.auto import tqdm
+
+    from emovlm_kd.inference import run_batch
+
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    torch.manual_seed(seed)  # generate mode may sample (config.vlm_do_sample): the same numbers on a rerun
+    num_labels = len(dataset_label_names(dataset))
+    perm = torch.as_tensor(label_perm if label_perm is not None else range(num_labels), dtype=torch.long)
+    keys = ("final_probs", "distill_probs", "vlm_scores", "vlm_found", "teacher_probs")
+    chunks = {key: [] for key in keys}
+    references, ids, paths, answers = [], [], [], []
+    has_ids = "id" in dataset.column_names
+    with tqdm(total=len(dataset), desc=desc, unit="img", file=sys.stderr, disable=None) as bar:
+        for start, batch in enumerate(dataset.iter(batch_size=batch_size)):
+            raw = batch["image"]
+            paths += [getattr(image, "filename", None) or None for image in raw]
+            images = _prepare_images(raw)
+            output = run_batch(model, processor, images, vlm_mode=vlm_mode)
+            chunks["final_probs"].append(output.logits.softmax(-1)[:, perm])
+            chunks["distill_probs"].append(output.distill_logits.softmax(-1)[:, perm])
+            chunks["vlm_scores"].append(output.vlm_scores[:, perm])
+            chunks["vlm_found"].append(output.vlm_answer_found.bool())
+            texts = output.get("generated_text")
+            answers += list(texts) if texts is not None else [None] * len(images)
+            if teacher is not None:
+                probs = _teacher_probs(teacher, teacher_processor, images)
+                chunks["teacher_probs"].append(probs[:, teacher_perm] if teacher_perm is not None else probs)
+            references += [int(label) for label in batch["label"]]
+            first = start * batch_size
+            ids += [str(i) for i in batch["id"]] if has_ids else [str(first + i) for i in range(len(images))]
+            bar.update(len(images))
+    result = {key: torch.cat(value).numpy() if value else None for key, value in chunks.items()}
+    result.update(references=np.asarray(references, dtype=np.int64), ids=ids, paths=paths,
+                  vlm_answers=answers if any(a is not None for a in answers) else None)
+    return result
+
+
+def part_predictions(arrays, zero_shot=False):
+    """`(predictions, probabilities)` per part from `predict_split`'s arrays; a VLM answer naming no label is -1.
+
+    The VLM's scores count as probabilities (for ECE) only when every sample got a distribution (score mode);
+    in zero-shot runs the head and the gate are untrained and left out.
+    """
+    vlm_pred = np.where(arrays["vlm_found"], arrays["vlm_scores"].argmax(-1), -1)
+    predictions = {"vlm": vlm_pred}
+    probabilities = {}
+    if arrays["vlm_found"].all() and np.allclose(arrays["vlm_scores"].sum(-1), 1.0, atol=1e-3):
+        probabilities["vlm"] = arrays["vlm_scores"]
+    if not zero_shot:
+        for part, key in (("distill", "distill_probs"), ("emovlm_kd", "final_probs")):
+            predictions[part] = arrays[key].argmax(-1)
+            probabilities[part] = arrays[key]
+    if arrays.get("teacher_probs") is not None:
+        predictions["teacher"] = arrays["teacher_probs"].argmax(-1)
+        probabilities["teacher"] = arrays["teacher_probs"]
+    return predictions, probabilities
+
+
+def evaluate_model(model, processor, dataset, output_dir=None, *, zero_shot=False, label_perm=None, teacher=None,
+                   teacher_processor=None, teacher_perm=None, batch_size=8, vlm_mode=None, meta=None, plots=True,
+                   n_bins=15, seed=0, desc="evaluate"):
+    """Run inference once over `dataset`, build the report and (with `output_dir`) write `REPORT_FILES` there.
+
+    `model` is an `EmoVLMKDForImageClassification` (for zero-shot, one from `bind_labels`); `label_perm` and
+    `teacher_perm` reorder model and teacher outputs into the dataset's label order (see `align_labels`).
+    Returns the report dict (also `report.json`).
+    """
+    labels = dataset_label_names(dataset)
+    started = time.perf_counter()
+    arrays = predict_split(model, processor, dataset, label_perm=label_perm, teacher=teacher,
+                           teacher_processor=teacher_processor, teacher_perm=teacher_perm, batch_size=batch_size,
+                           vlm_mode=vlm_mode, seed=seed, desc=desc)
+    elapsed = time.perf_counter() - started
+    logger.info("inference on %d samples took %.1f s (%.2f img/s)", len(arrays["references"]), elapsed,
+                len(arrays["references"]) / max(elapsed, 1e-9))
+    predictions, probabilities = part_predictions(arrays, zero_shot=zero_shot)
+    meta = dict(meta or {})
+    meta.setdefault("vlm_mode", vlm_mode or model.config.vlm_mode)
+    meta.setdefault("batch_size", batch_size)
+    report = build_report(labels, arrays["references"], predictions, probabilities, meta=meta,
+                          parameters=part_parameters(model, zero_shot, teacher), n_bins=n_bins)
+    if output_dir is not None:
+        write_outputs(report, arrays, predictions, probabilities, output_dir, plots=plots)
+    return report
+
+
+def write_outputs(report, arrays, predictions, probabilities, output_dir, plots=True):
+    """report.json, predictions.jsonl, the two figures and report.md in `output_dir`, each written atomically."""
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    records = prediction_records(report["labels"], arrays["references"], predictions, probabilities,
+                                 ids=arrays["ids"], paths=arrays["paths"], extra={"vlm_answer": arrays["vlm_answers"]})
+    write_jsonl(output_dir / "predictions.jsonl", records)
+    images = []
+    if plots:
+        from .plots import plot_complementarity, plot_confusion_matrices
+
+        images.append(plot_confusion_matrices(report, output_dir / "confusion_matrix.png").name)
+        chart = plot_complementarity(report, output_dir / "complementarity.png")
+        if chart is not None:
+            images.append(chart.name)
+        else:  # a chart from an earlier run with other parts would mislead
+            (output_dir / "complementarity.png").unlink(missing_ok=True)
+    write_text(output_dir / "report.md", render_markdown(report, images=images))
+    write_json(output_dir / "report.json", report)
+    logger.info("wrote %s", ", ".join(str(output_dir / name) for name in ["report.json", "predictions.jsonl",
+                                                                         "report.md", *images]))
+    return output_dir
+
+
+__all__ = [
+    "LabelMismatchError",
+    "ModelLoadError",
+    "PARTS",
+    "accuracy_table",
+    "align_labels",
+    "bind_labels",
+    "checkpoint_model_type",
+    "dataset_label_names",
+    "evaluate_model",
+    "load_model",
+    "load_teacher",
+    "part_parameters",
+    "part_predictions",
+    "predict_split",
+    "take",
+    "teacher_label_names",
+    "write_outputs",
+]

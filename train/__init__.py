@@ -1,0 +1,1 @@
+"""Training: data loading, the teacher, distillation and gate stages."""

@@ -1,0 +1,491 @@
+"""The training stages. Each writes its output under RUN/, then a `DONE.json` holding the fingerprint of its
+inputs; a rerun skips a stage whose DONE.json matches and resumes a stage's Trainer from its last checkpoint.
+
+    stage0_instructions/  instructions.jsonl      categorical (+ conversation / reasoning) instructions
+    stage1_sft/           merged/                 Qwen2-VL with the LoRA adapter merged (TRL SFTTrainer)
+    stage2_teacher/       model/                  the fine-tuned teacher (HF Trainer)
+    stage3_distill/       head.safetensors        the distillation head (DistillationTrainer, cached features)
+    stage4_gate/          gate.safetensors        the gate (GateTrainer, cached VLM vectors and head outputs)
+    model/                                        the Hub model; eval_results.json beside it
+"""
+
+import json
+import logging
+import math
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from train.cache import TensorCache, atomic_write_text, fingerprint, fingerprint_dataset, fingerprint_module
+from train.distributed import barrier, is_main_process, map_sharded
+
+logger = logging.getLogger(__name__)
+
+CONVERSATION_QUESTION = "Observe the image and describe key elements of the image."
+REASONING_QUESTION = "Observe the image and describe the process of inferring the emotions conveyed in the image."
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Stage bookkeeping
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class Stage:
+    """A stage folder with a DONE.json marker that records the fingerprint of the stage's inputs."""
+
+    def __init__(self, run_dir, name, key):
+        self.dir = Path(run_dir) / name
+        self.name, self.key = name, key
+
+    @property
+    def done(self):
+        marker = self.dir / "DONE.json"
+        return marker.exists() and json.loads(marker.read_text()).get("key") == self.key
+
+    def read_summary(self):
+        return json.loads((self.dir / "DONE.json").read_text())
+
+    def finish(self, **summary):
+        if is_main_process():
+            atomic_write_text(self.dir / "DONE.json", json.dumps({"key": self.key, **summary}, indent=2))
+        barrier()
+        logger.info("[%s] done: %s", self.name, ", ".join(f"{k}={v}" for k, v in summary.items()))
+
+
+def last_checkpoint(folder):
+    from transformers.trainer_utils import get_last_checkpoint
+
+    folder = Path(folder)
+    return get_last_checkpoint(str(folder)) if folder.is_dir() else None
+
+
+def resolve_dtype(cfg):
+    if cfg.dtype == "auto":
+        return torch.bfloat16 if torch.cuda.is_available() else torch.float32
+    return getattr(torch, cfg.dtype)
+
+
+def trainer_args(cfg, output_dir, epochs, lr, batch_size, **extra):
+    """TrainingArguments shared by the stages (seeded, checkpoint every epoch, keep one)."""
+    from transformers import TrainingArguments
+
+    return TrainingArguments(
+        output_dir=str(output_dir),
+        num_train_epochs=epochs,
+        learning_rate=lr,
+        per_device_train_batch_size=batch_size,
+        save_strategy="epoch",
+        save_total_limit=1,
+        logging_strategy="epoch",
+        report_to=[],
+        seed=cfg.seed,
+        data_seed=cfg.seed,
+        use_cpu=not torch.cuda.is_available(),
+        remove_unused_columns=False,
+        ddp_find_unused_parameters=False,
+        dataloader_num_workers=0,
+        disable_tqdm=False,
+        **extra,
+    )
+
+
+def rgb(image):
+    from emovlm_kd.images import fit_image
+    from pipeline_emovlm_kd import to_rgb
+
+    return fit_image(to_rgb(image))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Stage 0: instruction data
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def categorical_instruction(config):
+    """The paper's categorical instruction for the labels of `config` (an EmoVLMKDConfig)."""
+    return config.classification_prompt()
+
+
+def read_instruction_jsonl(path, known_ids):
+    """Conversation / reasoning answers from a user JSONL: {"id" (or "path"), "kind", "answer"[, "question"]}."""
+    rows = []
+    with open(path, encoding="utf-8") as handle:
+        for number, line in enumerate(handle, 1):
+            if not line.strip():
+                continue
+            row = json.loads(line)
+            image_id = row.get("id", row.get("path"))
+            kind = row.get("kind")
+            if kind not in ("conversation", "reasoning") or not row.get("answer"):
+                raise ValueError(f"{path}:{number}: need kind conversation/reasoning and a non-empty answer")
+            if image_id not in known_ids:
+                logger.warning("%s:%d: image %r is not in the train split; ignored", path, number, image_id)
+                continue
+            question = row.get("question") or (CONVERSATION_QUESTION if kind == "conversation" else REASONING_QUESTION)
+            rows.append({"id": image_id, "kind": kind, "question": question, "answer": row["answer"]})
+    return rows
+
+
+def run_stage0(cfg, run_dir, dataset, bundle_config):
+    """instructions.jsonl: categorical rows for every train image plus conversation/reasoning rows."""
+    from train.annotate import annotate_split
+
+    train = dataset["train"]
+    key = fingerprint("stage0", fingerprint_dataset(train), bundle_config.classification_prompt(),
+                      bundle_config.answer_template, cfg.instructions, cfg.annotator, cfg.annotator_model)
+    stage = Stage(run_dir, "stage0_instructions", key)
+    out = stage.dir / "instructions.jsonl"
+    if stage.done:
+        logger.info("[stage 0] instruction data: done, skipped")
+        return out
+    question = categorical_instruction(bundle_config)
+    names = train.features["label"].names
+    rows = [
+        {"id": image_id, "kind": "categorical", "question": question, "answer": bundle_config.answer_for(names[label])}
+        for image_id, label in zip(train["id"], train["label"])
+    ]
+    if cfg.instructions:
+        rows += read_instruction_jsonl(cfg.instructions, set(train["id"]))
+    if cfg.annotator and is_main_process():
+        rows += annotate_split(cfg, train, stage.dir / "annotations.jsonl", [CONVERSATION_QUESTION, REASONING_QUESTION])
+    if is_main_process():
+        atomic_write_text(out, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    kinds = {k: sum(r["kind"] == k for r in rows) for k in ("categorical", "conversation", "reasoning")}
+    stage.finish(rows=len(rows), **kinds)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Stage 1: instruction tuning (TRL SFTTrainer + LoRA / QLoRA), merged into the backbone
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def sft_dataset(train, instructions_path):
+    """TRL's vision prompt/completion format: `images`, `prompt` and `completion` (loss on the completion only)."""
+    from datasets import Dataset, Image, Sequence
+
+    raw_images = dict(zip(train["id"], train.cast_column("image", Image(decode=False))["image"]))
+    rows = [json.loads(line) for line in Path(instructions_path).read_text(encoding="utf-8").splitlines() if line]
+    data = Dataset.from_dict(
+        {
+            "images": [[raw_images[r["id"]]] for r in rows],
+            "prompt": [[{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": r["question"]}]}]
+                       for r in rows],
+            "completion": [[{"role": "assistant", "content": [{"type": "text", "text": r["answer"]}]}] for r in rows],
+        }
+    )
+    return data.cast_column("images", Sequence(Image()))
+
+
+def quantization_config(cfg):
+    """4-bit nf4 double-quant (QLoRA) when asked, or by default when CUDA is present."""
+    use_4bit = cfg.quantize == "4bit" or (cfg.quantize == "auto" and torch.cuda.is_available())
+    if not use_4bit:
+        return None
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.bfloat16,
+        llm_int8_skip_modules=["model.visual", "lm_head"],
+    )
+
+
+def lora_config(cfg):
+    from peft import LoraConfig
+
+    targets = "|".join(t.strip() for t in cfg.lora_targets.split(",") if t.strip())
+    return LoraConfig(
+        r=cfg.lora_r,
+        lora_alpha=cfg.lora_alpha,
+        lora_dropout=cfg.lora_dropout,
+        target_modules=rf".*language_model.*\.({targets})",  # the LLM's projections, not the vision tower's
+        task_type="CAUSAL_LM",
+    )
+
+
+def run_stage1(cfg, run_dir, dataset, vlm_path, instructions_path):
+    """Instruction-tune the VLM with LoRA (QLoRA on CUDA), merge the adapter, save RUN/stage1_sft/merged."""
+    from peft import PeftModel
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+    from trl import SFTConfig, SFTTrainer
+
+    key = fingerprint("stage1", str(vlm_path), Path(instructions_path).read_text(encoding="utf-8"),
+                      cfg.sft_epochs, cfg.sft_lr, cfg.sft_batch_size, cfg.sft_grad_accum, cfg.lora_r, cfg.lora_alpha,
+                      cfg.lora_dropout, cfg.lora_targets, cfg.quantize, cfg.dtype, cfg.seed)
+    stage = Stage(run_dir, "stage1_sft", key)
+    merged_dir = stage.dir / "merged"
+    if stage.done:
+        logger.info("[stage 1] instruction tuning: done, skipped")
+        return merged_dir
+    dtype = resolve_dtype(cfg)
+    quant = quantization_config(cfg)
+    processor = AutoProcessor.from_pretrained(vlm_path)
+    vlm = AutoModelForImageTextToText.from_pretrained(vlm_path, dtype=dtype, quantization_config=quant)
+    args = SFTConfig(
+        output_dir=str(stage.dir / "checkpoints"),
+        num_train_epochs=cfg.sft_epochs,
+        learning_rate=cfg.sft_lr,
+        lr_scheduler_type="constant_with_warmup",
+        warmup_steps=0.03,  # a ratio of the total steps, as the official code's 3%
+        max_grad_norm=0.3,
+        per_device_train_batch_size=cfg.sft_batch_size,
+        gradient_accumulation_steps=cfg.sft_grad_accum,
+        max_length=None,
+        save_strategy="epoch",
+        save_total_limit=1,
+        logging_strategy="steps",
+        logging_steps=10,
+        report_to=[],
+        seed=cfg.seed,
+        data_seed=cfg.seed,
+        use_cpu=not torch.cuda.is_available(),
+        bf16=dtype == torch.bfloat16,
+        ddp_find_unused_parameters=False,
+        gradient_checkpointing=quant is not None,
+    )
+    trainer = SFTTrainer(
+        model=vlm,
+        args=args,
+        train_dataset=sft_dataset(dataset["train"], instructions_path),
+        processing_class=processor,
+        peft_config=lora_config(cfg),
+    )
+    result = trainer.train(resume_from_checkpoint=last_checkpoint(args.output_dir))
+    adapter_dir = stage.dir / "adapter"
+    trainer.save_model(str(adapter_dir))
+    if is_main_process():
+        if quant is not None:  # merge into an unquantised copy of the base weights
+            base = AutoModelForImageTextToText.from_pretrained(vlm_path, dtype=dtype)
+            merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
+        else:
+            merged = trainer.model.merge_and_unload()
+        tmp = merged_dir.with_name("merged.tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        merged.save_pretrained(str(tmp))
+        processor.save_pretrained(str(tmp))
+        shutil.rmtree(merged_dir, ignore_errors=True)
+        tmp.rename(merged_dir)
+    del trainer, vlm
+    stage.finish(train_loss=round(result.training_loss, 4), steps=result.global_step)
+    return merged_dir
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Stage 2: teacher
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def teacher_transforms(image_processor, train):
+    """The official code's augmentation for training (RandomResizedCrop + horizontal flip), plain resize for eval."""
+    from torchvision import transforms
+
+    size = image_processor.size
+    side = size.get("shortest_edge") or size.get("height") or 224
+    mean, std = image_processor.image_mean, image_processor.image_std
+    steps = (
+        [transforms.RandomResizedCrop(side), transforms.RandomHorizontalFlip()]
+        if train
+        else [transforms.Resize((side, side))]
+    )
+    return transforms.Compose([*steps, transforms.ToTensor(), transforms.Normalize(mean, std)])
+
+
+def run_stage2(cfg, run_dir, dataset, teacher_path):
+    """Fine-tune the teacher (any AutoModelForImageClassification) with the HF Trainer."""
+    from transformers import AutoImageProcessor, AutoModelForImageClassification, Trainer
+
+    names = dataset["train"].features["label"].names
+    if cfg.teacher_trained:
+        check_teacher_labels(cfg.teacher_trained, names)
+        return Path(cfg.teacher_trained)
+    key = fingerprint("stage2", str(teacher_path), fingerprint_dataset(dataset["train"]), names, cfg.teacher_epochs,
+                      cfg.teacher_lr, cfg.teacher_batch_size, cfg.seed)
+    stage = Stage(run_dir, "stage2_teacher", key)
+    model_dir = stage.dir / "model"
+    if stage.done:
+        logger.info("[stage 2] teacher: done, skipped")
+        return model_dir
+    image_processor = AutoImageProcessor.from_pretrained(teacher_path)
+    teacher = AutoModelForImageClassification.from_pretrained(
+        teacher_path,
+        num_labels=len(names),
+        id2label=dict(enumerate(names)),
+        label2id={n: i for i, n in enumerate(names)},
+        ignore_mismatched_sizes=True,
+    )
+    augment = teacher_transforms(image_processor, train=True)
+
+    def transform(batch):
+        return {"pixel_values": [augment(rgb(im)) for im in batch["image"]], "labels": batch["label"]}
+
+    train = dataset["train"].with_transform(transform)
+    args = trainer_args(cfg, stage.dir / "checkpoints", cfg.teacher_epochs, cfg.teacher_lr, cfg.teacher_batch_size,
+                        weight_decay=1e-4)
+    trainer = Trainer(model=teacher, args=args, train_dataset=train)
+    result = trainer.train(resume_from_checkpoint=last_checkpoint(args.output_dir))
+    if is_main_process():
+        tmp = model_dir.with_name("model.tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        trainer.save_model(str(tmp))
+        image_processor.save_pretrained(str(tmp))
+        shutil.rmtree(model_dir, ignore_errors=True)
+        tmp.rename(model_dir)
+    stage.finish(train_loss=round(result.training_loss, 4), steps=result.global_step)
+    return model_dir
+
+
+def check_teacher_labels(teacher_path, names):
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(teacher_path)
+    teacher_names = [config.id2label[i].lower() for i in range(len(config.id2label))]
+    if teacher_names != list(names):
+        raise ValueError(f"teacher {teacher_path} has labels {teacher_names}, the dataset has {list(names)}")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Cached frozen outputs
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def vlm_pass_cache(cfg, cache, model, processor, split, split_name):
+    """One batched pass per image through the frozen bundle: pooled visual features + label log-likelihoods."""
+    from emovlm_kd.inference import run_batch
+
+    key = fingerprint("vlm_pass", fingerprint_module(model.vlm), fingerprint_dataset(split),
+                      model.config.classification_prompt(), model.config.label_answer_token_ids)
+
+    def compute_batch(indices):
+        output = run_batch(model, processor, [rgb(split[i]["image"]) for i in indices], vlm_mode="score")
+        return {"image_embeds": output.image_embeds, "vlm_log_likelihoods": output.vlm_log_likelihoods}
+
+    return cached_map(cache, f"vlm_pass-{split_name}", key, len(split), cfg.batch_size, compute_batch,
+                      desc=f"VLM pass ({split_name})")
+
+
+def teacher_cache(cfg, cache, teacher, image_processor, split, split_name):
+    """Teacher logits per image, computed once."""
+    key = fingerprint("teacher", fingerprint_module(teacher), fingerprint_dataset(split))
+    transform = teacher_transforms(image_processor, train=False)
+    device = next(teacher.parameters()).device
+
+    @torch.inference_mode()
+    def compute_batch(indices):
+        pixels = torch.stack([transform(rgb(split[i]["image"])) for i in indices]).to(device)
+        return {"teacher_logits": teacher(pixel_values=pixels).logits.float().cpu()}
+
+    return cached_map(cache, f"teacher-{split_name}", key, len(split), cfg.batch_size, compute_batch,
+                      desc=f"teacher ({split_name})")
+
+
+def cached_map(cache, name, key, length, batch_size, compute_batch, desc):
+    """`compute_batch` over all rows (sharded across processes), concatenated, cached under name+key."""
+    cached = cache.get(name, key)
+    if cached is not None:
+        return cached
+    tensors = map_sharded(compute_batch, length, batch_size, desc=desc)
+    if is_main_process():
+        cache.put(name, key, tensors)
+    barrier()
+    return cache.get(name, key) if not is_main_process() else tensors
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Stages 3 and 4: head and gate on cached tensors
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def run_stage3(cfg, run_dir, bundle, features, teacher_logits, labels):
+    """Distil the teacher into the head (only the head trains) on cached features and teacher logits."""
+    from train.trainers import DistillationTrainer, TensorDictDataset
+
+    key = fingerprint("stage3", [fingerprint_tensor(features), fingerprint_tensor(teacher_logits)],
+                      cfg.head_hidden_sizes, cfg.head_dropout, cfg.alpha, cfg.tau, cfg.distill_epochs,
+                      cfg.distill_lr, cfg.distill_batch_size, cfg.seed)
+    stage = Stage(run_dir, "stage3_distill", key)
+    head_file = stage.dir / "head.safetensors"
+    if stage.done:
+        bundle.distill_head.load_state_dict(load_file(head_file))
+        logger.info("[stage 3] distillation: done, skipped")
+        return head_file
+    reset_module(bundle.distill_head, cfg.seed)
+    data = TensorDictDataset(image_embeds=features, teacher_logits=teacher_logits, labels=labels)
+    args = trainer_args(cfg, stage.dir / "checkpoints", cfg.distill_epochs, cfg.distill_lr, cfg.distill_batch_size,
+                        weight_decay=1e-4)
+    trainer = DistillationTrainer(model=bundle.distill_head, args=args, train_dataset=data, alpha=cfg.alpha, tau=cfg.tau)
+    result = trainer.train(resume_from_checkpoint=last_checkpoint(args.output_dir))
+    if is_main_process():
+        save_module(bundle.distill_head, head_file)
+    stage.finish(train_loss=round(result.training_loss, 4), steps=result.global_step)
+    return head_file
+
+
+def run_stage4(cfg, run_dir, bundle, vlm_scores, head_probs, labels):
+    """Train the gate (only the gate) on cached VLM vectors and head probabilities."""
+    from train.trainers import GateModule, GateTrainer, TensorDictDataset
+
+    key = fingerprint("stage4", [fingerprint_tensor(vlm_scores), fingerprint_tensor(head_probs)], cfg.gate_type,
+                      cfg.vlm_vector, cfg.gate_epochs, cfg.gate_lr, cfg.gate_batch_size, cfg.gate_train_split, cfg.seed)
+    stage = Stage(run_dir, "stage4_gate", key)
+    gate_file = stage.dir / "gate.safetensors"
+    if stage.done:
+        bundle.gate.load_state_dict(load_file(gate_file))
+        logger.info("[stage 4] gate: done, skipped")
+        return gate_file
+    reset_module(bundle.gate, cfg.seed)
+    data = TensorDictDataset(vlm_scores=vlm_scores, head_probs=head_probs, labels=labels)
+    args = trainer_args(cfg, stage.dir / "checkpoints", cfg.gate_epochs, cfg.gate_lr, cfg.gate_batch_size,
+                        weight_decay=1e-4)
+    trainer = GateTrainer(model=GateModule(bundle.gate), args=args, train_dataset=data)
+    result = trainer.train(resume_from_checkpoint=last_checkpoint(args.output_dir))
+    if is_main_process():
+        save_module(bundle.gate, gate_file)
+    stage.finish(train_loss=round(result.training_loss, 4), steps=result.global_step)
+    return gate_file
+
+
+def vlm_vectors(log_likelihoods, mode):
+    """What the gate sees from the VLM branch: the label distribution, or its argmax one-hot (paper)."""
+    probs = log_likelihoods.float().softmax(-1)
+    if mode == "onehot":
+        return torch.nn.functional.one_hot(probs.argmax(-1), probs.shape[-1]).float()
+    return probs
+
+
+@torch.inference_mode()
+def head_outputs(head, features, batch_size=1024):
+    head.eval()
+    dtype = next(head.parameters()).dtype
+    return torch.cat([head(features[i : i + batch_size].to(dtype)).float() for i in range(0, len(features), batch_size)])
+
+
+def reset_module(module, seed):
+    """Re-initialise a small module deterministically (so a rerun trains from the same start)."""
+    torch.manual_seed(seed)
+    for layer in module.modules():
+        if isinstance(layer, (torch.nn.Linear, torch.nn.Bilinear)):
+            torch.nn.init.normal_(layer.weight, std=0.02)
+            torch.nn.init.zeros_(layer.bias)
+
+
+def save_module(module, path):
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name("." + path.name + ".tmp")
+    save_file({k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}, str(tmp))
+    tmp.replace(path)
+
+
+def fingerprint_tensor(tensor):
+    import hashlib
+
+    return hashlib.sha256(tensor.detach().float().cpu().numpy().tobytes()).hexdigest()[:16]
+
+
+def epochs_to_steps(epochs, rows, batch_size):
+    return math.ceil(epochs * math.ceil(rows / batch_size))
