@@ -11,7 +11,6 @@ inputs; a rerun skips a stage whose DONE.json matches and resumes a stage's Trai
 
 import json
 import logging
-import math
 import shutil
 from pathlib import Path
 
@@ -43,6 +42,17 @@ class Stage:
     def done(self):
         marker = self.dir / "DONE.json"
         return marker.exists() and json.loads(marker.read_text()).get("key") == self.key
+
+    def checkpoints(self):
+        """The Trainer's checkpoint folder for this key; checkpoints of other settings are removed (never resumed)."""
+        folder = self.dir / f"checkpoints-{self.key}"
+        if is_main_process() and self.dir.is_dir():
+            for stale in self.dir.glob("checkpoints-*"):
+                if stale != folder:
+                    logger.info("[%s] removing checkpoints of other settings: %s", self.name, stale.name)
+                    shutil.rmtree(stale, ignore_errors=True)
+        barrier()
+        return folder
 
     def read_summary(self):
         return json.loads((self.dir / "DONE.json").read_text())
@@ -227,7 +237,7 @@ def run_stage1(cfg, run_dir, dataset, vlm_path, instructions_path):
     processor = AutoProcessor.from_pretrained(vlm_path)
     vlm = AutoModelForImageTextToText.from_pretrained(vlm_path, dtype=dtype, quantization_config=quant)
     args = SFTConfig(
-        output_dir=str(stage.dir / "checkpoints"),
+        output_dir=str(stage.checkpoints()),
         num_train_epochs=cfg.sft_epochs,
         learning_rate=cfg.sft_lr,
         lr_scheduler_type="constant_with_warmup",
@@ -324,7 +334,7 @@ def run_stage2(cfg, run_dir, dataset, teacher_path):
         return {"pixel_values": [augment(rgb(im)) for im in batch["image"]], "labels": batch["label"]}
 
     train = dataset["train"].with_transform(transform)
-    args = trainer_args(cfg, stage.dir / "checkpoints", cfg.teacher_epochs, cfg.teacher_lr, cfg.teacher_batch_size,
+    args = trainer_args(cfg, stage.checkpoints(), cfg.teacher_epochs, cfg.teacher_lr, cfg.teacher_batch_size,
                         weight_decay=1e-4)
     trainer = Trainer(model=teacher, args=args, train_dataset=train)
     result = trainer.train(resume_from_checkpoint=last_checkpoint(args.output_dir))
@@ -415,7 +425,7 @@ def run_stage3(cfg, run_dir, bundle, features, teacher_logits, labels):
         return head_file
     reset_module(bundle.distill_head, cfg.seed)
     data = TensorDictDataset(image_embeds=features, teacher_logits=teacher_logits, labels=labels)
-    args = trainer_args(cfg, stage.dir / "checkpoints", cfg.distill_epochs, cfg.distill_lr, cfg.distill_batch_size,
+    args = trainer_args(cfg, stage.checkpoints(), cfg.distill_epochs, cfg.distill_lr, cfg.distill_batch_size,
                         weight_decay=1e-4)
     trainer = DistillationTrainer(model=bundle.distill_head, args=args, train_dataset=data, alpha=cfg.alpha, tau=cfg.tau)
     result = trainer.train(resume_from_checkpoint=last_checkpoint(args.output_dir))
@@ -439,7 +449,7 @@ def run_stage4(cfg, run_dir, bundle, vlm_scores, head_probs, labels):
         return gate_file
     reset_module(bundle.gate, cfg.seed)
     data = TensorDictDataset(vlm_scores=vlm_scores, head_probs=head_probs, labels=labels)
-    args = trainer_args(cfg, stage.dir / "checkpoints", cfg.gate_epochs, cfg.gate_lr, cfg.gate_batch_size,
+    args = trainer_args(cfg, stage.checkpoints(), cfg.gate_epochs, cfg.gate_lr, cfg.gate_batch_size,
                         weight_decay=1e-4)
     trainer = GateTrainer(model=GateModule(bundle.gate), args=args, train_dataset=data)
     result = trainer.train(resume_from_checkpoint=last_checkpoint(args.output_dir))
@@ -487,5 +497,3 @@ def fingerprint_tensor(tensor):
     return hashlib.sha256(tensor.detach().float().cpu().numpy().tobytes()).hexdigest()[:16]
 
 
-def epochs_to_steps(epochs, rows, batch_size):
-    return math.ceil(epochs * math.ceil(rows / batch_size))

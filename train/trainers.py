@@ -63,6 +63,8 @@ class DistillationTrainer(Trainer):
 class GateModule(nn.Module):
     """The gate applied to (VLM vector, head probabilities), as the Trainer's model."""
 
+    _keys_to_ignore_on_save = None
+
     def __init__(self, gate):
         super().__init__()
         self.gate = gate

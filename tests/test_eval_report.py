@@ -1,0 +1,136 @@
+"""eval.report and eval.plots without a model: hand-computed aggregation, records, Markdown, figures, writing."""
+
+import json
+
+import numpy as np
+import pytest
+
+from eval.report import (
+    accuracies_from_records,
+    atomic_write,
+    build_report,
+    complementarity,
+    gate_decisions,
+    prediction_records,
+    render_markdown,
+    write_jsonl,
+)
+
+LABELS = ["awe", "fear", "sadness"]
+REFERENCES = [0, 1, 2, 0, 1, 2]
+PREDICTIONS = {
+    "vlm": [0, 1, -1, 1, 1, 0],  # right: T T F F T F (sample 2 named no label)
+    "distill": [0, 0, 2, 0, 2, 2],  # right: T F T T F T
+    "emovlm_kd": [0, 1, 2, 0, 2, 1],  # right: T T T T F F
+}
+
+
+def _probs(predictions, confidence=0.8, num_classes=3):
+    rows = np.full((len(predictions), num_classes), (1 - confidence) / (num_classes - 1))
+    for i, p in enumerate(predictions):
+        rows[i, p] = confidence
+    return rows
+
+
+@pytest.fixture(scope="module")
+def report():
+    probabilities = {p: _probs(PREDICTIONS[p]) for p in ("distill", "emovlm_kd")}
+    return build_report(LABELS, REFERENCES, PREDICTIONS, probabilities, meta={"dataset": "hand"},
+                        parameters={"vlm": 100, "distill": 10, "emovlm_kd": 116})
+
+
+def test_complementarity_counts_sum_to_n():
+    counts = complementarity([1, 1, 0, 0, 1], [1, 0, 1, 0, 0], "vlm", "teacher")
+    assert counts == {"both_correct": 1, "vlm_only": 2, "teacher_only": 1, "neither": 1}
+    rng = np.random.default_rng(0)
+    a, b = rng.random(101) > 0.4, rng.random(101) > 0.6
+    assert sum(complementarity(a, b).values()) == 101
+    with pytest.raises(ValueError):
+        complementarity([1, 0], [1])
+
+
+def test_gate_decisions_by_hand():
+    gate = gate_decisions(PREDICTIONS["vlm"], PREDICTIONS["distill"], PREDICTIONS["emovlm_kd"], REFERENCES)
+    assert gate == {
+        "disagreements": 5, "followed_vlm": 1, "followed_distill": 3, "followed_neither": 1,
+        "vlm_correct": 2, "distill_correct": 3, "gate_correct": 3, "agreements": 1, "overrode_agreement": 0,
+    }  # fmt: skip
+    assert gate["followed_vlm"] + gate["followed_distill"] + gate["followed_neither"] == gate["disagreements"]
+
+
+def test_report_by_hand(report):
+    assert report["num_samples"] == 6 and report["final"] == "emovlm_kd" and report["zero_shot"] is False
+    assert report["dataset"] == "hand" and report["support"] == [2, 2, 2]
+    assert report["accuracy"] == pytest.approx({"vlm": 3 / 6, "distill": 4 / 6, "emovlm_kd": 4 / 6})
+    # VLM: awe F1 2/(2+1+1) = 0.5, fear 4/5, sadness 0 (the unanswered sample counts against it)
+    assert report["macro_f1"]["vlm"] == pytest.approx((0.5 + 0.8 + 0.0) / 3)
+    assert report["no_answer"] == {"vlm": 1}
+    assert report["confusion_matrix"]["vlm"] == [[1, 1, 0], [0, 2, 0], [1, 0, 0]]  # answered samples only
+    assert report["per_class_accuracy"]["emovlm_kd"] == {"awe": 1.0, "fear": 0.5, "sadness": 0.5}
+    counts = report["complementarity"]["vlm_vs_distill"]
+    assert counts == {"both_correct": 1, "vlm_only": 2, "distill_only": 3, "neither": 0}
+    assert sum(counts.values()) == report["num_samples"]
+    assert report["gate"]["disagreements"] == 5
+    # every prediction has confidence 0.8; the head is right 4/6 -> |4/6 - 0.8|; vlm has no probabilities
+    assert report["ece"] == pytest.approx({"distill": 0.8 - 4 / 6, "emovlm_kd": 0.8 - 4 / 6})
+    assert report["parameters"] == {"vlm": 100, "distill": 10, "emovlm_kd": 116}
+    json.dumps(report)  # JSON-ready
+
+
+def test_zero_shot_and_teacher_reports():
+    zero = build_report(LABELS, REFERENCES, {"vlm": PREDICTIONS["vlm"]})
+    assert zero["zero_shot"] is True and zero["final"] == "vlm" and "gate" not in zero
+    assert zero["complementarity"] == {} and list(zero["accuracy"]) == ["vlm"]
+    teacher = [0, 1, 1, 1, 0, 2]  # right: T T F F F T
+    both = build_report(LABELS, REFERENCES, {"vlm": PREDICTIONS["vlm"], "teacher": teacher})
+    assert both["complementarity"] == {
+        "vlm_vs_teacher": {"both_correct": 2, "vlm_only": 1, "teacher_only": 1, "neither": 2}
+    }
+    with pytest.raises(ValueError, match="unknown parts"):
+        build_report(LABELS, REFERENCES, {"clip": teacher})
+
+
+def test_records_carry_every_part_and_recompute_the_accuracies(report, tmp_path):
+    probabilities = {p: _probs(PREDICTIONS[p]) for p in ("distill", "emovlm_kd")}
+    records = prediction_records(LABELS, REFERENCES, PREDICTIONS, probabilities, ids=[f"s{i}" for i in range(6)],
+                                 paths=[None] * 5 + ["/data/x.png"], extra={"vlm_answer": [None] * 2 + ["hm"] * 4})
+    assert records[0] == {"index": 0, "id": "s0", "label": "awe",
+                          "predictions": {"vlm": "awe", "distill": "awe", "emovlm_kd": "awe"},
+                          "confidence": {"distill": 0.8, "emovlm_kd": 0.8}}  # fmt: skip
+    assert records[2]["predictions"]["vlm"] is None and records[2]["vlm_answer"] == "hm"
+    assert records[5]["path"] == "/data/x.png"
+    write_jsonl(tmp_path / "p.jsonl", records)
+    lines = [json.loads(line) for line in (tmp_path / "p.jsonl").read_text().splitlines()]
+    assert accuracies_from_records(lines) == report["accuracy"]
+
+
+def test_markdown_has_every_table(report):
+    text = render_markdown(report)
+    for heading in ("Table 2", "Figure 1", "disagree", "Per-class accuracy", "Confusion matrix of EmoVLM-KD"):
+        assert heading in text
+    assert "| VLM | 100 | 50.00 |" in text
+    assert "named no label" in text and "complementarity.png" in text
+    assert "complementarity.png" not in render_markdown(report, images=())
+
+
+def test_figures_are_png_files(report, tmp_path):
+    from eval.plots import plot_complementarity, plot_confusion_matrices
+
+    assert plot_confusion_matrices(report, tmp_path / "cm.png").read_bytes()[:4] == b"\x89PNG"
+    assert plot_complementarity(report, tmp_path / "c.png").read_bytes()[:4] == b"\x89PNG"
+    zero = build_report(LABELS, REFERENCES, {"vlm": PREDICTIONS["vlm"]})
+    assert plot_complementarity(zero, tmp_path / "none.png") is None
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.png", "cm.png"]  # no temporary files left
+
+
+def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path):
+    target = tmp_path / "report.json"
+    target.write_text("old")
+
+    def fail(handle):
+        handle.write("half")
+        raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError):
+        atomic_write(target, fail)
+    assert target.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["report.json"]

@@ -1,0 +1,252 @@
+"""Training: the loss, the caches, each stage on tiny data, the final Hub model, skip and resume."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from train.cache import TensorCache, fingerprint, fingerprint_module
+from train.config import TrainConfig, load_config
+from train.trainers import distillation_loss
+
+# ---------------------------------------------------------------------------------------------------------------
+# The distillation loss
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_distillation_loss_is_zero_kl_for_identical_logits():
+    logits = torch.randn(4, 8)
+    labels = torch.tensor([0, 1, 2, 3])
+    assert distillation_loss(logits, logits, labels, alpha=1.0, tau=2.0).item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_distillation_loss_known_values():
+    student = torch.tensor([[1.0, 0.0]])
+    teacher = torch.tensor([[0.0, 1.0]])
+    labels = torch.tensor([0])
+    tau, alpha = 2.0, 0.5
+    p_t = torch.softmax(teacher / tau, -1)
+    p_s = torch.softmax(student / tau, -1)
+    kl = (p_t * (p_t.log() - p_s.log())).sum()
+    ce = -torch.log_softmax(student, -1)[0, 0]
+    expected = alpha * tau**2 * kl + (1 - alpha) * ce
+    assert distillation_loss(student, teacher, labels, alpha, tau).item() == pytest.approx(expected.item(), rel=1e-6)
+    assert distillation_loss(student, teacher, labels, 0.0, tau).item() == pytest.approx(ce.item(), rel=1e-6)
+
+
+def test_distillation_loss_gradient_reaches_only_the_student():
+    student = torch.randn(3, 5, requires_grad=True)
+    teacher = torch.randn(3, 5, requires_grad=True)
+    distillation_loss(student, teacher.detach(), torch.tensor([0, 1, 2])).backward()
+    assert student.grad is not None and student.grad.abs().sum() > 0
+    assert teacher.grad is None
+
+
+@pytest.mark.parametrize("alpha,tau", [(-0.1, 2.0), (1.5, 2.0), (0.5, 0.0)])
+def test_distillation_loss_rejects_bad_settings(alpha, tau):
+    with pytest.raises(ValueError):
+        distillation_loss(torch.zeros(1, 2), torch.zeros(1, 2), torch.tensor([0]), alpha, tau)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Caches
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_module_fingerprint_changes_with_weights():
+    layer = torch.nn.Linear(4, 4)
+    before = fingerprint_module(layer)
+    assert fingerprint_module(layer) == before
+    with torch.no_grad():
+        layer.weight[1, 2] += 0.5
+    assert fingerprint_module(layer) != before
+
+
+def test_cache_computes_once_and_never_reuses_a_stale_entry(tmp_path):
+    cache = TensorCache(tmp_path)
+    calls = []
+
+    def compute(value):
+        def run():
+            calls.append(value)
+            return {"x": torch.full((2,), float(value))}
+
+        return run
+
+    key_a, key_b = fingerprint("model-a", "data"), fingerprint("model-b", "data")
+    assert cache.get_or_compute("features", key_a, compute(1))["x"][0] == 1
+    assert cache.get_or_compute("features", key_a, compute(99))["x"][0] == 1  # hit: not recomputed
+    assert calls == [1]
+    assert cache.get_or_compute("features", key_b, compute(2))["x"][0] == 2  # other model: recomputed
+    assert calls == [1, 2]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f"features-{key_b}.safetensors"]  # stale one removed
+    assert cache.get("features", key_a) is None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Config
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_config_defaults_follow_the_paper_and_yaml_overrides(tmp_path):
+    cfg = TrainConfig()
+    assert (cfg.alpha, cfg.head_hidden_sizes, cfg.gate_type) == (0.5, [1024], "concat_linear")
+    assert (cfg.sft_lr, cfg.distill_lr, cfg.gate_lr) == (1e-4, 1e-3, 1e-3)
+    assert (cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout) == (8, 8, 0.05)
+    path = tmp_path / "c.yaml"
+    path.write_text("alpha: 0.3\ngate_type: moe\n")
+    cfg = load_config(str(path), {"alpha": 0.7})
+    assert (cfg.alpha, cfg.gate_type) == (0.7, "moe")
+    with pytest.raises(ValueError, match="--alpha"):
+        load_config(None, {"alpha": 2.0})
+
+
+def test_shipped_configs_load():
+    root = Path(__file__).resolve().parents[1] / "configs"
+    names = {p.stem for p in root.glob("*.yaml")}
+    assert {"demo", "fi", "emoset", "emotion6", "flickr", "instagram"} <= names
+    for path in root.glob("*.yaml"):
+        cfg = load_config(str(path))
+        if path.stem != "demo":
+            assert cfg.vlm == "Qwen/Qwen2-VL-7B-Instruct" and cfg.teacher == "google/vit-base-patch16-384"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The stages end to end on tiny data
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def tiny_settings(data, vlm, teacher, out, **extra):
+    values = dict(
+        dataset=str(data), vlm=str(vlm), teacher=str(teacher), output_dir=str(out), head_hidden_sizes=[32],
+        sft_epochs=1.0, sft_lr=2e-3, sft_batch_size=8, teacher_epochs=2.0, teacher_lr=2e-3, teacher_batch_size=16,
+        distill_epochs=10.0, distill_lr=3e-3, gate_epochs=10.0, gate_lr=1e-2, batch_size=16, seed=0,
+    )
+    values.update(extra)
+    return TrainConfig(**values)
+
+
+@pytest.fixture(scope="module")
+def tiny_inputs(tmp_path_factory):
+    """A small synthetic dataset and tiny base models saved like Hub checkpoints."""
+    from emovlm_kd.tiny import build_tiny_processor, build_tiny_vlm
+    from train.data import make_synthetic_dataset
+    from train.runner import build_tiny_teacher
+
+    root = tmp_path_factory.mktemp("inputs")
+    data = make_synthetic_dataset(root / "data", per_class=(4, 1, 2))
+    processor = build_tiny_processor()
+    build_tiny_vlm(processor.tokenizer).save_pretrained(root / "vlm")
+    processor.save_pretrained(root / "vlm")
+    build_tiny_teacher(root / "teacher", seed=0)
+    return data, root / "vlm", root / "teacher"
+
+
+@pytest.fixture(scope="module")
+def trained_run(tiny_inputs, tmp_path_factory):
+    from train.runner import run_training
+
+    out = tmp_path_factory.mktemp("run") / "run"
+    cfg = tiny_settings(*tiny_inputs, out)
+    results = run_training(cfg)
+    return cfg, out, results
+
+
+STAGES = ["stage0_instructions", "stage1_sft", "stage2_teacher", "stage3_distill", "stage4_gate"]
+
+
+def test_run_writes_every_stage_and_the_results(trained_run):
+    cfg, out, results = trained_run
+    for stage in STAGES:
+        assert (out / stage / "DONE.json").exists(), stage
+    saved = json.loads((out / "eval_results.json").read_text())
+    assert saved == results
+    assert saved["split"] == "test" and saved["num_samples"] == 16
+    assert set(saved["accuracy"]) == {"vlm", "distill", "teacher", "emovlm_kd"}
+    instructions = (out / "stage0_instructions" / "instructions.jsonl").read_text().splitlines()
+    first = json.loads(instructions[0])
+    assert first["kind"] == "categorical" and first["answer"].startswith("{'emotion': '")
+    assert "from the following 8 categories: amusement, anger, awe" in first["question"]
+    assert (out / "stage1_sft" / "adapter" / "adapter_config.json").exists()
+    adapter = json.loads((out / "stage1_sft" / "adapter" / "adapter_config.json").read_text())
+    assert (adapter["r"], adapter["lora_alpha"]) == (8, 8)
+
+
+def test_final_model_loads_with_plain_transformers_and_matches_the_results(trained_run):
+    from transformers import AutoModelForImageClassification, AutoProcessor
+
+    from emovlm_kd.inference import run_batch
+    from train.data import load_image_dataset
+    from train.stages import rgb
+
+    cfg, out, results = trained_run
+    model = AutoModelForImageClassification.from_pretrained(out / "model", trust_remote_code=True).eval()
+    processor = AutoProcessor.from_pretrained(out / "model", trust_remote_code=True)
+    test = load_image_dataset(cfg.dataset)["test"]
+    output = run_batch(model, processor, [rgb(image) for image in test["image"]])
+    labels = torch.tensor(test["label"])
+    accuracy = round(float((output.logits.argmax(-1) == labels).float().mean()), 4)
+    assert accuracy == results["accuracy"]["emovlm_kd"]
+    head = round(float((output.distill_logits.argmax(-1) == labels).float().mean()), 4)
+    assert head == results["accuracy"]["distill"]
+    card = (out / "model" / "README.md").read_text()
+    assert "library_name: transformers" in card and "pipeline_tag: image-classification" in card
+    assert not list((out / "model").glob("*.bin"))
+
+
+def test_only_the_head_changed_in_stage3_and_the_backbone_is_the_merged_one(trained_run):
+    from safetensors.torch import load_file
+
+    cfg, out, _ = trained_run
+    bundle = load_file(out / "model" / "model.safetensors")
+    merged = load_file(out / "stage1_sft" / "merged" / "model.safetensors")
+    for name, tensor in merged.items():
+        assert torch.equal(bundle["vlm." + name], tensor), name
+    head = load_file(out / "stage3_distill" / "head.safetensors")
+    for name, tensor in head.items():
+        assert torch.equal(bundle["distill_head." + name], tensor)
+
+
+def test_rerun_skips_every_finished_stage(trained_run, caplog):
+    from train.runner import run_training
+
+    cfg, out, results = trained_run
+    marks = {s: (out / s / "DONE.json").stat().st_mtime_ns for s in STAGES}
+    caches = sorted(p.name for p in (out / "cache").iterdir())
+    with caplog.at_level("INFO"):
+        again = run_training(cfg)
+    assert again == results
+    assert {s: (out / s / "DONE.json").stat().st_mtime_ns for s in STAGES} == marks
+    assert sorted(p.name for p in (out / "cache").iterdir()) == caches
+    assert sum("skipped" in r.getMessage() for r in caplog.records) == 5
+    assert sum("cache hit" in r.getMessage() for r in caplog.records) == 6  # VLM pass + teacher, 3 splits
+
+
+def test_changing_the_gate_reruns_only_the_gate(trained_run, tmp_path):
+    import shutil
+
+    from train.runner import run_training
+
+    cfg, out, _ = trained_run
+    copy = tmp_path / "run"
+    shutil.copytree(out, copy)
+    marks = {s: (copy / s / "DONE.json").read_text() for s in STAGES}
+    results = run_training(tiny_settings(cfg.dataset, cfg.vlm, cfg.teacher, copy, gate_type="moe"))
+    for stage in STAGES[:-1]:
+        assert (copy / stage / "DONE.json").read_text() == marks[stage], stage
+    assert (copy / "stage4_gate" / "DONE.json").read_text() != marks["stage4_gate"]
+    assert json.loads((copy / "model" / "config.json").read_text())["gate_type"] == "moe"
+    assert 0.0 <= results["accuracy"]["emovlm_kd"] <= 1.0
+
+
+def test_a_stale_cache_is_not_reused_when_the_data_changes(trained_run, tmp_path):
+    """A VLM-pass cache is keyed by model and data: another split gives another key."""
+    from train.cache import fingerprint_dataset
+    from train.data import load_image_dataset
+
+    cfg, _, _ = trained_run
+    data = load_image_dataset(cfg.dataset)
+    assert fingerprint_dataset(data["train"]) != fingerprint_dataset(data["train"].select(range(10)))
+    assert fingerprint_dataset(data["train"]) == fingerprint_dataset(load_image_dataset(cfg.dataset)["train"])
