@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import AutoModelForImageTextToText, PreTrainedModel
+from transformers import AutoModelForImageTextToText, DynamicCache, PreTrainedModel
 from transformers.utils import ModelOutput, logging
 
 try:
@@ -360,21 +360,121 @@ class EmoVLMKDForImageClassification(EmoVLMKDPreTrainedModel):
     def _scoring_plan(self, device):
         if self._plan_cache is None or self._plan_cache[0] != device:
             plan = LabelScoringPlan(self.config.label_answer_token_ids)
-            self._plan_cache = (device, plan.tensors(device))
+            with torch.inference_mode(False):  # plain tensors: usable later with autograd on, too
+                self._plan_cache = (device, plan.tensors(device))
         return self._plan_cache[1]
+
+    # -- the shared text prefix of the prompt (system turn, user turn up to the image) is encoded once ----------------
+
+    def _prompt_cache_key(self):
+        """What the cached keys/values of the prompt's shared prefix depend on; None where caching must not be used
+        (training, autograd, or parameters whose in-place updates cannot be tracked)."""
+        language_model = self.vlm.model.language_model
+        if self.vlm.training or torch.is_grad_enabled():
+            return None
+        state = []
+        try:
+            for module in language_model.modules():
+                for param in module._parameters.values():
+                    if param is not None:
+                        state.append((param.data_ptr(), param._version))
+                if hasattr(module, "active_adapters") and hasattr(module, "disable_adapters"):  # PEFT layers
+                    state.append((id(module), str(module.active_adapters), bool(module.disable_adapters)))
+        except RuntimeError:  # inference tensors carry no version counter
+            return None
+        return (tuple(state), language_model.config._attn_implementation)
+
+    def clear_prompt_cache(self):
+        """Forget the cached keys/values of the prompt's shared prefix (they are also dropped automatically when a
+        language-model parameter is modified in place or replaced, or an adapter is switched)."""
+        self._prompt_kv = None
+
+    def _shared_prompt_prefix(self, head, head_mask, head_types):
+        """(length, per-layer (key, value) of shape (1, kv_heads, length, head_dim)) for the leading text tokens that
+        every row shares before its first image token, computed once and cached; (0, None) when there is none."""
+        batch, total = head.shape
+        pads = total - head_mask.sum(-1)  # left padding
+        span = int((total - pads.max()).item())
+        index = pads[:, None] + torch.arange(span, device=head.device)
+        tokens, types = head.gather(1, index), head_types.gather(1, index)
+        shared = (tokens == tokens[:1]).all(0) & (types == 0).all(0)
+        length = int(shared.long().cumprod(0).sum().item())
+        length = min(length, span - 1)  # at least one token stays in the pass
+        key = self._prompt_cache_key() if length > 0 else None
+        if key is None:
+            return 0, None
+        prefix = tuple(tokens[0, :length].tolist())
+        cached = getattr(self, "_prompt_kv", None)
+        if cached is not None and cached[0] == prefix and cached[1] == key and cached[2] == head.device:
+            return length, cached[3]
+        language_model = self.vlm.model.language_model
+        positions = torch.arange(length, device=head.device).view(1, 1, -1).expand(3, 1, -1)
+        output = language_model(input_ids=tokens[:1, :length], position_ids=positions, use_cache=True)
+        states = [(layer.keys, layer.values) for layer in output.cache.layers]
+        self._prompt_kv = (prefix, key, head.device, states)
+        return length, states
+
+    def _score_pass(self, head, head_mask, head_types, position_ids, tree, tree_positions, plan, image_grid_thw,
+                    image_outputs, attn, logits_to_keep):
+        """The language-model pass of `score_labels` with a tree attention mask (sdpa or eager) and, when it can be
+        used, the cached shared prefix of the prompt."""
+        batch, device = head.shape[0], head.device
+        num_tree = tree.shape[1]
+        valid_count = head_mask.sum(-1)
+        cached, states = self._shared_prompt_prefix(head, head_mask, head_types)
+        if cached:  # drop the cached tokens from every row (they follow the row's left padding)
+            total = head.shape[1]
+            keep = torch.arange(total - cached, device=device)[None].expand(batch, -1)
+            keep = torch.where(keep < (total - valid_count)[:, None], keep, keep + cached)
+            head, head_mask, head_types = head.gather(1, keep), head_mask.gather(1, keep), head_types.gather(1, keep)
+            position_ids = position_ids.gather(2, keep[None].expand(3, -1, -1))
+        if num_tree:
+            position_ids = torch.cat([position_ids, tree_positions[None].expand(3, -1, -1)], dim=-1)
+        total = head.shape[1]
+        valid = head_mask.bool()
+        full = total + num_tree
+        causal = torch.ones(total, total, dtype=torch.bool, device=device).tril()
+        mask = torch.zeros(batch, 1, full, cached + full, dtype=torch.bool, device=device)
+        mask[..., :cached] = True  # the shared prefix is seen by every token
+        # padded rows also attend to themselves, so that no row is fully masked (NaN-free; never read by real rows)
+        body = (causal[None] & valid[:, None, :]) | torch.eye(total, dtype=torch.bool, device=device)
+        mask[:, 0, :total, cached : cached + total] = body
+        if num_tree:
+            mask[:, 0, total:, cached : cached + total] = valid[:, None, :]
+            mask[:, 0, total:, cached + total :] = plan["tree_mask"]
+        if attn == "eager":
+            dtype = self.vlm.lm_head.weight.dtype
+            mask = torch.zeros(mask.shape, dtype=dtype, device=device).masked_fill(~mask, torch.finfo(dtype).min)
+        cache = None
+        if cached:
+            cache = DynamicCache(
+                ddp_cache_data=[(k.expand(batch, -1, -1, -1), v.expand(batch, -1, -1, -1)) for k, v in states]
+            )
+        return self.vlm(
+            input_ids=torch.cat([head, tree], dim=1),
+            attention_mask=mask,
+            position_ids=position_ids,
+            image_grid_thw=image_grid_thw,
+            mm_token_type_ids=torch.cat([head_types, torch.zeros_like(tree, dtype=head_types.dtype)], dim=1),
+            mm_encoder_outputs={"image": image_outputs},
+            cache=cache,
+            use_cache=cache is not None,
+            logits_to_keep=logits_to_keep,
+        )
 
     def score_labels(self, input_ids, attention_mask, image_grid_thw, mm_token_type_ids, image_outputs):
         """Log-likelihood of each label's answer after the prompt: (B, C).
 
-        One forward pass of the language model, no cache: the prompt + image, the answers' common prefix and a token
-        trie of the label-specific parts are laid out as one sequence. The prompt and prefix attend causally; each
-        trie token attends to the prompt, the prefix and its own ancestors only (a tree attention mask) and sits at
-        the position it would have in its answer. Every label is thus scored in the prefill itself: the weights are
-        read once (a second, small forward over a cache costs a full read of the weights, which dominates on a CPU
-        and at small batch on a GPU). `input_ids` must be left padded (`forward` takes care of it).
+        One forward pass of the language model: the prompt + image, the answers' common prefix and a token trie of
+        the label-specific parts are laid out as one sequence. The prompt and prefix attend causally; each trie
+        token attends to the prompt, the prefix and its own ancestors only (a tree attention mask) and sits at the
+        position it would have in its answer. Every label is thus scored in the prefill itself: the weights are read
+        once (a second, small forward over a cache would read all of them again). The text that every row shares
+        before its image (system turn, start of the user turn) is encoded once and its keys/values reused while the
+        weights do not change (inference only). `input_ids` must be left padded (`forward` takes care of it).
         """
         plan = self._scoring_plan(input_ids.device)
-        batch, length = input_ids.shape
+        batch = input_ids.shape[0]
         device = input_ids.device
         prefix = plan["prefix"].expand(batch, -1)
         tree = plan["tree_tokens"].expand(batch, -1)
@@ -391,37 +491,30 @@ class EmoVLMKDForImageClassification(EmoVLMKDPreTrainedModel):
             attention_mask=head_mask,
             mm_token_type_ids=head_types,
         )
-        total = head.shape[1]
-        valid = head_mask.bool()
+        tree_positions = None
         if num_tree:
             # a trie token's text position continues after its row's last real token (valid length + rope delta)
-            start = valid.sum(-1) + rope_deltas.to(device).view(-1)  # (B,)
+            start = head_mask.sum(-1) + rope_deltas.to(device).view(-1)  # (B,)
             tree_positions = (start[:, None] + plan["tree_depth"][None]).to(position_ids.dtype)
-            position_ids = torch.cat([position_ids, tree_positions[None].expand(3, -1, -1)], dim=-1)
-        full = total + num_tree
-        causal = torch.ones(total, total, dtype=torch.bool, device=device).tril()
-        mask = torch.zeros(batch, 1, full, full, dtype=torch.bool, device=device)
-        # padded rows attend to themselves only, so that no row is fully masked (NaN-free; never read by real rows)
-        mask[:, 0, :total, :total] = (causal[None] & valid[:, None, :]) | torch.eye(total, dtype=torch.bool, device=device)
-        if num_tree:
-            mask[:, 0, total:, :total] = valid[:, None, :]
-            mask[:, 0, total:, total:] = plan["tree_mask"]
         attn = self.vlm.model.language_model.config._attn_implementation or "sdpa"
-        if attn != "sdpa":
-            if attn != "eager":
+        if attn not in ("sdpa", "eager"):  # flash attention & co. take no custom mask: a plain causal prefill
+            if num_tree:
                 raise NotImplementedError(f"score mode needs sdpa or eager attention (a tree mask), not {attn}")
-            dtype = self.vlm.lm_head.weight.dtype
-            mask = torch.zeros(mask.shape, dtype=dtype, device=device).masked_fill(~mask, torch.finfo(dtype).min)
-        output = self.vlm(
-            input_ids=torch.cat([head, tree], dim=1),
-            attention_mask=mask,
-            position_ids=position_ids,
-            image_grid_thw=image_grid_thw,
-            mm_token_type_ids=torch.cat([head_types, torch.zeros_like(tree, dtype=head_types.dtype)], dim=1),
-            mm_encoder_outputs={"image": image_outputs},
-            use_cache=False,
-            logits_to_keep=num_prefix + 1 + num_tree,
-        )
+            output = self.vlm(
+                input_ids=head,
+                attention_mask=head_mask,
+                position_ids=position_ids,
+                image_grid_thw=image_grid_thw,
+                mm_token_type_ids=head_types,
+                mm_encoder_outputs={"image": image_outputs},
+                use_cache=False,
+                logits_to_keep=num_prefix + 1,
+            )
+        else:
+            output = self._score_pass(
+                head, head_mask, head_types, position_ids, tree, tree_positions, plan,
+                image_grid_thw, image_outputs, attn, logits_to_keep=num_prefix + 1 + num_tree,
+            )
         # rows: the last prompt token and the prefix tokens (predicting the prefix, then each label's first
         # specific token), then the trie tokens (predicting the next token of the labels that pass through them)
         log_probs = output.logits.float().log_softmax(-1)  # (B, P + 1 + T, V)

@@ -17,20 +17,61 @@ except ImportError:  # imported as a plain module (not from a Hub folder)
     from modeling_emovlm_kd import build_prompt_text
 
 
+ORIENTATION_TAG = 0x0112
+# EXIF orientation -> PIL transpose method, as `PIL.ImageOps.exif_transpose` (FLIP_LEFT_RIGHT 0, FLIP_TOP_BOTTOM 1,
+# ROTATE_90 2, ROTATE_180 3, ROTATE_270 4, TRANSPOSE 5, TRANSVERSE 6); this file imports nothing but torch/transformers
+EXIF_TRANSPOSE = {2: 0, 3: 3, 4: 1, 5: 5, 6: 4, 7: 6, 8: 2}
+
+
 def to_rgb(image):
-    """An upright RGB image from a path, URL or PIL image (EXIF orientation applied, first frame of animations)."""
-    image = load_image(image)
+    """An upright RGB image: EXIF orientation applied, first frame of animations, 16-bit greyscale scaled to 8 bits,
+    transparency composited on white. Paths, URLs and base64 strings go through transformers' `load_image`."""
+    if isinstance(image, str):
+        return load_image(image)
     if getattr(image, "is_animated", False):
         image.seek(0)
+    orientation = image.getexif().get(ORIENTATION_TAG)  # read first: mode conversions drop TIFF tags
     if image.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16/32-bit greyscale: scale to 8 bit before RGB
         image = image.point(lambda v: v * (1 / 256)).convert("L")
-    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (
+        image.mode in ("P", "L", "RGB") and "transparency" in image.info
+    ):
         image = image.convert("RGBA")
         background = image.copy()
         background.paste((255, 255, 255, 255), (0, 0) + image.size)
         background.alpha_composite(image)
         image = background
-    return image.convert("RGB")
+    image = image.convert("RGB")
+    if orientation in EXIF_TRANSPOSE:
+        image = image.transpose(EXIF_TRANSPOSE[orientation])
+    return image
+
+
+MAX_ASPECT_RATIO = 100  # Qwen2-VL's processor refuses more than 200: wider images are padded to this
+MIN_SIDE = 28  # patch size x merge size: smaller images are upscaled
+
+
+def fit_image(image, max_aspect_ratio=MAX_ASPECT_RATIO, min_side=MIN_SIDE):
+    """Pad extreme aspect ratios (centred, black), then upscale tiny images, so the processor accepts them.
+
+    Padding first keeps a 20000x1 strip at 20000x200 instead of upscaling it to 560000x28 and padding that.
+    Cropping past the edges pads with black, so no imaging library is imported here.
+    """
+    width, height = image.size
+    if max(width, height) / min(width, height) > max_aspect_ratio:
+        if width > height:
+            new_height = -(-width // max_aspect_ratio)
+            top = (new_height - height) // 2
+            image = image.crop((0, -top, width, new_height - top))
+        else:
+            new_width = -(-height // max_aspect_ratio)
+            left = (new_width - width) // 2
+            image = image.crop((-left, 0, new_width - left, height))
+        width, height = image.size
+    if min(width, height) < min_side:
+        scale = min_side / min(width, height)
+        image = image.resize((max(min_side, round(width * scale)), max(min_side, round(height * scale))))
+    return image
 
 
 def prepare_inputs(processor, config, images):
@@ -66,7 +107,7 @@ class EmoVLMKDImageClassificationPipeline(Pipeline):
         return {}, forward_kwargs, postprocess_kwargs
 
     def preprocess(self, image):
-        inputs = prepare_inputs(self.processor, self.model.config, [to_rgb(image)])
+        inputs = prepare_inputs(self.processor, self.model.config, [fit_image(to_rgb(image))])
         return inputs
 
     def _forward(self, model_inputs, vlm_mode=None):
@@ -80,4 +121,4 @@ class EmoVLMKDImageClassificationPipeline(Pipeline):
         return scores_to_predictions(probs, self.model.config.id2label, top_k or len(probs))
 
 
-__all__ = ["EmoVLMKDImageClassificationPipeline", "prepare_inputs", "to_rgb", "scores_to_predictions"]
+__all__ = ["EmoVLMKDImageClassificationPipeline", "fit_image", "prepare_inputs", "to_rgb", "scores_to_predictions"]

@@ -69,7 +69,7 @@ def load_bundle(path, dtype=None, device=None):
     kwargs = {"trust_remote_code": True}
     if dtype is not None:
         kwargs["dtype"] = dtype
-    model = AutoModelForImageClassification.from_pretrained(path, **kwargs).eval()
+    model = AutoModelForImageClassification.from_pretrained(path, use_safetensors=True, **kwargs).eval()
     if device is not None:
         model.to(device)
     processor = AutoProcessor.from_pretrained(path, trust_remote_code=True)

@@ -2,16 +2,15 @@
 
 import logging
 import os
-import warnings
 from pathlib import Path
 
 from PIL import Image, ImageOps
 
+from pipeline_emovlm_kd import MAX_ASPECT_RATIO, MIN_SIDE, fit_image, to_rgb  # noqa: F401  (re-exported)
+
 logger = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".gif", ".webp", ".bmp", ".tif", ".tiff", ".jfif", ".ppm", ".pgm"}
-MAX_ASPECT_RATIO = 100  # Qwen2-VL's processor refuses more than 200: wider images are padded to this
-MIN_SIDE = 28  # patch size x merge size: smaller images are upscaled
 
 
 class ImageLoadError(ValueError):
@@ -32,27 +31,13 @@ def iter_image_files(inputs):
             yield path
 
 
-def fit_image(image, max_aspect_ratio=MAX_ASPECT_RATIO, min_side=MIN_SIDE):
-    """Upscale tiny images and pad extreme aspect ratios (centred, black) so the processor accepts them."""
-    width, height = image.size
-    if min(width, height) < min_side:
-        scale = min_side / min(width, height)
-        width, height = max(min_side, round(width * scale)), max(min_side, round(height * scale))
-        image = image.resize((width, height), Image.BICUBIC)
-    if max(width, height) / min(width, height) > max_aspect_ratio:
-        if width > height:
-            canvas = Image.new("RGB", (width, -(-width // max_aspect_ratio)))
-        else:
-            canvas = Image.new("RGB", (-(-height // max_aspect_ratio), height))
-        canvas.paste(image, ((canvas.width - width) // 2, (canvas.height - height) // 2))
-        image = canvas
-    return image
+def model_image(image):
+    """A PIL image (e.g. from a `datasets` Image column) made ready for the model: upright RGB, fitted."""
+    return fit_image(to_rgb(image))
 
 
 def load_image_file(path):
     """An upright RGB PIL image from `path`, or `ImageLoadError` saying what is wrong with the file."""
-    from pipeline_emovlm_kd import to_rgb
-
     path = Path(path)
     if not path.exists():
         raise ImageLoadError("file not found")
@@ -61,17 +46,28 @@ def load_image_file(path):
     if path.stat().st_size == 0:
         raise ImageLoadError("empty file")
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as image:
-                image.seek(0)
-                image.load()
-                image = ImageOps.exif_transpose(image)
-                image = to_rgb(image)
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
+        with Image.open(path) as image:  # raises DecompressionBombError above twice the limit
+            _check_pixels(image.size)  # between one and two times the limit Pillow only warns
+            image.seek(0)
+            image.load()
+            image = ImageOps.exif_transpose(image)
+            image = to_rgb(image)
+    except Image.DecompressionBombError as error:
         raise ImageLoadError(f"decompression bomb refused: {error}") from None
     except Image.UnidentifiedImageError:
         raise ImageLoadError("not an image (unidentified format)") from None
-    except (OSError, SyntaxError, ValueError) as error:
-        raise ImageLoadError(f"unreadable image: {error}") from None
+    except ImageLoadError:
+        raise
+    except Exception as error:  # Pillow raises OSError, SyntaxError, EOFError, struct.error, zlib.error, ...
+        raise ImageLoadError(f"unreadable image: {type(error).__name__}: {error}") from None
     return fit_image(image)
+
+
+def _check_pixels(size):
+    """`ImageLoadError` when `size` exceeds `PIL.Image.MAX_IMAGE_PIXELS` (an explicit check: thread-safe)."""
+    limit = Image.MAX_IMAGE_PIXELS
+    if limit and size[0] * size[1] > limit:
+        raise ImageLoadError(
+            f"decompression bomb refused: {size[0]}x{size[1]} = {size[0] * size[1]} pixels, "
+            f"over the limit of {limit} (PIL.Image.MAX_IMAGE_PIXELS)"
+        )

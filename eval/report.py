@@ -15,7 +15,7 @@ import numpy as np
 from .metrics import load_metric
 from .paper import TABLE2_FI
 
-PARTS = ("vlm", "distill", "emovlm_kd", "teacher")
+PARTS = ("vlm", "distill", "teacher", "emovlm_kd")  # the order of the paper's Table 2
 PART_TITLES = {"vlm": "VLM", "distill": "Distill head", "emovlm_kd": "EmoVLM-KD", "teacher": "ViT teacher"}
 COMPLEMENTARITY_PAIRS = (("vlm", "distill"), ("vlm", "teacher"))
 NO_ANSWER = -1
@@ -144,7 +144,9 @@ def build_report(labels, references, predictions, probabilities=None, *, meta=No
         if a in correct and b in correct:
             report["complementarity"][f"{a}_vs_{b}"] = complementarity(correct[a], correct[b], a, b)
     if {"vlm", "distill", "emovlm_kd"} <= set(parts):
-        report["gate"] = gate_decisions(predictions["vlm"], predictions["distill"], predictions["emovlm_kd"], references)
+        report["gate"] = gate_decisions(
+            predictions["vlm"], predictions["distill"], predictions["emovlm_kd"], references
+        )
     if parameters:
         report["parameters"] = {part: int(parameters[part]) for part in PARTS if part in parameters}
     return report

@@ -114,7 +114,7 @@ def load_model(model_id, *, device=None, dtype=None):
         return model, processor, False
     if model_type in ZERO_SHOT_MODEL_TYPES:
         kwargs = {"dtype": dtype} if dtype is not None else {}
-        vlm = AutoModelForImageTextToText.from_pretrained(model_id, **kwargs).eval().to(device)
+        vlm = AutoModelForImageTextToText.from_pretrained(model_id, use_safetensors=True, **kwargs).eval().to(device)
         processor = AutoProcessor.from_pretrained(model_id)
         logger.info("%s is a bare %s checkpoint: evaluating the zero-shot VLM branch only", model_id, model_type)
         return vlm, processor, True
@@ -144,7 +144,7 @@ def load_teacher(model_id, *, device=None, dtype=None):
     from transformers import AutoImageProcessor, AutoModelForImageClassification
 
     kwargs = {"dtype": dtype} if dtype is not None else {}
-    teacher = AutoModelForImageClassification.from_pretrained(model_id, **kwargs).eval().to(default_device(device))
+    teacher = AutoModelForImageClassification.from_pretrained(model_id, use_safetensors=True, **kwargs).eval().to(default_device(device))
     return teacher, AutoImageProcessor.from_pretrained(model_id)
 
 
@@ -183,10 +183,9 @@ def take(dataset, limit=None):
 
 
 def _prepare_images(images):
-    from emovlm_kd.images import fit_image
-    from pipeline_emovlm_kd import to_rgb
+    from emovlm_kd.images import model_image
 
-    return [fit_image(to_rgb(image)) for image in images]
+    return [model_image(image) for image in images]
 
 
 @torch.inference_mode()

@@ -70,7 +70,8 @@ def parse_datasets(values):
         name, sep, path = value.partition("=")
         name = name.strip().lower()
         if not sep or not path or name not in TABLE1_DATASETS:
-            raise UsageError(f"--dataset must be NAME=PATH with NAME one of {', '.join(TABLE1_DATASETS)}, got {value!r}")
+            choices = ", ".join(TABLE1_DATASETS)
+            raise UsageError(f"--dataset must be NAME=PATH with NAME one of {choices}, got {value!r}")
         paths[name] = path
     return paths
 
@@ -189,7 +190,7 @@ def render_table1_markdown(table):
     zero_shot = bool(results) and all(r["zero_shot"] for r in results.values())
     row("**this model (zero-shot VLM)**" if zero_shot else "**this model**", table["this_model"])
     for part, title in (("vlm", "this model: VLM branch"), ("distill", "this model: distill head")):
-        values = {n: 100 * r["accuracy"][part] for n, r in results.items() if not r["zero_shot"] and part in r["accuracy"]}
+        values = {n: 100 * r["accuracy"][part] for n, r in results.items() if not r["zero_shot"]}
         if values:
             row(title, values)
     lines.append("")
@@ -200,7 +201,8 @@ def render_table1_markdown(table):
     if results:
         lines.append("Reports: " + ", ".join(f"[{TABLE1_TITLES[n]}]({n}/report.md)" for n in results) + ".")
     if table["skipped"]:
-        lines.append("Skipped: " + "; ".join(f"{TABLE1_TITLES[n]} ({why})" for n, why in table["skipped"].items()) + ".")
+        skipped = "; ".join(f"{TABLE1_TITLES[n]} ({why})" for n, why in table["skipped"].items())
+        lines.append(f"Skipped: {skipped}.")
     return "\n".join(lines) + "\n"
 
 

@@ -211,3 +211,31 @@ def test_table1_over_present_datasets(tiny_bundle_dir, dataset_dir, tmp_path, ca
     assert "| EmoVLM-KD (paper) | 79.83 | 79.51 | 73.91 | 88.90 | 89.59 |" in markdown
     assert "**this model**" in markdown and "Skipped" in markdown
     assert "Table 1" in capsys.readouterr().out
+
+
+def test_evaluate_model_on_an_in_memory_dataset(tiny_bundle):
+    """The library entry point on any `datasets.Dataset` with `image` + ClassLabel `label` (no `id` column)."""
+    import datasets
+    import numpy as np
+    from PIL import Image
+
+    from eval.runner import bind_labels, evaluate_model, predict_split
+
+    def random_image(width, height, seed):
+        pixels = np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
+        return Image.fromarray(pixels)
+
+    labels = ["sadness", "awe", "fear", "amusement", "anger", "contentment", "disgust", "excitement"]  # any order
+    data = datasets.Dataset.from_dict(
+        {"image": [random_image(40 + 8 * i, 48, seed=i) for i in range(5)], "label": [0, 1, 2, 1, 0]},
+        features=datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=labels)}),
+    )
+    model, processor = tiny_bundle
+    bound, perm = bind_labels(model, processor, False, labels)
+    assert [model.config.labels[i] for i in perm] == labels
+    arrays = predict_split(bound, processor, data, label_perm=perm, batch_size=2)
+    assert arrays["ids"] == ["0", "1", "2", "3", "4"] and arrays["references"].tolist() == [0, 1, 2, 1, 0]
+    assert arrays["final_probs"].shape == (5, 8) and arrays["teacher_probs"] is None
+    report = evaluate_model(bound, processor, data, None, label_perm=perm, batch_size=2)
+    assert report["labels"] == labels and report["num_samples"] == 5
+    assert report["accuracy"]["emovlm_kd"] == pytest.approx((arrays["final_probs"].argmax(-1) == [0, 1, 2, 1, 0]).mean())

@@ -121,7 +121,7 @@ def test_shipped_configs_load():
 def tiny_settings(data, vlm, teacher, out, **extra):
     values = dict(
         dataset=str(data), vlm=str(vlm), teacher=str(teacher), output_dir=str(out), head_hidden_sizes=[32],
-        sft_epochs=1.0, sft_lr=2e-3, sft_batch_size=8, teacher_epochs=2.0, teacher_lr=2e-3, teacher_batch_size=16,
+        sft_epochs=2.0, sft_lr=2e-3, sft_batch_size=8, teacher_epochs=2.0, teacher_lr=2e-3, teacher_batch_size=16,
         distill_epochs=10.0, distill_lr=3e-3, gate_epochs=10.0, gate_lr=1e-2, batch_size=16, seed=0,
     )
     values.update(extra)
@@ -250,3 +250,88 @@ def test_a_stale_cache_is_not_reused_when_the_data_changes(trained_run, tmp_path
     data = load_image_dataset(cfg.dataset)
     assert fingerprint_dataset(data["train"]) != fingerprint_dataset(data["train"].select(range(10)))
     assert fingerprint_dataset(data["train"]) == fingerprint_dataset(load_image_dataset(cfg.dataset)["train"])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Crash and resume; several processes
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def train_command(cfg, launcher=None):
+    """`emovlm-kd train --config FILE` with `cfg` written as YAML, run as `python -m` or under `launcher`."""
+    import sys
+
+    import yaml
+
+    path = Path(cfg.output_dir).with_suffix(".yaml")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(cfg.to_dict()))
+    return [*(launcher or [sys.executable]), "-m", "emovlm_kd.cli", "train", "--config", str(path)]
+
+
+def assert_same_weights(folder_a, folder_b, atol=1e-5):
+    from safetensors.torch import load_file
+
+    a, b = load_file(Path(folder_a) / "model.safetensors"), load_file(Path(folder_b) / "model.safetensors")
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], atol=atol, rtol=1e-4, msg=name)
+
+
+def test_killed_run_resumes_and_gives_the_same_model(trained_run, tmp_path):
+    """SIGKILL a real training process mid-stage (after its first checkpoint), rerun, compare to the fixture."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    cfg, reference, reference_results = trained_run
+    out = tmp_path / "run"
+    resumed = tiny_settings(cfg.dataset, cfg.vlm, cfg.teacher, out)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    process = subprocess.Popen(train_command(resumed), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                               start_new_session=True)
+    deadline = time.time() + 240
+    while time.time() < deadline and process.poll() is None:
+        if list((out / "stage1_sft").glob("checkpoints-*/checkpoint-*/trainer_state.json")):
+            break
+        time.sleep(0.05)
+    assert process.poll() is None, "the run ended before its first checkpoint: " + process.stderr.read().decode()[-2000:]
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    assert not (out / "stage1_sft" / "DONE.json").exists()
+    result = subprocess.run(train_command(resumed), env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads((out / "eval_results.json").read_text()) == reference_results
+    assert_same_weights(out / "model", reference / "model")
+
+
+@pytest.mark.timeout(900)
+def test_two_processes_give_the_same_result_as_one(tiny_inputs, tmp_path):
+    """Every stage, caches included, under `torchrun --nproc_per_node 2` (gloo on the CPU) vs one process."""
+    import os
+    import shutil
+    import subprocess
+
+    from safetensors.torch import load_file
+
+    if shutil.which("torchrun") is None:
+        pytest.skip("torchrun is not installed")
+    single = tiny_settings(*tiny_inputs, tmp_path / "one", head_dropout=0.0, lora_dropout=0.0)
+    double = tiny_settings(*tiny_inputs, tmp_path / "two", head_dropout=0.0, lora_dropout=0.0)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    torchrun = ["torchrun", "--nproc_per_node", "2", "--master_port", "29517"]
+    for cfg, launcher in [(single, None), (double, torchrun)]:
+        result = subprocess.run(train_command(cfg, launcher), env=env, capture_output=True, text=True, timeout=600)
+        assert result.returncode == 0, result.stderr[-3000:]
+    caches_one = {p.name.rsplit("-", 1)[0]: p for p in (Path(single.output_dir) / "cache").iterdir()}
+    caches_two = {p.name.rsplit("-", 1)[0]: p for p in (Path(double.output_dir) / "cache").iterdir()}
+    assert caches_one.keys() == caches_two.keys() and len(caches_one) == 6
+    for name in caches_one:  # file names hold fingerprints of weights, which may differ in the last bits
+        a, b = load_file(caches_one[name]), load_file(caches_two[name])
+        for key in a:
+            torch.testing.assert_close(a[key], b[key], atol=1e-4, rtol=1e-4, msg=f"{name}:{key}")
+    one = json.loads((Path(single.output_dir) / "eval_results.json").read_text())
+    two = json.loads((Path(double.output_dir) / "eval_results.json").read_text())
+    assert one == two
+    assert_same_weights(Path(single.output_dir) / "model", Path(double.output_dir) / "model", atol=1e-3)

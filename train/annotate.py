@@ -78,7 +78,7 @@ class LocalVLMAnnotator:
 
         self.processor = AutoProcessor.from_pretrained(name_or_path)
         dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
-        self.model = AutoModelForImageTextToText.from_pretrained(name_or_path, dtype=dtype).eval()
+        self.model = AutoModelForImageTextToText.from_pretrained(name_or_path, dtype=dtype, use_safetensors=True).eval()
         if torch.cuda.is_available():
             self.model.to("cuda")
         self.max_new_tokens = max_new_tokens
@@ -107,18 +107,21 @@ def annotate_split(cfg, split, out_path, questions, annotator=None):
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     done = {}
-    if out_path.exists():
-        for line in out_path.read_text(encoding="utf-8").splitlines():
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:  # a line cut by a crash: redo that pair
-                continue
-            done[(row["id"], row["question"])] = row
+    text = out_path.read_text(encoding="utf-8") if out_path.exists() else ""
+    for line in text.splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:  # a line cut by a crash: redo that pair
+            continue
+        done[(row["id"], row["question"])] = row
     annotator = annotator or build_annotator(cfg)
     names = split.features["label"].names
-    todo = [(i, q) for i in range(len(split)) for q in questions if (split[i]["id"], q) not in done]
+    ids = list(split["id"])  # the column alone: `split[i]` would decode every image just to read its id
+    todo = [(i, q) for i in range(len(split)) for q in questions if (ids[i], q) not in done]
     logger.info("annotating %d (image, question) pairs with %r (%d already done)", len(todo), annotator, len(done))
     with open(out_path, "a", encoding="utf-8") as handle:
+        if todo and text and not text.endswith("\n"):
+            handle.write("\n")  # a line cut by a crash stays on its own line, not glued to the next answer
         for index, question in tqdm(todo, desc="annotate", unit="answer"):
             row = split[index]
             answer = annotator(rgb(row["image"]), annotation_request(question, names[row["label"]]))
@@ -127,4 +130,4 @@ def annotate_split(cfg, split, out_path, questions, annotator=None):
             handle.write(json.dumps(record, ensure_ascii=False) + "\n")
             handle.flush()
             done[(row["id"], question)] = record
-    return [done[(split[i]["id"], q)] for i in range(len(split)) for q in questions if (split[i]["id"], q) in done]
+    return [done[(ids[i], q)] for i in range(len(split)) for q in questions if (ids[i], q) in done]

@@ -9,6 +9,7 @@ Every flag overrides one field of the config (see `emovlm-kd train --help`).
 
 import dataclasses
 import logging
+import types
 import typing
 
 logger = logging.getLogger(__name__)
@@ -17,7 +18,7 @@ logger = logging.getLogger(__name__)
 def _flag_type(field):
     hint = field.type if not isinstance(field.type, str) else eval(field.type, vars(typing), {})  # noqa: S307
     args = [a for a in typing.get_args(hint) if a is not type(None)]
-    base = args[0] if args else hint
+    base = args[0] if typing.get_origin(hint) in (typing.Union, types.UnionType) else hint
     if typing.get_origin(base) is list:
         return lambda text: [int(x) for x in text.split(",") if x.strip()]
     return base if base in (int, float, str) else str
@@ -47,8 +48,10 @@ def run(args):
     overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)}
     try:
         cfg = load_config(args.config, overrides)
-    except (ValueError, OSError) as error:
+    except ValueError as error:
         raise UsageError(str(error))
+    except OSError as error:
+        raise UsageError(f"--config: {error}")
     if cfg.dataset != "demo":
         from pathlib import Path
 

@@ -71,6 +71,7 @@ class TrainConfig:
 
     def validate(self):
         """Fail at start, naming the flag, when a value cannot work."""
+        self._coerce_numbers()
         checks = [
             (0.0 <= self.alpha <= 1.0, "alpha", "must be in [0, 1]"),
             (self.tau > 0, "tau", "must be > 0"),
@@ -94,12 +95,41 @@ class TrainConfig:
                 raise ValueError(f"--{flag} {why}, got {getattr(self, flag.replace('-', '_'))!r}")
         self.head_hidden_sizes = [int(h) for h in self.head_hidden_sizes]
 
+    def _coerce_numbers(self):
+        """Numbers from YAML or Python ("1e-4", 8, "64,64") to the field's type, or a message naming the flag."""
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if value is None or f.type not in NUMBER_TYPES:
+                continue
+            try:
+                setattr(self, f.name, _coerce(value, f.type))
+            except (TypeError, ValueError, OverflowError):
+                flag = "--" + f.name.replace("_", "-")
+                raise ValueError(f"{flag} must be {NUMBER_TYPES[f.type]}, got {value!r}") from None
+
     @property
     def is_demo(self):
         return self.vlm == DEMO
 
     def to_dict(self):
         return dataclasses.asdict(self)
+
+
+NUMBER_TYPES = {float: "a number", int: "an integer", int | None: "an integer", list[int]: "integers"}
+
+
+def _coerce(value, kind):
+    """`value` as `kind` (float, int or list of ints); YAML reads `1e-4` as a string, booleans are refused."""
+    if kind == list[int]:
+        return [_coerce(item, int) for item in (value if isinstance(value, (list, tuple)) else str(value).split(","))]
+    if isinstance(value, bool):
+        raise TypeError(value)
+    number = float(value)
+    if kind is float:
+        return number
+    if number != int(number):
+        raise ValueError(value)
+    return int(number)
 
 
 def demo_overrides():
@@ -130,9 +160,15 @@ def load_config(path=None, overrides=None):
         values.update(demo_overrides())
     else:
         with open(path, encoding="utf-8") as handle:
-            values.update(yaml.safe_load(handle) or {})
+            try:
+                loaded = yaml.safe_load(handle)
+            except yaml.YAMLError as error:
+                raise ValueError(f"--config {path}: not valid YAML: {error}") from None
+        if not isinstance(loaded, (dict, type(None))):
+            raise ValueError(f"--config {path}: expected a mapping of settings, got {type(loaded).__name__}")
+        values.update(loaded or {})
         unknown = set(values) - {f.name for f in dataclasses.fields(TrainConfig)}
         if unknown:
-            raise ValueError(f"{path}: unknown setting(s) {', '.join(sorted(unknown))}")
+            raise ValueError(f"--config {path}: unknown setting(s) {', '.join(sorted(unknown))}")
     values.update({k: v for k, v in (overrides or {}).items() if v is not None})
     return TrainConfig(**values)

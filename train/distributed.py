@@ -30,6 +30,15 @@ def barrier():
         dist.barrier()
 
 
+def main_process_decides(value_fn):
+    """`value_fn()` evaluated on the main process and shared with all (so every process takes the same branch)."""
+    if not is_distributed():
+        return value_fn()
+    box = [value_fn() if is_main_process() else None]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def init_distributed():
     """Join the process group when started by torchrun (the Trainer would otherwise do it later)."""
     import os

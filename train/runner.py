@@ -112,13 +112,13 @@ def run_training(cfg):
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = stages.resolve_dtype(cfg)
     processor = AutoProcessor.from_pretrained(merged_dir)
-    vlm = AutoModelForImageTextToText.from_pretrained(merged_dir, dtype=dtype)
+    vlm = AutoModelForImageTextToText.from_pretrained(merged_dir, dtype=dtype, use_safetensors=True)
     bundle = EmoVLMKDForImageClassification.from_vlm(
         vlm, names, processor=processor, head_hidden_sizes=cfg.head_hidden_sizes, head_dropout=cfg.head_dropout,
         gate_type=cfg.gate_type, vlm_vector=cfg.vlm_vector,
     ).to(device).eval()
     bundle.requires_grad_(False)
-    teacher = AutoModelForImageClassification.from_pretrained(teacher_dir, dtype=dtype).to(device).eval()
+    teacher = AutoModelForImageClassification.from_pretrained(teacher_dir, dtype=dtype, use_safetensors=True).to(device).eval()
     teacher_processor = AutoImageProcessor.from_pretrained(teacher_dir)
 
     logger.info("== Caches: one VLM pass and one teacher pass per image")

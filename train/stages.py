@@ -16,9 +16,10 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
+from transformers import set_seed
 
 from train.cache import TensorCache, atomic_write_text, fingerprint, fingerprint_dataset, fingerprint_module
-from train.distributed import barrier, is_main_process, map_sharded
+from train.distributed import barrier, is_main_process, main_process_decides, map_sharded, world_size
 
 logger = logging.getLogger(__name__)
 
@@ -40,8 +41,9 @@ class Stage:
 
     @property
     def done(self):
+        """Finished with these inputs? Decided by the main process, so all processes skip or run together."""
         marker = self.dir / "DONE.json"
-        return marker.exists() and json.loads(marker.read_text()).get("key") == self.key
+        return main_process_decides(lambda: marker.exists() and json.loads(marker.read_text()).get("key") == self.key)
 
     def checkpoints(self):
         """The Trainer's checkpoint folder for this key; checkpoints of other settings are removed (never resumed)."""
@@ -97,15 +99,16 @@ def trainer_args(cfg, output_dir, epochs, lr, batch_size, **extra):
         ddp_find_unused_parameters=False,
         dataloader_num_workers=0,
         disable_tqdm=False,
+        # one global batch split across processes: the same updates under torchrun as in one process
+        accelerator_config={"split_batches": True},
         **extra,
     )
 
 
 def rgb(image):
-    from emovlm_kd.images import fit_image
-    from pipeline_emovlm_kd import to_rgb
+    from emovlm_kd.images import model_image
 
-    return fit_image(to_rgb(image))
+    return model_image(image)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -234,8 +237,11 @@ def run_stage1(cfg, run_dir, dataset, vlm_path, instructions_path):
         return merged_dir
     dtype = resolve_dtype(cfg)
     quant = quantization_config(cfg)
+    set_seed(cfg.seed)  # LoRA's initialisation draws from the global generator: same start in every process
     processor = AutoProcessor.from_pretrained(vlm_path)
-    vlm = AutoModelForImageTextToText.from_pretrained(vlm_path, dtype=dtype, quantization_config=quant)
+    vlm = AutoModelForImageTextToText.from_pretrained(
+        vlm_path, dtype=dtype, quantization_config=quant, use_safetensors=True
+    )
     args = SFTConfig(
         output_dir=str(stage.checkpoints()),
         num_train_epochs=cfg.sft_epochs,
@@ -257,6 +263,7 @@ def run_stage1(cfg, run_dir, dataset, vlm_path, instructions_path):
         bf16=dtype == torch.bfloat16,
         ddp_find_unused_parameters=False,
         gradient_checkpointing=quant is not None,
+        accelerator_config={"split_batches": world_size() > 1 and cfg.sft_batch_size % world_size() == 0},
     )
     trainer = SFTTrainer(
         model=vlm,
@@ -270,7 +277,7 @@ def run_stage1(cfg, run_dir, dataset, vlm_path, instructions_path):
     trainer.save_model(str(adapter_dir))
     if is_main_process():
         if quant is not None:  # merge into an unquantised copy of the base weights
-            base = AutoModelForImageTextToText.from_pretrained(vlm_path, dtype=dtype)
+            base = AutoModelForImageTextToText.from_pretrained(vlm_path, dtype=dtype, use_safetensors=True)
             merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
         else:
             merged = trainer.model.merge_and_unload()
@@ -305,6 +312,33 @@ def teacher_transforms(image_processor, train):
     return transforms.Compose([*steps, transforms.ToTensor(), transforms.Normalize(mean, std)])
 
 
+class SeededAugmentation:
+    """Random augmentation drawn from (seed, epoch, row): the same crops whatever the number of processes, and
+    the same after resuming from a checkpoint, as in an uninterrupted run."""
+
+    def __init__(self, transform, seed):
+        self.transform, self.seed, self.epoch = transform, seed, 0
+
+    def __call__(self, batch):
+        pixels = []
+        for image, row in zip(batch["image"], batch["row"]):
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed((self.seed * 1_000_003 + self.epoch * 10_007 + row) % (2**63))
+                pixels.append(self.transform(rgb(image)))
+        return {"pixel_values": pixels, "labels": batch["label"]}
+
+    def callback(self):
+        from transformers import TrainerCallback
+
+        augmentation = self
+
+        class EpochCallback(TrainerCallback):
+            def on_epoch_begin(self, args, state, control, **kwargs):
+                augmentation.epoch = int((state.epoch or 0) + 1e-6)  # resumed mid-epoch: that epoch
+
+        return EpochCallback()
+
+
 def run_stage2(cfg, run_dir, dataset, teacher_path):
     """Fine-tune the teacher (any AutoModelForImageClassification) with the HF Trainer."""
     from transformers import AutoImageProcessor, AutoModelForImageClassification, Trainer
@@ -321,22 +355,20 @@ def run_stage2(cfg, run_dir, dataset, teacher_path):
         logger.info("[stage 2] teacher: done, skipped")
         return model_dir
     image_processor = AutoImageProcessor.from_pretrained(teacher_path)
+    set_seed(cfg.seed)  # the new classifier layer is initialised from the global generator
     teacher = AutoModelForImageClassification.from_pretrained(
         teacher_path,
+        use_safetensors=True,
         num_labels=len(names),
         id2label=dict(enumerate(names)),
         label2id={n: i for i, n in enumerate(names)},
         ignore_mismatched_sizes=True,
     )
-    augment = teacher_transforms(image_processor, train=True)
-
-    def transform(batch):
-        return {"pixel_values": [augment(rgb(im)) for im in batch["image"]], "labels": batch["label"]}
-
-    train = dataset["train"].with_transform(transform)
+    augment = SeededAugmentation(teacher_transforms(image_processor, train=True), cfg.seed)
+    train = dataset["train"].add_column("row", list(range(len(dataset["train"])))).with_transform(augment)
     args = trainer_args(cfg, stage.checkpoints(), cfg.teacher_epochs, cfg.teacher_lr, cfg.teacher_batch_size,
                         weight_decay=1e-4)
-    trainer = Trainer(model=teacher, args=args, train_dataset=train)
+    trainer = Trainer(model=teacher, args=args, train_dataset=train, callbacks=[augment.callback()])
     result = trainer.train(resume_from_checkpoint=last_checkpoint(args.output_dir))
     if is_main_process():
         tmp = model_dir.with_name("model.tmp")
@@ -395,14 +427,13 @@ def teacher_cache(cfg, cache, teacher, image_processor, split, split_name):
 
 def cached_map(cache, name, key, length, batch_size, compute_batch, desc):
     """`compute_batch` over all rows (sharded across processes), concatenated, cached under name+key."""
-    cached = cache.get(name, key)
-    if cached is not None:
-        return cached
-    tensors = map_sharded(compute_batch, length, batch_size, desc=desc)
+    if main_process_decides(lambda: cache.path(name, key).exists()):
+        return cache.get(name, key)
+    tensors = map_sharded(compute_batch, length, batch_size, desc=desc)  # every process gets all rows
     if is_main_process():
         cache.put(name, key, tensors)
     barrier()
-    return cache.get(name, key) if not is_main_process() else tensors
+    return tensors
 
 
 # ----------------------------------------------------------------------------------------------------------------

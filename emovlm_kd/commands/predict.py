@@ -43,7 +43,10 @@ def run(args):
         raise UsageError(f"--model: cannot load {args.model!r}: {error}")
     id2label = model.config.id2label
 
-    out = open(args.output, "w", encoding="utf-8") if args.output else sys.stdout
+    try:
+        out = open(args.output, "w", encoding="utf-8") if args.output else sys.stdout
+    except OSError as error:
+        raise UsageError(f"--output: cannot write {args.output!r}: {error}")
     predicted = skipped = 0
     try:
         with tqdm(total=len(paths), desc="predict", unit="img", file=sys.stderr, disable=None) as bar:

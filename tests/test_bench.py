@@ -1,0 +1,155 @@
+"""`emovlm-kd bench` and the fast paths it measures. No timing is asserted here (machines are noisy): the benchmark
+must run and report, and its fast paths must give the answers of the slow ones."""
+
+import json
+
+import pytest
+import torch
+
+from emovlm_kd import bench
+from emovlm_kd.cli import main
+from emovlm_kd.tiny import build_tiny_bundle
+from modeling_emovlm_kd import LabelScoringPlan
+
+# labels whose answers share sub-word tokens: a trie several levels deep with shared inner nodes
+DEEP_TRIE_LABELS = ("joyful", "joyless", "gloomy", "glad", "awe")
+
+
+@pytest.fixture(scope="module")
+def deep_bundle():
+    model, processor = build_tiny_bundle(labels=DEEP_TRIE_LABELS, seed=3)
+    return model, processor
+
+
+def test_bench_tiny_runs_and_writes_every_key(tmp_path):
+    out = tmp_path / "bench.json"
+    argv = ["bench", "--config", "tiny", "--output", str(out), "--stage-images", "4", "--max-other-load", "1"]
+    assert main(argv) == 0
+    report = json.loads(out.read_text())
+    for key in ("predict_ms", "reference_ms", "lower_bound_ms", "encoder_ms"):
+        assert report[key] > 0, key
+    assert set(report["per_image_ms"]) == {"1", "8"}
+    for key in ("predict_vs_reference", "predict_vs_lower_bound", "gate_stage_speedup", "distill_stage_speedup"):
+        assert report[key] > 0, key
+    assert report["predict_vs_reference"] == pytest.approx(report["predict_ms"] / report["reference_ms"], rel=1e-3)
+    for stage, epochs in (("gate_stage", 10), ("distill_stage", 5)):
+        assert report[stage]["epochs"] == epochs
+        assert report[stage]["images"] == 4
+        assert report[stage]["ours_s"] > 0 and report[stage]["reference_s"] > 0
+        assert report[stage]["reference_epochs_measured"] == epochs  # tiny: nothing extrapolated
+    assert len(report["runs_ms"]["predict"]) == report["runs"] >= 5
+    memory = report["memory"]
+    assert memory["method"]
+    for key in ("predict", "reference", "lower_bound", "predict_batch_8"):
+        assert memory[key]["peak_mb"] > 0
+    assert memory["weights_mb"]["reference"] > memory["weights_mb"]["ours"]  # the copied encoder
+    assert report["visual_encoders"] == {"ours": 1, "reference": 2}
+    params = report["params"]
+    assert params["total"] == params["backbone"] + params["head"] + params["gate"]
+    seven_b = report["params_qwen2_vl_7b"]
+    assert seven_b["backbone"] == 8_291_375_616  # Qwen2-VL-7B-Instruct
+    assert seven_b["head"] == 3_679_240  # the paper's Table 2 count for the [1024] head
+    assert seven_b["gate"] == 2 * 8 * 8 + 8
+    assert seven_b["head_gate_share"] < 0.005
+    checks = report["checks"]
+    assert checks["score_vs_brute_force_max_abs_diff"] < 1e-4
+    assert checks["score_vs_brute_force_same_ranking"]
+    assert checks["batch_vs_single_logits_max_abs_diff"] < 1e-4
+    assert checks["batch_vs_single_same_answers"]
+    assert set(report["targets"]) == set(bench.TARGETS)
+    assert report["targets_apply"] is False  # the targets are for the small config
+
+
+@pytest.mark.parametrize("argv", [["--batch-sizes", "0,8"], ["--batch-sizes", "one"], ["--runs", "0"]])
+def test_bench_rejects_bad_flags(argv):
+    with pytest.raises(SystemExit) as error:
+        main(["bench", "--config", "tiny", *argv])
+    assert error.value.code == 2
+
+
+def test_deep_trie_plan(deep_bundle):
+    model, _ = deep_bundle
+    plan = LabelScoringPlan(model.config.label_answer_token_ids)
+    assert max(plan.tree_depth) >= 2
+    assert len(plan.tree_tokens) < sum(len(a) - len(plan.prefix) - 1 for a in model.config.label_answer_token_ids)
+
+
+@pytest.mark.parametrize("grad", [False, True], ids=["no_grad", "grad"])
+def test_fast_score_equals_brute_force(deep_bundle, images, grad):
+    """Padded batch, a deep trie; with autograd off (the cached prompt prefix is used) and on (it is not)."""
+    model, processor = deep_bundle
+    inputs = bench.make_inputs(model, processor, images)
+    assert inputs["attention_mask"].sum(-1).unique().numel() > 1  # rows of different lengths
+    model.clear_prompt_cache()
+    with torch.set_grad_enabled(grad):
+        fast = model(**inputs).vlm_log_likelihoods.detach()
+    assert (getattr(model, "_prompt_kv", None) is not None) == (not grad)
+    slow = bench.brute_force_log_likelihoods(model, inputs)
+    torch.testing.assert_close(fast, slow, atol=1e-4, rtol=0)
+
+
+def test_fast_score_equals_brute_force_with_eager_attention(images):
+    model, processor = build_tiny_bundle(labels=DEEP_TRIE_LABELS, seed=4)
+    model.vlm.set_attn_implementation("eager")
+    inputs = bench.make_inputs(model, processor, images)
+    with torch.inference_mode():
+        fast = model(**inputs).vlm_log_likelihoods
+    torch.testing.assert_close(fast, bench.brute_force_log_likelihoods(model, inputs), atol=1e-4, rtol=0)
+
+
+def test_cached_prompt_prefix_follows_weight_changes(deep_bundle, images):
+    model, processor = deep_bundle
+    inputs = bench.make_inputs(model, processor, images[:2])
+    weight = model.vlm.model.language_model.layers[0].self_attn.k_proj.weight
+    with torch.inference_mode():
+        before = model(**inputs).vlm_log_likelihoods
+    assert model._prompt_kv is not None
+    with torch.no_grad():
+        weight.add_(0.05)  # an in-place update, as an optimizer step or load_state_dict does
+    try:
+        with torch.inference_mode():
+            after = model(**inputs).vlm_log_likelihoods
+        slow = bench.brute_force_log_likelihoods(model, inputs)
+        torch.testing.assert_close(after, slow, atol=1e-4, rtol=0)
+        assert not torch.allclose(before, after, atol=1e-4)
+    finally:
+        with torch.no_grad():
+            weight.sub_(0.05)
+        model.clear_prompt_cache()
+
+
+def test_batch_answers_equal_one_at_a_time(deep_bundle, images):
+    model, processor = deep_bundle
+    inputs = bench.make_inputs(model, processor, images)
+    with torch.inference_mode():
+        batch = model(**inputs)
+        singles = [model(**row) for row in bench.split_inputs(inputs)]
+    for i, single in enumerate(singles):
+        torch.testing.assert_close(batch.logits[i], single.logits[0], atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(batch.vlm_log_likelihoods[i], single.vlm_log_likelihoods[0], atol=1e-4, rtol=0)
+        assert int(batch.logits[i].argmax()) == int(single.logits[0].argmax())
+
+
+def test_reference_protocol_runs_two_encoders_and_forces_the_answer_length():
+    model, processor = bench.build_random_model("tiny")
+    reference = bench.ReferenceProtocol(model)
+    calls = {"backbone": 0, "copy": 0}
+    hooks = [
+        model.vlm.model.visual.register_forward_hook(lambda *a: calls.__setitem__("backbone", calls["backbone"] + 1)),
+        reference.encoder.register_forward_hook(lambda *a: calls.__setitem__("copy", calls["copy"] + 1)),
+    ]
+    try:
+        inputs = bench.make_inputs(model, processor, bench.random_images(1, 56))
+        with torch.inference_mode():
+            generated = model.vlm.generate(
+                **inputs, do_sample=True, temperature=0.8, min_new_tokens=6, max_new_tokens=6, pad_token_id=0
+            )
+            calls.update(backbone=0, copy=0)
+            logits = reference.predict(inputs, new_tokens=6)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert generated.shape[1] - inputs["input_ids"].shape[1] == 6
+    assert calls == {"backbone": 1, "copy": 1}
+    assert logits.shape == (1, len(model.config.labels))
+    assert bench._visual_encoder_count(model) == 1
