@@ -152,7 +152,7 @@ def build_gate(config):
 
 
 class LabelScoringPlan:
-    """How to score every label's answer tokens in the prefill itself (one forward pass, no cache).
+    """How to score every label's answer tokens in the prefill itself (one forward pass of the language model).
 
     The answers' common token prefix follows the prompt. The label-specific rest is laid out as a token trie:
     every trie node that has children becomes one extra token after the prefix, which attends to the prompt and
