@@ -80,10 +80,10 @@ def resolve_dtype(cfg):
 
 
 def trainer_args(cfg, output_dir, epochs, lr, batch_size, **extra):
-    """TrainingArguments shared by the stages (seeded, checkpoint every epoch, keep one)."""
+    """TrainingArguments shared by the stages (seeded, checkpoint every epoch, keep one); `extra` overrides."""
     from transformers import TrainingArguments
 
-    return TrainingArguments(
+    values = dict(
         output_dir=str(output_dir),
         num_train_epochs=epochs,
         learning_rate=lr,
@@ -101,8 +101,9 @@ def trainer_args(cfg, output_dir, epochs, lr, batch_size, **extra):
         disable_tqdm=False,
         # one global batch split across processes: the same updates under torchrun as in one process
         accelerator_config={"split_batches": True},
-        **extra,
     )
+    values.update(extra)
+    return TrainingArguments(**values)
 
 
 def rgb(image):
@@ -443,8 +444,6 @@ def cached_map(cache, name, key, length, batch_size, compute_batch, desc):
 
 def run_stage3(cfg, run_dir, bundle, features, teacher_logits, labels):
     """Distil the teacher into the head (only the head trains) on cached features and teacher logits."""
-    from train.trainers import DistillationTrainer, TensorDictDataset
-
     key = fingerprint("stage3", [fingerprint_tensor(features), fingerprint_tensor(teacher_logits)],
                       cfg.head_hidden_sizes, cfg.head_dropout, cfg.alpha, cfg.tau, cfg.distill_epochs,
                       cfg.distill_lr, cfg.distill_batch_size, cfg.seed)
@@ -454,12 +453,7 @@ def run_stage3(cfg, run_dir, bundle, features, teacher_logits, labels):
         bundle.distill_head.load_state_dict(load_file(head_file))
         logger.info("[stage 3] distillation: done, skipped")
         return head_file
-    reset_module(bundle.distill_head, cfg.seed)
-    data = TensorDictDataset(image_embeds=features, teacher_logits=teacher_logits, labels=labels)
-    args = trainer_args(cfg, stage.checkpoints(), cfg.distill_epochs, cfg.distill_lr, cfg.distill_batch_size,
-                        weight_decay=1e-4)
-    trainer = DistillationTrainer(model=bundle.distill_head, args=args, train_dataset=data, alpha=cfg.alpha, tau=cfg.tau)
-    result = trainer.train(resume_from_checkpoint=last_checkpoint(args.output_dir))
+    result = train_head(cfg, bundle.distill_head, features, teacher_logits, labels, stage.checkpoints(), resume=True)
     if is_main_process():
         save_module(bundle.distill_head, head_file)
     stage.finish(train_loss=round(result.training_loss, 4), steps=result.global_step)
@@ -468,8 +462,6 @@ def run_stage3(cfg, run_dir, bundle, features, teacher_logits, labels):
 
 def run_stage4(cfg, run_dir, bundle, vlm_scores, head_probs, labels):
     """Train the gate (only the gate) on cached VLM vectors and head probabilities."""
-    from train.trainers import GateModule, GateTrainer, TensorDictDataset
-
     key = fingerprint("stage4", [fingerprint_tensor(vlm_scores), fingerprint_tensor(head_probs)], cfg.gate_type,
                       cfg.vlm_vector, cfg.gate_epochs, cfg.gate_lr, cfg.gate_batch_size, cfg.gate_train_split, cfg.seed)
     stage = Stage(run_dir, "stage4_gate", key)
@@ -478,16 +470,47 @@ def run_stage4(cfg, run_dir, bundle, vlm_scores, head_probs, labels):
         bundle.gate.load_state_dict(load_file(gate_file))
         logger.info("[stage 4] gate: done, skipped")
         return gate_file
-    reset_module(bundle.gate, cfg.seed)
-    data = TensorDictDataset(vlm_scores=vlm_scores, head_probs=head_probs, labels=labels)
-    args = trainer_args(cfg, stage.checkpoints(), cfg.gate_epochs, cfg.gate_lr, cfg.gate_batch_size,
-                        weight_decay=1e-4)
-    trainer = GateTrainer(model=GateModule(bundle.gate), args=args, train_dataset=data)
-    result = trainer.train(resume_from_checkpoint=last_checkpoint(args.output_dir))
+    result = train_gate(cfg, bundle.gate, vlm_scores, head_probs, labels, stage.checkpoints(), resume=True)
     if is_main_process():
         save_module(bundle.gate, gate_file)
     stage.finish(train_loss=round(result.training_loss, 4), steps=result.global_step)
     return gate_file
+
+
+def train_head(cfg, head, features, teacher_logits, labels, output_dir, resume=False, **args_extra):
+    """Re-initialise `head` from cfg.seed and distil into it (DistillationTrainer; cfg's alpha, tau, epochs, lr).
+
+    No stage bookkeeping: stage 3 and the ablations share it. `resume` continues from the last checkpoint in
+    `output_dir`; `args_extra` overrides TrainingArguments (the ablations save nothing and log nothing).
+    """
+    from train.trainers import DistillationTrainer, TensorDictDataset
+
+    reset_module(head, cfg.seed)
+    data = TensorDictDataset(image_embeds=features, teacher_logits=teacher_logits, labels=labels)
+    args = trainer_args(cfg, output_dir, cfg.distill_epochs, cfg.distill_lr, cfg.distill_batch_size,
+                        weight_decay=1e-4, **args_extra)
+    trainer = DistillationTrainer(model=head, args=args, train_dataset=data, alpha=cfg.alpha, tau=cfg.tau)
+    return _train(trainer, args, resume)
+
+
+def train_gate(cfg, gate, vlm_scores, head_probs, labels, output_dir, resume=False, **args_extra):
+    """Re-initialise `gate` from cfg.seed and train it with cross-entropy (GateTrainer; cfg's gate epochs, lr)."""
+    from train.trainers import GateModule, GateTrainer, TensorDictDataset
+
+    reset_module(gate, cfg.seed)
+    data = TensorDictDataset(vlm_scores=vlm_scores, head_probs=head_probs, labels=labels)
+    args = trainer_args(cfg, output_dir, cfg.gate_epochs, cfg.gate_lr, cfg.gate_batch_size, weight_decay=1e-4,
+                        **args_extra)
+    trainer = GateTrainer(model=GateModule(gate), args=args, train_dataset=data)
+    return _train(trainer, args, resume)
+
+
+def _train(trainer, args, resume):
+    if args.disable_tqdm:  # quiet: no per-epoch log lines either
+        from transformers.trainer_callback import PrinterCallback
+
+        trainer.remove_callback(PrinterCallback)
+    return trainer.train(resume_from_checkpoint=last_checkpoint(args.output_dir) if resume else None)
 
 
 def vlm_vectors(log_likelihoods, mode):
@@ -500,9 +523,19 @@ def vlm_vectors(log_likelihoods, mode):
 
 @torch.inference_mode()
 def head_outputs(head, features, batch_size=1024):
+    """Head logits (float32, on the CPU) for cached features, in the head's dtype and on its device."""
     head.eval()
-    dtype = next(head.parameters()).dtype
-    return torch.cat([head(features[i : i + batch_size].to(dtype)).float() for i in range(0, len(features), batch_size)])
+    param = next(head.parameters())
+    return torch.cat([head(features[i : i + batch_size].to(param.device, param.dtype)).float().cpu()
+                      for i in range(0, len(features), batch_size)])
+
+
+@torch.inference_mode()
+def gate_outputs(gate, vlm_scores, head_probs):
+    """Gate logits (float32, on the CPU) for cached VLM vectors and head probabilities."""
+    gate.eval()
+    param = next(gate.parameters())
+    return gate(vlm_scores.to(param.device, param.dtype), head_probs.to(param.device, param.dtype)).float().cpu()
 
 
 def reset_module(module, seed):
