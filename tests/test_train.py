@@ -335,3 +335,52 @@ def test_two_processes_give_the_same_result_as_one(tiny_inputs, tmp_path):
     two = json.loads((Path(double.output_dir) / "eval_results.json").read_text())
     assert one == two
     assert_same_weights(Path(single.output_dir) / "model", Path(double.output_dir) / "model", atol=1e-3)
+
+
+def test_qlora_stage_quantises_trains_and_merges_into_full_precision(tiny_inputs, tmp_path, caplog):
+    """Stage 1 with `quantize=4bit` on the CPU: 4-bit nf4 layers while training, a full-precision merged backbone."""
+    from safetensors.torch import load_file
+    from transformers import BitsAndBytesConfig
+
+    from train import stages
+    from train.data import load_image_dataset
+
+    data, vlm, teacher = tiny_inputs
+    cfg = tiny_settings(data, vlm, teacher, tmp_path / "run", quantize="4bit", sft_epochs=1.0)
+    quant = stages.quantization_config(cfg)
+    assert isinstance(quant, BitsAndBytesConfig)
+    assert quant.load_in_4bit and quant.bnb_4bit_quant_type == "nf4" and quant.bnb_4bit_use_double_quant
+    assert stages.quantization_config(tiny_settings(data, vlm, teacher, tmp_path, quantize="none")) is None
+    dataset = load_image_dataset(str(data))
+    from configuration_emovlm_kd import EmoVLMKDConfig
+
+    names = dataset["train"].features["label"].names
+    prompt_config = EmoVLMKDConfig(id2label=dict(enumerate(names)), label2id={n: i for i, n in enumerate(names)})
+    instructions = stages.run_stage0(cfg, tmp_path / "run", dataset, prompt_config)
+    with caplog.at_level("INFO"):
+        merged = stages.run_stage1(cfg, tmp_path / "run", dataset, vlm, instructions)
+    assert any("4-bit nf4" in r.getMessage() for r in caplog.records)
+    weights = load_file(merged / "model.safetensors")
+    assert not [k for k in weights if "absmax" in k or "quant" in k]
+    assert weights["model.layers.0.self_attn.q_proj.weight"].dtype == torch.float32
+    base = load_file(Path(vlm) / "model.safetensors")
+    changed = [k for k in weights if not torch.equal(weights[k], base[k])]
+    assert changed and all(k.split(".")[-2] in ("q_proj", "k_proj", "v_proj") for k in changed)
+
+
+def test_push_to_hub_uploads_the_model_folder(trained_run, monkeypatch):
+    """`--push-to-hub REPO` uploads RUN/model as it is (no Hub here: the upload functions are replaced)."""
+    import dataclasses
+
+    import huggingface_hub
+
+    from train.runner import run_training
+
+    cfg, out, _ = trained_run
+    calls = []
+    monkeypatch.setattr(huggingface_hub, "create_repo", lambda repo_id, **kw: calls.append(("create", repo_id)))
+    monkeypatch.setattr(huggingface_hub, "upload_folder", lambda **kw: calls.append(("upload", kw)))
+    run_training(dataclasses.replace(cfg, push_to_hub="someone/emovlm-kd-tiny"))
+    assert calls[0] == ("create", "someone/emovlm-kd-tiny")
+    assert calls[1][1]["repo_id"] == "someone/emovlm-kd-tiny"
+    assert Path(calls[1][1]["folder_path"]) == out / "model"

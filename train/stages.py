@@ -238,6 +238,8 @@ def run_stage1(cfg, run_dir, dataset, vlm_path, instructions_path):
         return merged_dir
     dtype = resolve_dtype(cfg)
     quant = quantization_config(cfg)
+    if quant is not None:
+        logger.info("[stage 1] QLoRA: loading %s in 4-bit nf4 with double quantisation", vlm_path)
     set_seed(cfg.seed)  # LoRA's initialisation draws from the global generator: same start in every process
     processor = AutoProcessor.from_pretrained(vlm_path)
     vlm = AutoModelForImageTextToText.from_pretrained(
