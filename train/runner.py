@@ -144,7 +144,7 @@ def run_training(cfg):
     stages.run_stage4(cfg, run_dir, bundle, vlm_scores[gate_split], head_probs[gate_split], labels[gate_split])
     bundle.gate.requires_grad_(False).to(dtype)
     with torch.inference_mode():
-        gate_logits = bundle.gate(vlm_scores["test"].to(dtype), head_probs["test"].to(dtype)).float()
+        gate_logits = stages.gate_outputs(bundle.gate, vlm_scores["test"], head_probs["test"])
 
     y = labels["test"]
     results = {
