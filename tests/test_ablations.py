@@ -6,38 +6,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import tiny_settings
 
 from emovlm_kd.cli import main
-from train.config import TrainConfig
 
 # ---------------------------------------------------------------------------------------------------------------
 # A tiny finished run (as tests/test_train.py builds it)
 # ---------------------------------------------------------------------------------------------------------------
-
-
-def tiny_settings(data, vlm, teacher, out, **extra):
-    values = dict(
-        dataset=str(data), vlm=str(vlm), teacher=str(teacher), output_dir=str(out), head_hidden_sizes=[32],
-        sft_epochs=2.0, sft_lr=2e-3, sft_batch_size=8, teacher_epochs=2.0, teacher_lr=2e-3, teacher_batch_size=16,
-        distill_epochs=10.0, distill_lr=3e-3, gate_epochs=10.0, gate_lr=1e-2, batch_size=16, seed=0,
-    )
-    values.update(extra)
-    return TrainConfig(**values)
-
-
-@pytest.fixture(scope="module")
-def tiny_inputs(tmp_path_factory):
-    from emovlm_kd.tiny import build_tiny_processor, build_tiny_vlm
-    from train.data import make_synthetic_dataset
-    from train.runner import build_tiny_teacher
-
-    root = tmp_path_factory.mktemp("inputs")
-    data = make_synthetic_dataset(root / "data", per_class=(4, 1, 2))
-    processor = build_tiny_processor()
-    build_tiny_vlm(processor.tokenizer).save_pretrained(root / "vlm")
-    processor.save_pretrained(root / "vlm")
-    build_tiny_teacher(root / "teacher", seed=0)
-    return data, root / "vlm", root / "teacher"
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from train import stages
-from train.cache import TensorCache, atomic_write_text, fingerprint
+from train.cache import TensorCache, atomic_write_text
 from train.distributed import barrier, init_distributed, is_main_process
 
 logger = logging.getLogger(__name__)

@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import set_seed
 
-from train.cache import TensorCache, atomic_write_text, fingerprint, fingerprint_dataset, fingerprint_module
+from train.cache import atomic_write_text, fingerprint, fingerprint_dataset, fingerprint_module
 from train.distributed import barrier, is_main_process, main_process_decides, map_sharded, world_size
 
 logger = logging.getLogger(__name__)

@@ -4,7 +4,6 @@ Both stages train a small module on tensors cached once (visual features, teache
 epoch costs milliseconds; the Trainer brings the optimiser, schedules, checkpoints, resume and DDP.
 """
 
-import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset
