@@ -188,12 +188,14 @@ def test_rerun_skips_every_finished_stage(trained_run, caplog):
 
     cfg, out, results = trained_run
     marks = {s: (out / s / "DONE.json").stat().st_mtime_ns for s in STAGES}
+    model_mtime = (out / "model" / "model.safetensors").stat().st_mtime_ns
     caches = sorted(p.name for p in (out / "cache").iterdir())
     with caplog.at_level("INFO"):
         again = run_training(cfg)
     assert again == results
     assert {s: (out / s / "DONE.json").stat().st_mtime_ns for s in STAGES} == marks
     assert sorted(p.name for p in (out / "cache").iterdir()) == caches
+    assert (out / "model" / "model.safetensors").stat().st_mtime_ns == model_mtime  # not re-exported
     assert sum("skipped" in r.getMessage() for r in caplog.records) == 5
     assert sum("cache hit" in r.getMessage() for r in caplog.records) == 6  # VLM pass + teacher, 3 splits
 
@@ -213,6 +215,19 @@ def test_changing_the_gate_reruns_only_the_gate(trained_run, tmp_path):
     assert (copy / "stage4_gate" / "DONE.json").read_text() != marks["stage4_gate"]
     assert json.loads((copy / "model" / "config.json").read_text())["gate_type"] == "moe"
     assert 0.0 <= results["accuracy"]["emovlm_kd"] <= 1.0
+
+
+def test_a_base_checkpoint_replaced_at_the_same_path_is_not_mistaken_for_the_old_one(tmp_path):
+    from train.cache import fingerprint_checkpoint
+
+    folder = tmp_path / "vlm"
+    folder.mkdir()
+    (folder / "model.safetensors").write_bytes(b"old weights")
+    before = fingerprint_checkpoint(folder)
+    assert fingerprint_checkpoint(folder) == before
+    (folder / "model.safetensors").write_bytes(b"new weights, other size")
+    assert fingerprint_checkpoint(folder) != before
+    assert fingerprint_checkpoint("Qwen/Qwen2-VL-7B-Instruct") == "Qwen/Qwen2-VL-7B-Instruct"
 
 
 def test_a_stale_cache_is_not_reused_when_the_data_changes(trained_run, tmp_path):

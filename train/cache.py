@@ -44,6 +44,19 @@ def fingerprint_dataset(split):
     return digest.hexdigest()[:16]
 
 
+def fingerprint_checkpoint(name_or_path):
+    """Identity of a checkpoint: for a local folder its files' names, sizes and modification times (a checkpoint
+    replaced at the same path gets a new fingerprint); for a Hub id, the id."""
+    path = Path(name_or_path)
+    if not path.is_dir():
+        return str(name_or_path)
+    digest = hashlib.sha256()
+    for file in sorted(p for p in path.rglob("*") if p.is_file()):
+        stat = file.stat()
+        digest.update(f"{file.relative_to(path)}|{stat.st_size}|{stat.st_mtime_ns};".encode())
+    return digest.hexdigest()[:16]
+
+
 def fingerprint(*parts):
     """Hash of JSON-serialisable parts (settings, other fingerprints)."""
     payload = json.dumps([CACHE_VERSION, *parts], sort_keys=True, default=str)

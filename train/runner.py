@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from train import stages
-from train.cache import TensorCache, atomic_write_text
+from train.cache import TensorCache, atomic_write_text, fingerprint, fingerprint_module
 from train.distributed import barrier, init_distributed, is_main_process
 
 logger = logging.getLogger(__name__)
@@ -157,12 +157,19 @@ def run_training(cfg):
             "emovlm_kd": accuracy(gate_logits.argmax(-1), y),
         },
     }
-    if is_main_process():
-        from emovlm_kd.hub import save_bundle
-        from train.modelcard import model_card
+    from emovlm_kd.hub import save_bundle
+    from train.modelcard import model_card
 
-        save_bundle(bundle, processor, run_dir / "model", model_card=model_card(cfg, names, results, vlm_path))
-        atomic_write_text(run_dir / "eval_results.json", json.dumps(results, indent=2))
+    card = model_card(cfg, names, results, vlm_path)
+    export = stages.Stage(run_dir, "stage5_export", fingerprint("export", fingerprint_module(bundle), card, results))
+    if export.done and (run_dir / "model" / "config.json").exists():
+        logger.info("[export] RUN/model is up to date, not rewritten")
+    else:
+        if is_main_process():
+            save_bundle(bundle, processor, run_dir / "model", model_card=card)
+            atomic_write_text(run_dir / "eval_results.json", json.dumps(results, indent=2))
+        export.finish(model=str(run_dir / "model"))
+    if is_main_process():
         if cfg.push_to_hub:
             push_folder(run_dir / "model", cfg.push_to_hub)
             logger.info("pushed %s to the Hub as %s", run_dir / "model", cfg.push_to_hub)

@@ -18,7 +18,13 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import set_seed
 
-from train.cache import atomic_write_text, fingerprint, fingerprint_dataset, fingerprint_module
+from train.cache import (
+    atomic_write_text,
+    fingerprint,
+    fingerprint_checkpoint,
+    fingerprint_dataset,
+    fingerprint_module,
+)
 from train.distributed import barrier, is_main_process, main_process_decides, map_sharded, world_size
 
 logger = logging.getLogger(__name__)
@@ -228,7 +234,7 @@ def run_stage1(cfg, run_dir, dataset, vlm_path, instructions_path):
     from transformers import AutoModelForImageTextToText, AutoProcessor
     from trl import SFTConfig, SFTTrainer
 
-    key = fingerprint("stage1", str(vlm_path), Path(instructions_path).read_text(encoding="utf-8"),
+    key = fingerprint("stage1", fingerprint_checkpoint(vlm_path), Path(instructions_path).read_text(encoding="utf-8"),
                       cfg.sft_epochs, cfg.sft_lr, cfg.sft_batch_size, cfg.sft_grad_accum, cfg.lora_r, cfg.lora_alpha,
                       cfg.lora_dropout, cfg.lora_targets, cfg.quantize, cfg.dtype, cfg.seed)
     stage = Stage(run_dir, "stage1_sft", key)
@@ -350,7 +356,7 @@ def run_stage2(cfg, run_dir, dataset, teacher_path):
     if cfg.teacher_trained:
         check_teacher_labels(cfg.teacher_trained, names)
         return Path(cfg.teacher_trained)
-    key = fingerprint("stage2", str(teacher_path), fingerprint_dataset(dataset["train"]), names, cfg.teacher_epochs,
+    key = fingerprint("stage2", fingerprint_checkpoint(teacher_path), fingerprint_dataset(dataset["train"]), names, cfg.teacher_epochs,
                       cfg.teacher_lr, cfg.teacher_batch_size, cfg.seed)
     stage = Stage(run_dir, "stage2_teacher", key)
     model_dir = stage.dir / "model"
