@@ -61,8 +61,12 @@ def load_split(source, split, limit=None):
     from .runner import take
 
     try:
-        data = load_image_dataset(source)
-    except (OSError, ValueError) as error:
+        data = load_image_dataset(source, splits=[split])  # only this split's images are checked
+    except ValueError as error:
+        if "no split" in str(error):
+            raise UsageError(f"--split: {error}")
+        raise UsageError(f"--dataset: cannot load {source!r}: {error}")
+    except OSError as error:
         raise UsageError(f"--dataset: cannot load {source!r}: {error}")
     if split not in data:
         raise UsageError(f"--split: {source!r} has no split {split!r}; it has {', '.join(data)}")

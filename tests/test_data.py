@@ -404,3 +404,19 @@ def test_synthetic_dataset_is_reused_or_rewritten(tmp_path):
     (tmp_path / "other" / "keep.txt").write_text("mine")
     with pytest.raises(ValueError, match="not a synthetic dataset"):
         make_synthetic_dataset(tmp_path / "other")
+
+
+def test_splits_argument_reads_only_the_requested_split(tmp_path, caplog):
+    """Evaluation asks for one split: an unreadable train file is then never opened, nor reported."""
+    root = make_synthetic_dataset(tmp_path / "syn", per_class=(3, 1, 2))
+    bad = next((root / "train").rglob("*.png"))
+    bad.write_bytes(b"")
+    with caplog.at_level("WARNING"):
+        test_only = load_image_dataset(root, splits=["test"])
+    assert list(test_only) == ["test"] and len(test_only["test"]) == 16
+    assert "unreadable" not in caplog.text
+    full = load_image_dataset(root)
+    assert full["test"]["id"] == test_only["test"]["id"]
+    assert "unreadable" in caplog.text
+    with pytest.raises(ValueError, match="no split"):
+        load_image_dataset(root, splits=["holdout"])

@@ -79,7 +79,9 @@ class Listing:
 # ----------------------------------------------------------------------------------------------- public API
 
 
-def load_image_dataset(source, *, val_fraction=0.1, seed=42, label_names=None, label_column=None, image_column=None):
+def load_image_dataset(
+    source, *, val_fraction=0.1, seed=42, label_names=None, label_column=None, image_column=None, splits=None
+):
     """A `DatasetDict` with splits among train/val/test, each with exactly the columns `image` (`Image()`),
     `label` (`ClassLabel`, canonical order, or `label_names` in their order) and `id` (string).
 
@@ -87,6 +89,9 @@ def load_image_dataset(source, *, val_fraction=0.1, seed=42, label_names=None, l
     Emotion6, a CSV/JSONL manifest, a `save_to_disk` folder, else a Hub dataset id (`label_column`/`image_column`
     pick the columns there). A label outside `label_names`, a missing root, an empty split or a class whose
     images are all unreadable raise `ValueError`.
+
+    `splits` (e.g. `["test"]`) keeps only those splits of a local file listing and checks only their images (a
+    derived val split is then drawn before unreadable train files are dropped): evaluation need not read train.
     """
     if not 0 <= val_fraction < 1:
         raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
@@ -98,7 +103,7 @@ def load_image_dataset(source, *, val_fraction=0.1, seed=42, label_names=None, l
     listers = {
         "official": _list_official, "emoset": _list_emoset, "emotion6": _list_emotion6, "manifest": _list_manifest,
     }  # fmt: skip
-    return _from_listing(listers[kind](location), label_names, val_fraction, seed)
+    return _from_listing(listers[kind](location), label_names, val_fraction, seed, splits)
 
 
 def stratified_split(labels, fraction, seed):
@@ -306,7 +311,7 @@ def _read_manifest_rows(path):
 # ------------------------------------------------------------------------------------- listing -> DatasetDict
 
 
-def _from_listing(listing, label_names, val_fraction, seed):
+def _from_listing(listing, label_names, val_fraction, seed, wanted=None):
     """Check labels and rows, drop unreadable images, derive missing splits, build the `DatasetDict`."""
     present = [record.label for records in listing.splits.values() for record in records]
     names = _resolve_label_names(label_names, listing.labels or present)
@@ -316,7 +321,14 @@ def _from_listing(listing, label_names, val_fraction, seed):
             if record.label not in index:
                 raise ValueError(f"label {record.label!r} of {record.path} is not one of the labels {names}")
     _check_not_empty({split: len(records) for split, records in listing.splits.items()})
-    splits = _derive_splits(_drop_unreadable(listing.splits), val_fraction, seed)
+    if wanted is None:
+        splits = _derive_splits(_drop_unreadable(listing.splits), val_fraction, seed)
+    else:
+        derived = _derive_splits(listing.splits, val_fraction, seed)
+        missing = sorted(set(wanted) - set(derived))
+        if missing:
+            raise ValueError(f"the dataset has no split {missing[0]!r}; it has {', '.join(sorted(derived))}")
+        splits = _drop_unreadable({split: derived[split] for split in wanted})
     features = Features({"image": Image(), "label": ClassLabel(names=names), "id": Value("string")})
     return DatasetDict(
         {
