@@ -373,3 +373,37 @@ def test_push_to_hub_uploads_the_model_folder(trained_run, monkeypatch):
     assert calls[0] == ("create", "someone/emovlm-kd-tiny")
     assert calls[1][1]["repo_id"] == "someone/emovlm-kd-tiny"
     assert Path(calls[1][1]["folder_path"]) == out / "model"
+
+
+def test_stage0_adds_user_conversation_and_reasoning_answers(tiny_inputs, tmp_path, caplog):
+    from configuration_emovlm_kd import EmoVLMKDConfig
+    from train import stages
+    from train.data import load_image_dataset
+
+    data, vlm, teacher = tiny_inputs
+    dataset = load_image_dataset(str(data))
+    ids = dataset["train"]["id"]
+    answers = tmp_path / "answers.jsonl"
+    answers.write_text(
+        json.dumps({"id": ids[0], "kind": "conversation", "answer": "Warm colours and a calm scene."}) + "\n"
+        + json.dumps({"id": ids[1], "kind": "reasoning", "answer": "Soft light suggests contentment."}) + "\n"
+        + json.dumps({"id": "not/in/train.png", "kind": "reasoning", "answer": "ignored"}) + "\n"
+    )
+    cfg = tiny_settings(data, vlm, teacher, tmp_path / "run", instructions=str(answers))
+    names = dataset["train"].features["label"].names
+    prompt_config = EmoVLMKDConfig(id2label=dict(enumerate(names)), label2id={n: i for i, n in enumerate(names)})
+    with caplog.at_level("WARNING"):
+        path = stages.run_stage0(cfg, tmp_path / "run", dataset, prompt_config)
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    kinds = [r["kind"] for r in rows]
+    assert kinds.count("categorical") == len(ids) and kinds.count("conversation") == 1 and kinds.count("reasoning") == 1
+    assert {r["question"] for r in rows if r["kind"] == "conversation"} == {stages.CONVERSATION_QUESTION}
+    assert "not/in/train.png" in caplog.text
+    sft = stages.sft_dataset(dataset["train"], path)
+    assert len(sft) == len(ids) + 2
+    assert sft[len(ids)]["completion"][0]["content"][0]["text"] == "Warm colours and a calm scene."
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"id": ids[0], "kind": "poem", "answer": "x"}) + "\n")
+    with pytest.raises(ValueError, match="bad.jsonl:1"):
+        stages.run_stage0(tiny_settings(data, vlm, teacher, tmp_path / "run2", instructions=str(bad)),
+                          tmp_path / "run2", dataset, prompt_config)
