@@ -62,9 +62,6 @@ class Stage:
         barrier()
         return folder
 
-    def read_summary(self):
-        return json.loads((self.dir / "DONE.json").read_text())
-
     def finish(self, **summary):
         if is_main_process():
             atomic_write_text(self.dir / "DONE.json", json.dumps({"key": self.key, **summary}, indent=2))
