@@ -47,7 +47,7 @@ def images():
 
 def tiny_settings(data, vlm, teacher, out, **extra):
     """TrainConfig of a tiny run (seconds on a CPU) over `tiny_inputs`."""
-    from train.config import TrainConfig
+    from emovlm_kd.training.config import TrainConfig
 
     values = dict(
         dataset=str(data), vlm=str(vlm), teacher=str(teacher), output_dir=str(out), head_hidden_sizes=[32],
@@ -62,8 +62,8 @@ def tiny_settings(data, vlm, teacher, out, **extra):
 def tiny_inputs(tmp_path_factory):
     """A small synthetic dataset and tiny base models saved like Hub checkpoints: (data, vlm, teacher) paths."""
     from emovlm_kd.tiny import build_tiny_processor, build_tiny_vlm
-    from train.data import make_synthetic_dataset
-    from train.runner import build_tiny_teacher
+    from emovlm_kd.data import make_synthetic_dataset
+    from emovlm_kd.training.runner import build_tiny_teacher
 
     root = tmp_path_factory.mktemp("inputs")
     data = make_synthetic_dataset(root / "data", per_class=(4, 1, 2))

@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from emovlm_kd import bench
+from benchmarks import bench
 from emovlm_kd.cli import main
 from emovlm_kd.tiny import build_tiny_bundle
 from modeling_emovlm_kd import LabelScoringPlan

@@ -1,4 +1,4 @@
-"""train.data: every dataset layout to one DatasetDict (image, label, id); splits, bad files, synthetic data."""
+"""emovlm_kd.data: every dataset layout to one DatasetDict (image, label, id); splits, bad files, synthetic data."""
 
 import csv
 import hashlib
@@ -16,9 +16,9 @@ import pytest  # noqa: E402
 from datasets import ClassLabel, Dataset, DatasetDict, Features, Image, Value  # noqa: E402
 from PIL import Image as PILImage  # noqa: E402
 
-import train.data as data  # noqa: E402
+import emovlm_kd.data as data  # noqa: E402
 from emovlm_kd.labels import EKMAN6, MIKELS8, SENTIMENT2  # noqa: E402
-from train.data import load_image_dataset, make_synthetic_dataset, stratified_split  # noqa: E402
+from emovlm_kd.data import load_image_dataset, make_synthetic_dataset, stratified_split  # noqa: E402
 
 EMOSET_ORDER = ["amusement", "awe", "contentment", "excitement", "anger", "disgust", "fear", "sadness"]
 COLUMNS = ["image", "label", "id"]
@@ -283,7 +283,7 @@ def test_unreadable_files_are_skipped_with_one_warning_each_checked_once(tmp_pat
         return real(path)
 
     monkeypatch.setattr(data, "load_image_file", counting)
-    with caplog.at_level(logging.WARNING, logger="train.data"):
+    with caplog.at_level(logging.WARNING, logger="emovlm_kd.data"):
         result = load_image_dataset(root, val_fraction=0)
     warnings = [record for record in caplog.records if record.levelno == logging.WARNING]
     assert len(warnings) == 1

@@ -13,7 +13,7 @@ NUM_TEST = 16  # 8 classes x 2 test images
 
 @pytest.fixture(scope="module")
 def dataset_dir(tmp_path_factory):
-    from train.data import make_synthetic_dataset
+    from emovlm_kd.data import make_synthetic_dataset
 
     return make_synthetic_dataset(tmp_path_factory.mktemp("data") / "FI", per_class=(1, 0, 2), image_size=40)
 
@@ -65,7 +65,7 @@ def test_report_is_consistent_with_predictions(evaluated):
     assert report["num_samples"] == len(records) == NUM_TEST
     assert report["labels"] == list(MIKELS8) and report["zero_shot"] is False
     assert set(report["accuracy"]) == set(report["macro_f1"]) == {"vlm", "distill", "emovlm_kd", "teacher"}
-    from eval.report import accuracies_from_records
+    from emovlm_kd.evaluation.report import accuracies_from_records
 
     assert accuracies_from_records(records) == pytest.approx(report["accuracy"])
     for pair in ("vlm_vs_distill", "vlm_vs_teacher"):
@@ -188,7 +188,7 @@ def test_model_with_other_labels_exits_2(dataset_dir, tmp_path, capsys):
 def test_table1_over_present_datasets(tiny_bundle_dir, dataset_dir, tmp_path, capsys):
     """emoset (given by flag) and fi (found under the root, any case) are evaluated; a binary flickr is skipped for
     its labels; emotion6 and instagram are missing."""
-    from train.data import make_synthetic_dataset
+    from emovlm_kd.data import make_synthetic_dataset
 
     root = tmp_path / "root"
     root.mkdir()
@@ -219,7 +219,7 @@ def test_evaluate_model_on_an_in_memory_dataset(tiny_bundle):
     import numpy as np
     from PIL import Image
 
-    from eval.runner import bind_labels, evaluate_model, predict_split
+    from emovlm_kd.evaluation.runner import bind_labels, evaluate_model, predict_split
 
     def random_image(width, height, seed):
         pixels = np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)

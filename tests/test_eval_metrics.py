@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from eval.metrics import METRIC_NAMES, load_metric, metric_path
+from emovlm_kd.metrics import METRIC_NAMES, load_metric, metric_path
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -94,7 +94,7 @@ def test_metrics_load_offline_by_path_in_a_fresh_process(tmp_path):
     script = textwrap.dedent(
         """
         import evaluate
-        from eval.metrics import METRIC_NAMES, load_metric
+        from emovlm_kd.metrics import METRIC_NAMES, load_metric
         for name in METRIC_NAMES:
             kwargs = {"probabilities": [[0.7, 0.3]]} if name == "ece" else {"predictions": [0]}
             print(name, load_metric(name).compute(references=[0], **kwargs)[name if name != "ece" else "ece"])

@@ -1,11 +1,11 @@
-"""eval.report and eval.plots without a model: hand-computed aggregation, records, Markdown, figures, writing."""
+"""emovlm_kd.evaluation.report and .plots without a model: hand-computed aggregation, records, Markdown, figures, writing."""
 
 import json
 
 import numpy as np
 import pytest
 
-from eval.report import (
+from emovlm_kd.evaluation.report import (
     accuracies_from_records,
     atomic_write,
     build_report,
@@ -114,7 +114,7 @@ def test_markdown_has_every_table(report):
 
 
 def test_figures_are_png_files(report, tmp_path):
-    from eval.plots import plot_complementarity, plot_confusion_matrices
+    from emovlm_kd.evaluation.plots import plot_complementarity, plot_confusion_matrices
 
     assert plot_confusion_matrices(report, tmp_path / "cm.png").read_bytes()[:4] == b"\x89PNG"
     assert plot_complementarity(report, tmp_path / "c.png").read_bytes()[:4] == b"\x89PNG"

@@ -215,7 +215,7 @@ def test_predict_usage_errors_exit_2(case, tiny_bundle_dir, tmp_path, capsys):
 def test_a_teacher_whose_labels_differ_from_the_dataset_stops(tmp_path):
     from transformers import ViTConfig
 
-    from train.stages import check_teacher_labels
+    from emovlm_kd.training.stages import check_teacher_labels
 
     labels = ["Negative", "Positive"]
     config = ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
@@ -297,7 +297,7 @@ def test_no_torch_load_or_pickle_outside_tests():
 def test_bundles_and_caches_hold_only_safetensors_weights(tiny_bundle_dir, tmp_path):
     import torch
 
-    from train.cache import TensorCache
+    from emovlm_kd.training.cache import TensorCache
 
     cache = TensorCache(tmp_path / "run" / "cache")
     cache.put("vlm_pass-train", "abc", {"image_embeds": torch.randn(3, 8)}, metadata={"split": "train"})
@@ -350,7 +350,7 @@ def chat_server(monkeypatch):
 
 @pytest.fixture
 def two_images(tmp_path):
-    from train.data import load_image_dataset, make_synthetic_dataset
+    from emovlm_kd.data import load_image_dataset, make_synthetic_dataset
 
     root = make_synthetic_dataset(tmp_path / "data", labels=["negative", "positive"], per_class=(1, 0, 0))
     return load_image_dataset(root, val_fraction=0)["train"]
@@ -360,7 +360,7 @@ QUESTIONS = ["Describe the image.", "Why does it feel this way?"]
 
 
 def test_the_annotator_key_never_reaches_files_or_logs(chat_server, two_images, tmp_path, caplog):
-    from train.annotate import annotate_split, build_annotator
+    from emovlm_kd.training.annotate import annotate_split, build_annotator
 
     cfg = SimpleNamespace(annotator="openai", annotator_url=chat_server.url, annotator_model="m")
     out = tmp_path / "run" / "annotations.jsonl"
@@ -382,7 +382,7 @@ def test_the_annotator_key_never_reaches_files_or_logs(chat_server, two_images, 
 
 
 def test_annotations_resume_after_a_line_cut_by_a_crash(chat_server, two_images, tmp_path):
-    from train.annotate import annotate_split
+    from emovlm_kd.training.annotate import annotate_split
 
     cfg = SimpleNamespace(annotator="openai", annotator_url=chat_server.url, annotator_model="m")
     out = tmp_path / "annotations.jsonl"

@@ -7,9 +7,9 @@ import pytest
 import torch
 from conftest import tiny_settings
 
-from train.cache import TensorCache, fingerprint, fingerprint_module
-from train.config import TrainConfig, load_config
-from train.trainers import distillation_loss
+from emovlm_kd.training.cache import TensorCache, fingerprint, fingerprint_module
+from emovlm_kd.training.config import TrainConfig, load_config
+from emovlm_kd.training.trainers import distillation_loss
 
 # ---------------------------------------------------------------------------------------------------------------
 # The distillation loss
@@ -104,7 +104,7 @@ def test_config_defaults_follow_the_paper_and_yaml_overrides(tmp_path):
 
 
 def test_shipped_configs_load():
-    root = Path(__file__).resolve().parents[1] / "configs"
+    root = Path(__file__).resolve().parents[1] / "train" / "configs"
     names = {p.stem for p in root.glob("*.yaml")}
     assert {"demo", "fi", "emoset", "emotion6", "flickr", "instagram"} <= names
     for path in root.glob("*.yaml"):
@@ -120,7 +120,7 @@ def test_shipped_configs_load():
 
 @pytest.fixture(scope="module")
 def trained_run(tiny_inputs, tmp_path_factory):
-    from train.runner import run_training
+    from emovlm_kd.training.runner import run_training
 
     out = tmp_path_factory.mktemp("run") / "run"
     cfg = tiny_settings(*tiny_inputs, out)
@@ -152,8 +152,8 @@ def test_final_model_loads_with_plain_transformers_and_matches_the_results(train
     from transformers import AutoModelForImageClassification, AutoProcessor
 
     from emovlm_kd.inference import run_batch
-    from train.data import load_image_dataset
-    from train.stages import rgb
+    from emovlm_kd.data import load_image_dataset
+    from emovlm_kd.training.stages import rgb
 
     cfg, out, results = trained_run
     model = AutoModelForImageClassification.from_pretrained(out / "model", trust_remote_code=True).eval()
@@ -184,7 +184,7 @@ def test_only_the_head_changed_in_stage3_and_the_backbone_is_the_merged_one(trai
 
 
 def test_rerun_skips_every_finished_stage(trained_run, caplog):
-    from train.runner import run_training
+    from emovlm_kd.training.runner import run_training
 
     cfg, out, results = trained_run
     marks = {s: (out / s / "DONE.json").stat().st_mtime_ns for s in STAGES}
@@ -203,7 +203,7 @@ def test_rerun_skips_every_finished_stage(trained_run, caplog):
 def test_changing_the_gate_reruns_only_the_gate(trained_run, tmp_path):
     import shutil
 
-    from train.runner import run_training
+    from emovlm_kd.training.runner import run_training
 
     cfg, out, _ = trained_run
     copy = tmp_path / "run"
@@ -218,7 +218,7 @@ def test_changing_the_gate_reruns_only_the_gate(trained_run, tmp_path):
 
 
 def test_a_base_checkpoint_replaced_at_the_same_path_is_not_mistaken_for_the_old_one(tmp_path):
-    from train.cache import fingerprint_checkpoint
+    from emovlm_kd.training.cache import fingerprint_checkpoint
 
     folder = tmp_path / "vlm"
     folder.mkdir()
@@ -232,8 +232,8 @@ def test_a_base_checkpoint_replaced_at_the_same_path_is_not_mistaken_for_the_old
 
 def test_a_stale_cache_is_not_reused_when_the_data_changes(trained_run, tmp_path):
     """A VLM-pass cache is keyed by model and data: another split gives another key."""
-    from train.cache import fingerprint_dataset
-    from train.data import load_image_dataset
+    from emovlm_kd.training.cache import fingerprint_dataset
+    from emovlm_kd.data import load_image_dataset
 
     cfg, _, _ = trained_run
     data = load_image_dataset(cfg.dataset)
@@ -331,8 +331,8 @@ def test_qlora_stage_quantises_trains_and_merges_into_full_precision(tiny_inputs
     from safetensors.torch import load_file
     from transformers import BitsAndBytesConfig
 
-    from train import stages
-    from train.data import load_image_dataset
+    from emovlm_kd.training import stages
+    from emovlm_kd.data import load_image_dataset
 
     data, vlm, teacher = tiny_inputs
     cfg = tiny_settings(data, vlm, teacher, tmp_path / "run", quantize="4bit", sft_epochs=1.0)
@@ -363,7 +363,7 @@ def test_push_to_hub_uploads_the_model_folder(trained_run, monkeypatch):
 
     import huggingface_hub
 
-    from train.runner import run_training
+    from emovlm_kd.training.runner import run_training
 
     cfg, out, _ = trained_run
     calls = []
@@ -377,8 +377,8 @@ def test_push_to_hub_uploads_the_model_folder(trained_run, monkeypatch):
 
 def test_stage0_adds_user_conversation_and_reasoning_answers(tiny_inputs, tmp_path, caplog):
     from configuration_emovlm_kd import EmoVLMKDConfig
-    from train import stages
-    from train.data import load_image_dataset
+    from emovlm_kd.training import stages
+    from emovlm_kd.data import load_image_dataset
 
     data, vlm, teacher = tiny_inputs
     dataset = load_image_dataset(str(data))

@@ -25,7 +25,7 @@ def run(args):
     import torch
     from tqdm.auto import tqdm
 
-    from emovlm_kd.cli import UsageError
+    from emovlm_kd.errors import UsageError
     from emovlm_kd.hub import load_bundle
     from emovlm_kd.images import ImageLoadError, iter_image_files, load_image_file
     from emovlm_kd.inference import describe, run_batch

@@ -13,7 +13,7 @@ def add_arguments(parser):
 
 def run(args):
     from configuration_emovlm_kd import GATE_TYPES
-    from emovlm_kd.cli import UsageError
+    from emovlm_kd.errors import UsageError
     from emovlm_kd.hub import save_bundle
     from emovlm_kd.tiny import build_tiny_bundle
 

@@ -1,9 +1,10 @@
 """Metric modules kept in the repo (`<name>/<name>.py`, each an `evaluate.Metric`), loaded offline by path.
 
-    from eval.metrics import load_metric
+    from emovlm_kd.metrics import load_metric
     load_metric("macro_f1").compute(predictions=[0, 1, 1], references=[0, 1, 0])  # {"macro_f1": 0.666...}
 
-`evaluate.load("accuracy")` needs the Hub; `evaluate.load(<folder>)` does not.
+`evaluate.load("accuracy")` needs the Hub; `evaluate.load(<folder>)` does not. This folder is installed as the
+package `emovlm_kd.metrics` (setup.py maps it there), so a wheel ships the modules with the library.
 """
 
 from pathlib import Path

@@ -32,14 +32,14 @@ def add_common_arguments(parser):
 def add_arguments(parser):
     parser.add_argument("--model", required=True, help="EmoVLM-KD bundle folder or Hub id, or a bare Qwen2-VL")
     parser.add_argument("--dataset", required=True,
-                        help="dataset folder, manifest, save_to_disk folder or Hub id (see train.data)")
+                        help="dataset folder, manifest, save_to_disk folder or Hub id (see emovlm_kd.data)")
     parser.add_argument("--teacher", default=None,
                         help="an AutoModelForImageClassification folder or Hub id (the ViT teacher) to compare")
     add_common_arguments(parser)
 
 
 def check_common_arguments(args):
-    from emovlm_kd.cli import UsageError
+    from emovlm_kd.errors import UsageError
 
     if args.batch_size < 1:
         raise UsageError(f"--batch-size must be >= 1, got {args.batch_size}")
@@ -54,11 +54,11 @@ def torch_dtype(name):
 
 
 def load_split(source, split, limit=None):
-    """One split of `train.data.load_image_dataset(source)`, cut to `limit` rows; `UsageError` when absent."""
-    from emovlm_kd.cli import UsageError
-    from train.data import load_image_dataset
+    """One split of `emovlm_kd.data.load_image_dataset(source)`, cut to `limit` rows; `UsageError` when absent."""
+    from emovlm_kd.errors import UsageError
+    from emovlm_kd.data import load_image_dataset
 
-    from .runner import take
+    from emovlm_kd.evaluation.runner import take
 
     try:
         data = load_image_dataset(source, splits=[split])  # only this split's images are checked
@@ -74,10 +74,10 @@ def load_split(source, split, limit=None):
 
 
 def run(args):
-    from emovlm_kd.cli import UsageError
+    from emovlm_kd.errors import UsageError
 
-    from .report import accuracy_table
-    from .runner import (
+    from emovlm_kd.evaluation.report import accuracy_table
+    from emovlm_kd.evaluation.runner import (
         LabelMismatchError,
         align_labels,
         bind_labels,

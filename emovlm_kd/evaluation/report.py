@@ -12,8 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .metrics import load_metric
-from .paper import TABLE2_FI
+from emovlm_kd.metrics import load_metric
+from emovlm_kd.evaluation.paper import TABLE2_FI
 
 PARTS = ("vlm", "distill", "teacher", "emovlm_kd")  # the order of the paper's Table 2
 PART_TITLES = {"vlm": "VLM", "distill": "Distill head", "emovlm_kd": "EmoVLM-KD", "teacher": "ViT teacher"}

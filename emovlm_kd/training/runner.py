@@ -10,9 +10,9 @@ from pathlib import Path
 
 import torch
 
-from train import stages
-from train.cache import TensorCache, atomic_write_text, fingerprint, fingerprint_module
-from train.distributed import barrier, init_distributed, is_main_process
+from emovlm_kd.training import stages
+from emovlm_kd.training.cache import TensorCache, atomic_write_text, fingerprint, fingerprint_module
+from emovlm_kd.distributed import barrier, init_distributed, is_main_process
 
 logger = logging.getLogger(__name__)
 
@@ -22,7 +22,7 @@ PARTS = ("vlm", "distill", "teacher", "emovlm_kd")
 def prepare_demo_inputs(run_dir, seed):
     """The embedded demo's synthetic dataset and tiny base models, written under RUN/ like real inputs."""
     from emovlm_kd.tiny import build_tiny_processor, build_tiny_vlm
-    from train.data import make_synthetic_dataset
+    from emovlm_kd.data import make_synthetic_dataset
 
     run_dir = Path(run_dir)
     data_dir, vlm_dir, teacher_dir = run_dir / "data" / "synthetic", run_dir / "base" / "vlm", run_dir / "base" / "teacher"
@@ -57,7 +57,7 @@ def build_tiny_teacher(folder, seed):
 
 
 def load_data(cfg, data_source):
-    from train.data import load_image_dataset
+    from emovlm_kd.data import load_image_dataset
 
     dataset = load_image_dataset(data_source, val_fraction=cfg.val_fraction, seed=cfg.seed)
     for split in ("train", "test"):
@@ -158,7 +158,7 @@ def run_training(cfg):
         },
     }
     from emovlm_kd.hub import save_bundle
-    from train.modelcard import model_card
+    from emovlm_kd.training.modelcard import model_card
 
     card = model_card(cfg, names, results, vlm_path)
     export = stages.Stage(run_dir, "stage5_export", fingerprint("export", fingerprint_module(bundle), card, results))

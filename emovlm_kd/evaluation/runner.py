@@ -1,7 +1,7 @@
 """Evaluation runs: load a bundle (or a bare Qwen2-VL for the zero-shot baseline), run batched inference once over a
-dataset split, aggregate with `eval.report` and write the report files. Shared by `evaluate` and `table1`.
+dataset split, aggregate with `emovlm_kd.evaluation.report` and write the report files. Shared by `evaluate` and `table1`.
 
-    from eval.runner import load_model, bind_labels, evaluate_model
+    from emovlm_kd.evaluation.runner import load_model, bind_labels, evaluate_model
     model, processor, zero_shot = load_model("runs/demo/model")
     model, perm = bind_labels(model, processor, zero_shot, dataset.features["label"].names)
     report = evaluate_model(model, processor, dataset, "results/fi", zero_shot=zero_shot, label_perm=perm)

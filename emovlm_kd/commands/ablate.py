@@ -6,7 +6,7 @@
 
 `emovlm-kd train` keeps one VLM pass (pooled visual features, label log-likelihoods) and one teacher pass (logits)
 per image under RUN/cache/. The head (stage 3) and the gate (stage 4) train on those tensors only, so each setting
-here retrains them with the training stages' own code (`train.stages.train_head` / `train_gate`) and the run's
+here retrains them with the training stages' own code (`emovlm_kd.training.stages.train_head` / `train_gate`) and the run's
 settings (RUN/train_config.json; flags override), and never loads the VLM or the teacher. The row with the run's
 own settings reproduces RUN/eval_results.json, and a rerun gives the same numbers. Labels come from the run's
 dataset (the caches hold none). Each ablation writes `<output-dir>/<name>.json` and `<name>.md` (default
@@ -96,7 +96,7 @@ def add_arguments(parser):
 
 
 def run(args):
-    from .report import write_json, write_text
+    from emovlm_kd.evaluation.report import write_json, write_text
 
     name, parse, ablate_fn = {
         "head-depth": ("head_depth", lambda: parse_depths(args.depths), ablate_head_depth),
@@ -122,7 +122,7 @@ def run(args):
 
 
 def _usage(message):
-    from emovlm_kd.cli import UsageError
+    from emovlm_kd.errors import UsageError
 
     return UsageError(message)
 
@@ -192,7 +192,7 @@ class RunTensors:
 
 def load_settings(run_dir, overrides):
     """(the run's TrainConfig, the same with the flags' overrides); a missing or bad run is a usage error."""
-    from train.config import TrainConfig
+    from emovlm_kd.training.config import TrainConfig
 
     path = Path(run_dir) / "train_config.json"
     if not path.exists():
@@ -231,8 +231,8 @@ def load_run_tensors(run_dir, run_cfg):
     """The run's caches and its dataset's labels, loaded as the run loaded them (same data source and seed)."""
     import torch
 
-    from train.config import DEMO
-    from train.runner import load_data
+    from emovlm_kd.training.config import DEMO
+    from emovlm_kd.training.runner import load_data
 
     source = Path(run_dir) / "data" / "synthetic" if run_cfg.dataset == DEMO else run_cfg.dataset
     try:
@@ -270,7 +270,7 @@ def run_results(run_dir):
 def fit_head(cfg, data):
     """Train a head with cfg's head settings (as stage 3 does); its logits per split, evaluated as the run does."""
     from modeling_emovlm_kd import EmoVLMKDDistillationHead
-    from train import stages
+    from emovlm_kd.training import stages
 
     head = EmoVLMKDDistillationHead(data.features["train"].shape[-1], cfg.head_hidden_sizes, len(data.names),
                                     cfg.head_dropout)
@@ -284,7 +284,7 @@ def fit_head(cfg, data):
 def fit_gate(cfg, data, head_logits, num_experts=3):
     """Train cfg's gate type on the VLM vectors and these head outputs (as stage 4 does); its test logits."""
     from modeling_emovlm_kd import GATE_CLASSES
-    from train import stages
+    from emovlm_kd.training import stages
 
     gate = GATE_CLASSES[cfg.gate_type](len(data.names), num_experts=num_experts)
     vlm_scores = {s: stages.vlm_vectors(data.vlm_log_likelihoods[s], cfg.vlm_vector) for s in (data.gate_split, "test")}
@@ -306,7 +306,7 @@ def kl_teacher_head(teacher_logits, head_logits, temperature=1.0):
 
 
 def accuracy_on_test(logits, data):
-    from train.runner import accuracy
+    from emovlm_kd.training.runner import accuracy
 
     return accuracy(logits.argmax(-1), data.labels["test"])
 
@@ -323,7 +323,7 @@ def gate_num_experts(run_dir):
 
 def settings_of(cfg, data, fields, num_experts):
     """The settings every row shares (the swept one left out), as they were used."""
-    from train.stages import resolve_dtype
+    from emovlm_kd.training.stages import resolve_dtype
 
     values = {name: getattr(cfg, name) for name in fields}
     values["gate_train_split"] = data.gate_split
@@ -430,7 +430,7 @@ def ablate_gate(run_dir, run_cfg, cfg, data, gates):
     from safetensors.torch import load_file
 
     from modeling_emovlm_kd import EmoVLMKDDistillationHead
-    from train import stages
+    from emovlm_kd.training import stages
 
     head_file = Path(run_dir) / "stage3_distill" / "head.safetensors"
     if not (head_file.exists() and (head_file.parent / "DONE.json").exists()):

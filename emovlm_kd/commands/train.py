@@ -25,7 +25,7 @@ def _flag_type(field):
 
 
 def add_arguments(parser):
-    from train.config import TrainConfig
+    from emovlm_kd.training.config import TrainConfig
 
     parser.add_argument("--config", help="YAML file of settings (default: the embedded demo)")
     group = parser.add_argument_group("settings (each overrides the config's field)")
@@ -42,8 +42,8 @@ def add_arguments(parser):
 
 
 def run(args):
-    from emovlm_kd.cli import UsageError
-    from train.config import TrainConfig, load_config
+    from emovlm_kd.errors import UsageError
+    from emovlm_kd.training.config import TrainConfig, load_config
 
     overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)}
     try:
@@ -57,14 +57,14 @@ def run(args):
 
         if not Path(cfg.dataset).exists() and ("/" not in cfg.dataset or cfg.dataset.startswith(("/", "."))):
             raise UsageError(f"--dataset: {cfg.dataset!r} does not exist")
-    from train.runner import format_results, run_training
+    from emovlm_kd.training.runner import format_results, run_training
 
     try:
         results = run_training(cfg)
     except ValueError as error:  # bad data or labels, found before expensive work
         logger.error("%s", error)
         raise UsageError(str(error))
-    from train.distributed import is_main_process
+    from emovlm_kd.distributed import is_main_process
 
     if is_main_process():
         print(format_results(results))

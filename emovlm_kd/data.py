@@ -1,6 +1,6 @@
 """Image classification data for EmoVLM-KD: one `DatasetDict` with `image`, `label`, `id` from any layout in use.
 
-    from train.data import load_image_dataset, make_synthetic_dataset
+    from emovlm_kd.data import load_image_dataset, make_synthetic_dataset
 
     data = load_image_dataset("data/FI")               # <root>/{train,val,test}/<class>/* (official code)
     data = load_image_dataset("data/EmoSet-118K")      # info.json + {train,val,test}.json

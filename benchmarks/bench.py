@@ -184,7 +184,7 @@ def available_cpus():
 
 
 def _parse_batch_sizes(text):
-    from emovlm_kd.cli import UsageError
+    from emovlm_kd.errors import UsageError
 
     try:
         sizes = sorted({int(part) for part in str(text).split(",") if part.strip()})
@@ -196,7 +196,7 @@ def _parse_batch_sizes(text):
 
 
 def _check_args(args):
-    from emovlm_kd.cli import UsageError
+    from emovlm_kd.errors import UsageError
 
     preset = CONFIGS[args.config]
     settings = {
@@ -1023,7 +1023,7 @@ def run(args):
     if args.device and args.device.startswith("cuda"):
         import torch
 
-        from emovlm_kd.cli import UsageError
+        from emovlm_kd.errors import UsageError
 
         if not torch.cuda.is_available():
             raise UsageError(f"--device {args.device}: CUDA is not available")

@@ -17,7 +17,7 @@ import logging
 import re
 from pathlib import Path
 
-from .paper import TABLE1, TABLE1_DATASETS, TABLE1_TITLES
+from emovlm_kd.evaluation.paper import TABLE1, TABLE1_DATASETS, TABLE1_TITLES
 
 logger = logging.getLogger(__name__)
 
@@ -31,7 +31,7 @@ ALIASES = {
 
 
 def add_arguments(parser):
-    from .cli import add_common_arguments
+    from emovlm_kd.commands.evaluate import add_common_arguments
 
     parser.add_argument("--model", action="append", required=True, metavar="[NAME=]MODEL",
                         help="bundle or bare Qwen2-VL; NAME=MODEL for one dataset only (repeatable)")
@@ -47,7 +47,7 @@ def _key(name):
 
 def parse_models(values):
     """`(default, {dataset: model})` from `--model` values `MODEL` or `NAME=MODEL` (NAME a Table 1 dataset)."""
-    from emovlm_kd.cli import UsageError
+    from emovlm_kd.errors import UsageError
 
     default, per_dataset = None, {}
     for value in values:
@@ -63,7 +63,7 @@ def parse_models(values):
 
 def parse_datasets(values):
     """`{dataset: path}` from `--dataset NAME=PATH` values."""
-    from emovlm_kd.cli import UsageError
+    from emovlm_kd.errors import UsageError
 
     paths = {}
     for value in values:
@@ -111,11 +111,11 @@ def run_table1(datasets, models, output_dir, *, split="test", limit=None, batch_
     `skipped` (`{name: reason}`) lists datasets left out beforehand. A model that does not load raises
     `ModelLoadError`; a dataset that does not load or whose labels differ from the model's is skipped.
     """
-    from emovlm_kd.cli import UsageError
+    from emovlm_kd.errors import UsageError
 
-    from .cli import load_split
-    from .report import write_json, write_text
-    from .runner import LabelMismatchError, ModelLoadError, bind_labels, dataset_label_names, evaluate_model, load_model
+    from emovlm_kd.commands.evaluate import load_split
+    from emovlm_kd.evaluation.report import write_json, write_text
+    from emovlm_kd.evaluation.runner import LabelMismatchError, ModelLoadError, bind_labels, dataset_label_names, evaluate_model, load_model
 
     output_dir = Path(output_dir)
     results, skipped = {}, dict(skipped or {})
@@ -207,10 +207,10 @@ def render_table1_markdown(table):
 
 
 def run(args):
-    from emovlm_kd.cli import UsageError
+    from emovlm_kd.errors import UsageError
 
-    from .cli import check_common_arguments, torch_dtype
-    from .runner import ModelLoadError, default_device
+    from emovlm_kd.commands.evaluate import check_common_arguments, torch_dtype
+    from emovlm_kd.evaluation.runner import ModelLoadError, default_device
 
     check_common_arguments(args)
     default, per_dataset = parse_models(args.model)

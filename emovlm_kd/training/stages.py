@@ -18,14 +18,14 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import set_seed
 
-from train.cache import (
+from emovlm_kd.training.cache import (
     atomic_write_text,
     fingerprint,
     fingerprint_checkpoint,
     fingerprint_dataset,
     fingerprint_module,
 )
-from train.distributed import barrier, is_main_process, main_process_decides, map_sharded, world_size
+from emovlm_kd.distributed import barrier, is_main_process, main_process_decides, map_sharded, world_size
 
 logger = logging.getLogger(__name__)
 
@@ -147,7 +147,7 @@ def read_instruction_jsonl(path, known_ids):
 
 def run_stage0(cfg, run_dir, dataset, bundle_config):
     """instructions.jsonl: categorical rows for every train image plus conversation/reasoning rows."""
-    from train.annotate import annotate_split
+    from emovlm_kd.training.annotate import annotate_split
 
     train = dataset["train"]
     key = fingerprint("stage0", fingerprint_dataset(train), bundle_config.classification_prompt(),
@@ -488,7 +488,7 @@ def train_head(cfg, head, features, teacher_logits, labels, output_dir, resume=F
     No stage bookkeeping: stage 3 and the ablations share it. `resume` continues from the last checkpoint in
     `output_dir`; `args_extra` overrides TrainingArguments (the ablations save nothing and log nothing).
     """
-    from train.trainers import DistillationTrainer, TensorDictDataset
+    from emovlm_kd.training.trainers import DistillationTrainer, TensorDictDataset
 
     reset_module(head, cfg.seed)
     data = TensorDictDataset(image_embeds=features, teacher_logits=teacher_logits, labels=labels)
@@ -500,7 +500,7 @@ def train_head(cfg, head, features, teacher_logits, labels, output_dir, resume=F
 
 def train_gate(cfg, gate, vlm_scores, head_probs, labels, output_dir, resume=False, **args_extra):
     """Re-initialise `gate` from cfg.seed and train it with cross-entropy (GateTrainer; cfg's gate epochs, lr)."""
-    from train.trainers import GateModule, GateTrainer, TensorDictDataset
+    from emovlm_kd.training.trainers import GateModule, GateTrainer, TensorDictDataset
 
     reset_module(gate, cfg.seed)
     data = TensorDictDataset(vlm_scores=vlm_scores, head_probs=head_probs, labels=labels)

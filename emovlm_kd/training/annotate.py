@@ -102,7 +102,7 @@ def build_annotator(cfg):
 
 def annotate_split(cfg, split, out_path, questions, annotator=None):
     """Rows {id, kind, question, answer} for every image and question; resumes from `out_path`."""
-    from train.stages import rgb
+    from emovlm_kd.training.stages import rgb
 
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,1 @@
+"""The project's training code: settings, the stages, Trainer subclasses, caches, the model card."""

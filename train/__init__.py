@@ -1,1 +1,0 @@
-"""Training: data loading, the teacher, distillation and gate stages."""
