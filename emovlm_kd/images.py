@@ -31,7 +31,7 @@ def iter_image_files(inputs):
             yield path
 
 
-def model_image(image):
+def prepare_image(image):
     """A PIL image (e.g. from a `datasets` Image column) made ready for the model: upright RGB, fitted."""
     return fit_image(to_rgb(image))
 

@@ -215,7 +215,7 @@ def test_predict_usage_errors_exit_2(case, tiny_bundle_dir, tmp_path, capsys):
 def test_a_teacher_whose_labels_differ_from_the_dataset_stops(tmp_path):
     from transformers import ViTConfig
 
-    from emovlm_kd.training.stages import check_teacher_labels
+    from emovlm_kd.training.teacher import check_teacher_labels
 
     labels = ["Negative", "Positive"]
     config = ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,

@@ -153,13 +153,13 @@ def test_final_model_loads_with_plain_transformers_and_matches_the_results(train
 
     from emovlm_kd.inference import run_batch
     from emovlm_kd.data import load_image_dataset
-    from emovlm_kd.training.stages import rgb
+    from emovlm_kd.images import prepare_image
 
     cfg, out, results = trained_run
     model = AutoModelForImageClassification.from_pretrained(out / "model", trust_remote_code=True).eval()
     processor = AutoProcessor.from_pretrained(out / "model", trust_remote_code=True)
     test = load_image_dataset(cfg.dataset)["test"]
-    output = run_batch(model, processor, [rgb(image) for image in test["image"]])
+    output = run_batch(model, processor, [prepare_image(image) for image in test["image"]])
     labels = torch.tensor(test["label"])
     accuracy = round(float((output.logits.argmax(-1) == labels).float().mean()), 4)
     assert accuracy == results["accuracy"]["emovlm_kd"]
@@ -331,23 +331,23 @@ def test_qlora_stage_quantises_trains_and_merges_into_full_precision(tiny_inputs
     from safetensors.torch import load_file
     from transformers import BitsAndBytesConfig
 
-    from emovlm_kd.training import stages
+    from emovlm_kd.training import instructions, sft
     from emovlm_kd.data import load_image_dataset
 
     data, vlm, teacher = tiny_inputs
     cfg = tiny_settings(data, vlm, teacher, tmp_path / "run", quantize="4bit", sft_epochs=1.0)
-    quant = stages.quantization_config(cfg)
+    quant = sft.quantization_config(cfg)
     assert isinstance(quant, BitsAndBytesConfig)
     assert quant.load_in_4bit and quant.bnb_4bit_quant_type == "nf4" and quant.bnb_4bit_use_double_quant
-    assert stages.quantization_config(tiny_settings(data, vlm, teacher, tmp_path, quantize="none")) is None
+    assert sft.quantization_config(tiny_settings(data, vlm, teacher, tmp_path, quantize="none")) is None
     dataset = load_image_dataset(str(data))
     from configuration_emovlm_kd import EmoVLMKDConfig
 
     names = dataset["train"].features["label"].names
     prompt_config = EmoVLMKDConfig(id2label=dict(enumerate(names)), label2id={n: i for i, n in enumerate(names)})
-    instructions = stages.run_stage0(cfg, tmp_path / "run", dataset, prompt_config)
+    instructions = instructions.run_stage0(cfg, tmp_path / "run", dataset, prompt_config)
     with caplog.at_level("INFO"):
-        merged = stages.run_stage1(cfg, tmp_path / "run", dataset, vlm, instructions)
+        merged = sft.run_stage1(cfg, tmp_path / "run", dataset, vlm, instructions)
     assert any("4-bit nf4" in r.getMessage() for r in caplog.records)
     weights = load_file(merged / "model.safetensors")
     assert not [k for k in weights if "absmax" in k or "quant" in k]
@@ -377,7 +377,7 @@ def test_push_to_hub_uploads_the_model_folder(trained_run, monkeypatch):
 
 def test_stage0_adds_user_conversation_and_reasoning_answers(tiny_inputs, tmp_path, caplog):
     from configuration_emovlm_kd import EmoVLMKDConfig
-    from emovlm_kd.training import stages
+    from emovlm_kd.training import instructions, sft
     from emovlm_kd.data import load_image_dataset
 
     data, vlm, teacher = tiny_inputs
@@ -393,17 +393,17 @@ def test_stage0_adds_user_conversation_and_reasoning_answers(tiny_inputs, tmp_pa
     names = dataset["train"].features["label"].names
     prompt_config = EmoVLMKDConfig(id2label=dict(enumerate(names)), label2id={n: i for i, n in enumerate(names)})
     with caplog.at_level("WARNING"):
-        path = stages.run_stage0(cfg, tmp_path / "run", dataset, prompt_config)
+        path = instructions.run_stage0(cfg, tmp_path / "run", dataset, prompt_config)
     rows = [json.loads(line) for line in path.read_text().splitlines()]
     kinds = [r["kind"] for r in rows]
     assert kinds.count("categorical") == len(ids) and kinds.count("conversation") == 1 and kinds.count("reasoning") == 1
-    assert {r["question"] for r in rows if r["kind"] == "conversation"} == {stages.CONVERSATION_QUESTION}
+    assert {r["question"] for r in rows if r["kind"] == "conversation"} == {instructions.CONVERSATION_QUESTION}
     assert "not/in/train.png" in caplog.text
-    sft = stages.sft_dataset(dataset["train"], path)
+    sft = sft.sft_dataset(dataset["train"], path)
     assert len(sft) == len(ids) + 2
     assert sft[len(ids)]["completion"][0]["content"][0]["text"] == "Warm colours and a calm scene."
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"id": ids[0], "kind": "poem", "answer": "x"}) + "\n")
     with pytest.raises(ValueError, match="bad.jsonl:1"):
-        stages.run_stage0(tiny_settings(data, vlm, teacher, tmp_path / "run2", instructions=str(bad)),
+        instructions.run_stage0(tiny_settings(data, vlm, teacher, tmp_path / "run2", instructions=str(bad)),
                           tmp_path / "run2", dataset, prompt_config)

@@ -6,7 +6,7 @@
 
 `emovlm-kd train` keeps one VLM pass (pooled visual features, label log-likelihoods) and one teacher pass (logits)
 per image under RUN/cache/. The head (stage 3) and the gate (stage 4) train on those tensors only, so each setting
-here retrains them with the training stages' own code (`emovlm_kd.training.stages.train_head` / `train_gate`) and the run's
+here retrains them with the training stages' own code (`emovlm_kd.training.heads.train_head` / `train_gate`) and the run's
 settings (RUN/train_config.json; flags override), and never loads the VLM or the teacher. The row with the run's
 own settings reproduces RUN/eval_results.json, and a rerun gives the same numbers. Labels come from the run's
 dataset (the caches hold none). Each ablation writes `<output-dir>/<name>.json` and `<name>.md` (default
@@ -270,30 +270,30 @@ def run_results(run_dir):
 def fit_head(cfg, data):
     """Train a head with cfg's head settings (as stage 3 does); its logits per split, evaluated as the run does."""
     from modeling_emovlm_kd import EmoVLMKDDistillationHead
-    from emovlm_kd.training import stages
+    from emovlm_kd.training import heads, stage
 
     head = EmoVLMKDDistillationHead(data.features["train"].shape[-1], cfg.head_hidden_sizes, len(data.names),
                                     cfg.head_dropout)
     with tempfile.TemporaryDirectory(prefix="emovlm-kd-ablation-") as tmp:
-        stages.train_head(cfg, head, data.features["train"], data.teacher_logits["train"], data.labels["train"], tmp,
+        heads.train_head(cfg, head, data.features["train"], data.teacher_logits["train"], data.labels["train"], tmp,
                           **QUIET)
-    head.requires_grad_(False).to(stages.resolve_dtype(cfg))
-    return head, {s: stages.head_outputs(head, data.features[s]) for s in data.splits}
+    head.requires_grad_(False).to(stage.resolve_dtype(cfg))
+    return head, {s: heads.head_outputs(head, data.features[s]) for s in data.splits}
 
 
 def fit_gate(cfg, data, head_logits, num_experts=3):
     """Train cfg's gate type on the VLM vectors and these head outputs (as stage 4 does); its test logits."""
     from modeling_emovlm_kd import GATE_CLASSES
-    from emovlm_kd.training import stages
+    from emovlm_kd.training import heads, stage
 
     gate = GATE_CLASSES[cfg.gate_type](len(data.names), num_experts=num_experts)
-    vlm_scores = {s: stages.vlm_vectors(data.vlm_log_likelihoods[s], cfg.vlm_vector) for s in (data.gate_split, "test")}
+    vlm_scores = {s: heads.vlm_vectors(data.vlm_log_likelihoods[s], cfg.vlm_vector) for s in (data.gate_split, "test")}
     head_probs = {s: head_logits[s].softmax(-1) for s in (data.gate_split, "test")}
     split = data.gate_split
     with tempfile.TemporaryDirectory(prefix="emovlm-kd-ablation-") as tmp:
-        stages.train_gate(cfg, gate, vlm_scores[split], head_probs[split], data.labels[split], tmp, **QUIET)
-    gate.requires_grad_(False).to(stages.resolve_dtype(cfg))
-    return gate, stages.gate_outputs(gate, vlm_scores["test"], head_probs["test"])
+        heads.train_gate(cfg, gate, vlm_scores[split], head_probs[split], data.labels[split], tmp, **QUIET)
+    gate.requires_grad_(False).to(stage.resolve_dtype(cfg))
+    return gate, heads.gate_outputs(gate, vlm_scores["test"], head_probs["test"])
 
 
 def kl_teacher_head(teacher_logits, head_logits, temperature=1.0):
@@ -323,7 +323,7 @@ def gate_num_experts(run_dir):
 
 def settings_of(cfg, data, fields, num_experts):
     """The settings every row shares (the swept one left out), as they were used."""
-    from emovlm_kd.training.stages import resolve_dtype
+    from emovlm_kd.training.stage import resolve_dtype
 
     values = {name: getattr(cfg, name) for name in fields}
     values["gate_train_split"] = data.gate_split
@@ -430,7 +430,7 @@ def ablate_gate(run_dir, run_cfg, cfg, data, gates):
     from safetensors.torch import load_file
 
     from modeling_emovlm_kd import EmoVLMKDDistillationHead
-    from emovlm_kd.training import stages
+    from emovlm_kd.training import heads, stage
 
     head_file = Path(run_dir) / "stage3_distill" / "head.safetensors"
     if not (head_file.exists() and (head_file.parent / "DONE.json").exists()):
@@ -441,8 +441,8 @@ def ablate_gate(run_dir, run_cfg, cfg, data, gates):
         head.load_state_dict(load_file(head_file))
     except RuntimeError as error:
         raise _usage(f"--run {run_dir}: {head_file} does not fit the run's head settings: {error}") from None
-    head.requires_grad_(False).to(stages.resolve_dtype(run_cfg))
-    head_logits = {s: stages.head_outputs(head, data.features[s]) for s in data.splits}
+    head.requires_grad_(False).to(stage.resolve_dtype(run_cfg))
+    head_logits = {s: heads.head_outputs(head, data.features[s]) for s in data.splits}
     experts = gate_num_experts(run_dir)
     fields = [f for f in GATE_FIELDS if f != "gate_type"]
     results, rows = run_results(run_dir), []

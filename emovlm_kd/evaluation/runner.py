@@ -183,9 +183,9 @@ def take(dataset, limit=None):
 
 
 def _prepare_images(images):
-    from emovlm_kd.images import model_image
+    from emovlm_kd.images import prepare_image
 
-    return [model_image(image) for image in images]
+    return [prepare_image(image) for image in images]
 
 
 @torch.inference_mode()

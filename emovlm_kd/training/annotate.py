@@ -16,6 +16,8 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from emovlm_kd.images import prepare_image
+
 logger = logging.getLogger(__name__)
 
 API_KEY_VARIABLES = ("EMOVLM_KD_API_KEY", "OPENAI_API_KEY")
@@ -102,8 +104,6 @@ def build_annotator(cfg):
 
 def annotate_split(cfg, split, out_path, questions, annotator=None):
     """Rows {id, kind, question, answer} for every image and question; resumes from `out_path`."""
-    from emovlm_kd.training.stages import rgb
-
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     done = {}
@@ -124,7 +124,7 @@ def annotate_split(cfg, split, out_path, questions, annotator=None):
             handle.write("\n")  # a line cut by a crash stays on its own line, not glued to the next answer
         for index, question in tqdm(todo, desc="annotate", unit="answer"):
             row = split[index]
-            answer = annotator(rgb(row["image"]), annotation_request(question, names[row["label"]]))
+            answer = annotator(prepare_image(row["image"]), annotation_request(question, names[row["label"]]))
             record = {"id": row["id"], "kind": KINDS[questions.index(question)], "question": question,
                       "answer": answer}
             handle.write(json.dumps(record, ensure_ascii=False) + "\n")

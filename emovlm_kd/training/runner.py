@@ -10,9 +10,25 @@ from pathlib import Path
 
 import torch
 
-from emovlm_kd.training import stages
-from emovlm_kd.training.cache import TensorCache, atomic_write_text, fingerprint, fingerprint_module
 from emovlm_kd.distributed import barrier, init_distributed, is_main_process
+from emovlm_kd.training.cache import (
+    TensorCache,
+    atomic_write_text,
+    fingerprint,
+    fingerprint_module,
+)
+from emovlm_kd.training.heads import (
+    gate_outputs,
+    head_outputs,
+    run_stage3,
+    run_stage4,
+    vlm_vectors,
+)
+from emovlm_kd.training.instructions import run_stage0
+from emovlm_kd.training.passes import vlm_pass_cache
+from emovlm_kd.training.sft import run_stage1
+from emovlm_kd.training.stage import Stage, resolve_dtype
+from emovlm_kd.training.teacher import check_teacher_labels, run_stage2, teacher_cache
 
 logger = logging.getLogger(__name__)
 
@@ -21,8 +37,8 @@ PARTS = ("vlm", "distill", "teacher", "emovlm_kd")
 
 def prepare_demo_inputs(run_dir, seed):
     """The embedded demo's synthetic dataset and tiny base models, written under RUN/ like real inputs."""
-    from emovlm_kd.tiny import build_tiny_processor, build_tiny_vlm
     from emovlm_kd.data import make_synthetic_dataset
+    from emovlm_kd.tiny import build_tiny_processor, build_tiny_vlm
 
     run_dir = Path(run_dir)
     data_dir, vlm_dir, teacher_dir = run_dir / "data" / "synthetic", run_dir / "base" / "vlm", run_dir / "base" / "teacher"
@@ -75,8 +91,12 @@ def accuracy(predictions, labels):
 
 def run_training(cfg):
     """Run every stage; returns the test-split results written to RUN/eval_results.json."""
-    from transformers import AutoImageProcessor, AutoModelForImageClassification, AutoModelForImageTextToText
-    from transformers import AutoProcessor
+    from transformers import (
+        AutoImageProcessor,
+        AutoModelForImageClassification,
+        AutoModelForImageTextToText,
+        AutoProcessor,
+    )
 
     from configuration_emovlm_kd import EmoVLMKDConfig
     from modeling_emovlm_kd import EmoVLMKDForImageClassification
@@ -99,18 +119,18 @@ def run_training(cfg):
     names = dataset["train"].features["label"].names
     logger.info("splits: %s; labels: %s", {k: len(v) for k, v in dataset.items()}, ", ".join(names))
     if cfg.teacher_trained:
-        stages.check_teacher_labels(cfg.teacher_trained, names)
+        check_teacher_labels(cfg.teacher_trained, names)
     prompt_config = EmoVLMKDConfig(id2label=dict(enumerate(names)), label2id={n: i for i, n in enumerate(names)})
 
     logger.info("== Stage 0: instruction data")
-    instructions = stages.run_stage0(cfg, run_dir, dataset, prompt_config)
+    instructions = run_stage0(cfg, run_dir, dataset, prompt_config)
     logger.info("== Stage 1: instruction tuning (%s)", vlm_path)
-    merged_dir = stages.run_stage1(cfg, run_dir, dataset, vlm_path, instructions)
+    merged_dir = run_stage1(cfg, run_dir, dataset, vlm_path, instructions)
     logger.info("== Stage 2: teacher (%s)", cfg.teacher_trained or teacher_path)
-    teacher_dir = stages.run_stage2(cfg, run_dir, dataset, teacher_path)
+    teacher_dir = run_stage2(cfg, run_dir, dataset, teacher_path)
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = stages.resolve_dtype(cfg)
+    dtype = resolve_dtype(cfg)
     processor = AutoProcessor.from_pretrained(merged_dir)
     vlm = AutoModelForImageTextToText.from_pretrained(merged_dir, dtype=dtype, use_safetensors=True)
     bundle = EmoVLMKDForImageClassification.from_vlm(
@@ -124,27 +144,27 @@ def run_training(cfg):
     logger.info("== Caches: one VLM pass and one teacher pass per image")
     cache = TensorCache(run_dir / "cache")
     splits = [s for s in ("train", "val", "test") if s in dataset]
-    vlm_pass = {s: stages.vlm_pass_cache(cfg, cache, bundle, processor, dataset[s], s) for s in splits}
-    teacher_logits = {s: stages.teacher_cache(cfg, cache, teacher, teacher_processor, dataset[s], s)["teacher_logits"]
+    vlm_pass = {s: vlm_pass_cache(cfg, cache, bundle, processor, dataset[s], s) for s in splits}
+    teacher_logits = {s: teacher_cache(cfg, cache, teacher, teacher_processor, dataset[s], s)["teacher_logits"]
                       for s in splits}
     labels = {s: torch.tensor(dataset[s]["label"]) for s in splits}
 
     logger.info("== Stage 3: distillation")
     bundle.distill_head.requires_grad_(True).float()
-    stages.run_stage3(cfg, run_dir, bundle, vlm_pass["train"]["image_embeds"].float(), teacher_logits["train"],
+    run_stage3(cfg, run_dir, bundle, vlm_pass["train"]["image_embeds"].float(), teacher_logits["train"],
                       labels["train"])
     bundle.distill_head.requires_grad_(False).to(dtype)
-    head_logits = {s: stages.head_outputs(bundle.distill_head, vlm_pass[s]["image_embeds"]) for s in splits}
+    head_logits = {s: head_outputs(bundle.distill_head, vlm_pass[s]["image_embeds"]) for s in splits}
     head_probs = {s: v.softmax(-1) for s, v in head_logits.items()}
-    vlm_scores = {s: stages.vlm_vectors(vlm_pass[s]["vlm_log_likelihoods"], cfg.vlm_vector) for s in splits}
+    vlm_scores = {s: vlm_vectors(vlm_pass[s]["vlm_log_likelihoods"], cfg.vlm_vector) for s in splits}
 
     logger.info("== Stage 4: gate (%s)", cfg.gate_type)
     gate_split = cfg.gate_train_split if cfg.gate_train_split in dataset else "train"
     bundle.gate.requires_grad_(True).float()
-    stages.run_stage4(cfg, run_dir, bundle, vlm_scores[gate_split], head_probs[gate_split], labels[gate_split])
+    run_stage4(cfg, run_dir, bundle, vlm_scores[gate_split], head_probs[gate_split], labels[gate_split])
     bundle.gate.requires_grad_(False).to(dtype)
     with torch.inference_mode():
-        gate_logits = stages.gate_outputs(bundle.gate, vlm_scores["test"], head_probs["test"])
+        gate_logits = gate_outputs(bundle.gate, vlm_scores["test"], head_probs["test"])
 
     y = labels["test"]
     results = {
@@ -161,7 +181,7 @@ def run_training(cfg):
     from emovlm_kd.training.modelcard import model_card
 
     card = model_card(cfg, names, results, vlm_path)
-    export = stages.Stage(run_dir, "stage5_export", fingerprint("export", fingerprint_module(bundle), card, results))
+    export = Stage(run_dir, "stage5_export", fingerprint("export", fingerprint_module(bundle), card, results))
     if export.done and (run_dir / "model" / "config.json").exists():
         logger.info("[export] RUN/model is up to date, not rewritten")
     else:

@@ -1,0 +1,133 @@
+"""Stages 3 and 4: the distillation head and the gate, trained on cached tensors (milliseconds an epoch); the same
+`train_head` / `train_gate` serve the ablations. Also the small helpers that apply them to cached tensors."""
+
+import logging
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from emovlm_kd.distributed import is_main_process
+from emovlm_kd.training.cache import fingerprint
+from emovlm_kd.training.stage import Stage, last_checkpoint, trainer_args
+
+logger = logging.getLogger(__name__)
+
+
+def run_stage3(cfg, run_dir, bundle, features, teacher_logits, labels):
+    """Distil the teacher into the head (only the head trains) on cached features and teacher logits."""
+    key = fingerprint("stage3", [fingerprint_tensor(features), fingerprint_tensor(teacher_logits)],
+                      cfg.head_hidden_sizes, cfg.head_dropout, cfg.alpha, cfg.tau, cfg.distill_epochs,
+                      cfg.distill_lr, cfg.distill_batch_size, cfg.seed)
+    stage = Stage(run_dir, "stage3_distill", key)
+    head_file = stage.dir / "head.safetensors"
+    if stage.done:
+        bundle.distill_head.load_state_dict(load_file(head_file))
+        logger.info("[stage 3] distillation: done, skipped")
+        return head_file
+    result = train_head(cfg, bundle.distill_head, features, teacher_logits, labels, stage.checkpoints(), resume=True)
+    if is_main_process():
+        save_module(bundle.distill_head, head_file)
+    stage.finish(train_loss=round(result.training_loss, 4), steps=result.global_step)
+    return head_file
+
+
+def run_stage4(cfg, run_dir, bundle, vlm_scores, head_probs, labels):
+    """Train the gate (only the gate) on cached VLM vectors and head probabilities."""
+    key = fingerprint("stage4", [fingerprint_tensor(vlm_scores), fingerprint_tensor(head_probs)], cfg.gate_type,
+                      cfg.vlm_vector, cfg.gate_epochs, cfg.gate_lr, cfg.gate_batch_size, cfg.gate_train_split, cfg.seed)
+    stage = Stage(run_dir, "stage4_gate", key)
+    gate_file = stage.dir / "gate.safetensors"
+    if stage.done:
+        bundle.gate.load_state_dict(load_file(gate_file))
+        logger.info("[stage 4] gate: done, skipped")
+        return gate_file
+    result = train_gate(cfg, bundle.gate, vlm_scores, head_probs, labels, stage.checkpoints(), resume=True)
+    if is_main_process():
+        save_module(bundle.gate, gate_file)
+    stage.finish(train_loss=round(result.training_loss, 4), steps=result.global_step)
+    return gate_file
+
+
+def train_head(cfg, head, features, teacher_logits, labels, output_dir, resume=False, **args_extra):
+    """Re-initialise `head` from cfg.seed and distil into it (DistillationTrainer; cfg's alpha, tau, epochs, lr).
+
+    No stage bookkeeping: stage 3 and the ablations share it. `resume` continues from the last checkpoint in
+    `output_dir`; `args_extra` overrides TrainingArguments (the ablations save nothing and log nothing).
+    """
+    from emovlm_kd.training.trainers import DistillationTrainer, TensorDictDataset
+
+    reset_module(head, cfg.seed)
+    data = TensorDictDataset(image_embeds=features, teacher_logits=teacher_logits, labels=labels)
+    args = trainer_args(cfg, output_dir, cfg.distill_epochs, cfg.distill_lr, cfg.distill_batch_size,
+                        weight_decay=1e-4, **args_extra)
+    trainer = DistillationTrainer(model=head, args=args, train_dataset=data, alpha=cfg.alpha, tau=cfg.tau)
+    return _train(trainer, args, resume)
+
+
+def train_gate(cfg, gate, vlm_scores, head_probs, labels, output_dir, resume=False, **args_extra):
+    """Re-initialise `gate` from cfg.seed and train it with cross-entropy (GateTrainer; cfg's gate epochs, lr)."""
+    from emovlm_kd.training.trainers import GateModule, GateTrainer, TensorDictDataset
+
+    reset_module(gate, cfg.seed)
+    data = TensorDictDataset(vlm_scores=vlm_scores, head_probs=head_probs, labels=labels)
+    args = trainer_args(cfg, output_dir, cfg.gate_epochs, cfg.gate_lr, cfg.gate_batch_size, weight_decay=1e-4,
+                        **args_extra)
+    trainer = GateTrainer(model=GateModule(gate), args=args, train_dataset=data)
+    return _train(trainer, args, resume)
+
+
+def _train(trainer, args, resume):
+    if args.disable_tqdm:  # quiet: no per-epoch log lines either
+        from transformers.trainer_callback import PrinterCallback
+
+        trainer.remove_callback(PrinterCallback)
+    return trainer.train(resume_from_checkpoint=last_checkpoint(args.output_dir) if resume else None)
+
+
+def vlm_vectors(log_likelihoods, mode):
+    """What the gate sees from the VLM branch: the label distribution, or its argmax one-hot (paper)."""
+    probs = log_likelihoods.float().softmax(-1)
+    if mode == "onehot":
+        return torch.nn.functional.one_hot(probs.argmax(-1), probs.shape[-1]).float()
+    return probs
+
+
+@torch.inference_mode()
+def head_outputs(head, features, batch_size=1024):
+    """Head logits (float32, on the CPU) for cached features, in the head's dtype and on its device."""
+    head.eval()
+    param = next(head.parameters())
+    return torch.cat([head(features[i : i + batch_size].to(param.device, param.dtype)).float().cpu()
+                      for i in range(0, len(features), batch_size)])
+
+
+@torch.inference_mode()
+def gate_outputs(gate, vlm_scores, head_probs):
+    """Gate logits (float32, on the CPU) for cached VLM vectors and head probabilities."""
+    gate.eval()
+    param = next(gate.parameters())
+    return gate(vlm_scores.to(param.device, param.dtype), head_probs.to(param.device, param.dtype)).float().cpu()
+
+
+def reset_module(module, seed):
+    """Re-initialise a small module deterministically (so a rerun trains from the same start)."""
+    torch.manual_seed(seed)
+    for layer in module.modules():
+        if isinstance(layer, (torch.nn.Linear, torch.nn.Bilinear)):
+            torch.nn.init.normal_(layer.weight, std=0.02)
+            torch.nn.init.zeros_(layer.bias)
+
+
+def save_module(module, path):
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name("." + path.name + ".tmp")
+    save_file({k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}, str(tmp))
+    tmp.replace(path)
+
+
+def fingerprint_tensor(tensor):
+    import hashlib
+
+    return hashlib.sha256(tensor.detach().float().cpu().numpy().tobytes()).hexdigest()[:16]

@@ -1,0 +1,135 @@
+"""Stage 1: instruction tuning with TRL's `SFTTrainer` and LoRA (QLoRA on CUDA); the adapter is merged into the
+backbone and saved as `RUN/stage1_sft/merged`."""
+
+import json
+import logging
+import shutil
+from pathlib import Path
+
+import torch
+from transformers import set_seed
+
+from emovlm_kd.distributed import is_main_process, world_size
+from emovlm_kd.training.cache import fingerprint, fingerprint_checkpoint
+from emovlm_kd.training.stage import Stage, last_checkpoint, resolve_dtype
+
+logger = logging.getLogger(__name__)
+
+
+def sft_dataset(train, instructions_path):
+    """TRL's vision prompt/completion format: `images`, `prompt` and `completion` (loss on the completion only)."""
+    from datasets import Dataset, Image, Sequence
+
+    raw_images = dict(zip(train["id"], train.cast_column("image", Image(decode=False))["image"]))
+    rows = [json.loads(line) for line in Path(instructions_path).read_text(encoding="utf-8").splitlines() if line]
+    data = Dataset.from_dict(
+        {
+            "images": [[raw_images[r["id"]]] for r in rows],
+            "prompt": [[{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": r["question"]}]}]
+                       for r in rows],
+            "completion": [[{"role": "assistant", "content": [{"type": "text", "text": r["answer"]}]}] for r in rows],
+        }
+    )
+    return data.cast_column("images", Sequence(Image()))
+
+
+def quantization_config(cfg):
+    """4-bit nf4 double-quant (QLoRA) when asked, or by default when CUDA is present."""
+    use_4bit = cfg.quantize == "4bit" or (cfg.quantize == "auto" and torch.cuda.is_available())
+    if not use_4bit:
+        return None
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.bfloat16,
+        llm_int8_skip_modules=["model.visual", "lm_head"],
+    )
+
+
+def lora_config(cfg):
+    from peft import LoraConfig
+
+    targets = "|".join(t.strip() for t in cfg.lora_targets.split(",") if t.strip())
+    return LoraConfig(
+        r=cfg.lora_r,
+        lora_alpha=cfg.lora_alpha,
+        lora_dropout=cfg.lora_dropout,
+        target_modules=rf".*language_model.*\.({targets})",  # the LLM's projections, not the vision tower's
+        task_type="CAUSAL_LM",
+    )
+
+
+def run_stage1(cfg, run_dir, dataset, vlm_path, instructions_path):
+    """Instruction-tune the VLM with LoRA (QLoRA on CUDA), merge the adapter, save RUN/stage1_sft/merged."""
+    from peft import PeftModel
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+    from trl import SFTConfig, SFTTrainer
+
+    key = fingerprint("stage1", fingerprint_checkpoint(vlm_path), Path(instructions_path).read_text(encoding="utf-8"),
+                      cfg.sft_epochs, cfg.sft_lr, cfg.sft_batch_size, cfg.sft_grad_accum, cfg.lora_r, cfg.lora_alpha,
+                      cfg.lora_dropout, cfg.lora_targets, cfg.quantize, cfg.dtype, cfg.seed)
+    stage = Stage(run_dir, "stage1_sft", key)
+    merged_dir = stage.dir / "merged"
+    if stage.done:
+        logger.info("[stage 1] instruction tuning: done, skipped")
+        return merged_dir
+    dtype = resolve_dtype(cfg)
+    quant = quantization_config(cfg)
+    if quant is not None:
+        logger.info("[stage 1] QLoRA: loading %s in 4-bit nf4 with double quantisation", vlm_path)
+    set_seed(cfg.seed)  # LoRA's initialisation draws from the global generator: same start in every process
+    processor = AutoProcessor.from_pretrained(vlm_path)
+    vlm = AutoModelForImageTextToText.from_pretrained(
+        vlm_path, dtype=dtype, quantization_config=quant, use_safetensors=True
+    )
+    args = SFTConfig(
+        output_dir=str(stage.checkpoints()),
+        num_train_epochs=cfg.sft_epochs,
+        learning_rate=cfg.sft_lr,
+        lr_scheduler_type="constant_with_warmup",
+        warmup_steps=0.03,  # a ratio of the total steps, as the official code's 3%
+        max_grad_norm=0.3,
+        per_device_train_batch_size=cfg.sft_batch_size,
+        gradient_accumulation_steps=cfg.sft_grad_accum,
+        max_length=None,
+        save_strategy="epoch",
+        save_total_limit=1,
+        logging_strategy="steps",
+        logging_steps=10,
+        report_to=[],
+        seed=cfg.seed,
+        data_seed=cfg.seed,
+        use_cpu=not torch.cuda.is_available(),
+        bf16=dtype == torch.bfloat16,
+        ddp_find_unused_parameters=False,
+        gradient_checkpointing=quant is not None,
+        accelerator_config={"split_batches": world_size() > 1 and cfg.sft_batch_size % world_size() == 0},
+    )
+    trainer = SFTTrainer(
+        model=vlm,
+        args=args,
+        train_dataset=sft_dataset(dataset["train"], instructions_path),
+        processing_class=processor,
+        peft_config=lora_config(cfg),
+    )
+    result = trainer.train(resume_from_checkpoint=last_checkpoint(args.output_dir))
+    adapter_dir = stage.dir / "adapter"
+    trainer.save_model(str(adapter_dir))
+    if is_main_process():
+        if quant is not None:  # merge into an unquantised copy of the base weights
+            base = AutoModelForImageTextToText.from_pretrained(vlm_path, dtype=dtype, use_safetensors=True)
+            merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
+        else:
+            merged = trainer.model.merge_and_unload()
+        tmp = merged_dir.with_name("merged.tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        merged.save_pretrained(str(tmp))
+        processor.save_pretrained(str(tmp))
+        shutil.rmtree(merged_dir, ignore_errors=True)
+        tmp.rename(merged_dir)
+    del trainer, vlm
+    stage.finish(train_loss=round(result.training_loss, 4), steps=result.global_step)
+    return merged_dir
