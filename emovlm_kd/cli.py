@@ -35,8 +35,9 @@ def build_parser():
     parser.add_argument("--log-level", default=os.environ.get("EMOVLM_KD_LOG_LEVEL", "INFO"))
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (module, help_text) in SUBCOMMANDS.items():
-        sub_parser = sub.add_parser(name, help=help_text, description=help_text)
-        sub_parser.set_defaults(_run=module.run)
+        own = getattr(module, "TAKES_ITS_OWN_ARGUMENTS", False)  # `train` parses its words with TrlParser
+        sub_parser = sub.add_parser(name, help=help_text, description=help_text, add_help=not own)
+        sub_parser.set_defaults(_run=module.run, _own_arguments=own)
         module.add_arguments(sub_parser)
     return parser
 
@@ -44,7 +45,10 @@ def build_parser():
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, rest = parser.parse_known_args(argv)
+    if rest and not args._own_arguments:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    args.rest = rest
     logging.basicConfig(
         level=getattr(logging, str(args.log_level).upper(), logging.INFO),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

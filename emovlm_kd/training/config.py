@@ -1,40 +1,88 @@
-"""Settings of a training run: one dataclass, read from YAML, every field overridable by a flag.
+"""Settings of a training run: dataclasses parsed by TRL's `TrlParser` (`--config YAML`, every field a flag).
 
-The defaults are the embedded demo (synthetic data, tiny models built offline); `configs/*.yaml` hold the paper's
-settings for each dataset with Qwen2-VL-7B-Instruct and the ViT teacher.
+    cfg = parse_train_args(["--config", "fi", "--alpha", "0.3"])   # a shipped config by name, or any YAML path
+    cfg = load_config("my.yaml", {"alpha": 0.3})                    # the same from Python
+    cfg = TrainConfig(alpha=0.3)                                    # the paper's settings, one field changed
+
+The dataclass defaults are the paper's settings (Qwen2-VL-7B-Instruct and the ViT teacher where the paper names
+them); the embedded demo is the shipped `demo.yaml` (tiny models built offline, synthetic data), which is what
+`emovlm-kd train` runs without `--config`. Each group checks its own ranges in `__post_init__` and names the flag.
 """
 
+import argparse
 import dataclasses
-import logging
 from dataclasses import dataclass, field
+from typing import Literal
 
 from configuration_emovlm_kd import GATE_TYPES
 
-logger = logging.getLogger(__name__)
-
 DEMO = "demo"
+DEFAULT_CONFIG = "demo"
+
+
+def _help(text):
+    return field(default=None, metadata={"help": text})
+
+
+class _Checked:
+    """`__post_init__` runs every group's `_checks` (ok, flag, why) and raises `ValueError` naming the flag."""
+
+    def __post_init__(self):
+        for klass in type(self).__mro__:
+            checks = klass.__dict__.get("_checks")
+            for ok, flag, why in checks(self) if checks else ():
+                if not ok:
+                    raise ValueError(f"--{flag} {why}, got {getattr(self, flag.replace('-', '_'))!r}")
+
+
+def _positive(obj, *names, strict=True):
+    for name in names:
+        value = getattr(obj, name)
+        yield (value > 0 if strict else value >= 1), name.replace("_", "-"), "must be > 0" if strict else "must be >= 1"
 
 
 @dataclass
-class TrainConfig:
-    # -- Data
+class DataArguments(_Checked):
+    _argument_group_name = "Data"
     dataset: str = field(default=DEMO, metadata={"help": "dataset folder/manifest/Hub id, or 'demo' (synthetic)"})
     val_fraction: float = field(default=0.1, metadata={"help": "stratified share of train used as val when absent"})
     seed: int = field(default=42, metadata={"help": "seed of splits, initialisation and training"})
     max_train_samples: int | None = field(default=None, metadata={"help": "cap the train split (debugging)"})
-    # -- Models
+
+    def _checks(self):
+        yield 0.0 < self.val_fraction < 1.0, "val-fraction", "must be in (0, 1)"
+
+
+@dataclass
+class ModelArguments(_Checked):
+    _argument_group_name = "Models and output"
     vlm: str = field(default=DEMO, metadata={"help": "Qwen2-VL checkpoint (name or path), or 'demo' (tiny, offline)"})
     teacher: str = field(default=DEMO, metadata={"help": "teacher to fine-tune: any AutoModelForImageClassification"})
-    teacher_trained: str | None = field(default=None, metadata={"help": "an already fine-tuned teacher: skip stage 2"})
+    teacher_trained: str | None = _help("an already fine-tuned teacher: skip stage 2")
     output_dir: str = field(default="runs/demo", metadata={"help": "run folder (RUN); RUN/model is the Hub model"})
-    push_to_hub: str | None = field(default=None, metadata={"help": "Hub repo id to push RUN/model to"})
-    dtype: str = field(default="auto", metadata={"help": "float32, bfloat16 or auto (bf16 on CUDA)"})
-    # -- Stage 0: instruction data
-    instructions: str | None = field(default=None, metadata={"help": "JSONL of conversation/reasoning answers"})
-    annotator: str | None = field(default=None, metadata={"help": "'openai' (OpenAI-compatible URL) or a local VLM"})
-    annotator_url: str | None = field(default=None, metadata={"help": "chat endpoint base URL (key: $EMOVLM_KD_API_KEY)"})
-    annotator_model: str | None = field(default=None, metadata={"help": "model name at the endpoint"})
-    # -- Stage 1: instruction tuning (TRL SFTTrainer, LoRA / QLoRA)
+    push_to_hub: str | None = _help("Hub repo id to push RUN/model to")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = field(
+        default="auto", metadata={"help": "weights dtype; auto: bfloat16 on CUDA, else float32"}
+    )
+    batch_size: int = field(default=8, metadata={"help": "batch size of feature/answer caching and evaluation"})
+
+    def _checks(self):
+        yield self.dtype in ("auto", "float32", "bfloat16", "float16"), "dtype", "must be auto/float32/bfloat16/float16"
+        yield from _positive(self, "batch_size", strict=False)
+
+
+@dataclass
+class InstructionArguments(_Checked):
+    _argument_group_name = "Stage 0: instruction data"
+    instructions: str | None = _help("JSONL of conversation/reasoning answers")
+    annotator: str | None = _help("'openai' (OpenAI-compatible URL) or a local VLM")
+    annotator_url: str | None = _help("chat endpoint base URL (key: $EMOVLM_KD_API_KEY)")
+    annotator_model: str | None = _help("model name at the endpoint")
+
+
+@dataclass
+class SFTArguments(_Checked):
+    _argument_group_name = "Stage 1: instruction tuning (TRL SFTTrainer, LoRA / QLoRA)"
     sft_epochs: float = 5.0
     sft_lr: float = 1e-4
     sft_batch_size: int = 1
@@ -43,69 +91,79 @@ class TrainConfig:
     lora_alpha: int = 8
     lora_dropout: float = 0.05
     lora_targets: str = field(default="q_proj,k_proj,v_proj", metadata={"help": "LLM projections to adapt"})
-    quantize: str = field(default="auto", metadata={"help": "4bit, none, or auto (4-bit nf4 when CUDA is present)"})
-    # -- Stage 2: teacher
+    quantize: Literal["auto", "4bit", "none"] = field(
+        default="auto", metadata={"help": "4bit, none, or auto (4-bit nf4 when CUDA is present)"}
+    )
+
+    def _checks(self):
+        yield self.quantize in ("auto", "4bit", "none"), "quantize", "must be auto, 4bit or none"
+        yield from _positive(self, "sft_epochs", "sft_lr")
+        yield from _positive(self, "sft_batch_size", "sft_grad_accum", strict=False)
+
+
+@dataclass
+class TeacherArguments(_Checked):
+    _argument_group_name = "Stage 2: teacher"
     teacher_epochs: float = 5.0
     teacher_lr: float = 5e-5
     teacher_batch_size: int = 32
-    # -- Stage 3: distillation
-    head_hidden_sizes: list[int] = field(default_factory=lambda: [1024])
+
+    def _checks(self):
+        yield from _positive(self, "teacher_epochs", "teacher_lr")
+        yield from _positive(self, "teacher_batch_size", strict=False)
+
+
+@dataclass
+class DistillArguments(_Checked):
+    _argument_group_name = "Stage 3: distillation"
+    head_hidden_sizes: list[int] = field(default_factory=lambda: [1024], metadata={"help": "head widths, e.g. 1024 512"})
     head_dropout: float = 0.1
     alpha: float = field(default=0.5, metadata={"help": "weight of the KL term, in [0, 1]"})
     tau: float = field(default=2.0, metadata={"help": "distillation temperature, > 0"})
     distill_epochs: float = 5.0
     distill_lr: float = 1e-3
     distill_batch_size: int = 32
-    # -- Stage 4: gate
-    gate_type: str = "concat_linear"
-    vlm_vector: str = field(default="probs", metadata={"help": "probs or onehot (the paper's one-hot answer)"})
+
+    def _checks(self):
+        self.head_hidden_sizes = [int(h) for h in self.head_hidden_sizes]
+        yield all(h > 0 for h in self.head_hidden_sizes), "head-hidden-sizes", "must be positive integers"
+        yield 0.0 <= self.head_dropout < 1.0, "head-dropout", "must be in [0, 1)"
+        yield 0.0 <= self.alpha <= 1.0, "alpha", "must be in [0, 1]"
+        yield self.tau > 0, "tau", "must be > 0"
+        yield from _positive(self, "distill_epochs", "distill_lr")
+        yield from _positive(self, "distill_batch_size", strict=False)
+
+
+@dataclass
+class GateArguments(_Checked):
+    _argument_group_name = "Stage 4: gate"
+    gate_type: Literal[GATE_TYPES] = "concat_linear"
+    vlm_vector: Literal["probs", "onehot"] = field(
+        default="probs", metadata={"help": "probs or onehot (the paper's one-hot answer)"}
+    )
     gate_epochs: float = 10.0
     gate_lr: float = 1e-3
     gate_batch_size: int = 32
-    gate_train_split: str = field(default="train", metadata={"help": "split the gate trains on: train or val"})
-    # -- Inference while building caches
-    batch_size: int = field(default=8, metadata={"help": "batch size of feature/answer caching and evaluation"})
+    gate_train_split: Literal["train", "val"] = field(
+        default="train", metadata={"help": "split the gate trains on: train or val"}
+    )
 
-    def __post_init__(self):
-        self.validate()
+    def _checks(self):
+        yield self.gate_type in GATE_TYPES, "gate-type", f"must be one of {', '.join(GATE_TYPES)}"
+        yield self.vlm_vector in ("probs", "onehot"), "vlm-vector", "must be probs or onehot"
+        yield self.gate_train_split in ("train", "val"), "gate-train-split", "must be train or val"
+        yield from _positive(self, "gate_epochs", "gate_lr")
+        yield from _positive(self, "gate_batch_size", strict=False)
 
-    def validate(self):
-        """Fail at start, naming the flag, when a value cannot work."""
-        self._coerce_numbers()
-        checks = [
-            (0.0 <= self.alpha <= 1.0, "alpha", "must be in [0, 1]"),
-            (self.tau > 0, "tau", "must be > 0"),
-            (self.gate_type in GATE_TYPES, "gate-type", f"must be one of {', '.join(GATE_TYPES)}"),
-            (self.vlm_vector in ("probs", "onehot"), "vlm-vector", "must be probs or onehot"),
-            (self.quantize in ("auto", "4bit", "none"), "quantize", "must be auto, 4bit or none"),
-            (self.dtype in ("auto", "float32", "bfloat16", "float16"), "dtype", "must be auto/float32/bfloat16/float16"),
-            (self.gate_train_split in ("train", "val"), "gate-train-split", "must be train or val"),
-            (0.0 < self.val_fraction < 1.0, "val-fraction", "must be in (0, 1)"),
-            (all(int(h) > 0 for h in self.head_hidden_sizes), "head-hidden-sizes", "must be positive integers"),
-            (0.0 <= self.head_dropout < 1.0, "head-dropout", "must be in [0, 1)"),
-        ]
-        for name in ("sft_lr", "teacher_lr", "distill_lr", "gate_lr"):
-            checks.append((getattr(self, name) > 0, name.replace("_", "-"), "must be > 0"))
-        for name in ("sft_epochs", "teacher_epochs", "distill_epochs", "gate_epochs"):
-            checks.append((getattr(self, name) > 0, name.replace("_", "-"), "must be > 0"))
-        for name in ("sft_batch_size", "teacher_batch_size", "distill_batch_size", "gate_batch_size", "batch_size"):
-            checks.append((getattr(self, name) >= 1, name.replace("_", "-"), "must be >= 1"))
-        for ok, flag, why in checks:
-            if not ok:
-                raise ValueError(f"--{flag} {why}, got {getattr(self, flag.replace('-', '_'))!r}")
-        self.head_hidden_sizes = [int(h) for h in self.head_hidden_sizes]
 
-    def _coerce_numbers(self):
-        """Numbers from YAML or Python ("1e-4", 8, "64,64") to the field's type, or a message naming the flag."""
-        for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
-            if value is None or f.type not in NUMBER_TYPES:
-                continue
-            try:
-                setattr(self, f.name, _coerce(value, f.type))
-            except (TypeError, ValueError, OverflowError):
-                flag = "--" + f.name.replace("_", "-")
-                raise ValueError(f"{flag} must be {NUMBER_TYPES[f.type]}, got {value!r}") from None
+GROUPS = (DataArguments, ModelArguments, InstructionArguments, SFTArguments, TeacherArguments, DistillArguments,
+          GateArguments)
+
+
+@dataclass
+class TrainConfig(GateArguments, DistillArguments, TeacherArguments, SFTArguments, InstructionArguments,
+                  ModelArguments, DataArguments):
+    """Every setting of a run, flat (`cfg.alpha`, `cfg.vlm`, ...): the union of the argument groups."""
 
     @property
     def is_demo(self):
@@ -114,69 +172,67 @@ class TrainConfig:
     def to_dict(self):
         return dataclasses.asdict(self)
 
-
-NUMBER_TYPES = {float: "a number", int: "an integer", int | None: "an integer", list[int]: "integers"}
-
-
-def _coerce(value, kind):
-    """`value` as `kind` (float, int or list of ints); YAML reads `1e-4` as a string, booleans are refused."""
-    if kind == list[int]:
-        return [_coerce(item, int) for item in (value if isinstance(value, (list, tuple)) else str(value).split(","))]
-    if isinstance(value, bool):
-        raise TypeError(value)
-    number = float(value)
-    if kind is float:
-        return number
-    if number != int(number):
-        raise ValueError(value)
-    return int(number)
+    @classmethod
+    def from_groups(cls, *groups):
+        return cls(**{k: v for group in groups for k, v in dataclasses.asdict(group).items()})
 
 
-def demo_overrides():
-    """The embedded demo: tiny models and the synthetic dataset, a few minutes on two CPU cores.
+def resolve_config_path(value):
+    """A YAML path that exists, else the shipped config of that name (`fi`, `fi.yaml`, `configs/fi.yaml`)."""
+    from pathlib import Path
 
-    Two departures from the paper's settings, both because the demo's VLM is tiny and randomly initialised:
-    LoRA adapts every linear layer of its language model (q, k, v alone cannot move a random model's flat output
-    distribution: the VLM branch stays at chance), and the gate trains on the held-out val split (on train both
-    branches are nearly perfect, so the gate cannot learn which one to trust).
+    from emovlm_kd import configs
+
+    if Path(value).is_file():
+        return str(value)
+    shipped = configs.path(value)
+    if shipped is None:
+        raise FileNotFoundError(f"--config: no such file {value!r} (shipped configs: {', '.join(configs.names())})")
+    return str(shipped)
+
+
+def train_parser(prog="emovlm-kd train"):
+    """TRL's parser over the argument groups, with `--config` documented (TrlParser reads it itself)."""
+    from trl import TrlParser
+
+    parser = TrlParser(GROUPS, prog=prog, description="Every stage from a dataset and a Qwen2-VL checkpoint to "
+                       "one Hub model. Values: the flag, else --config, else the field's default.")
+    parser.add_argument("--config", default=argparse.SUPPRESS, help=f"YAML settings, or a shipped config by name (default: {DEFAULT_CONFIG}, "
+                        "the offline demo)")
+    return parser
+
+
+def parse_train_args(argv):
+    """`TrainConfig` from command-line words; without `--config` the shipped demo config applies.
+
+    Raises `ValueError` (bad values, unknown YAML keys, YAML that is not a mapping) or `FileNotFoundError`; argparse
+    itself exits with status 2 on a malformed flag and prints the help for `--help`.
     """
-    return dict(
-        head_hidden_sizes=[64],
-        sft_epochs=3.0,
-        sft_lr=5e-3,
-        sft_batch_size=8,
-        lora_r=16,
-        lora_alpha=32,
-        lora_targets="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
-        teacher_epochs=12.0,
-        teacher_lr=2e-3,
-        teacher_batch_size=32,
-        distill_epochs=100.0,
-        distill_lr=1e-2,
-        gate_epochs=30.0,
-        gate_lr=1e-2,
-        gate_train_split="val",
-    )
+    import yaml
+
+    argv = list(argv)
+    for i, word in enumerate(argv):
+        if word.startswith("--config="):
+            argv[i : i + 1] = ["--config", word.split("=", 1)[1]]
+    if "--config" in argv:
+        at = argv.index("--config")
+        if at + 1 >= len(argv):
+            raise ValueError("--config needs a file or a shipped config name")
+        argv[at + 1] = resolve_config_path(argv[at + 1])
+        where = argv[at + 1]
+    else:
+        where = resolve_config_path(DEFAULT_CONFIG)
+        argv = ["--config", where, *argv]
+    try:
+        parsed = train_parser().parse_args_and_config(argv)
+    except yaml.YAMLError as error:
+        raise ValueError(f"--config {where}: not valid YAML: {error}") from None
+    except ValueError as error:
+        raise ValueError(f"--config {where}: {error}") if "config" in str(error).lower() else error from None
+    return TrainConfig.from_groups(*(part for part in parsed if dataclasses.is_dataclass(part)))
 
 
 def load_config(path=None, overrides=None):
-    """TrainConfig from a YAML file (or the demo defaults) with `overrides` (flag values) applied on top."""
-    import yaml
-
-    values = {}
-    if path is None:
-        values.update(demo_overrides())
-    else:
-        with open(path, encoding="utf-8") as handle:
-            try:
-                loaded = yaml.safe_load(handle)
-            except yaml.YAMLError as error:
-                raise ValueError(f"--config {path}: not valid YAML: {error}") from None
-        if not isinstance(loaded, (dict, type(None))):
-            raise ValueError(f"--config {path}: expected a mapping of settings, got {type(loaded).__name__}")
-        values.update(loaded or {})
-        unknown = set(values) - {f.name for f in dataclasses.fields(TrainConfig)}
-        if unknown:
-            raise ValueError(f"--config {path}: unknown setting(s) {', '.join(sorted(unknown))}")
-    values.update({k: v for k, v in (overrides or {}).items() if v is not None})
-    return TrainConfig(**values)
+    """`TrainConfig` from a YAML file (or the shipped demo) with `overrides` (field -> value, None ignored) on top."""
+    cfg = parse_train_args(["--config", str(path)] if path else [])
+    return dataclasses.replace(cfg, **{k: v for k, v in (overrides or {}).items() if v is not None})

@@ -11,7 +11,12 @@ from transformers import set_seed
 
 from emovlm_kd.distributed import is_main_process, world_size
 from emovlm_kd.training.cache import fingerprint, fingerprint_checkpoint
-from emovlm_kd.training.stage import Stage, last_checkpoint, resolve_dtype
+from emovlm_kd.training.stage import (
+    Stage,
+    base_training_arguments,
+    last_checkpoint,
+    resolve_dtype,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -86,7 +91,7 @@ def run_stage1(cfg, run_dir, dataset, vlm_path, instructions_path):
         vlm_path, dtype=dtype, quantization_config=quant, use_safetensors=True
     )
     args = SFTConfig(
-        output_dir=str(stage.checkpoints()),
+        **base_training_arguments(cfg, stage.checkpoints()),
         num_train_epochs=cfg.sft_epochs,
         learning_rate=cfg.sft_lr,
         lr_scheduler_type="constant_with_warmup",
@@ -95,16 +100,9 @@ def run_stage1(cfg, run_dir, dataset, vlm_path, instructions_path):
         per_device_train_batch_size=cfg.sft_batch_size,
         gradient_accumulation_steps=cfg.sft_grad_accum,
         max_length=None,
-        save_strategy="epoch",
-        save_total_limit=1,
         logging_strategy="steps",
         logging_steps=10,
-        report_to=[],
-        seed=cfg.seed,
-        data_seed=cfg.seed,
-        use_cpu=not torch.cuda.is_available(),
         bf16=dtype == torch.bfloat16,
-        ddp_find_unused_parameters=False,
         gradient_checkpointing=quant is not None,
         accelerator_config={"split_batches": world_size() > 1 and cfg.sft_batch_size % world_size() == 0},
     )

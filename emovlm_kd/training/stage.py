@@ -58,27 +58,36 @@ def resolve_dtype(cfg):
     return getattr(torch, cfg.dtype)
 
 
-def trainer_args(cfg, output_dir, epochs, lr, batch_size, **extra):
-    """TrainingArguments shared by the stages (seeded, checkpoint every epoch, keep one); `extra` overrides."""
-    from transformers import TrainingArguments
-
-    values = dict(
+def base_training_arguments(cfg, output_dir):
+    """What every stage's `TrainingArguments` (and stage 1's `SFTConfig`) shares: seeded, a checkpoint every epoch
+    (the last one kept), on the CPU when there is no CUDA, no reporting integrations."""
+    return dict(
         output_dir=str(output_dir),
-        num_train_epochs=epochs,
-        learning_rate=lr,
-        per_device_train_batch_size=batch_size,
         save_strategy="epoch",
         save_total_limit=1,
-        logging_strategy="epoch",
         report_to=[],
         seed=cfg.seed,
         data_seed=cfg.seed,
         use_cpu=not torch.cuda.is_available(),
-        remove_unused_columns=False,
         ddp_find_unused_parameters=False,
+    )
+
+
+def trainer_args(cfg, output_dir, epochs, lr, batch_size, **extra):
+    """The `TrainingArguments` of stages 2-4: the shared base, one log line an epoch, the run's cached rows as they
+    are, one global batch split across processes (the same updates under torchrun as in one process); `extra`
+    overrides."""
+    from transformers import TrainingArguments
+
+    values = dict(
+        base_training_arguments(cfg, output_dir),
+        num_train_epochs=epochs,
+        learning_rate=lr,
+        per_device_train_batch_size=batch_size,
+        logging_strategy="epoch",
+        remove_unused_columns=False,
         dataloader_num_workers=0,
         disable_tqdm=False,
-        # one global batch split across processes: the same updates under torchrun as in one process
         accelerator_config={"split_batches": True},
     )
     values.update(extra)
