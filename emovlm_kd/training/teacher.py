@@ -10,13 +10,13 @@ from transformers import set_seed
 
 from emovlm_kd.distributed import is_main_process
 from emovlm_kd.images import prepare_image
-from emovlm_kd.training.passes import cached_map
 from emovlm_kd.training.cache import (
     fingerprint,
     fingerprint_checkpoint,
     fingerprint_dataset,
     fingerprint_module,
 )
+from emovlm_kd.training.passes import cached_map
 from emovlm_kd.training.stage import Stage, last_checkpoint, trainer_args
 
 logger = logging.getLogger(__name__)
