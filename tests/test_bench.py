@@ -1,15 +1,17 @@
-"""`emovlm-kd bench` and the fast paths it measures. No timing is asserted here (machines are noisy): the benchmark
-must run and report, and its fast paths must give the answers of the slow ones."""
+"""`python -m benchmarks.bench` and the fast paths it measures. No timing is asserted here (machines are noisy): the
+benchmark must run and report, it must time the training stages' own code, and its fast paths must give the answers of
+the slow ones."""
 
 import json
 
 import pytest
 import torch
 
-from benchmarks import bench
-from emovlm_kd.cli import main
+from benchmarks import bench, models, stages
+from benchmarks.reference import ReferenceProtocol
+from benchmarks.report import TARGETS
 from emovlm_kd.tiny import build_tiny_bundle
-from modeling_emovlm_kd import LabelScoringPlan
+from modeling_emovlm_kd import LabelScoringPlan, PromptPrefixCache
 
 # labels whose answers share sub-word tokens: a trie several levels deep with shared inner nodes
 DEEP_TRIE_LABELS = ("joyful", "joyless", "gloomy", "glad", "awe")
@@ -23,8 +25,8 @@ def deep_bundle():
 
 def test_bench_tiny_runs_and_writes_every_key(tmp_path):
     out = tmp_path / "bench.json"
-    argv = ["bench", "--config", "tiny", "--output", str(out), "--stage-images", "4", "--max-other-load", "1"]
-    assert main(argv) == 0
+    argv = ["--config", "tiny", "--output", str(out), "--stage-images", "4", "--max-other-load", "1"]
+    assert bench.main(argv) == 0
     report = json.loads(out.read_text())
     for key in ("predict_ms", "reference_ms", "lower_bound_ms", "encoder_ms"):
         assert report[key] > 0, key
@@ -56,14 +58,14 @@ def test_bench_tiny_runs_and_writes_every_key(tmp_path):
     assert checks["score_vs_brute_force_same_ranking"]
     assert checks["batch_vs_single_logits_max_abs_diff"] < 1e-4
     assert checks["batch_vs_single_same_answers"]
-    assert set(report["targets"]) == set(bench.TARGETS)
+    assert set(report["targets"]) == set(TARGETS)
     assert report["targets_apply"] is False  # the targets are for the small config
 
 
 @pytest.mark.parametrize("argv", [["--batch-sizes", "0,8"], ["--batch-sizes", "one"], ["--runs", "0"]])
 def test_bench_rejects_bad_flags(argv):
     with pytest.raises(SystemExit) as error:
-        main(["bench", "--config", "tiny", *argv])
+        bench.main(["--config", "tiny", *argv])
     assert error.value.code == 2
 
 
@@ -76,54 +78,59 @@ def test_deep_trie_plan(deep_bundle):
 
 @pytest.mark.parametrize("grad", [False, True], ids=["no_grad", "grad"])
 def test_fast_score_equals_brute_force(deep_bundle, images, grad):
-    """Padded batch, a deep trie; with autograd off (the cached prompt prefix is used) and on (it is not)."""
+    """Padded batch, a deep trie; with autograd off (the cached prompt prefix is used) and on (it is refused)."""
     model, processor = deep_bundle
-    inputs = bench.make_inputs(model, processor, images)
+    inputs = models.make_inputs(model, processor, images)
     assert inputs["attention_mask"].sum(-1).unique().numel() > 1  # rows of different lengths
-    model.clear_prompt_cache()
+    cache = PromptPrefixCache()
     with torch.set_grad_enabled(grad):
-        fast = model(**inputs).vlm_log_likelihoods.detach()
-    assert (getattr(model, "_prompt_kv", None) is not None) == (not grad)
-    slow = bench.brute_force_log_likelihoods(model, inputs)
+        if grad:
+            with pytest.raises(ValueError, match="inference only"):
+                model(**inputs, prompt_cache=cache)
+        fast = model(**inputs, prompt_cache=None if grad else cache).vlm_log_likelihoods.detach()
+    assert (cache.computed > 0) == (not grad)
+    slow = models.brute_force_log_likelihoods(model, inputs)
     torch.testing.assert_close(fast, slow, atol=1e-4, rtol=0)
 
 
 def test_fast_score_equals_brute_force_with_eager_attention(images):
     model, processor = build_tiny_bundle(labels=DEEP_TRIE_LABELS, seed=4)
     model.vlm.set_attn_implementation("eager")
-    inputs = bench.make_inputs(model, processor, images)
+    inputs = models.make_inputs(model, processor, images)
     with torch.inference_mode():
         fast = model(**inputs).vlm_log_likelihoods
-    torch.testing.assert_close(fast, bench.brute_force_log_likelihoods(model, inputs), atol=1e-4, rtol=0)
+    torch.testing.assert_close(fast, models.brute_force_log_likelihoods(model, inputs), atol=1e-4, rtol=0)
 
 
 def test_cached_prompt_prefix_follows_weight_changes(deep_bundle, images):
+    """The prompt cache is the caller's, one per loop over a frozen model: the model itself keeps none, so a weight
+    update between two loops (each with its own cache) shows in the second."""
     model, processor = deep_bundle
-    inputs = bench.make_inputs(model, processor, images[:2])
+    inputs = models.make_inputs(model, processor, images[:2])
     weight = model.vlm.model.language_model.layers[0].self_attn.k_proj.weight
+    cache = PromptPrefixCache()
     with torch.inference_mode():
-        before = model(**inputs).vlm_log_likelihoods
-    assert model._prompt_kv is not None
+        before = model(**inputs, prompt_cache=cache).vlm_log_likelihoods
+    assert cache.computed == 1 and getattr(model, "_prompt_kv", None) is None
     with torch.no_grad():
         weight.add_(0.05)  # an in-place update, as an optimizer step or load_state_dict does
     try:
         with torch.inference_mode():
-            after = model(**inputs).vlm_log_likelihoods
-        slow = bench.brute_force_log_likelihoods(model, inputs)
+            after = model(**inputs, prompt_cache=PromptPrefixCache()).vlm_log_likelihoods
+        slow = models.brute_force_log_likelihoods(model, inputs)
         torch.testing.assert_close(after, slow, atol=1e-4, rtol=0)
         assert not torch.allclose(before, after, atol=1e-4)
     finally:
         with torch.no_grad():
             weight.sub_(0.05)
-        model.clear_prompt_cache()
 
 
 def test_batch_answers_equal_one_at_a_time(deep_bundle, images):
     model, processor = deep_bundle
-    inputs = bench.make_inputs(model, processor, images)
+    inputs = models.make_inputs(model, processor, images)
     with torch.inference_mode():
         batch = model(**inputs)
-        singles = [model(**row) for row in bench.split_inputs(inputs)]
+        singles = [model(**row) for row in models.split_inputs(inputs)]
     for i, single in enumerate(singles):
         torch.testing.assert_close(batch.logits[i], single.logits[0], atol=1e-5, rtol=1e-4)
         torch.testing.assert_close(batch.vlm_log_likelihoods[i], single.vlm_log_likelihoods[0], atol=1e-4, rtol=0)
@@ -131,15 +138,15 @@ def test_batch_answers_equal_one_at_a_time(deep_bundle, images):
 
 
 def test_reference_protocol_runs_two_encoders_and_forces_the_answer_length():
-    model, processor = bench.build_random_model("tiny")
-    reference = bench.ReferenceProtocol(model)
+    model, processor = models.build_random_model("tiny")
+    reference = ReferenceProtocol(model)
     calls = {"backbone": 0, "copy": 0}
     hooks = [
         model.vlm.model.visual.register_forward_hook(lambda *a: calls.__setitem__("backbone", calls["backbone"] + 1)),
         reference.encoder.register_forward_hook(lambda *a: calls.__setitem__("copy", calls["copy"] + 1)),
     ]
     try:
-        inputs = bench.make_inputs(model, processor, bench.random_images(1, 56))
+        inputs = models.make_inputs(model, processor, models.random_images(1, 56))
         with torch.inference_mode():
             generated = model.vlm.generate(
                 **inputs, do_sample=True, temperature=0.8, min_new_tokens=6, max_new_tokens=6, pad_token_id=0
@@ -152,4 +159,32 @@ def test_reference_protocol_runs_two_encoders_and_forces_the_answer_length():
     assert generated.shape[1] - inputs["input_ids"].shape[1] == 6
     assert calls == {"backbone": 1, "copy": 1}
     assert logits.shape == (1, len(model.config.labels))
-    assert bench._visual_encoder_count(model) == 1
+    assert models.visual_encoder_count(model) == 1
+
+
+def test_stages_time_the_training_code_itself(monkeypatch):
+    """Ours is `train_head` / `train_gate` (what stages 3 and 4 and the ablations call), not a copy of them."""
+    from emovlm_kd.training import heads
+
+    calls = []
+
+    def spy(function):
+        def wrapper(cfg, module, *tensors_and_dir, **kwargs):
+            calls.append((function.__name__, len(tensors_and_dir[0]), kwargs.get("save_strategy")))
+            return function(cfg, module, *tensors_and_dir, **kwargs)
+
+        return wrapper
+
+    monkeypatch.setattr(heads, "train_head", spy(heads.train_head))
+    monkeypatch.setattr(heads, "train_gate", spy(heads.train_gate))
+    model, processor = models.build_random_model("tiny")
+    data = stages.stage_data(model, processor, count=3, side=56, batch_size=2, seed=0)
+    cfg = stages.stage_config(model, distill_epochs=1, gate_epochs=2, seed=0)
+    reference = ReferenceProtocol(model)
+    distill, distill_speedup = stages.distill_stage(model, reference, cfg, data)
+    gate, gate_speedup = stages.gate_stage(model, reference, cfg, data, reference_epochs=1)
+    # each after an untimed one-epoch warm-up on two rows
+    assert calls == [("train_head", 2, "no"), ("train_head", 3, "no"), ("train_gate", 2, "no"), ("train_gate", 3, "no")]
+    assert distill["ours_s"] == pytest.approx(distill["ours_cache_s"] + distill["ours_train_s"], abs=2e-3)
+    assert gate["reference_extrapolated"] and gate["reference_epochs_measured"] == 1
+    assert distill_speedup > 0 and gate_speedup > 0

@@ -1,0 +1,255 @@
+"""What the benchmark measures: the random `small` / `tiny` models (or a real checkpoint), random images as model
+inputs, the slow brute-force score the fast path is checked against, and parameter / weight counts (Qwen2-VL-7B's
+from its config on the `meta` device)."""
+
+import copy
+
+import numpy as np
+import torch
+from PIL import Image
+
+# Qwen2-VL-7B(-Instruct)'s architecture, from its config.json (written down: nothing is downloaded).
+QWEN2_VL_7B = {
+    "text_config": {
+        "vocab_size": 152064,
+        "hidden_size": 3584,
+        "intermediate_size": 18944,
+        "num_hidden_layers": 28,
+        "num_attention_heads": 28,
+        "num_key_value_heads": 4,
+        "max_position_embeddings": 32768,
+        "rope_theta": 1000000.0,
+        "rope_scaling": {"type": "mrope", "mrope_section": [16, 24, 24]},
+        "tie_word_embeddings": False,
+    },
+    "vision_config": {
+        "depth": 32,
+        "embed_dim": 1280,
+        "num_heads": 16,
+        "mlp_ratio": 4,
+        "patch_size": 14,
+        "spatial_merge_size": 2,
+        "temporal_patch_size": 2,
+        "hidden_size": 3584,
+        "in_chans": 3,
+    },
+    "image_token_id": 151655,
+    "video_token_id": 151656,
+    "vision_start_token_id": 151652,
+    "vision_end_token_id": 151653,
+    "tie_word_embeddings": False,
+}
+PAPER_HEAD_HIDDEN = [1024]
+
+CONFIGS = {
+    "small": {
+        "widths": {
+            "hidden_size": 448,  # 3584 / 8
+            "num_layers": 7,  # 28 / 4
+            "num_heads": 7,  # head_dim 64
+            "vision_dim": 160,  # 1280 / 8
+            "vision_depth": 8,  # 32 / 4
+            "text": {
+                "vocab_size": 32768,
+                "intermediate_size": 2368,  # 18944 / 8
+                "num_key_value_heads": 1,  # 28:4 query:key-value heads -> 7:1
+                "rope_scaling": {"type": "mrope", "mrope_section": [8, 12, 12]},  # [16, 24, 24] for head_dim 64
+            },
+            "vision": {"num_heads": 2, "mlp_ratio": 4},  # head_dim 80 as in 7B
+        },
+        "head_hidden_sizes": [128],  # 1024 / 8
+        "image_size": 224,
+        "stage_images": 192,
+        "runs": 15,
+        "warmup": 2,
+        "reference_gate_epochs": 2,
+    },
+    "tiny": {
+        "widths": {},
+        "head_hidden_sizes": [64],
+        "image_size": 56,
+        "stage_images": 8,
+        "runs": 5,
+        "warmup": 1,
+        "reference_gate_epochs": None,  # all
+    },
+}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Models and inputs
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def build_random_model(config_name, seed=0, image_size=None):
+    """(model, processor): a randomly initialised EmoVLM-KD bundle over the FI labels, built offline."""
+    from emovlm_kd.labels import MIKELS8
+    from emovlm_kd.tiny import (
+        build_tiny_processor,
+        build_tiny_tokenizer,
+        build_tiny_vlm,
+    )
+    from modeling_emovlm_kd import EmoVLMKDForImageClassification
+
+    preset = CONFIGS[config_name]
+    side = image_size or preset["image_size"]
+    tokenizer = build_tiny_tokenizer()
+    if config_name == "tiny":
+        processor = build_tiny_processor(tokenizer)
+    else:  # the image keeps its size: 224 x 224 -> 16 x 16 patches -> 64 LLM tokens
+        processor = build_tiny_processor(tokenizer, min_pixels=side * side, max_pixels=side * side)
+    vlm = build_tiny_vlm(processor.tokenizer, seed=seed, **copy.deepcopy(preset["widths"]))
+    torch.manual_seed(seed + 1)
+    model = EmoVLMKDForImageClassification.from_vlm(
+        vlm, MIKELS8, processor=processor, head_hidden_sizes=preset["head_hidden_sizes"]
+    )
+    return model.eval(), processor
+
+
+def load_model(name_or_path, dtype=None):
+    """(model, processor) from an EmoVLM-KD bundle, or a Qwen2-VL checkpoint wrapped with a random head and gate."""
+    from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
+
+    from emovlm_kd.labels import MIKELS8
+    from modeling_emovlm_kd import EmoVLMKDForImageClassification
+
+    config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=True)
+    if getattr(config, "model_type", None) == "emovlm_kd":
+        from emovlm_kd.hub import load_bundle
+
+        model, processor = load_bundle(name_or_path, dtype=dtype)
+        model.set_answer_tokens(processor)
+        return model.eval(), processor
+    kwargs = {"dtype": dtype} if dtype is not None else {}
+    vlm = AutoModelForImageTextToText.from_pretrained(name_or_path, **kwargs).eval()
+    processor = AutoProcessor.from_pretrained(name_or_path)
+    torch.manual_seed(0)
+    model = EmoVLMKDForImageClassification.from_vlm(vlm, MIKELS8, processor=processor)
+    model.distill_head.to(vlm.dtype)
+    model.gate.to(vlm.dtype)
+    return model.eval(), processor
+
+
+def random_images(count, side, seed=0):
+    rng = np.random.RandomState(seed)
+    return [Image.fromarray(rng.randint(0, 256, (side, side, 3), dtype=np.uint8)) for _ in range(count)]
+
+
+def make_inputs(model, processor, images):
+    """The model's inputs for `images` (one prompt each), on its device, pixels in its dtype."""
+    from pipeline_emovlm_kd import prepare_inputs
+
+    inputs = prepare_inputs(processor, model.config, images).to(model.device)
+    inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
+    return dict(inputs)
+
+
+def split_inputs(inputs):
+    """One unpadded batch-1 input per row of a (left- or right-padded) batch."""
+    counts = inputs["image_grid_thw"].prod(-1).tolist()
+    offsets = [0]
+    for count in counts:
+        offsets.append(offsets[-1] + count)
+    rows = []
+    for b in range(inputs["input_ids"].shape[0]):
+        valid = inputs["attention_mask"][b].bool()
+        rows.append(
+            {
+                "input_ids": inputs["input_ids"][b][valid][None],
+                "attention_mask": torch.ones_like(inputs["input_ids"][b][valid][None]),
+                "mm_token_type_ids": inputs["mm_token_type_ids"][b][valid][None],
+                "pixel_values": inputs["pixel_values"][offsets[b] : offsets[b + 1]],
+                "image_grid_thw": inputs["image_grid_thw"][b : b + 1],
+            }
+        )
+    return rows
+
+
+@torch.inference_mode()
+def brute_force_log_likelihoods(model, inputs):
+    """The slow, obvious score: per sample and label, one full forward of prompt + that label's answer tokens with
+    the VLM's own encoder pass, summing the answer tokens' log-probabilities. (B, C), float32."""
+    answers = model.config.label_answer_token_ids
+    out = torch.zeros(inputs["input_ids"].shape[0], len(answers))
+    for b, row in enumerate(split_inputs(inputs)):
+        for c, answer in enumerate(answers):
+            answer_ids = torch.tensor([answer], device=row["input_ids"].device)
+            ids = torch.cat([row["input_ids"], answer_ids], dim=1)
+            logits = model.vlm(
+                input_ids=ids,
+                attention_mask=torch.ones_like(ids),
+                pixel_values=row["pixel_values"],
+                image_grid_thw=row["image_grid_thw"],
+                mm_token_type_ids=torch.cat([row["mm_token_type_ids"], torch.zeros_like(answer_ids)], dim=1),
+            ).logits
+            log_probs = logits[0, -len(answer) - 1 : -1].float().log_softmax(-1)
+            out[b, c] = log_probs.gather(-1, answer_ids[0][:, None]).sum().cpu()
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Sizes
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def count_params(module):
+    return sum(p.numel() for p in module.parameters())
+
+
+def weights_mb(*modules):
+    """MB of the parameters and buffers the modules hold together (shared tensors counted once)."""
+    seen, total = set(), 0
+    for module in modules:
+        for tensor in list(module.parameters()) + list(module.buffers()):
+            if id(tensor) not in seen:
+                seen.add(id(tensor))
+                total += tensor.numel() * tensor.element_size()
+    return round(total / 2**20, 1)
+
+
+def _param_summary(vlm, head, gate):
+    backbone, head_n, gate_n = count_params(vlm), count_params(head), count_params(gate)
+    total = backbone + head_n + gate_n
+    return {
+        "backbone": backbone,
+        "visual_encoder": count_params(vlm.model.visual),
+        "head": head_n,
+        "gate": gate_n,
+        "total": total,
+        "head_gate_share": (head_n + gate_n) / total,
+    }
+
+
+def param_counts(model):
+    """Backbone, visual encoder, head and gate of `model`, and the head + gate share of the total."""
+    return _param_summary(model.vlm, model.distill_head, model.gate)
+
+
+def qwen2_vl_7b_param_counts(num_labels=8, head_hidden_sizes=PAPER_HEAD_HIDDEN, gate_type="concat_linear"):
+    """Parameter counts at Qwen2-VL-7B's real size: the backbone instantiated on the `meta` device from its config."""
+    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+
+    from configuration_emovlm_kd import EmoVLMKDConfig
+    from modeling_emovlm_kd import EmoVLMKDDistillationHead, build_gate
+
+    config = Qwen2VLConfig(**copy.deepcopy(QWEN2_VL_7B))
+    with torch.device("meta"):
+        vlm = Qwen2VLForConditionalGeneration(config)
+    labels = [str(i) for i in range(num_labels)]
+    emo_config = EmoVLMKDConfig(
+        vlm_config=config, id2label=dict(enumerate(labels)), label2id={l: i for i, l in enumerate(labels)},
+        gate_type=gate_type,
+    )
+    head = EmoVLMKDDistillationHead(config.text_config.hidden_size, head_hidden_sizes, num_labels, 0.1)
+    return _param_summary(vlm, head, build_gate(emo_config))
+
+
+def visual_encoder_count(*modules):
+    """Distinct visual-encoder modules reachable from `modules` (the reference holds a copy: one more)."""
+    kinds = {type(m.vlm.model.visual) for m in modules if hasattr(m, "vlm")}
+    seen = set()
+    for module in modules:
+        for sub in module.modules() if isinstance(module, torch.nn.Module) else ():
+            if type(sub) in kinds:
+                seen.add(id(sub))
+    return len(seen)

@@ -1,0 +1,206 @@
+"""The distillation and gate stages, timed both ways on the same random images and teacher logits.
+
+Ours is the training code itself: one batched pass caches what the stage needs (pooled encoder features for the head;
+the VLM branch's vector and the head's probabilities for the gate), then `emovlm_kd.training.heads.train_head` /
+`train_gate` (the functions stages 3 and 4 and the ablations call: HF `Trainer`, mini-batches of 32) run the epochs,
+after one untimed warm-up call (imports).
+The reference is the official per-image loop of `reference.py`. Teacher logits are precomputed for both (the
+teacher's cost is left out of both).
+"""
+
+import copy
+import logging
+import tempfile
+from dataclasses import dataclass
+
+import torch
+
+from emovlm_kd.training import heads
+from emovlm_kd.training.config import TrainConfig
+
+from .meters import OtherLoad, Stopwatch
+from .models import make_inputs, random_images
+from .reference import LR, train_gate_per_image, train_head_per_image
+
+logger = logging.getLogger(__name__)
+
+STAGE_MINIBATCH = 32
+ALPHA, TAU = 0.5, 2.0
+QUIET = {"save_strategy": "no", "logging_strategy": "no", "disable_tqdm": True}  # as the ablations train
+
+
+@dataclass
+class StageData:
+    """The stages' images as model inputs (batched for ours, one per image for the reference) and their targets."""
+
+    batches: list
+    singles: list
+    labels: torch.Tensor  # (N,), on the model's device
+    teacher_logits: torch.Tensor  # (N, C), on the model's device
+    new_tokens: list  # per image: its label's answer length (the reference's forced generation length)
+    batch_size: int
+
+
+def stage_data(model, processor, count, side, batch_size, seed):
+    """`count` random images (seeded apart from the inference images), labels cycling over the labels, random
+    teacher logits."""
+    images = random_images(count, side, seed=seed + 1)
+    num_labels = len(model.config.labels)
+    labels = torch.arange(count, device=model.device) % num_labels
+    generator = torch.Generator().manual_seed(seed)
+    answer_lengths = [len(a) for a in model.config.label_answer_token_ids]
+    return StageData(
+        batches=[make_inputs(model, processor, images[i : i + batch_size]) for i in range(0, count, batch_size)],
+        singles=[make_inputs(model, processor, [image]) for image in images],
+        labels=labels,
+        teacher_logits=torch.randn(count, num_labels, generator=generator).to(model.device),
+        new_tokens=[answer_lengths[int(y)] for y in labels.tolist()],
+        batch_size=batch_size,
+    )
+
+
+def stage_config(model, distill_epochs, gate_epochs, seed):
+    """The training run's settings for stages 3 and 4 (the official code's learning rate, mini-batches of 32)."""
+    return TrainConfig(
+        alpha=ALPHA, tau=TAU, distill_epochs=distill_epochs, distill_lr=LR, distill_batch_size=STAGE_MINIBATCH,
+        gate_epochs=gate_epochs, gate_lr=LR, gate_batch_size=STAGE_MINIBATCH, gate_type=model.config.gate_type,
+        head_hidden_sizes=list(model.config.head_hidden_sizes), seed=seed,
+    )
+
+
+def _trainer_overrides(device):
+    # the Trainer picks its own device: keep it on the CPU when the benchmark runs there
+    return dict(QUIET, use_cpu=device.type != "cuda")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Ours: cache once, then the training stages' own functions
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def cache_head_inputs(model, batches):
+    """Pooled encoder features (N, H), float32 on the CPU, as stage 3 trains on them."""
+    return torch.cat([
+        model.pool_image_features(model.encode_images(b["pixel_values"], b["image_grid_thw"]).pooler_output)
+        .float().cpu()
+        for b in batches
+    ])
+
+
+@torch.no_grad()
+def cache_gate_inputs(model, batches):
+    """(VLM vectors, head probabilities), each (N, C) float32 on the CPU: one score-mode pass per batch."""
+    vlm_scores, head_probs = [], []
+    for batch in batches:
+        output = model(**batch, vlm_mode="score")
+        vlm_scores.append(output.vlm_scores.float().cpu())
+        head_probs.append(output.distill_logits.float().softmax(-1).cpu())
+    return torch.cat(vlm_scores), torch.cat(head_probs)
+
+
+def ours_distill(model, cfg, data):
+    """Seconds (caching, training): the cached features, then `train_head` on a float32 copy of the head."""
+    clock = Stopwatch(model.device)
+    clock.start()
+    features = cache_head_inputs(model, data.batches)
+    cached = clock.stop()
+    head = copy.deepcopy(model.distill_head).float().requires_grad_(True)
+    tensors = (features, data.teacher_logits.float().cpu(), data.labels.cpu())
+    return cached, _timed_training(heads.train_head, model, cfg, head, tensors)
+
+
+def ours_gate(model, cfg, data):
+    """Seconds (caching, training): the cached VLM vectors and head probabilities, then `train_gate`."""
+    clock = Stopwatch(model.device)
+    clock.start()
+    vlm_scores, head_probs = cache_gate_inputs(model, data.batches)
+    cached = clock.stop()
+    gate = copy.deepcopy(model.gate).float().requires_grad_(True)
+    return cached, _timed_training(heads.train_gate, model, cfg, gate, (vlm_scores, head_probs, data.labels.cpu()))
+
+
+def _timed_training(train, model, cfg, module, tensors):
+    """Seconds of `train(cfg, module, *tensors, output_dir)`, after an untimed one-epoch call on two rows: the
+    imports and one-time set-up of the Trainer stack, paid once per process, stay out of the timing (the reference
+    is warm too: the inference timings ran its encoder and generation)."""
+    overrides = _trainer_overrides(model.device)
+    clock = Stopwatch(model.device)
+    with tempfile.TemporaryDirectory(prefix="emovlm-kd-bench-") as tmp:
+        warm_up = stage_config(model, 1, 1, cfg.seed)
+        train(warm_up, copy.deepcopy(module), *(t[:2] for t in tensors), tmp, **overrides)
+        clock.start()
+        train(cfg, module, *tensors, tmp, **overrides)
+        return clock.stop()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Both, and their report
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def distill_stage(model, reference, cfg, data):
+    """(report entry, speedup) of the distillation stage: ours vs the reference over every epoch."""
+    load = OtherLoad()
+    cached, trained = ours_distill(model, cfg, data)
+    head = copy.deepcopy(model.distill_head)
+    clock = Stopwatch(model.device)
+    clock.start()
+    train_head_per_image(reference, head, data.singles, data.teacher_logits, data.labels, int(cfg.distill_epochs),
+                         cfg.alpha, cfg.tau)
+    reference_s = clock.stop()
+    epochs = int(cfg.distill_epochs)
+    entry = _stage_entry(data, epochs, cached, trained, reference_s, epochs, load.sample(), "train_head")
+    return entry, reference_s / (cached + trained)
+
+
+def gate_stage(model, reference, cfg, data, reference_epochs, seed=0):
+    """(report entry, speedup) of the gate stage: ours vs the reference measured over `reference_epochs` epochs and
+    scaled to all (each epoch does the same work)."""
+    load = OtherLoad()
+    cached, trained = ours_gate(model, cfg, data)
+    gate = copy.deepcopy(model.gate)
+    torch.manual_seed(seed)
+    clock = Stopwatch(model.device)
+    clock.start()
+    train_gate_per_image(reference, gate, data.singles, data.labels, data.new_tokens, reference_epochs,
+                         model.distill_head.classifier.weight.dtype)
+    measured = clock.stop()
+    epochs = int(cfg.gate_epochs)
+    reference_s = measured * epochs / reference_epochs
+    entry = _stage_entry(data, epochs, cached, trained, reference_s, reference_epochs, load.sample(), "train_gate")
+    entry["reference_measured_s"] = round(measured, 3)
+    entry["reference_extrapolated"] = reference_epochs < epochs
+    return entry, reference_s / (cached + trained)
+
+
+def _stage_entry(data, epochs, cached, trained, reference_s, reference_epochs, other_load, function):
+    return {
+        "images": len(data.singles),
+        "epochs": epochs,
+        "ours_s": round(cached + trained, 3),
+        "ours_cache_s": round(cached, 3),
+        "ours_train_s": round(trained, 3),
+        "ours_trains_with": f"emovlm_kd.training.heads.{function} (HF Trainer)",
+        "reference_s": round(reference_s, 3),
+        "reference_epochs_measured": reference_epochs,
+        "ours_batch_size": data.batch_size,
+        "minibatch": STAGE_MINIBATCH,
+        "other_load": None if other_load is None else round(other_load, 3),
+    }
+
+
+def time_stages(model, processor, reference, args):
+    """{"distill_stage", "gate_stage", "distill_stage_speedup", "gate_stage_speedup"} for the report."""
+    logger.info("timing the stages on %d images", args.stage_images)
+    data = stage_data(model, processor, args.stage_images, args.image_size, max(args.sizes), args.seed)
+    cfg = stage_config(model, args.distill_epochs, args.gate_epochs, args.seed)
+    distill, distill_speedup = distill_stage(model, reference, cfg, data)
+    logger.info("distillation stage done; gate stage (the reference regenerates answers every epoch)")
+    gate, gate_speedup = gate_stage(model, reference, cfg, data, args.reference_gate_epochs, args.seed)
+    return {
+        "distill_stage": distill,
+        "gate_stage": gate,
+        "distill_stage_speedup": round(distill_speedup, 3),
+        "gate_stage_speedup": round(gate_speedup, 3),
+    }
