@@ -2,7 +2,9 @@
 
 One pass through the visual encoder per image: its merger tokens feed the language model (the VLM branch) and,
 mean-pooled per image, the distillation head. The gate combines the VLM branch's per-label vector with the head's
-probabilities into the final logits.
+probabilities into the final logits. `forward` computes tensors (the VLM branch scores every label's answer);
+`generate_labels` runs the paper's protocol (decode an answer, parse it to a label) and takes the tokenizer as an
+argument: no tokenizer lives on the model.
 
 This file travels to the Hub with the model: it imports only torch, transformers and its configuration file.
 """
@@ -36,8 +38,8 @@ class EmoVLMKDOutput(ModelOutput):
         log-likelihood of each label's answer string.
     vlm_answer_found (`torch.BoolTensor` of shape `(batch_size,)`): False where a generated answer named no label.
     image_embeds (`torch.FloatTensor` of shape `(batch_size, hidden_size)`): mean-pooled visual tokens per image.
-    generated_ids (`torch.LongTensor` of shape `(batch_size, new_tokens)`, *optional*): `generate` mode's answer.
-    generated_text (`list[str]`, *optional*): decoded answers (when the model has a tokenizer attached).
+    generated_ids (`torch.LongTensor` of shape `(batch_size, new_tokens)`, *optional*): `generate_labels`' answers.
+    generated_text (`list[str]`, *optional*): `generate_labels`' decoded answers (when given a tokenizer).
     """
 
     loss: torch.FloatTensor | None = None
@@ -236,6 +238,90 @@ def to_left_padding(attention_mask, *tensors):
     return tuple(t.gather(1, index) if t is not None else None for t in (attention_mask, *tensors))
 
 
+def shared_text_prefix(input_ids, attention_mask, mm_token_type_ids):
+    """The leading text tokens that every left-padded row shares before its first image token: (L,) token ids.
+
+    At least one token of the shortest row is left out, so that every row keeps a token to compute.
+    """
+    total = input_ids.shape[1]
+    pads = total - attention_mask.sum(-1)  # (B,)
+    span = int((total - pads.max()).item())
+    index = pads[:, None] + torch.arange(span, device=input_ids.device)  # each row's first `span` real tokens
+    tokens, types = input_ids.gather(1, index), mm_token_type_ids.gather(1, index)
+    shared = (tokens == tokens[:1]).all(0) & (types == 0).all(0)
+    length = min(int(shared.long().cumprod(0).sum().item()), span - 1)
+    return tokens[0, :length]
+
+
+def drop_leading_tokens(count, attention_mask, *tensors):
+    """Remove the first `count` real tokens of every left-padded row from `attention_mask` (B, T) and `tensors`
+    (..., B, T), e.g. position ids (3, B, T)."""
+    batch, total = attention_mask.shape
+    pads = total - attention_mask.sum(-1, keepdim=True)  # (B, 1)
+    index = torch.arange(total - count, device=attention_mask.device).expand(batch, -1)
+    index = torch.where(index < pads, index, index + count)  # padding stays, then the tokens after the dropped ones
+    return tuple(t.gather(-1, index.expand(*t.shape[:-1], -1)) for t in (attention_mask, *tensors))
+
+
+def tree_attention_mask(attention_mask, tree_mask, num_cached=0):
+    """Boolean mask (B, 1, T + N, num_cached + T + N) of one scoring pass: `num_cached` tokens every row has seen,
+    then T prompt tokens (causal over the row's real tokens), then N trie tokens that see the whole prompt and,
+    among themselves, their ancestors (`tree_mask`, (N, N))."""
+    batch, total = attention_mask.shape
+    num_tree, device = tree_mask.shape[0], attention_mask.device
+    valid = attention_mask.bool()
+    full = total + num_tree
+    mask = torch.zeros(batch, 1, full, num_cached + full, dtype=torch.bool, device=device)
+    mask[..., :num_cached] = True
+    causal = torch.ones(total, total, dtype=torch.bool, device=device).tril()
+    # padded rows also attend to themselves, so that no row is fully masked (NaN-free; never read by real rows)
+    body = (causal[None] & valid[:, None, :]) | torch.eye(total, dtype=torch.bool, device=device)
+    mask[:, 0, :total, num_cached : num_cached + total] = body
+    if num_tree:
+        mask[:, 0, total:, num_cached : num_cached + total] = valid[:, None, :]
+        mask[:, 0, total:, num_cached + total :] = tree_mask
+    return mask
+
+
+class PromptPrefixCache:
+    """The keys/values of the prompt text that every row shares before its image (system turn, start of the user
+    turn), computed once and reused by later calls of `forward(..., prompt_cache=cache)`.
+
+    Sound only while the language model's weights stay as they are: create one in an inference loop that owns a
+    frozen model for its duration (a `predict` run, one evaluation pass, one pipeline call), pass it explicitly and
+    drop it afterwards. It is never model state, and `forward` refuses it with autograd on or in training mode.
+    It is keyed by what it can check: the language model object, the prefix's token ids, its device and the
+    model's dtype; any other key recomputes it. Only public cache API is used: a `DynamicCache` filled by the
+    language model, copied into a fresh `DynamicCache` per call with `update`.
+    """
+
+    def __init__(self):
+        self._entry = None  # (key, DynamicCache of the prefix for one row); replaced as a whole
+        self.computed = 0  # how many times the prefix was encoded
+
+    def cache_for(self, language_model, prefix_ids, batch_size):
+        """A new `DynamicCache` holding the prefix's keys/values for `batch_size` rows, ready to be extended."""
+        states = self._prefix_states(language_model, prefix_ids)
+        cache = DynamicCache(config=language_model.config)
+        for index, layer in enumerate(states.layers):
+            cache.update(layer.keys.expand(batch_size, -1, -1, -1), layer.values.expand(batch_size, -1, -1, -1), index)
+        return cache
+
+    def _prefix_states(self, language_model, prefix_ids):
+        key = (language_model, tuple(prefix_ids.tolist()), prefix_ids.device, language_model.dtype)
+        entry = self._entry
+        if entry is not None and entry[0] == key:
+            return entry[1]
+        # text positions 0 .. L-1 in each of the three rotary sections: the prompt starts the row
+        positions = torch.arange(len(prefix_ids), device=prefix_ids.device).view(1, 1, -1).expand(3, 1, -1)
+        states = DynamicCache(config=language_model.config)
+        language_model(input_ids=prefix_ids[None], position_ids=positions, cache=states, use_cache=True)
+        self._entry = (key, states)
+        self.computed += 1
+        logger.debug("encoded the shared prompt prefix (%d tokens)", len(prefix_ids))
+        return states
+
+
 _ANSWER_RE = re.compile(r"""['"]?emotion['"]?\s*:\s*['"]?\s*([A-Za-z_\- ]+?)\s*['"}]""")
 
 
@@ -247,6 +333,25 @@ def parse_answer(text, labels):
         return lowered[match.group(1).strip().lower()]
     found = {lowered[w] for w in re.findall(r"[A-Za-z_\-]+", text.lower()) if w in lowered}
     return found.pop() if len(found) == 1 else None
+
+
+def match_answer_tokens(generated_ids, answer_token_ids):
+    """Without a tokenizer: the label whose answer tokens start a generated row exactly, or None, per row."""
+    choices = []
+    for row in generated_ids.tolist():
+        hits = [i for i, answer in enumerate(answer_token_ids) if row[: len(answer)] == list(answer)]
+        choices.append(hits[0] if len(hits) == 1 else None)
+    return choices
+
+
+def choices_to_vectors(choices, num_labels, device=None):
+    """One-hot vectors (B, C) and a found mask (B,) from per-row label choices; None gives a zero row."""
+    vectors = torch.zeros(len(choices), num_labels, device=device)
+    found = torch.tensor([choice is not None for choice in choices], dtype=torch.bool, device=device)
+    for row, choice in enumerate(choices):
+        if choice is not None:
+            vectors[row, choice] = 1.0
+    return vectors, found
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -274,7 +379,8 @@ class EmoVLMKDPreTrainedModel(PreTrainedModel):
 
 
 class EmoVLMKDForImageClassification(EmoVLMKDPreTrainedModel):
-    """Qwen2-VL + distillation head + gate. `forward` takes what the Qwen2-VL processor returns."""
+    """Qwen2-VL + distillation head + gate. `forward` takes what the Qwen2-VL processor returns and computes tensors
+    (`score` mode); `generate_labels` runs the paper's generate-and-parse protocol on the same inputs."""
 
     def __init__(self, config: EmoVLMKDConfig, vlm=None):
         super().__init__(config)
@@ -284,7 +390,6 @@ class EmoVLMKDForImageClassification(EmoVLMKDPreTrainedModel):
             hidden, config.head_hidden_sizes, config.num_labels, config.head_dropout
         )
         self.gate = build_gate(config)
-        self._tokenizer = None
         self._plan_cache = None
         self.post_init()
 
@@ -327,13 +432,7 @@ class EmoVLMKDForImageClassification(EmoVLMKDPreTrainedModel):
                 )
             answers.append(ids[common:])
         self.config.label_answer_token_ids = answers
-        self._plan_cache = None
-        self.attach_tokenizer(tokenizer)
         return answers
-
-    def attach_tokenizer(self, tokenizer):
-        """Give `generate` mode a tokenizer to decode and parse answers (else answers are matched as tokens)."""
-        self._tokenizer = getattr(tokenizer, "tokenizer", tokenizer)
 
     # -- the parts -----------------------------------------------------------------------------------------------
 
@@ -358,98 +457,90 @@ class EmoVLMKDForImageClassification(EmoVLMKDPreTrainedModel):
         return self.gate(vlm_vector.to(dtype), head_probs.to(dtype))
 
     def _scoring_plan(self, device):
-        if self._plan_cache is None or self._plan_cache[0] != device:
-            plan = LabelScoringPlan(self.config.label_answer_token_ids)
+        """`LabelScoringPlan(...).tensors(device)` for the configured answers, built once per answers and device."""
+        answers = self.config.label_answer_token_ids
+        key = (device, tuple(tuple(answer) for answer in answers or ()))
+        if self._plan_cache is None or self._plan_cache[0] != key:
+            plan = LabelScoringPlan(answers)
             with torch.inference_mode(False):  # plain tensors: usable later with autograd on, too
-                self._plan_cache = (device, plan.tensors(device))
+                self._plan_cache = (key, plan.tensors(device))
         return self._plan_cache[1]
 
-    # -- the shared text prefix of the prompt (system turn, user turn up to the image) is encoded once ----------------
+    # -- the VLM branch, score mode: every label's answer in one language-model pass -------------------------------
 
-    def _prompt_cache_key(self):
-        """What the cached keys/values of the prompt's shared prefix depend on; None where caching must not be used
-        (training, autograd, or parameters whose in-place updates cannot be tracked)."""
-        language_model = self.vlm.model.language_model
-        if self.vlm.training or torch.is_grad_enabled():
-            return None
-        state = []
-        try:
-            for module in language_model.modules():
-                for param in module._parameters.values():
-                    if param is not None:
-                        state.append((param.data_ptr(), param._version))
-                if hasattr(module, "active_adapters") and hasattr(module, "disable_adapters"):  # PEFT layers
-                    state.append((id(module), str(module.active_adapters), bool(module.disable_adapters)))
-        except RuntimeError:  # inference tensors carry no version counter
-            return None
-        return (tuple(state), language_model.config._attn_implementation)
+    def score_labels(self, input_ids, attention_mask, image_grid_thw, mm_token_type_ids, image_outputs,
+                     prompt_cache=None):
+        """Log-likelihood of each label's answer after the prompt: (B, C).
 
-    def clear_prompt_cache(self):
-        """Forget the cached keys/values of the prompt's shared prefix (they are also dropped automatically when a
-        language-model parameter is modified in place or replaced, or an adapter is switched)."""
-        self._prompt_kv = None
+        One forward pass of the language model: the prompt + image, the answers' common prefix and a token trie of
+        the label-specific parts are laid out as one sequence. The prompt and prefix attend causally; each trie
+        token attends to the prompt, the prefix and its own ancestors only (a tree attention mask) and sits at the
+        position it would have in its answer. Every label is thus scored in the prefill itself: the weights are read
+        once (a second, small forward over a cache would read all of them again). With a `PromptPrefixCache`, the
+        text every row shares before its image is taken from it instead of being computed again.
+        `input_ids` must be left padded (`forward` takes care of it).
+        """
+        plan = self._scoring_plan(input_ids.device)
+        batch = input_ids.shape[0]
+        prefix = plan["prefix"].expand(batch, -1)
+        tree = plan["tree_tokens"].expand(batch, -1)
+        num_prefix, num_tree = prefix.shape[1], tree.shape[1]
+        if mm_token_type_ids is None:
+            mm_token_type_ids = (input_ids == self.vlm.config.image_token_id).to(torch.int)
+        head = torch.cat([input_ids, prefix], dim=1)  # prompt + common prefix, attended causally
+        head_mask = torch.cat([attention_mask, torch.ones_like(prefix, dtype=attention_mask.dtype)], dim=1)
+        head_types = torch.cat([mm_token_type_ids, torch.zeros_like(prefix, dtype=mm_token_type_ids.dtype)], dim=1)
+        position_ids, rope_deltas = self.vlm.model.get_rope_index(
+            head, image_grid_thw=image_grid_thw, video_grid_thw=None, attention_mask=head_mask,
+            mm_token_type_ids=head_types,
+        )  # fmt: skip
+        attn = self.vlm.model.language_model.config._attn_implementation or "sdpa"
+        if attn not in ("sdpa", "eager"):  # flash attention & co. take no custom mask: a plain causal prefill
+            if num_tree:
+                raise NotImplementedError(f"score mode needs sdpa or eager attention (a tree mask), not {attn}")
+            output = self.vlm(
+                input_ids=head, attention_mask=head_mask, position_ids=position_ids, image_grid_thw=image_grid_thw,
+                mm_token_type_ids=head_types, mm_encoder_outputs={"image": image_outputs}, use_cache=False,
+                logits_to_keep=num_prefix + 1,
+            )  # fmt: skip
+        else:
+            if num_tree:  # a trie token's text position continues after its row's last real token
+                start = head_mask.sum(-1) + rope_deltas.to(head.device).view(-1)  # (B,)
+                tree_positions = (start[:, None] + plan["tree_depth"][None]).to(position_ids.dtype)
+                position_ids = torch.cat([position_ids, tree_positions[None].expand(3, -1, -1)], dim=-1)
+            output = self._score_pass(
+                head, head_mask, head_types, position_ids, tree, plan["tree_mask"], image_grid_thw, image_outputs,
+                eager=attn == "eager", logits_to_keep=num_prefix + 1 + num_tree, prompt_cache=prompt_cache,
+            )  # fmt: skip
+        # rows: the last prompt token and the prefix tokens (predicting the prefix, then each label's first
+        # specific token), then the trie tokens (predicting the next token of the labels that pass through them)
+        log_probs = output.logits.float().log_softmax(-1)  # (B, P + 1 + T, V)
+        # the common prefix's log-likelihood is the same for every label; it is added so that the result is the
+        # full answer's log-likelihood (it cancels in the normalised distribution)
+        prefix_ll = log_probs[:, :num_prefix].gather(-1, prefix[:, :, None]).sum((1, 2))  # (B,)
+        steps = log_probs[:, num_prefix:]  # (B, 1 + T, V): row 0 = after the prefix, 1 + i = trie slot i
+        picked = steps[:, plan["src"], plan["tgt"]]  # (B, C, K)
+        return picked.masked_fill(~plan["valid"], 0.0).sum(-1) + prefix_ll[:, None]
 
-    def _shared_prompt_prefix(self, head, head_mask, head_types):
-        """(length, per-layer (key, value) of shape (1, kv_heads, length, head_dim)) for the leading text tokens that
-        every row shares before its first image token, computed once and cached; (0, None) when there is none."""
-        batch, total = head.shape
-        pads = total - head_mask.sum(-1)  # left padding
-        span = int((total - pads.max()).item())
-        index = pads[:, None] + torch.arange(span, device=head.device)
-        tokens, types = head.gather(1, index), head_types.gather(1, index)
-        shared = (tokens == tokens[:1]).all(0) & (types == 0).all(0)
-        length = int(shared.long().cumprod(0).sum().item())
-        length = min(length, span - 1)  # at least one token stays in the pass
-        key = self._prompt_cache_key() if length > 0 else None
-        if key is None:
-            return 0, None
-        prefix = tuple(tokens[0, :length].tolist())
-        cached = getattr(self, "_prompt_kv", None)
-        if cached is not None and cached[0] == prefix and cached[1] == key and cached[2] == head.device:
-            return length, cached[3]
-        language_model = self.vlm.model.language_model
-        positions = torch.arange(length, device=head.device).view(1, 1, -1).expand(3, 1, -1)
-        output = language_model(input_ids=tokens[:1, :length], position_ids=positions, use_cache=True)
-        states = [(layer.keys, layer.values) for layer in output.cache.layers]
-        self._prompt_kv = (prefix, key, head.device, states)
-        return length, states
-
-    def _score_pass(self, head, head_mask, head_types, position_ids, tree, tree_positions, plan, image_grid_thw,
-                    image_outputs, attn, logits_to_keep):
-        """The language-model pass of `score_labels` with a tree attention mask (sdpa or eager) and, when it can be
-        used, the cached shared prefix of the prompt."""
-        batch, device = head.shape[0], head.device
-        num_tree = tree.shape[1]
-        valid_count = head_mask.sum(-1)
-        cached, states = self._shared_prompt_prefix(head, head_mask, head_types)
-        if cached:  # drop the cached tokens from every row (they follow the row's left padding)
-            total = head.shape[1]
-            keep = torch.arange(total - cached, device=device)[None].expand(batch, -1)
-            keep = torch.where(keep < (total - valid_count)[:, None], keep, keep + cached)
-            head, head_mask, head_types = head.gather(1, keep), head_mask.gather(1, keep), head_types.gather(1, keep)
-            position_ids = position_ids.gather(2, keep[None].expand(3, -1, -1))
-        if num_tree:
-            position_ids = torch.cat([position_ids, tree_positions[None].expand(3, -1, -1)], dim=-1)
-        total = head.shape[1]
-        valid = head_mask.bool()
-        full = total + num_tree
-        causal = torch.ones(total, total, dtype=torch.bool, device=device).tril()
-        mask = torch.zeros(batch, 1, full, cached + full, dtype=torch.bool, device=device)
-        mask[..., :cached] = True  # the shared prefix is seen by every token
-        # padded rows also attend to themselves, so that no row is fully masked (NaN-free; never read by real rows)
-        body = (causal[None] & valid[:, None, :]) | torch.eye(total, dtype=torch.bool, device=device)
-        mask[:, 0, :total, cached : cached + total] = body
-        if num_tree:
-            mask[:, 0, total:, cached : cached + total] = valid[:, None, :]
-            mask[:, 0, total:, cached + total :] = plan["tree_mask"]
-        if attn == "eager":
-            dtype = self.vlm.lm_head.weight.dtype
-            mask = torch.zeros(mask.shape, dtype=dtype, device=device).masked_fill(~mask, torch.finfo(dtype).min)
-        cache = None
-        if cached:
-            cache = DynamicCache(
-                ddp_cache_data=[(k.expand(batch, -1, -1, -1), v.expand(batch, -1, -1, -1)) for k, v in states]
+    def _score_pass(self, head, head_mask, head_types, position_ids, tree, tree_mask, image_grid_thw,
+                    image_outputs, eager, logits_to_keep, prompt_cache=None):
+        """The language-model pass of `score_labels` under a tree attention mask (sdpa or eager); the shared text
+        prefix of the prompt comes from `prompt_cache` when one is given. `position_ids` cover head + tree."""
+        batch, num_cached, cache = head.shape[0], 0, None
+        if prompt_cache is not None:
+            prefix_ids = shared_text_prefix(head, head_mask, head_types)
+            num_cached = len(prefix_ids)
+        if num_cached:
+            cache = prompt_cache.cache_for(self.vlm.model.language_model, prefix_ids, batch)
+            num_head = head.shape[1]
+            head_mask, head, head_types, head_positions = drop_leading_tokens(
+                num_cached, head_mask, head, head_types, position_ids[..., :num_head]
             )
+            position_ids = torch.cat([head_positions, position_ids[..., num_head:]], dim=-1)
+        mask = tree_attention_mask(head_mask, tree_mask, num_cached)
+        if eager:
+            dtype = self.vlm.lm_head.weight.dtype
+            mask = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
         return self.vlm(
             input_ids=torch.cat([head, tree], dim=1),
             attention_mask=mask,
@@ -462,71 +553,10 @@ class EmoVLMKDForImageClassification(EmoVLMKDPreTrainedModel):
             logits_to_keep=logits_to_keep,
         )
 
-    def score_labels(self, input_ids, attention_mask, image_grid_thw, mm_token_type_ids, image_outputs):
-        """Log-likelihood of each label's answer after the prompt: (B, C).
-
-        One forward pass of the language model: the prompt + image, the answers' common prefix and a token trie of
-        the label-specific parts are laid out as one sequence. The prompt and prefix attend causally; each trie
-        token attends to the prompt, the prefix and its own ancestors only (a tree attention mask) and sits at the
-        position it would have in its answer. Every label is thus scored in the prefill itself: the weights are read
-        once (a second, small forward over a cache would read all of them again). The text that every row shares
-        before its image (system turn, start of the user turn) is encoded once and its keys/values reused while the
-        weights do not change (inference only). `input_ids` must be left padded (`forward` takes care of it).
-        """
-        plan = self._scoring_plan(input_ids.device)
-        batch = input_ids.shape[0]
-        device = input_ids.device
-        prefix = plan["prefix"].expand(batch, -1)
-        tree = plan["tree_tokens"].expand(batch, -1)
-        num_prefix, num_tree = prefix.shape[1], tree.shape[1]
-        if mm_token_type_ids is None:
-            mm_token_type_ids = (input_ids == self.vlm.config.image_token_id).to(torch.int)
-        head = torch.cat([input_ids, prefix], dim=1)  # prompt + common prefix, attended causally
-        head_mask = torch.cat([attention_mask, torch.ones_like(prefix, dtype=attention_mask.dtype)], dim=1)
-        head_types = torch.cat([mm_token_type_ids, torch.zeros_like(prefix, dtype=mm_token_type_ids.dtype)], dim=1)
-        position_ids, rope_deltas = self.vlm.model.get_rope_index(
-            head,
-            image_grid_thw=image_grid_thw,
-            video_grid_thw=None,
-            attention_mask=head_mask,
-            mm_token_type_ids=head_types,
-        )
-        tree_positions = None
-        if num_tree:
-            # a trie token's text position continues after its row's last real token (valid length + rope delta)
-            start = head_mask.sum(-1) + rope_deltas.to(device).view(-1)  # (B,)
-            tree_positions = (start[:, None] + plan["tree_depth"][None]).to(position_ids.dtype)
-        attn = self.vlm.model.language_model.config._attn_implementation or "sdpa"
-        if attn not in ("sdpa", "eager"):  # flash attention & co. take no custom mask: a plain causal prefill
-            if num_tree:
-                raise NotImplementedError(f"score mode needs sdpa or eager attention (a tree mask), not {attn}")
-            output = self.vlm(
-                input_ids=head,
-                attention_mask=head_mask,
-                position_ids=position_ids,
-                image_grid_thw=image_grid_thw,
-                mm_token_type_ids=head_types,
-                mm_encoder_outputs={"image": image_outputs},
-                use_cache=False,
-                logits_to_keep=num_prefix + 1,
-            )
-        else:
-            output = self._score_pass(
-                head, head_mask, head_types, position_ids, tree, tree_positions, plan,
-                image_grid_thw, image_outputs, attn, logits_to_keep=num_prefix + 1 + num_tree,
-            )
-        # rows: the last prompt token and the prefix tokens (predicting the prefix, then each label's first
-        # specific token), then the trie tokens (predicting the next token of the labels that pass through them)
-        log_probs = output.logits.float().log_softmax(-1)  # (B, P + 1 + T, V)
-        # the common prefix's log-likelihood is the same for every label; it is added so that the result is the
-        # full answer's log-likelihood (it cancels in the normalised distribution)
-        prefix_ll = log_probs[:, :num_prefix].gather(-1, prefix[:, :, None]).sum((1, 2))  # (B,)
-        steps = log_probs[:, num_prefix:]  # (B, 1 + T, V): row 0 = after the prefix, 1 + i = trie slot i
-        picked = steps[:, plan["src"], plan["tgt"]]  # (B, C, K)
-        return picked.masked_fill(~plan["valid"], 0.0).sum(-1) + prefix_ll[:, None]
+    # -- the VLM branch, generate mode: the paper's protocol --------------------------------------------------------
 
     def generate_answers(self, input_ids, attention_mask, image_grid_thw, mm_token_type_ids, image_outputs, **kw):
-        """The paper's protocol: decode an answer (greedy unless `do_sample`), return new tokens."""
+        """Decode an answer (greedy unless `do_sample`) from the encoded images; return the new tokens (B, N)."""
         do_sample = kw.pop("do_sample", self.config.vlm_do_sample)
         gen_kwargs = {"max_new_tokens": kw.pop("max_new_tokens", self.config.vlm_max_new_tokens), "do_sample": do_sample}
         if do_sample:
@@ -547,29 +577,48 @@ class EmoVLMKDForImageClassification(EmoVLMKDPreTrainedModel):
         )
         return output[:, input_ids.shape[1] :]
 
-    def answers_to_vectors(self, generated_ids):
-        """Parse generated answers to one-hot vectors; an answer that names no label gives zeros."""
+    def answers_to_vectors(self, generated_ids, tokenizer=None):
+        """`(vectors (B, C), found (B,), texts)`: generated answers parsed to one-hot vectors (zeros where an answer
+        names no label). With a tokenizer the text is decoded and parsed (`parse_answer`); without one, each label's
+        answer tokens are matched at the start of the answer and `texts` is None."""
         labels = self.config.labels
-        batch, num_labels = generated_ids.shape[0], len(labels)
-        vectors = torch.zeros(batch, num_labels, device=generated_ids.device)
-        found = torch.zeros(batch, dtype=torch.bool, device=generated_ids.device)
         texts = None
-        if self._tokenizer is not None:
-            texts = self._tokenizer.batch_decode(generated_ids, skip_special_tokens=True)
+        if tokenizer is not None:
+            tokenizer = getattr(tokenizer, "tokenizer", tokenizer)  # a processor works too
+            texts = tokenizer.batch_decode(generated_ids, skip_special_tokens=True)
             choices = [parse_answer(text, labels) for text in texts]
-        else:  # token-level match of each label's answer tokens
-            answers = self.config.label_answer_token_ids or []
-            choices = []
-            for row in generated_ids.tolist():
-                hits = [i for i, a in enumerate(answers) if row[: len(a)] == list(a)]
-                choices.append(hits[0] if len(hits) == 1 else None)
-        for b, choice in enumerate(choices):
-            if choice is not None:
-                vectors[b, choice] = 1.0
-                found[b] = True
+        else:
+            choices = match_answer_tokens(generated_ids, self.config.label_answer_token_ids or [])
+        vectors, found = choices_to_vectors(choices, len(labels), device=generated_ids.device)
         return vectors, found, texts
 
-    # -- forward -------------------------------------------------------------------------------------------------
+    # -- entry points --------------------------------------------------------------------------------------------
+
+    def _encode(self, input_ids, attention_mask, pixel_values, image_grid_thw, mm_token_type_ids):
+        """Checked, left-padded inputs and the one visual-encoder pass with the head on its pooled tokens."""
+        if pixel_values is None or image_grid_thw is None:
+            raise ValueError("EmoVLM-KD needs `pixel_values` and `image_grid_thw` (one image per sample)")
+        if input_ids is None:
+            raise ValueError("EmoVLM-KD needs `input_ids` holding the classification prompt")
+        if image_grid_thw.shape[0] != input_ids.shape[0]:
+            raise ValueError(
+                f"one image per sample expected: {input_ids.shape[0]} prompts but {image_grid_thw.shape[0]} images"
+            )
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        attention_mask, input_ids, mm_token_type_ids = to_left_padding(attention_mask, input_ids, mm_token_type_ids)
+        image_outputs = self.encode_images(pixel_values, image_grid_thw)  # the one encoder pass
+        image_embeds = self.pool_image_features(image_outputs.pooler_output)
+        text = {"input_ids": input_ids, "attention_mask": attention_mask, "image_grid_thw": image_grid_thw,
+                "mm_token_type_ids": mm_token_type_ids, "image_outputs": image_outputs}  # fmt: skip
+        return text, image_embeds, self.forward_head(image_embeds)
+
+    def _combine(self, vlm_scores, found, image_embeds, distill_logits, labels, **fields):
+        """The gate over both branches, the loss when `labels` are given, and the output."""
+        logits = self.forward_gate(vlm_scores, distill_logits.softmax(-1))
+        loss = F.cross_entropy(logits.float(), labels.to(logits.device)) if labels is not None else None
+        return EmoVLMKDOutput(loss=loss, logits=logits, distill_logits=distill_logits, vlm_scores=vlm_scores,
+                              vlm_answer_found=found, image_embeds=image_embeds, **fields)  # fmt: skip
 
     def forward(
         self,
@@ -580,7 +629,7 @@ class EmoVLMKDForImageClassification(EmoVLMKDPreTrainedModel):
         mm_token_type_ids=None,
         labels=None,
         vlm_mode=None,
-        generation_kwargs=None,
+        prompt_cache=None,
         return_dict=None,
         **kwargs,
     ):
@@ -588,64 +637,64 @@ class EmoVLMKDForImageClassification(EmoVLMKDPreTrainedModel):
         input_ids, attention_mask, pixel_values, image_grid_thw, mm_token_type_ids: as returned by the Qwen2-VL
             processor for one image and the classification prompt per sample (either padding side).
         labels (`torch.LongTensor` of shape `(batch_size,)`, *optional*): class ids; gives `loss`.
-        vlm_mode (`str`, *optional*): `score` or `generate`, overriding `config.vlm_mode` for this call.
-        generation_kwargs (`dict`, *optional*): extra arguments for `generate` mode (`do_sample`, `temperature`...).
+        vlm_mode (`str`, *optional*): `score` (the only mode `forward` computes; `config.vlm_mode` by default).
+            `generate` decodes text: use `generate_labels`.
+        prompt_cache (`PromptPrefixCache`, *optional*): keys/values of the prompt's shared text prefix, reused across
+            calls of an inference loop over a frozen model; refused with autograd on or in training mode.
         """
-        if pixel_values is None or image_grid_thw is None:
-            raise ValueError("EmoVLM-KD needs `pixel_values` and `image_grid_thw` (one image per sample)")
-        if input_ids is None:
-            raise ValueError("EmoVLM-KD needs `input_ids` holding the classification prompt")
-        if image_grid_thw.shape[0] != input_ids.shape[0]:
-            raise ValueError(
-                f"one image per sample expected: {input_ids.shape[0]} prompts but {image_grid_thw.shape[0]} images"
-            )
         vlm_mode = vlm_mode or self.config.vlm_mode
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
-        attention_mask, input_ids, mm_token_type_ids = to_left_padding(attention_mask, input_ids, mm_token_type_ids)
-
-        image_outputs = self.encode_images(pixel_values, image_grid_thw)  # the one encoder pass
-        image_embeds = self.pool_image_features(image_outputs.pooler_output)
-        distill_logits = self.forward_head(image_embeds)
-
-        log_likelihoods = generated_ids = texts = None
-        if vlm_mode == "score":
-            log_likelihoods = self.score_labels(
-                input_ids, attention_mask, image_grid_thw, mm_token_type_ids, image_outputs
+        if vlm_mode == "generate":
+            raise ValueError(
+                "`forward` computes tensors only (score mode); generate mode decodes and parses text: call "
+                "`model.generate_labels(**inputs, tokenizer=processor.tokenizer)` (the pipeline and "
+                "`emovlm_kd.inference.run_batch` do so for vlm_mode='generate')"
             )
-            probs = log_likelihoods.softmax(-1)
-            if self.config.vlm_vector == "onehot":
-                probs = F.one_hot(probs.argmax(-1), probs.shape[-1]).to(probs.dtype)
-            vlm_scores = probs
-            found = torch.ones(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
-        elif vlm_mode == "generate":
-            with torch.no_grad():
-                generated_ids = self.generate_answers(
-                    input_ids,
-                    attention_mask,
-                    image_grid_thw,
-                    mm_token_type_ids,
-                    image_outputs,
-                    **(generation_kwargs or {}),
-                )
-            vlm_scores, found, texts = self.answers_to_vectors(generated_ids)
-        else:
+        if vlm_mode != "score":
             raise ValueError(f"vlm_mode must be 'score' or 'generate', got {vlm_mode!r}")
+        if prompt_cache is not None and (self.training or torch.is_grad_enabled()):
+            raise ValueError("`prompt_cache` is for inference only: use it under torch.inference_mode() in eval mode")
+        text, image_embeds, distill_logits = self._encode(
+            input_ids, attention_mask, pixel_values, image_grid_thw, mm_token_type_ids
+        )
+        log_likelihoods = self.score_labels(**text, prompt_cache=prompt_cache)
+        vlm_scores = log_likelihoods.softmax(-1)
+        if self.config.vlm_vector == "onehot":
+            vlm_scores = F.one_hot(vlm_scores.argmax(-1), vlm_scores.shape[-1]).to(vlm_scores.dtype)
+        found = torch.ones(vlm_scores.shape[0], dtype=torch.bool, device=vlm_scores.device)
+        return self._combine(
+            vlm_scores, found, image_embeds, distill_logits, labels, vlm_log_likelihoods=log_likelihoods
+        )
 
-        logits = self.forward_gate(vlm_scores, distill_logits.softmax(-1))
-        loss = None
-        if labels is not None:
-            loss = F.cross_entropy(logits.float(), labels.to(logits.device))
-        return EmoVLMKDOutput(
-            loss=loss,
-            logits=logits,
-            distill_logits=distill_logits,
-            vlm_scores=vlm_scores,
-            vlm_log_likelihoods=log_likelihoods,
-            vlm_answer_found=found,
-            image_embeds=image_embeds,
-            generated_ids=generated_ids,
-            generated_text=texts,
+    def generate_labels(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        pixel_values=None,
+        image_grid_thw=None,
+        mm_token_type_ids=None,
+        labels=None,
+        tokenizer=None,
+        generation_kwargs=None,
+        **kwargs,
+    ):
+        r"""
+        The paper's protocol for the VLM branch: decode an answer (greedy; sampling with
+        `generation_kwargs={"do_sample": True}`), parse it to a label and feed its one-hot vector to the gate. An
+        answer that names no label gives a zero vector and `vlm_answer_found=False`, never class 0. One visual-encoder
+        pass per image feeds both the language model and the head. Inputs as for `forward`.
+
+        tokenizer (*optional*): decodes the answers (`generated_text`) and parses them with `parse_answer`; without
+            one, each label's answer tokens are matched at the start of the generated tokens.
+        generation_kwargs (`dict`, *optional*): extra arguments for `generate` (`max_new_tokens`, `do_sample`...).
+        """
+        text, image_embeds, distill_logits = self._encode(
+            input_ids, attention_mask, pixel_values, image_grid_thw, mm_token_type_ids
+        )
+        with torch.no_grad():
+            generated_ids = self.generate_answers(**text, **(generation_kwargs or {}))
+        vlm_scores, found, texts = self.answers_to_vectors(generated_ids, tokenizer)
+        return self._combine(
+            vlm_scores, found, image_embeds, distill_logits, labels, generated_ids=generated_ids, generated_text=texts
         )
 
 
@@ -663,6 +712,7 @@ __all__ = [
     "EmoVLMKDOutput",
     "EmoVLMKDPreTrainedModel",
     "LabelScoringPlan",
+    "PromptPrefixCache",
     "build_prompt_text",
     "parse_answer",
 ]

@@ -12,9 +12,9 @@ from transformers import Pipeline
 from transformers.image_utils import load_image
 
 try:
-    from .modeling_emovlm_kd import build_prompt_text
+    from .modeling_emovlm_kd import PromptPrefixCache, build_prompt_text
 except ImportError:  # imported as a plain module (not from a Hub folder)
-    from modeling_emovlm_kd import build_prompt_text
+    from modeling_emovlm_kd import PromptPrefixCache, build_prompt_text
 
 
 ORIENTATION_TAG = 0x0112
@@ -24,10 +24,9 @@ EXIF_TRANSPOSE = {2: 0, 3: 3, 4: 1, 5: 5, 6: 4, 7: 6, 8: 2}
 
 
 def to_rgb(image):
-    """An upright RGB image: EXIF orientation applied, first frame of animations, 16-bit greyscale scaled to 8 bits,
-    transparency composited on white. Paths, URLs and base64 strings go through transformers' `load_image`."""
-    if isinstance(image, str):
-        return load_image(image)
+    """An upright RGB copy of a PIL image: EXIF orientation applied (once: the tag is read here, and the result
+    carries none), first frame of animations, 16-bit greyscale scaled to 8 bits, transparency (alpha or a palette's
+    transparent colour) composited on white."""
     if getattr(image, "is_animated", False):
         image.seek(0)
     orientation = image.getexif().get(ORIENTATION_TAG)  # read first: mode conversions drop TIFF tags
@@ -74,6 +73,18 @@ def fit_image(image, max_aspect_ratio=MAX_ASPECT_RATIO, min_side=MIN_SIDE):
     return image
 
 
+def prepare_image(image, timeout=None):
+    """The one way an image is made ready for the model: `to_rgb` (orientation, first frame, 16 bits, transparency
+    on white, palette), then `fit_image` (tiny images upscaled, extreme aspect ratios padded).
+
+    `image` is a PIL image, or a path, URL or base64 string, which transformers' `load_image` opens (that loader
+    applies the EXIF orientation and flattens to RGB itself; `to_rgb` then finds no orientation left to apply).
+    """
+    if isinstance(image, str):
+        image = load_image(image, timeout=timeout)
+    return fit_image(to_rgb(image))
+
+
 def prepare_inputs(processor, config, images):
     """Processor outputs for a batch of RGB images, each with the classification prompt (left padded)."""
     prompt = build_prompt_text(processor, config)
@@ -101,19 +112,30 @@ class EmoVLMKDImageClassificationPipeline(Pipeline):
     _load_feature_extractor = False
     _load_tokenizer = False
 
+    _prompt_cache = None  # a `PromptPrefixCache` for the duration of one `__call__` (the model is frozen meanwhile)
+
+    def __call__(self, images, **kwargs):
+        self._prompt_cache = PromptPrefixCache()
+        try:
+            return super().__call__(images, **kwargs)
+        finally:
+            self._prompt_cache = None
+
     def _sanitize_parameters(self, top_k=None, vlm_mode=None, timeout=None, **kwargs):
+        preprocess_kwargs = {"timeout": timeout} if timeout is not None else {}
         forward_kwargs = {"vlm_mode": vlm_mode} if vlm_mode is not None else {}
         postprocess_kwargs = {"top_k": top_k} if top_k is not None else {}
-        return {}, forward_kwargs, postprocess_kwargs
+        return preprocess_kwargs, forward_kwargs, postprocess_kwargs
 
-    def preprocess(self, image):
-        inputs = prepare_inputs(self.processor, self.model.config, [fit_image(to_rgb(image))])
-        return inputs
+    def preprocess(self, image, timeout=None):
+        return prepare_inputs(self.processor, self.model.config, [prepare_image(image, timeout=timeout)])
 
     def _forward(self, model_inputs, vlm_mode=None):
-        if self.model._tokenizer is None:
-            self.model.attach_tokenizer(self.processor.tokenizer)
-        output = self.model(**model_inputs, vlm_mode=vlm_mode)
+        if (vlm_mode or self.model.config.vlm_mode) == "generate":
+            output = self.model.generate_labels(**model_inputs, tokenizer=self.processor.tokenizer)
+        else:
+            cache = None if self.model.training else self._prompt_cache
+            output = self.model(**model_inputs, vlm_mode="score", prompt_cache=cache)
         return {"logits": output.logits}
 
     def postprocess(self, model_outputs, top_k=None):
@@ -121,4 +143,11 @@ class EmoVLMKDImageClassificationPipeline(Pipeline):
         return scores_to_predictions(probs, self.model.config.id2label, top_k or len(probs))
 
 
-__all__ = ["EmoVLMKDImageClassificationPipeline", "fit_image", "prepare_inputs", "to_rgb", "scores_to_predictions"]
+__all__ = [
+    "EmoVLMKDImageClassificationPipeline",
+    "fit_image",
+    "prepare_image",
+    "prepare_inputs",
+    "scores_to_predictions",
+    "to_rgb",
+]

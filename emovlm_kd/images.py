@@ -1,12 +1,16 @@
-"""Reading images people actually have: any mode, format, orientation, size; clear errors for broken files."""
+"""Reading images people actually have: any mode, format, orientation, size; clear errors for broken files.
+
+The one image path, `prepare_image`, lives beside the model in `pipeline_emovlm_kd` (it travels to the Hub with the
+pipeline) and is re-exported here; `load_image_file` opens a file, checks it and hands it to `prepare_image`.
+"""
 
 import logging
 import os
 from pathlib import Path
 
-from PIL import Image, ImageOps
+from PIL import Image
 
-from pipeline_emovlm_kd import MAX_ASPECT_RATIO, MIN_SIDE, fit_image, to_rgb  # noqa: F401  (re-exported)
+from pipeline_emovlm_kd import MAX_ASPECT_RATIO, MIN_SIDE, fit_image, prepare_image, to_rgb  # noqa: F401  (re-exported)
 
 logger = logging.getLogger(__name__)
 
@@ -31,13 +35,8 @@ def iter_image_files(inputs):
             yield path
 
 
-def prepare_image(image):
-    """A PIL image (e.g. from a `datasets` Image column) made ready for the model: upright RGB, fitted."""
-    return fit_image(to_rgb(image))
-
-
 def load_image_file(path):
-    """An upright RGB PIL image from `path`, or `ImageLoadError` saying what is wrong with the file."""
+    """`prepare_image` of the file at `path` (upright, RGB, fitted), or `ImageLoadError` saying what is wrong."""
     path = Path(path)
     if not path.exists():
         raise ImageLoadError("file not found")
@@ -49,9 +48,8 @@ def load_image_file(path):
         with Image.open(path) as image:  # raises DecompressionBombError above twice the limit
             _check_pixels(image.size)  # between one and two times the limit Pillow only warns
             image.seek(0)
-            image.load()
-            image = ImageOps.exif_transpose(image)
-            image = to_rgb(image)
+            image.load()  # decode now: a truncated or corrupt file fails here, with the file still open
+            image = prepare_image(image)
     except Image.DecompressionBombError as error:
         raise ImageLoadError(f"decompression bomb refused: {error}") from None
     except Image.UnidentifiedImageError:
@@ -60,7 +58,7 @@ def load_image_file(path):
         raise
     except Exception as error:  # Pillow raises OSError, SyntaxError, EOFError, struct.error, zlib.error, ...
         raise ImageLoadError(f"unreadable image: {type(error).__name__}: {error}") from None
-    return fit_image(image)
+    return image
 
 
 def _check_pixels(size):

@@ -2,16 +2,28 @@
 
 import torch
 
+from modeling_emovlm_kd import PromptPrefixCache
 from pipeline_emovlm_kd import prepare_inputs
+
+__all__ = ["PromptPrefixCache", "describe", "run_batch"]
 
 
 @torch.inference_mode()
-def run_batch(model, processor, images, vlm_mode=None):
-    """Model outputs for a list of RGB PIL images (one prompt each), moved to the CPU as float32."""
+def run_batch(model, processor, images, vlm_mode=None, prompt_cache=None):
+    """Model outputs for a list of RGB PIL images (one prompt each), moved to the CPU as float32.
+
+    `vlm_mode` (default `model.config.vlm_mode`): `score` runs `model(...)`; `generate` runs `model.generate_labels`
+    with the processor's tokenizer (answers decoded into `generated_text`). `prompt_cache`: a `PromptPrefixCache`
+    that a loop over a frozen model creates once and passes to every call (score mode), so that the prompt's shared
+    text prefix is encoded once per run.
+    """
     inputs = prepare_inputs(processor, model.config, images).to(model.device)
     if "pixel_values" in inputs:
         inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
-    output = model(**inputs, vlm_mode=vlm_mode)
+    if (vlm_mode or model.config.vlm_mode) == "generate":
+        output = model.generate_labels(**inputs, tokenizer=processor.tokenizer)
+    else:
+        output = model(**inputs, vlm_mode="score", prompt_cache=prompt_cache)
     for key in ("logits", "distill_logits", "vlm_scores", "vlm_log_likelihoods", "image_embeds"):
         if output.get(key) is not None:
             output[key] = output[key].detach().float().cpu()

@@ -1,4 +1,4 @@
-"""The bundled model: shapes, gates, one encoder pass, score mode, batching, Hub round trips."""
+"""The bundled model: shapes, gates, one encoder pass, score mode, generate mode, batching, Hub round trips."""
 
 import hashlib
 import json
@@ -10,12 +10,19 @@ import pytest
 import torch
 
 from configuration_emovlm_kd import GATE_TYPES, EmoVLMKDConfig
-from modeling_emovlm_kd import EmoVLMKDForImageClassification, LabelScoringPlan, parse_answer
+from modeling_emovlm_kd import EmoVLMKDForImageClassification, parse_answer
 from pipeline_emovlm_kd import prepare_inputs
 
 
 def _inputs(model, processor, images):
     return prepare_inputs(processor, model.config, images)
+
+
+def _run(model, inputs, mode, tokenizer=None, **generation):
+    """`score`: the forward (tensors only); `generate`: `generate_labels` (decoding and parsing)."""
+    if mode == "generate":
+        return model.generate_labels(**inputs, tokenizer=tokenizer, generation_kwargs=generation)
+    return model(**inputs, vlm_mode=mode)
 
 
 class EncoderCounter:
@@ -78,7 +85,7 @@ def test_one_encoder_call_per_forward(tiny_bundle, images, mode):
     model, processor = tiny_bundle
     inputs = _inputs(model, processor, images)
     with EncoderCounter(model) as counter, torch.no_grad():
-        model(**inputs, vlm_mode=mode, generation_kwargs={"max_new_tokens": 4})
+        _run(model, inputs, mode, max_new_tokens=4)
     assert counter.calls == 1
 
 
@@ -95,12 +102,59 @@ def test_one_encoder_call_per_pipeline_call(tiny_bundle_dir, images):
     assert [r["label"] for r in result] == [r["label"] for r in full[:3]]
 
 
+def test_pipeline_generate_mode_parses_answers_with_one_encoder_call(tiny_bundle_dir, images):
+    from transformers import pipeline
+
+    classify = pipeline(model=str(tiny_bundle_dir), trust_remote_code=True)
+    with EncoderCounter(classify.model) as counter:
+        result = classify(images[0], vlm_mode="generate")
+    assert counter.calls == 1
+    assert sum(r["score"] for r in result) == pytest.approx(1.0, abs=1e-5)
+    inputs = _inputs(classify.model, classify.processor, [images[0]])
+    with torch.no_grad():
+        expected = classify.model.generate_labels(**inputs, tokenizer=classify.processor.tokenizer).logits[0]
+    by_label = {r["label"]: r["score"] for r in result}
+    scores = torch.tensor([by_label[label] for label in classify.model.config.labels])
+    torch.testing.assert_close(scores, expected.softmax(-1), atol=1e-5, rtol=1e-4)
+
+
+def test_forward_computes_tensors_and_generate_labels_decodes(tiny_bundle, images):
+    """No tokenizer lives on the model: `forward` refuses generate mode and names the method that runs it."""
+    model, processor = tiny_bundle
+    inputs = _inputs(model, processor, images)
+    assert not hasattr(model, "attach_tokenizer") and not hasattr(model, "_tokenizer")
+    with pytest.raises(ValueError, match="generate_labels"), torch.no_grad():
+        model(**inputs, vlm_mode="generate")
+    with torch.no_grad():
+        plain = model.generate_labels(**inputs, generation_kwargs={"max_new_tokens": 3})
+        decoded = model.generate_labels(**inputs, tokenizer=processor.tokenizer, generation_kwargs={"max_new_tokens": 3})
+    assert plain.generated_text is None and plain.generated_ids.shape == (3, 3)
+    assert decoded.generated_text == processor.tokenizer.batch_decode(decoded.generated_ids, skip_special_tokens=True)
+    assert torch.equal(plain.generated_ids, decoded.generated_ids)
+
+
+def test_answers_to_vectors_parses_text_or_matches_tokens(tiny_bundle):
+    model, processor = tiny_bundle
+    labels = model.config.labels
+    answers = model.config.label_answer_token_ids
+    rows = [answers[2], answers[0], processor.tokenizer("no idea", add_special_tokens=False)["input_ids"]]
+    width = max(map(len, rows))
+    pad = model.vlm.config.text_config.pad_token_id
+    generated = torch.tensor([row + [pad] * (width - len(row)) for row in rows])
+    for tokenizer in (None, processor.tokenizer):
+        vectors, found, texts = model.answers_to_vectors(generated, tokenizer)
+        assert found.tolist() == [True, True, False]
+        assert vectors.argmax(-1)[:2].tolist() == [2, 0] and vectors.sum(-1).tolist() == [1.0, 1.0, 0.0]
+        assert (texts is None) == (tokenizer is None)
+    assert parse_answer(texts[0], labels) == 2
+
+
 def test_encoder_features_feed_both_branches(tiny_bundle, images):
     """Generation from precomputed features equals generation from pixels (same features reach the LLM)."""
     model, processor = tiny_bundle
     inputs = _inputs(model, processor, images[:1])
     with torch.no_grad():
-        ours = model(**inputs, vlm_mode="generate", generation_kwargs={"max_new_tokens": 6}).generated_ids
+        ours = model.generate_labels(**inputs, generation_kwargs={"max_new_tokens": 6}).generated_ids
         plain = model.vlm.generate(**inputs, max_new_tokens=6, do_sample=False)
     assert torch.equal(ours, plain[:, inputs["input_ids"].shape[1] :])
 
@@ -138,11 +192,10 @@ def test_score_mode_equals_brute_force(tiny_bundle, images):
 @pytest.mark.parametrize("mode", ["score", "generate"])
 def test_batch_equals_one_at_a_time(tiny_bundle, images, mode):
     model, processor = tiny_bundle
-    kwargs = {"vlm_mode": mode, "generation_kwargs": {"max_new_tokens": 5}}
     with torch.no_grad():
-        batch = model(**_inputs(model, processor, images), **kwargs)
+        batch = _run(model, _inputs(model, processor, images), mode, max_new_tokens=5)
         for i, image in enumerate(images):
-            single = model(**_inputs(model, processor, [image]), **kwargs)
+            single = _run(model, _inputs(model, processor, [image]), mode, max_new_tokens=5)
             torch.testing.assert_close(batch.logits[i], single.logits[0], atol=1e-5, rtol=1e-4)
             torch.testing.assert_close(batch.distill_logits[i], single.distill_logits[0], atol=1e-5, rtol=1e-4)
             if mode == "generate":
@@ -171,7 +224,7 @@ def test_right_padding_is_handled(tiny_bundle, images):
 def test_unparseable_answer_gives_zero_vector_and_is_counted(tiny_bundle, images):
     model, processor = tiny_bundle  # a random model writes gibberish, which names no label
     with torch.no_grad():
-        out = model(**_inputs(model, processor, images), vlm_mode="generate", generation_kwargs={"max_new_tokens": 3})
+        out = _run(model, _inputs(model, processor, images), "generate", processor.tokenizer, max_new_tokens=3)
     assert not out.vlm_answer_found.any()
     assert torch.equal(out.vlm_scores, torch.zeros_like(out.vlm_scores))
 
@@ -183,17 +236,6 @@ def test_parse_answer():
     assert parse_answer("I think this is amusement.", labels) == 0
     assert parse_answer("anger or awe", labels) is None
     assert parse_answer("no idea", labels) is None
-
-
-def test_scoring_plan_skips_continuation_when_first_tokens_differ():
-    plan = LabelScoringPlan([[5, 6, 10], [5, 6, 11], [5, 6, 12]])
-    assert plan.prefix == [5, 6] and plan.tree_tokens == []
-    shared = LabelScoringPlan([[1, 7, 8], [1, 7, 9], [1, 4]])
-    assert shared.prefix == [1]
-    assert shared.tree_tokens == [7]  # one trie node shared by the first two labels
-    assert shared.sources == [[0, 1], [0, 1], [0]]
-    with pytest.raises(ValueError, match="prefix"):
-        LabelScoringPlan([[1, 2], [1, 2, 3]])
 
 
 def test_config_validation_names_the_field():

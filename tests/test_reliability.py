@@ -138,6 +138,27 @@ def test_odd_modes_keep_their_pixels(tmp_path):
         assert width * height < 1_000_000, (name, width, height)  # padded, then upscaled: stays small
 
 
+def test_one_image_path_for_files_pil_images_and_paths(tmp_path):
+    """`emovlm_kd.images.prepare_image` is the pipeline's; reading a file is opening it plus that one function, and
+    the EXIF orientation is applied exactly once on every route (files, PIL images, path strings)."""
+    import emovlm_kd.images
+    import pipeline_emovlm_kd
+    from emovlm_kd.images import load_image_file, prepare_image
+
+    assert emovlm_kd.images.prepare_image is pipeline_emovlm_kd.prepare_image
+    names = write_odd_images(tmp_path / "odd")
+    for name in names:
+        with Image.open(tmp_path / "odd" / name) as image:
+            expected = np.asarray(prepare_image(image))
+        assert np.array_equal(np.asarray(load_image_file(tmp_path / "odd" / name)), expected), name
+    upright = np.asarray(Image.open(tmp_path / "odd" / "exif6_upright.png"))
+    assert np.array_equal(np.asarray(load_image_file(tmp_path / "odd" / "exif6.jpg")), upright)
+    assert np.array_equal(np.asarray(prepare_image(str(tmp_path / "odd" / "exif6.jpg"))), upright)  # a path string
+    for name in ("photo.bmp", "tall.png", "one_pixel.png"):  # strings are opened by transformers, then fitted alike
+        path = tmp_path / "odd" / name
+        assert np.array_equal(np.asarray(prepare_image(str(path))), np.asarray(load_image_file(path))), name
+
+
 @pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
 def test_predict_reports_each_unreadable_file_and_goes_on(tiny_bundle_dir, tmp_path, capsys, monkeypatch):
     folder = tmp_path / "mixed"

@@ -28,7 +28,7 @@ def run(args):
     from emovlm_kd.errors import UsageError
     from emovlm_kd.hub import load_bundle
     from emovlm_kd.images import ImageLoadError, iter_image_files, load_image_file
-    from emovlm_kd.inference import describe, run_batch
+    from emovlm_kd.inference import PromptPrefixCache, describe, run_batch
 
     if args.batch_size < 1:
         raise UsageError(f"--batch-size must be >= 1, got {args.batch_size}")
@@ -42,6 +42,7 @@ def run(args):
     except (OSError, ValueError) as error:
         raise UsageError(f"--model: cannot load {args.model!r}: {error}")
     id2label = model.config.id2label
+    prompt_cache = PromptPrefixCache()  # the model stays frozen for the whole run: its prompt prefix is encoded once
 
     try:
         out = open(args.output, "w", encoding="utf-8") if args.output else sys.stdout
@@ -62,7 +63,7 @@ def run(args):
                         logger.warning("skipping %s: %s", path, error)
                         records.append({"path": str(path), "error": str(error)})
                 if images:
-                    output = run_batch(model, processor, images, vlm_mode=args.vlm_mode)
+                    output = run_batch(model, processor, images, vlm_mode=args.vlm_mode, prompt_cache=prompt_cache)
                     for i, slot in enumerate(slots):
                         records[slot].update(describe(output, i, id2label))
                 for record in records:
