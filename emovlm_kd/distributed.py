@@ -1,69 +1,56 @@
-"""Several processes (torchrun / accelerate launch): shard the cached passes, gather on every rank."""
+"""Several processes (torchrun / accelerate launch) through accelerate's `PartialState`: the main process decides,
+the others follow; cached passes are split between the processes and gathered back in order on every one.
 
-import logging
+In one process every helper is a no-op (`PartialState` then describes a single, non-distributed process).
+"""
 
 import torch
-import torch.distributed as dist
+from accelerate import PartialState
+from accelerate.utils import broadcast_object_list, gather_object
 from tqdm.auto import tqdm
 
-logger = logging.getLogger(__name__)
 
+def state():
+    """The process state; the first call joins the process group under torchrun (gloo on CPU, nccl on CUDA).
 
-def is_distributed():
-    return dist.is_available() and dist.is_initialized()
-
-
-def rank():
-    return dist.get_rank() if is_distributed() else 0
-
-
-def world_size():
-    return dist.get_world_size() if is_distributed() else 1
+    `cpu=True` without CUDA: otherwise accelerate takes several CPU processes for a single one (and the state is
+    shared by every later `PartialState`, the Trainer's included)."""
+    return PartialState(cpu=not torch.cuda.is_available())
 
 
 def is_main_process():
-    return rank() == 0
+    return state().is_main_process
+
+
+def world_size():
+    return state().num_processes
 
 
 def barrier():
-    if is_distributed():
-        dist.barrier()
+    state().wait_for_everyone()
 
 
 def main_process_decides(value_fn):
     """`value_fn()` evaluated on the main process and shared with all (so every process takes the same branch)."""
-    if not is_distributed():
+    if world_size() == 1:
         return value_fn()
     box = [value_fn() if is_main_process() else None]
-    dist.broadcast_object_list(box, src=0)
+    broadcast_object_list(box, from_process=0)
     return box[0]
-
-
-def init_distributed():
-    """Join the process group when started by torchrun (the Trainer would otherwise do it later)."""
-    import os
-
-    if "RANK" in os.environ and "WORLD_SIZE" in os.environ and not is_distributed() and int(os.environ["WORLD_SIZE"]) > 1:
-        from accelerate import PartialState
-
-        PartialState()  # initialises torch.distributed (gloo on CPU, nccl on CUDA)
 
 
 def map_sharded(compute_batch, length, batch_size, desc="caching"):
     """Run `compute_batch(indices) -> dict of tensors` over range(length) in batches, each process a contiguous
-    shard; every process gets the full concatenation in the original order."""
-    shard = -(-length // world_size())
-    start, stop = min(length, rank() * shard), min(length, (rank() + 1) * shard)
+    share (`split_between_processes`); every process gets the full concatenation in the original order."""
     parts = []
-    with tqdm(total=stop - start, desc=desc, unit="img", disable=not is_main_process() or None) as bar:
-        for begin in range(start, stop, batch_size):
-            indices = list(range(begin, min(stop, begin + batch_size)))
-            parts.append(compute_batch(indices))
-            bar.update(len(indices))
+    with state().split_between_processes(list(range(length))) as mine:
+        with tqdm(total=len(mine), desc=desc, unit="img", disable=not is_main_process() or None) as bar:
+            for begin in range(0, len(mine), batch_size):
+                indices = mine[begin : begin + batch_size]
+                parts.append(compute_batch(indices))
+                bar.update(len(indices))
     local = {k: torch.cat([p[k] for p in parts]) for k in parts[0]} if parts else None
-    if not is_distributed():
+    if world_size() == 1:
         return local
-    gathered = [None] * world_size()
-    dist.all_gather_object(gathered, local)
-    gathered = [g for g in gathered if g is not None]
+    gathered = [g for g in gather_object([local]) if g is not None]  # one entry per process, in rank order
     return {k: torch.cat([g[k] for g in gathered]) for k in gathered[0]}

@@ -1,65 +1,81 @@
-"""Writing an EmoVLM-KD bundle as a self-contained Hub folder (weights, config with auto_map, code, processor)."""
+"""Writing an EmoVLM-KD bundle as a self-contained Hub folder (weights, config with auto_map, code, processor).
 
+transformers' own registration does the work: `register_for_auto_class` makes `save_pretrained` copy the model and
+config files and write `auto_map`; `PIPELINE_REGISTRY.register_pipeline` makes the pipeline's `save_pretrained`
+copy the pipeline file and write `custom_pipelines`.
+"""
+
+import contextlib
 import logging
-import os
 import shutil
 from pathlib import Path
 
-import configuration_emovlm_kd
-import modeling_emovlm_kd
-import pipeline_emovlm_kd
+from transformers import AutoModelForImageClassification
+from transformers.pipelines import PIPELINE_REGISTRY
+
+from configuration_emovlm_kd import EmoVLMKDConfig
+from modeling_emovlm_kd import EmoVLMKDForImageClassification
+from pipeline_emovlm_kd import EmoVLMKDImageClassificationPipeline
 
 logger = logging.getLogger(__name__)
 
-CODE_FILES = [configuration_emovlm_kd.__file__, modeling_emovlm_kd.__file__, pipeline_emovlm_kd.__file__]
-
-AUTO_MAP = {
-    "AutoConfig": "configuration_emovlm_kd.EmoVLMKDConfig",
-    "AutoModel": "modeling_emovlm_kd.EmoVLMKDForImageClassification",
-    "AutoModelForImageClassification": "modeling_emovlm_kd.EmoVLMKDForImageClassification",
-}
-
-CUSTOM_PIPELINES = {
-    "image-classification": {
-        "impl": "pipeline_emovlm_kd.EmoVLMKDImageClassificationPipeline",
-        "pt": ["AutoModelForImageClassification"],
-        "tf": [],
-        "type": "multimodal",
-    }
-}
+TASK = "image-classification"
+# register_for_auto_class keeps one auto class per model class; AutoModel is the extra entry (HF-NOTES.md)
+EXTRA_AUTO_MAP = {"AutoModel": "modeling_emovlm_kd.EmoVLMKDForImageClassification"}
 
 
-def save_bundle(model, processor, output_dir, model_card=None, safe_serialization=True):
+@contextlib.contextmanager
+def registered_pipeline():
+    """Our pipeline registered for `image-classification` while a bundle is written, the registry restored after
+    (so other image-classification models in this process keep transformers' own pipeline)."""
+    previous = PIPELINE_REGISTRY.supported_tasks.get(TASK)
+    PIPELINE_REGISTRY.supported_tasks.pop(TASK, None)  # no "overwriting" warning for a registration we undo
+    PIPELINE_REGISTRY.register_pipeline(TASK, pipeline_class=EmoVLMKDImageClassificationPipeline,
+                                        pt_model=AutoModelForImageClassification, type="multimodal")
+    try:
+        yield
+    finally:
+        if previous is not None:
+            PIPELINE_REGISTRY.supported_tasks[TASK] = previous
+
+
+def save_bundle(model, processor, output_dir, model_card=None):
     """Save model + processor + the three code files into `output_dir`, atomically (temp folder, then rename).
 
     `from_pretrained(output_dir, trust_remote_code=True)` then works through AutoConfig, AutoModel,
-    AutoModelForImageClassification and `pipeline(model=output_dir, trust_remote_code=True)`.
+    AutoModelForImageClassification and `pipeline(model=output_dir, trust_remote_code=True)`. `model_card` is a
+    `huggingface_hub.ModelCard` (or its text), written as README.md.
     """
     output_dir = Path(output_dir)
     tmp = output_dir.with_name(output_dir.name + ".tmp")
     if tmp.exists():
         shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    model.config.auto_map = dict(AUTO_MAP)
-    model.config.custom_pipelines = {k: dict(v) for k, v in CUSTOM_PIPELINES.items()}
-    model.config.architectures = ["EmoVLMKDForImageClassification"]
-    model.save_pretrained(tmp)
-    processor.save_pretrained(tmp)
-    for path in CODE_FILES:
-        shutil.copyfile(path, tmp / os.path.basename(path))
+    EmoVLMKDConfig.register_for_auto_class()
+    EmoVLMKDForImageClassification.register_for_auto_class("AutoModelForImageClassification")
+    model.config.auto_map = dict(EXTRA_AUTO_MAP)
+    model.config.architectures = [type(model).__name__]
+    with registered_pipeline():
+        pipe = EmoVLMKDImageClassificationPipeline(model=model, processor=processor, device=model.device)
+        pipe.save_pretrained(tmp)  # the model, its code files, auto_map and custom_pipelines
+    processor.save_pretrained(tmp)  # the whole processor (the pipeline writes only its parts)
     if model_card is not None:
-        (tmp / "README.md").write_text(model_card, encoding="utf-8")
-    if output_dir.exists():
-        old = output_dir.with_name(output_dir.name + ".old")
-        if old.exists():
-            shutil.rmtree(old)
-        output_dir.rename(old)
-        tmp.rename(output_dir)
-        shutil.rmtree(old)
-    else:
-        tmp.rename(output_dir)
+        (tmp / "README.md").write_text(str(model_card), encoding="utf-8")
+    _replace_folder(tmp, output_dir)
     logger.info("saved EmoVLM-KD bundle to %s", output_dir)
     return output_dir
+
+
+def _replace_folder(new, target):
+    """Put folder `new` at `target`, the old `target` moved aside first and removed once the new one is in place."""
+    if target.exists():
+        old = target.with_name(target.name + ".old")
+        if old.exists():
+            shutil.rmtree(old)
+        target.rename(old)
+        new.rename(target)
+        shutil.rmtree(old)
+    else:
+        new.rename(target)
 
 
 def load_bundle(path, dtype=None, device=None):
@@ -73,5 +89,4 @@ def load_bundle(path, dtype=None, device=None):
     if device is not None:
         model.to(device)
     processor = AutoProcessor.from_pretrained(path, trust_remote_code=True)
-    model.attach_tokenizer(processor.tokenizer)
     return model, processor

@@ -4,6 +4,7 @@ Everything is seeded: the same arguments give the same bytes on disk.
 """
 
 import logging
+from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -159,3 +160,17 @@ def build_tiny_bundle(labels=MIKELS8, seed=0, head_hidden_sizes=(64,), widths=No
         vlm, labels, processor=processor, head_hidden_sizes=list(head_hidden_sizes), **config_kwargs
     )
     return model.eval(), processor
+
+
+def build_tiny_teacher(folder, seed):
+    """A small ViT classifier (random init) and its image processor, saved like a Hub checkpoint."""
+    from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessor
+
+    torch.manual_seed(seed)
+    config = ViTConfig(image_size=48, patch_size=8, hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
+                       intermediate_size=128, num_labels=2)
+    folder = Path(folder)
+    tmp = folder.with_name(folder.name + ".tmp")
+    ViTForImageClassification(config).save_pretrained(str(tmp))
+    ViTImageProcessor(size={"height": 48, "width": 48}).save_pretrained(str(tmp))
+    tmp.rename(folder)

@@ -63,7 +63,7 @@ def tiny_inputs(tmp_path_factory):
     """A small synthetic dataset and tiny base models saved like Hub checkpoints: (data, vlm, teacher) paths."""
     from emovlm_kd.tiny import build_tiny_processor, build_tiny_vlm
     from emovlm_kd.data import make_synthetic_dataset
-    from emovlm_kd.training.runner import build_tiny_teacher
+    from emovlm_kd.tiny import build_tiny_teacher
 
     root = tmp_path_factory.mktemp("inputs")
     data = make_synthetic_dataset(root / "data", per_class=(4, 1, 2))

@@ -10,13 +10,15 @@ from pathlib import Path
 
 import torch
 
-from emovlm_kd.distributed import barrier, init_distributed, is_main_process
+from emovlm_kd.distributed import barrier, is_main_process, state
 from emovlm_kd.training.cache import (
     TensorCache,
     atomic_write_text,
     fingerprint,
     fingerprint_module,
 )
+from emovlm_kd.training.config import DEMO
+from emovlm_kd.training.demo import prepare_demo_inputs
 from emovlm_kd.training.heads import (
     gate_outputs,
     head_outputs,
@@ -25,6 +27,7 @@ from emovlm_kd.training.heads import (
     vlm_vectors,
 )
 from emovlm_kd.training.instructions import run_stage0
+from emovlm_kd.training.modelcard import model_card
 from emovlm_kd.training.passes import vlm_pass_cache
 from emovlm_kd.training.sft import run_stage1
 from emovlm_kd.training.stage import Stage, resolve_dtype
@@ -33,43 +36,6 @@ from emovlm_kd.training.teacher import check_teacher_labels, run_stage2, teacher
 logger = logging.getLogger(__name__)
 
 PARTS = ("vlm", "distill", "teacher", "emovlm_kd")
-
-
-def prepare_demo_inputs(run_dir, seed):
-    """The embedded demo's synthetic dataset and tiny base models, written under RUN/ like real inputs."""
-    from emovlm_kd.data import make_synthetic_dataset
-    from emovlm_kd.tiny import build_tiny_processor, build_tiny_vlm
-
-    run_dir = Path(run_dir)
-    data_dir, vlm_dir, teacher_dir = run_dir / "data" / "synthetic", run_dir / "base" / "vlm", run_dir / "base" / "teacher"
-    if is_main_process():
-        make_synthetic_dataset(data_dir)
-        if not (vlm_dir / "config.json").exists():
-            processor = build_tiny_processor()
-            vlm = build_tiny_vlm(processor.tokenizer, seed=seed, hidden_size=128, num_heads=4, num_layers=2,
-                                 vision_dim=64, vision_depth=2)
-            tmp = vlm_dir.with_name("vlm.tmp")
-            vlm.save_pretrained(str(tmp))
-            processor.save_pretrained(str(tmp))
-            tmp.rename(vlm_dir)
-        if not (teacher_dir / "config.json").exists():
-            build_tiny_teacher(teacher_dir, seed)
-    barrier()
-    return data_dir, vlm_dir, teacher_dir
-
-
-def build_tiny_teacher(folder, seed):
-    """A small ViT classifier (random init) and its image processor, saved like a Hub checkpoint."""
-    from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessor
-
-    torch.manual_seed(seed)
-    config = ViTConfig(image_size=48, patch_size=8, hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
-                       intermediate_size=128, num_labels=2)
-    folder = Path(folder)
-    tmp = folder.with_name(folder.name + ".tmp")
-    ViTForImageClassification(config).save_pretrained(str(tmp))
-    ViTImageProcessor(size={"height": 48, "width": 48}).save_pretrained(str(tmp))
-    tmp.rename(folder)
 
 
 def load_data(cfg, data_source):
@@ -91,28 +57,12 @@ def accuracy(predictions, labels):
 
 def run_training(cfg):
     """Run every stage; returns the test-split results written to RUN/eval_results.json."""
-    from transformers import (
-        AutoImageProcessor,
-        AutoModelForImageClassification,
-        AutoModelForImageTextToText,
-        AutoProcessor,
-    )
-
     from configuration_emovlm_kd import EmoVLMKDConfig
-    from modeling_emovlm_kd import EmoVLMKDForImageClassification
 
-    init_distributed()
+    state()  # joins the process group under torchrun before any collective
     torch.manual_seed(cfg.seed)
-    run_dir = Path(cfg.output_dir)
-    if is_main_process():
-        run_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(run_dir / "train_config.json", json.dumps(cfg.to_dict(), indent=2))
-    data_source, vlm_path, teacher_path = cfg.dataset, cfg.vlm, cfg.teacher
-    if cfg.is_demo or cfg.dataset == "demo" or cfg.teacher == "demo":
-        demo_data, demo_vlm, demo_teacher = prepare_demo_inputs(run_dir, cfg.seed)
-        data_source = demo_data if cfg.dataset == "demo" else data_source
-        vlm_path = demo_vlm if cfg.vlm == "demo" else vlm_path
-        teacher_path = demo_teacher if cfg.teacher == "demo" else teacher_path
+    run_dir = start_run(cfg)
+    data_source, vlm_path, teacher_path = resolve_inputs(cfg, run_dir)
 
     logger.info("== Data: %s", data_source)
     dataset = load_data(cfg, data_source)
@@ -129,72 +79,130 @@ def run_training(cfg):
     logger.info("== Stage 2: teacher (%s)", cfg.teacher_trained or teacher_path)
     teacher_dir = run_stage2(cfg, run_dir, dataset, teacher_path)
 
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = resolve_dtype(cfg)
+    bundle, processor = load_bundle_to_train(cfg, merged_dir, names)
+    logger.info("== Caches: one VLM pass and one teacher pass per image")
+    passes = cache_passes(cfg, run_dir, dataset, bundle, processor, teacher_dir)
+    outputs = train_head_and_gate(cfg, run_dir, bundle, passes, gate_split=cfg.gate_train_split)
+    results = test_results(passes["test"], outputs)
+    export(cfg, run_dir, bundle, processor, model_card(cfg, names, results, vlm_path), results)
+    return results
+
+
+def start_run(cfg):
+    """RUN/ with the run's settings in train_config.json (main process)."""
+    run_dir = Path(cfg.output_dir)
+    if is_main_process():
+        run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(run_dir / "train_config.json", json.dumps(cfg.to_dict(), indent=2))
+    return run_dir
+
+
+def resolve_inputs(cfg, run_dir):
+    """(dataset, VLM, teacher) locations: the user's, or the demo's built under RUN/ where a setting is `demo`."""
+    data_source, vlm_path, teacher_path = cfg.dataset, cfg.vlm, cfg.teacher
+    if DEMO in (cfg.dataset, cfg.vlm, cfg.teacher):
+        demo_data, demo_vlm, demo_teacher = prepare_demo_inputs(run_dir, cfg.seed)
+        data_source = demo_data if cfg.dataset == DEMO else data_source
+        vlm_path = demo_vlm if cfg.vlm == DEMO else vlm_path
+        teacher_path = demo_teacher if cfg.teacher == DEMO else teacher_path
+    return data_source, vlm_path, teacher_path
+
+
+def load_bundle_to_train(cfg, merged_dir, names):
+    """The tuned VLM wrapped into a new bundle (fresh head and gate), frozen, on the run's device and dtype."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from modeling_emovlm_kd import EmoVLMKDForImageClassification
+
     processor = AutoProcessor.from_pretrained(merged_dir)
-    vlm = AutoModelForImageTextToText.from_pretrained(merged_dir, dtype=dtype, use_safetensors=True)
+    vlm = AutoModelForImageTextToText.from_pretrained(merged_dir, dtype=resolve_dtype(cfg), use_safetensors=True)
     bundle = EmoVLMKDForImageClassification.from_vlm(
         vlm, names, processor=processor, head_hidden_sizes=cfg.head_hidden_sizes, head_dropout=cfg.head_dropout,
         gate_type=cfg.gate_type, vlm_vector=cfg.vlm_vector,
-    ).to(device).eval()
+    ).to(device_of_run()).eval()
     bundle.requires_grad_(False)
-    teacher = AutoModelForImageClassification.from_pretrained(teacher_dir, dtype=dtype, use_safetensors=True).to(device).eval()
+    return bundle, processor
+
+
+def device_of_run():
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def cache_passes(cfg, run_dir, dataset, bundle, processor, teacher_dir):
+    """Per split: pooled visual features and label log-likelihoods (one VLM pass), teacher logits, labels."""
+    from transformers import AutoImageProcessor, AutoModelForImageClassification
+
+    teacher = AutoModelForImageClassification.from_pretrained(
+        teacher_dir, dtype=resolve_dtype(cfg), use_safetensors=True
+    ).to(device_of_run()).eval()
     teacher_processor = AutoImageProcessor.from_pretrained(teacher_dir)
-
-    logger.info("== Caches: one VLM pass and one teacher pass per image")
     cache = TensorCache(run_dir / "cache")
-    splits = [s for s in ("train", "val", "test") if s in dataset]
-    vlm_pass = {s: vlm_pass_cache(cfg, cache, bundle, processor, dataset[s], s) for s in splits}
-    teacher_logits = {s: teacher_cache(cfg, cache, teacher, teacher_processor, dataset[s], s)["teacher_logits"]
-                      for s in splits}
-    labels = {s: torch.tensor(dataset[s]["label"]) for s in splits}
+    passes = {}
+    for split in (s for s in ("train", "val", "test") if s in dataset):
+        passes[split] = dict(vlm_pass_cache(cfg, cache, bundle, processor, dataset[split], split))
+        passes[split].update(teacher_cache(cfg, cache, teacher, teacher_processor, dataset[split], split))
+        passes[split]["labels"] = torch.tensor(dataset[split]["label"])
+    return passes
 
+
+def train_head_and_gate(cfg, run_dir, bundle, passes, gate_split):
+    """Stages 3 and 4 on the cached tensors; per split the head's logits, its probabilities, the VLM vectors and,
+    for test, the gate's logits."""
+    dtype = resolve_dtype(cfg)
     logger.info("== Stage 3: distillation")
+    train = passes["train"]
     bundle.distill_head.requires_grad_(True).float()
-    run_stage3(cfg, run_dir, bundle, vlm_pass["train"]["image_embeds"].float(), teacher_logits["train"],
-                      labels["train"])
+    run_stage3(cfg, run_dir, bundle, train["image_embeds"].float(), train["teacher_logits"], train["labels"])
     bundle.distill_head.requires_grad_(False).to(dtype)
-    head_logits = {s: head_outputs(bundle.distill_head, vlm_pass[s]["image_embeds"]) for s in splits}
-    head_probs = {s: v.softmax(-1) for s, v in head_logits.items()}
-    vlm_scores = {s: vlm_vectors(vlm_pass[s]["vlm_log_likelihoods"], cfg.vlm_vector) for s in splits}
+    outputs = {}
+    for split, tensors in passes.items():
+        head_logits = head_outputs(bundle.distill_head, tensors["image_embeds"])
+        outputs[split] = {"head_logits": head_logits, "head_probs": head_logits.softmax(-1),
+                          "vlm_scores": vlm_vectors(tensors["vlm_log_likelihoods"], cfg.vlm_vector)}
 
     logger.info("== Stage 4: gate (%s)", cfg.gate_type)
-    gate_split = cfg.gate_train_split if cfg.gate_train_split in dataset else "train"
+    split = gate_split if gate_split in passes else "train"
     bundle.gate.requires_grad_(True).float()
-    run_stage4(cfg, run_dir, bundle, vlm_scores[gate_split], head_probs[gate_split], labels[gate_split])
+    run_stage4(cfg, run_dir, bundle, outputs[split]["vlm_scores"], outputs[split]["head_probs"],
+               passes[split]["labels"])
     bundle.gate.requires_grad_(False).to(dtype)
     with torch.inference_mode():
-        gate_logits = gate_outputs(bundle.gate, vlm_scores["test"], head_probs["test"])
+        outputs["test"]["gate_logits"] = gate_outputs(bundle.gate, outputs["test"]["vlm_scores"],
+                                                      outputs["test"]["head_probs"])
+    return outputs
 
-    y = labels["test"]
-    results = {
+
+def test_results(test_pass, outputs):
+    """The four parts' accuracies on the test split (what RUN/eval_results.json holds)."""
+    y, test = test_pass["labels"], outputs["test"]
+    return {
         "split": "test",
         "num_samples": len(y),
         "accuracy": {
-            "vlm": accuracy(vlm_pass["test"]["vlm_log_likelihoods"].argmax(-1), y),
-            "distill": accuracy(head_logits["test"].argmax(-1), y),
-            "teacher": accuracy(teacher_logits["test"].argmax(-1), y),
-            "emovlm_kd": accuracy(gate_logits.argmax(-1), y),
+            "vlm": accuracy(test_pass["vlm_log_likelihoods"].argmax(-1), y),
+            "distill": accuracy(test["head_logits"].argmax(-1), y),
+            "teacher": accuracy(test_pass["teacher_logits"].argmax(-1), y),
+            "emovlm_kd": accuracy(test["gate_logits"].argmax(-1), y),
         },
     }
-    from emovlm_kd.hub import save_bundle
-    from emovlm_kd.training.modelcard import model_card
 
-    card = model_card(cfg, names, results, vlm_path)
-    export = Stage(run_dir, "stage5_export", fingerprint("export", fingerprint_module(bundle), card, results))
-    if export.done and (run_dir / "model" / "config.json").exists():
+
+def export(cfg, run_dir, bundle, processor, card, results):
+    """RUN/model (the Hub bundle) and RUN/eval_results.json, rewritten only when they change; then the push."""
+    from emovlm_kd.hub import save_bundle
+
+    done = Stage(run_dir, "stage5_export", fingerprint("export", fingerprint_module(bundle), str(card), results))
+    if done.done and (run_dir / "model" / "config.json").exists():
         logger.info("[export] RUN/model is up to date, not rewritten")
     else:
         if is_main_process():
             save_bundle(bundle, processor, run_dir / "model", model_card=card)
             atomic_write_text(run_dir / "eval_results.json", json.dumps(results, indent=2))
-        export.finish(model=str(run_dir / "model"))
-    if is_main_process():
-        if cfg.push_to_hub:
-            push_folder(run_dir / "model", cfg.push_to_hub)
-            logger.info("pushed %s to the Hub as %s", run_dir / "model", cfg.push_to_hub)
+        done.finish(model=str(run_dir / "model"))
+    if is_main_process() and cfg.push_to_hub:
+        push_folder(run_dir / "model", cfg.push_to_hub)
+        logger.info("pushed %s to the Hub as %s", run_dir / "model", cfg.push_to_hub)
     barrier()
-    return results
 
 
 def push_folder(folder, repo_id):

@@ -1,0 +1,29 @@
+"""The embedded demo's inputs: a synthetic image dataset and tiny base models (VLM and ViT teacher), built offline
+under RUN/ and then used like a user's dataset and checkpoints."""
+
+from pathlib import Path
+
+from emovlm_kd.distributed import barrier, is_main_process
+
+
+def prepare_demo_inputs(run_dir, seed):
+    """The embedded demo's synthetic dataset and tiny base models, written under RUN/ like real inputs."""
+    from emovlm_kd.data import make_synthetic_dataset
+    from emovlm_kd.tiny import build_tiny_processor, build_tiny_teacher, build_tiny_vlm
+
+    run_dir = Path(run_dir)
+    data_dir, vlm_dir, teacher_dir = run_dir / "data" / "synthetic", run_dir / "base" / "vlm", run_dir / "base" / "teacher"
+    if is_main_process():
+        make_synthetic_dataset(data_dir)
+        if not (vlm_dir / "config.json").exists():
+            processor = build_tiny_processor()
+            vlm = build_tiny_vlm(processor.tokenizer, seed=seed, hidden_size=128, num_heads=4, num_layers=2,
+                                 vision_dim=64, vision_depth=2)
+            tmp = vlm_dir.with_name("vlm.tmp")
+            vlm.save_pretrained(str(tmp))
+            processor.save_pretrained(str(tmp))
+            tmp.rename(vlm_dir)
+        if not (teacher_dir / "config.json").exists():
+            build_tiny_teacher(teacher_dir, seed)
+    barrier()
+    return data_dir, vlm_dir, teacher_dir
