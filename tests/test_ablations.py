@@ -133,7 +133,7 @@ def test_the_runs_settings_retrain_the_saved_head_and_gate_exactly(trained_run):
     """The ablation's training is the stages' own: the run's settings give its head and gate weights bit for bit."""
     from safetensors.torch import load_file
 
-    from emovlm_kd.commands.ablate import fit_gate, fit_head, load_run_tensors, load_settings
+    from emovlm_kd.evaluation.ablations import fit_gate, fit_head, load_run_tensors, load_settings
 
     _, run_dir, _ = trained_run
     run_cfg, cfg = load_settings(run_dir, {})
@@ -164,7 +164,7 @@ def test_flags_override_the_runs_settings_and_unmark_the_run_row(trained_run, tm
 
 
 def test_kl_teacher_head():
-    from emovlm_kd.commands.ablate import kl_teacher_head
+    from emovlm_kd.evaluation.ablations import kl_teacher_head
 
     logits = torch.randn(5, 4)
     assert kl_teacher_head(logits, logits) == pytest.approx(0.0, abs=1e-6)

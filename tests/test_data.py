@@ -17,6 +17,7 @@ from datasets import ClassLabel, Dataset, DatasetDict, Features, Image, Value  #
 from PIL import Image as PILImage  # noqa: E402
 
 import emovlm_kd.data as data  # noqa: E402
+import emovlm_kd.data.checks as checks  # noqa: E402
 from emovlm_kd.labels import EKMAN6, MIKELS8, SENTIMENT2  # noqa: E402
 from emovlm_kd.data import load_image_dataset, make_synthetic_dataset, stratified_split  # noqa: E402
 
@@ -276,13 +277,13 @@ def test_unreadable_files_are_skipped_with_one_warning_each_checked_once(tmp_pat
     (root / "train/b/truncated.png").write_bytes(png.getvalue()[: len(png.getvalue()) // 2])
     (root / "train/b/text.png").write_text("not an image at all\n")
     (root / "train/b/notes.txt").write_text("ignored: not an image extension\n")
-    calls, real = [], data.load_image_file
+    calls, real = [], checks.load_image_file
 
     def counting(path):
         calls.append(Path(path))
         return real(path)
 
-    monkeypatch.setattr(data, "load_image_file", counting)
+    monkeypatch.setattr(checks, "load_image_file", counting)
     with caplog.at_level(logging.WARNING, logger="emovlm_kd.data"):
         result = load_image_dataset(root, val_fraction=0)
     warnings = [record for record in caplog.records if record.levelno == logging.WARNING]
@@ -306,10 +307,10 @@ def test_the_warning_names_at_most_ten_files(tmp_path, caplog):
 
 def test_a_progress_bar_shows_for_many_files(tmp_path, capsys, monkeypatch):
     root = make_official(tmp_path / "d", {"train": {"a": 2, "b": 2}})
-    monkeypatch.setattr(data, "PROGRESS_MIN_FILES", 3)
+    monkeypatch.setattr(checks, "PROGRESS_MIN_FILES", 3)
     load_image_dataset(root)
     assert "Checking images" in capsys.readouterr().err
-    monkeypatch.setattr(data, "PROGRESS_MIN_FILES", 4)
+    monkeypatch.setattr(checks, "PROGRESS_MIN_FILES", 4)
     load_image_dataset(root)
     assert "Checking images" not in capsys.readouterr().err
 
@@ -325,7 +326,7 @@ def test_a_class_left_without_readable_images_raises(tmp_path):
 def test_an_empty_class_folder_raises_before_checking_images(tmp_path, monkeypatch):
     root = make_official(tmp_path / "d", {"train": {"a": 2}})
     (root / "train/b").mkdir()
-    monkeypatch.setattr(data, "load_image_file", lambda path: pytest.fail("checked images before the listing"))
+    monkeypatch.setattr(checks, "load_image_file", lambda path: pytest.fail("checked images before the listing"))
     with pytest.raises(ValueError, match=r"class folder\(s\) \['b'\] hold no image files"):
         load_image_dataset(root)
 

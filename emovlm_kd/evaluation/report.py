@@ -246,24 +246,35 @@ def accuracy_table(report):
 
 def render_markdown(report, images=("confusion_matrix.png", "complementarity.png")):
     """`report.md`: components (Table 2), complementarity (Figure 1), the gate, per-class accuracy, confusion."""
-    num = report["num_samples"]
-    parts = list(report["accuracy"])
-    labels = report["labels"]
+    out = _overview(report)
+    out += _components_section(report)
+    if report["complementarity"]:
+        out += _complementarity_section(report, images)
+    if report.get("gate"):
+        out += _gate_section(report)
+    out += _per_class_section(report)
+    out += _confusion_section(report, images)
+    return "\n".join(out)
+
+
+def _overview(report):
     title = report.get("dataset") or "dataset"
     out = [f"# EmoVLM-KD evaluation: {title}", ""]
-    facts = [("model", report.get("model")), ("split", report.get("split")), ("samples", num),
+    facts = [("model", report.get("model")), ("split", report.get("split")), ("samples", report["num_samples"]),
              ("VLM mode", report.get("vlm_mode")), ("teacher", report.get("teacher"))]
     out += [f"- {key}: `{value}`" for key, value in facts if value is not None]
     if report.get("zero_shot"):
         out.append("- zero-shot baseline: the VLM branch alone (no trained head or gate)")
-    out.append("")
+    return out + [""]
 
-    out += ["## Components (the paper's Table 2)", ""]
+
+def _components_section(report):
+    out = ["## Components (the paper's Table 2)", ""]
     params = report.get("parameters", {})
     header = ["part", "parameters", "accuracy (%)", "macro-F1 (%)", f"ECE ({report['ece_n_bins']} bins)",
               "paper, FI (%)"]
     rows = []
-    for part in parts:
+    for part in report["accuracy"]:
         ece = report["ece"].get(part)
         rows.append((PART_TITLES[part], f"{params[part]:,}" if part in params else "-", _pct(report["accuracy"][part]),
                      _pct(report["macro_f1"][part]), "-" if ece is None else f"{ece:.4f}", TABLE2_FI[part][1]))
@@ -271,49 +282,57 @@ def render_markdown(report, images=("confusion_matrix.png", "complementarity.png
     if report.get("no_answer"):
         missing = ", ".join(f"{PART_TITLES[p]} {n}" for p, n in report["no_answer"].items())
         out += [f"Answers that named no label (counted as wrong): {missing}.", ""]
+    return out
 
-    if report["complementarity"]:
-        out += ["## Complementarity (the paper's Figure 1)", "",
-                "Share of samples that both parts, only one, or neither classify correctly; "
-                "`either` is the accuracy of a perfect chooser between the two.", ""]
-        rows = []
-        for pair, counts in report["complementarity"].items():
-            a, b = pair.split("_vs_")
-            cells = [counts["both_correct"], counts[f"{a}_only"], counts[f"{b}_only"], counts["neither"]]
-            rows.append([f"{PART_TITLES[a]} vs {PART_TITLES[b]}"] + [f"{c} ({_pct(c / num, 1)}%)" for c in cells]
-                        + [_pct(1 - counts["neither"] / num)])
-        header = ["pair", "both correct", "first only", "second only", "neither", "either (%)"]
-        out += [_table(header, rows), ""]
-        if "complementarity.png" in images:
-            out += ["![complementarity](complementarity.png)", ""]
 
-    gate = report.get("gate")
-    if gate:
-        d = gate["disagreements"]
-        out += ["## The gate where the VLM and the head disagree", ""]
-        rows = [("disagreements", d, _pct(d / num, 1) + "% of samples"),
-                ("gate followed the VLM", gate["followed_vlm"], _share(gate["followed_vlm"], d)),
-                ("gate followed the head", gate["followed_distill"], _share(gate["followed_distill"], d)),
-                ("gate chose a third label", gate["followed_neither"], _share(gate["followed_neither"], d)),
-                ("VLM right", gate["vlm_correct"], _share(gate["vlm_correct"], d)),
-                ("head right", gate["distill_correct"], _share(gate["distill_correct"], d)),
-                ("gate right", gate["gate_correct"], _share(gate["gate_correct"], d)),
-                ("gate overrode an agreement", gate["overrode_agreement"], _share(gate["overrode_agreement"],
-                                                                                  gate["agreements"]))]
-        out += [_table(["", "count", "share"], rows), ""]
+def _complementarity_section(report, images):
+    num = report["num_samples"]
+    explanation = ("Share of samples that both parts, only one, or neither classify correctly; "
+                   "`either` is the accuracy of a perfect chooser between the two.")
+    out = ["## Complementarity (the paper's Figure 1)", "", explanation, ""]
+    rows = []
+    for pair, counts in report["complementarity"].items():
+        a, b = pair.split("_vs_")
+        cells = [counts["both_correct"], counts[f"{a}_only"], counts[f"{b}_only"], counts["neither"]]
+        rows.append([f"{PART_TITLES[a]} vs {PART_TITLES[b]}"] + [f"{c} ({_pct(c / num, 1)}%)" for c in cells]
+                    + [_pct(1 - counts["neither"] / num)])
+    header = ["pair", "both correct", "first only", "second only", "neither", "either (%)"]
+    out += [_table(header, rows), ""]
+    if "complementarity.png" in images:
+        out += ["![complementarity](complementarity.png)", ""]
+    return out
 
-    out += ["## Per-class accuracy (%)", ""]
+
+def _gate_section(report):
+    gate, num = report["gate"], report["num_samples"]
+    d = gate["disagreements"]
+    rows = [("disagreements", d, _pct(d / num, 1) + "% of samples"),
+            ("gate followed the VLM", gate["followed_vlm"], _share(gate["followed_vlm"], d)),
+            ("gate followed the head", gate["followed_distill"], _share(gate["followed_distill"], d)),
+            ("gate chose a third label", gate["followed_neither"], _share(gate["followed_neither"], d)),
+            ("VLM right", gate["vlm_correct"], _share(gate["vlm_correct"], d)),
+            ("head right", gate["distill_correct"], _share(gate["distill_correct"], d)),
+            ("gate right", gate["gate_correct"], _share(gate["gate_correct"], d)),
+            ("gate overrode an agreement", gate["overrode_agreement"], _share(gate["overrode_agreement"],
+                                                                              gate["agreements"]))]
+    return ["## The gate where the VLM and the head disagree", "", _table(["", "count", "share"], rows), ""]
+
+
+def _per_class_section(report):
+    parts = list(report["accuracy"])
     rows = [[label, report["support"][i]] + [_pct(report["per_class_accuracy"][p][label], 1) for p in parts]
-            for i, label in enumerate(labels)]
-    out += [_table(["label", "support"] + [PART_TITLES[p] for p in parts], rows), ""]
+            for i, label in enumerate(report["labels"])]
+    return ["## Per-class accuracy (%)", "", _table(["label", "support"] + [PART_TITLES[p] for p in parts], rows), ""]
 
-    final = report["final"]
+
+def _confusion_section(report, images):
+    labels, final = report["labels"], report["final"]
     matrix = report["confusion_matrix"][final]
-    out += [f"## Confusion matrix of {PART_TITLES[final]} (rows: true label, columns: predicted)", ""]
+    out = [f"## Confusion matrix of {PART_TITLES[final]} (rows: true label, columns: predicted)", ""]
     out += [_table(["true \\ predicted"] + labels, [[label] + row for label, row in zip(labels, matrix)]), ""]
     if "confusion_matrix.png" in images:
         out += ["![confusion matrices](confusion_matrix.png)", ""]
-    return "\n".join(out)
+    return out
 
 
 def _share(count, total):

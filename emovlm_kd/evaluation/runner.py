@@ -15,6 +15,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from emovlm_kd.data import load_image_dataset
+from emovlm_kd.errors import UsageError
+
 from .report import (
     PARTS,
     accuracy_table,
@@ -94,6 +97,11 @@ def checkpoint_model_type(model_id):
 
 def default_device(device=None):
     return device or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def torch_dtype(name):
+    """`torch.bfloat16` from "bfloat16"; None for None (the dtype as saved)."""
+    return getattr(torch, name) if name else None
 
 
 def load_model(model_id, *, device=None, dtype=None):
@@ -182,6 +190,21 @@ def take(dataset, limit=None):
     return dataset.select(range(limit))
 
 
+def load_split(source, split, limit=None):
+    """One split of `emovlm_kd.data.load_image_dataset(source)`, cut to `limit` rows; `UsageError` when absent."""
+    try:
+        data = load_image_dataset(source, splits=[split])  # only this split's images are checked
+    except ValueError as error:
+        if "no split" in str(error):
+            raise UsageError(f"--split: {error}")
+        raise UsageError(f"--dataset: cannot load {source!r}: {error}")
+    except OSError as error:
+        raise UsageError(f"--dataset: cannot load {source!r}: {error}")
+    if split not in data:
+        raise UsageError(f"--split: {source!r} has no split {split!r}; it has {', '.join(data)}")
+    return take(data[split], limit)
+
+
 def _prepare_images(images):
     from emovlm_kd.images import prepare_image
 
@@ -204,7 +227,7 @@ def predict_split(model, processor, dataset, *, label_perm=None, teacher=None, t
     """
     from tqdm.auto import tqdm
 
-    from emovlm_kd.inference import run_batch
+    from emovlm_kd.inference import PromptPrefixCache, run_batch
 
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -215,12 +238,13 @@ def predict_split(model, processor, dataset, *, label_perm=None, teacher=None, t
     chunks = {key: [] for key in keys}
     references, ids, paths, answers = [], [], [], []
     has_ids = "id" in dataset.column_names
+    prompt_cache = PromptPrefixCache()  # the model is frozen for the whole pass: its prompt prefix is encoded once
     with tqdm(total=len(dataset), desc=desc, unit="img", file=sys.stderr, disable=None) as bar:
         for start, batch in enumerate(dataset.iter(batch_size=batch_size)):
             raw = batch["image"]
             paths += [getattr(image, "filename", None) or None for image in raw]
             images = _prepare_images(raw)
-            output = run_batch(model, processor, images, vlm_mode=vlm_mode)
+            output = run_batch(model, processor, images, vlm_mode=vlm_mode, prompt_cache=prompt_cache)
             chunks["final_probs"].append(output.logits.softmax(-1)[:, perm])
             chunks["distill_probs"].append(output.distill_logits.softmax(-1)[:, perm])
             chunks["vlm_scores"].append(output.vlm_scores[:, perm])
@@ -324,11 +348,13 @@ __all__ = [
     "dataset_label_names",
     "evaluate_model",
     "load_model",
+    "load_split",
     "load_teacher",
     "part_parameters",
     "part_predictions",
     "predict_split",
     "take",
     "teacher_label_names",
+    "torch_dtype",
     "write_outputs",
 ]
