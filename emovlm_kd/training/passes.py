@@ -21,13 +21,16 @@ logger = logging.getLogger(__name__)
 
 def vlm_pass_cache(cfg, cache, model, processor, split, split_name):
     """One batched pass per image through the frozen bundle: pooled visual features + label log-likelihoods."""
-    from emovlm_kd.inference import run_batch
+    from emovlm_kd.inference import PromptPrefixCache, run_batch
 
     key = fingerprint("vlm_pass", fingerprint_module(model.vlm), fingerprint_dataset(split),
                       model.config.classification_prompt(), model.config.label_answer_token_ids)
 
+    prompt_cache = PromptPrefixCache()  # sound: the bundle is frozen for the whole pass
+
     def compute_batch(indices):
-        output = run_batch(model, processor, [prepare_image(split[i]["image"]) for i in indices], vlm_mode="score")
+        images = [prepare_image(split[i]["image"]) for i in indices]
+        output = run_batch(model, processor, images, vlm_mode="score", prompt_cache=prompt_cache)
         return {"image_embeds": output.image_embeds, "vlm_log_likelihoods": output.vlm_log_likelihoods}
 
     return cached_map(cache, f"vlm_pass-{split_name}", key, len(split), cfg.batch_size, compute_batch,

@@ -1,0 +1,133 @@
+"""The house: one installed library (`emovlm_kd`) plus the three Hub files, no import cycles, nothing imported by a
+name in a string, and a wheel that ships the configs and the metric modules but no top-level `train` / `eval`."""
+
+import ast
+import os
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+HUB_MODULES = ("configuration_emovlm_kd", "modeling_emovlm_kd", "pipeline_emovlm_kd")
+
+
+def project_modules():
+    """Module name -> file, for the library (with its mapped configs and metrics packages), the Hub files and
+    the benchmark scripts."""
+    modules = {name: ROOT / f"{name}.py" for name in HUB_MODULES}
+    folders = {"emovlm_kd": ROOT / "emovlm_kd", "emovlm_kd.configs": ROOT / "train" / "configs",
+               "emovlm_kd.metrics": ROOT / "eval" / "metrics", "benchmarks": ROOT / "benchmarks"}
+    for package, folder in folders.items():
+        for path in folder.rglob("*.py"):
+            parts = path.relative_to(folder).with_suffix("").parts
+            if package == "emovlm_kd" and parts[0] in ("configs", "metrics"):
+                continue
+            if package == "emovlm_kd.metrics" and len(parts) > 1:  # metric scripts, loaded by evaluate.load(path)
+                continue
+            name = ".".join((package, *parts))
+            modules[name.removesuffix(".__init__")] = path
+    return modules
+
+
+def imports_of(name, path, known):
+    """Project modules that `name` imports anywhere in its file (module level or inside functions)."""
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            targets = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                anchor = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join([*anchor, base] if base else anchor)
+            targets = [f"{base}.{alias.name}" for alias in node.names] + [base]
+        else:
+            continue
+        for target in targets:
+            while target and target not in known:
+                target = target.rpartition(".")[0]
+            if target and target != name:
+                found.add(target)
+    return found
+
+
+def test_no_module_imports_one_that_imports_it_back():
+    modules = project_modules()
+    graph = {name: imports_of(name, path, modules) for name, path in modules.items()}
+    cycles = []
+
+    def visit(node, stack, on_stack, done):
+        on_stack.add(node)
+        stack.append(node)
+        for nxt in sorted(graph[node]):
+            if nxt in on_stack:
+                cycles.append(stack[stack.index(nxt):] + [nxt])
+            elif nxt not in done:
+                visit(nxt, stack, on_stack, done)
+        stack.pop()
+        on_stack.discard(node)
+        done.add(node)
+
+    done = set()
+    for name in sorted(graph):
+        if name not in done:
+            visit(name, [], set(), done)
+    assert not cycles, "import cycles: " + "; ".join(" -> ".join(c) for c in cycles)
+    assert "emovlm_kd.cli" not in set().union(*graph.values()), "only the entry point imports the CLI"
+
+
+def test_nothing_is_imported_by_a_name_in_a_string():
+    dynamic = {"import_module", "__import__", "run_module", "run_path", "spec_from_file_location", "load_source"}
+    offenders = []
+    for name, path in project_modules().items():
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Call):
+                called = getattr(node.func, "id", getattr(node.func, "attr", None))
+                if called in dynamic:
+                    offenders.append(f"{path.relative_to(ROOT)}:{node.lineno}: {called}")
+    assert not offenders, offenders
+
+
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory):
+    out = tmp_path_factory.mktemp("wheel")
+    result = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(out), str(ROOT)],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return next(out.glob("emovlm_kd-*.whl"))
+
+
+def test_the_wheel_installs_one_library_with_its_configs_and_metrics(wheel):
+    names = zipfile.ZipFile(wheel).namelist()
+    top = {n.split("/")[0] for n in names if not n.split("/")[0].endswith((".dist-info", ".data"))}
+    assert top == {"emovlm_kd", *(f"{m}.py" for m in HUB_MODULES)}, sorted(top)
+    shipped_configs = {Path(n).stem for n in names if n.startswith("emovlm_kd/configs/") and n.endswith(".yaml")}
+    assert shipped_configs == {p.stem for p in (ROOT / "train" / "configs").glob("*.yaml")}
+    metrics = {n for n in names if n.startswith("emovlm_kd/metrics/")}
+    for folder in (p for p in (ROOT / "eval" / "metrics").iterdir() if p.is_dir() and p.name != "__pycache__"):
+        assert f"emovlm_kd/metrics/{folder.name}/{folder.name}.py" in metrics
+
+
+def test_commands_run_from_the_installed_wheel(wheel, tmp_path):
+    """Installed into a folder of its own and run from elsewhere: the shipped config is found by the name the README
+    uses, the metric modules load by path, and the library is the wheel's, not this checkout's."""
+    target = tmp_path / "site"
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(target), str(wheel)],
+                   check=True, capture_output=True, timeout=300)
+    env = {**os.environ, "PYTHONPATH": str(target), "HF_HUB_OFFLINE": "1"}
+    check = ("import emovlm_kd, sys; from emovlm_kd.metrics import load_metric; "
+             "print(emovlm_kd.__file__); print(load_metric('accuracy').compute(predictions=[1, 0], references=[1, 1]))")
+    result = subprocess.run([sys.executable, "-c", check], cwd=tmp_path, env=env, capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.splitlines()[0].startswith(str(target)) and "0.5" in result.stdout
+    result = subprocess.run([sys.executable, "-m", "emovlm_kd.cli", "train", "--config", "configs/fi.yaml", "--help"],
+                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Qwen/Qwen2-VL-7B-Instruct" in result.stdout and "runs/fi" in result.stdout
