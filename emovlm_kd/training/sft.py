@@ -69,7 +69,6 @@ def lora_config(cfg):
 
 def run_stage1(cfg, run_dir, dataset, vlm_path, instructions_path):
     """Instruction-tune the VLM with LoRA (QLoRA on CUDA), merge the adapter, save RUN/stage1_sft/merged."""
-    from peft import PeftModel
     from transformers import AutoModelForImageTextToText, AutoProcessor
     from trl import SFTConfig, SFTTrainer
 
@@ -117,17 +116,27 @@ def run_stage1(cfg, run_dir, dataset, vlm_path, instructions_path):
     adapter_dir = stage.dir / "adapter"
     trainer.save_model(str(adapter_dir))
     if is_main_process():
-        if quant is not None:  # merge into an unquantised copy of the base weights
-            base = AutoModelForImageTextToText.from_pretrained(vlm_path, dtype=dtype, use_safetensors=True)
-            merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
-        else:
-            merged = trainer.model.merge_and_unload()
-        tmp = merged_dir.with_name("merged.tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        merged.save_pretrained(str(tmp))
-        processor.save_pretrained(str(tmp))
-        shutil.rmtree(merged_dir, ignore_errors=True)
-        tmp.rename(merged_dir)
+        merge_adapter(trainer.model, vlm_path, adapter_dir, dtype, quantized=quant is not None,
+                      processor=processor, merged_dir=merged_dir)
     del trainer, vlm
     stage.finish(train_loss=round(result.training_loss, 4), steps=result.global_step)
     return merged_dir
+
+
+def merge_adapter(peft_model, vlm_path, adapter_dir, dtype, quantized, processor, merged_dir):
+    """The adapter merged into the backbone (into an unquantised copy of the base weights after QLoRA), saved with
+    the processor as `merged_dir`, atomically."""
+    from peft import PeftModel
+    from transformers import AutoModelForImageTextToText
+
+    if quantized:
+        base = AutoModelForImageTextToText.from_pretrained(vlm_path, dtype=dtype, use_safetensors=True)
+        merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
+    else:
+        merged = peft_model.merge_and_unload()
+    tmp = merged_dir.with_name("merged.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    merged.save_pretrained(str(tmp))
+    processor.save_pretrained(str(tmp))
+    shutil.rmtree(merged_dir, ignore_errors=True)
+    tmp.rename(merged_dir)
