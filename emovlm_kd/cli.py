@@ -3,6 +3,7 @@
     emovlm-kd tiny OUT                                   a tiny random bundle, built offline (smoke tests, CI)
     emovlm-kd predict --model DIR IMAGE_OR_FOLDER...     one JSON line per image
     emovlm-kd train [--config FILE.yaml] [...]           every stage; no --config runs the offline demo
+    emovlm-kd split DATASET --output splits.json         a split file to share (reused with --splits FILE)
     emovlm-kd evaluate --model DIR --dataset ...         benchmark report (accuracy, F1, complementarity, ECE)
     emovlm-kd ablate {head-depth,alpha,gate} --run RUN   the paper's ablations from a training run's caches
     emovlm-kd table1 --model DIR --data-root ROOT        the paper's Table 1 over several datasets
@@ -17,13 +18,14 @@ import logging
 import os
 import sys
 
-from emovlm_kd.commands import ablate, evaluate, predict, table1, tiny, train
+from emovlm_kd.commands import ablate, evaluate, predict, split, table1, tiny, train
 from emovlm_kd.errors import UsageError
 
 SUBCOMMANDS = {
     "tiny": (tiny, "write a tiny randomly initialised bundle (offline, seeded)"),
     "predict": (predict, "predict the emotion of image files or folders"),
     "train": (train, "run the training stages (the offline demo when no --config is given)"),
+    "split": (split, "make a train/val/test split file to share and reuse with --splits"),
     "evaluate": (evaluate, "evaluate a model on a dataset split and write a report"),
     "ablate": (ablate, "head-depth, alpha and gate ablations from a run's caches"),
     "table1": (table1, "the paper's Table 1 over several datasets"),

@@ -39,12 +39,13 @@ def registered_pipeline():
             PIPELINE_REGISTRY.supported_tasks[TASK] = previous
 
 
-def save_bundle(model, processor, output_dir, model_card=None):
+def save_bundle(model, processor, output_dir, model_card=None, extra_files=None):
     """Save model + processor + the three code files into `output_dir`, atomically (temp folder, then rename).
 
     `from_pretrained(output_dir, trust_remote_code=True)` then works through AutoConfig, AutoModel,
     AutoModelForImageClassification and `pipeline(model=output_dir, trust_remote_code=True)`. `model_card` is a
-    `huggingface_hub.ModelCard` (or its text), written as README.md.
+    `huggingface_hub.ModelCard` (or its text), written as README.md; `extra_files` ({name: source path}) are
+    copied in (e.g. the split the model was trained on).
     """
     output_dir = Path(output_dir)
     tmp = output_dir.with_name(output_dir.name + ".tmp")
@@ -60,6 +61,8 @@ def save_bundle(model, processor, output_dir, model_card=None):
     processor.save_pretrained(tmp)  # the whole processor (the pipeline writes only its parts)
     if model_card is not None:
         (tmp / "README.md").write_text(str(model_card), encoding="utf-8")
+    for name, source in (extra_files or {}).items():
+        shutil.copyfile(source, tmp / name)
     _replace_folder(tmp, output_dir)
     logger.info("saved EmoVLM-KD bundle to %s", output_dir)
     return output_dir

@@ -13,7 +13,12 @@ import logging
 from pathlib import Path
 
 from emovlm_kd.errors import UsageError
-from emovlm_kd.evaluation.options import add_common_arguments, check_common_arguments
+from emovlm_kd.evaluation.options import (
+    add_common_arguments,
+    add_dataset_arguments,
+    check_common_arguments,
+    dataset_options,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -24,6 +29,10 @@ def add_arguments(parser):
                         help="dataset folder, manifest, save_to_disk folder or Hub id (see emovlm_kd.data)")
     parser.add_argument("--teacher", default=None,
                         help="an AutoModelForImageClassification folder or Hub id (the ViT teacher) to compare")
+    parser.add_argument("--splits", default=None,
+                        help="split file to take the split's ids from (default: the model folder's splits.json, "
+                             "the split it was trained on, when it holds this dataset's images)")
+    add_dataset_arguments(parser)
     add_common_arguments(parser)
 
 
@@ -41,7 +50,8 @@ def run(args):
     )
 
     check_common_arguments(args)
-    dataset = load_split(args.dataset, args.split, args.limit)
+    dataset = load_split(args.dataset, args.split, args.limit, splits=args.splits, model=args.model,
+                         **dataset_options(args))
     labels = dataset_label_names(dataset)
     device, dtype = default_device(args.device), torch_dtype(args.dtype)
     try:

@@ -28,6 +28,8 @@ def add_arguments(parser):
     parser.add_argument("--data-root", default=None, help="folder holding emoset, fi, emotion6, flickr, instagram")
     parser.add_argument("--dataset", action="append", default=[], metavar="NAME=PATH",
                         help=f"a dataset's location, NAME one of {', '.join(TABLE1_DATASETS)} (repeatable)")
+    parser.add_argument("--splits", action="append", default=[], metavar="NAME=FILE",
+                        help="a split file for one dataset (default: each model folder's splits.json) (repeatable)")
     add_common_arguments(parser)
 
 
@@ -58,6 +60,17 @@ def parse_datasets(values):
     return paths
 
 
+def parse_splits(values):
+    """`NAME=FILE` flags as {name: file}."""
+    splits = {}
+    for value in values:
+        name, sep, path = value.partition("=")
+        if not sep or name.strip().lower() not in TABLE1_DATASETS:
+            raise UsageError(f"--splits: expected NAME=FILE with NAME one of {', '.join(TABLE1_DATASETS)}, got {value!r}")
+        splits[name.strip().lower()] = path
+    return splits
+
+
 def run(args):
     from emovlm_kd.evaluation.runner import ModelLoadError, default_device, torch_dtype
     from emovlm_kd.evaluation.table1 import find_datasets, render_table1_markdown, run_table1
@@ -77,7 +90,7 @@ def run(args):
     try:
         table = run_table1(found, models, args.output_dir, split=args.split, limit=args.limit,
                            batch_size=args.batch_size, vlm_mode=args.vlm_mode, device=default_device(args.device),
-                           dtype=torch_dtype(args.dtype), skipped=missing)
+                           dtype=torch_dtype(args.dtype), skipped=missing, splits=parse_splits(args.splits))
     except ModelLoadError as error:
         raise UsageError(f"--model: {error}")
     print(render_table1_markdown(table))

@@ -24,3 +24,19 @@ def check_common_arguments(args):
         raise UsageError(f"--batch-size must be >= 1, got {args.batch_size}")
     if args.limit is not None and args.limit < 1:
         raise UsageError(f"--limit must be >= 1, got {args.limit}")
+
+
+def add_dataset_arguments(parser):
+    """How a dataset without a split file is split (as `emovlm-kd train` and `emovlm-kd split` take them)."""
+    parser.add_argument("--dataset-format", default=None,
+                        help="fi, emoset, emotion6, flickr, instagram, imagefolder, manifest or hub (default: detected)")
+    parser.add_argument("--split-ratios", type=float, nargs=3, default=None, metavar=("TRAIN", "VAL", "TEST"),
+                        help="shares where the dataset has no split (default: the dataset's protocol)")
+    parser.add_argument("--seed", type=int, default=None, help="seed of a derived split (default: 42)")
+
+
+def dataset_options(args):
+    """`load_image_dataset` keyword arguments from the flags of `add_dataset_arguments` (unset ones left out)."""
+    options = {"dataset_format": args.dataset_format, "seed": args.seed,
+               "split_ratios": tuple(args.split_ratios) if args.split_ratios else None}
+    return {k: v for k, v in options.items() if v is not None}

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from emovlm_kd.data import load_image_dataset
+from emovlm_kd.data.splitfile import SPLITS_FILE, SplitMismatchError, apply_splits, read_splits
 from emovlm_kd.errors import UsageError
 
 from .report import (
@@ -190,10 +191,23 @@ def take(dataset, limit=None):
     return dataset.select(range(limit))
 
 
-def load_split(source, split, limit=None):
-    """One split of `emovlm_kd.data.load_image_dataset(source)`, cut to `limit` rows; `UsageError` when absent."""
+def load_split(source, split, limit=None, *, splits=None, model=None, **options):
+    """One split of `emovlm_kd.data.load_image_dataset(source, **options)`, cut to its first `limit` rows;
+    `UsageError` when absent.
+
+    The split's ids come from a split file when there is one: `splits` (`--splits FILE`), else the one a trained
+    model folder holds (`model/splits.json`, the split it was trained on), so evaluation never sees a training
+    image. A model trained on another dataset (none of its split's images here) evaluates the dataset's own split;
+    a dataset that holds only some of them (changed since training) is refused.
+    """
+    record_path = splits or _model_split_file(model)
     try:
-        data = load_image_dataset(source, splits=[split])  # only this split's images are checked
+        if record_path is None:
+            data = load_image_dataset(source, splits=[split], **options)  # only this split's images are checked
+        else:
+            data = _apply_split_file(load_image_dataset(source, **options), record_path, explicit=bool(splits))
+    except SplitMismatchError as error:
+        raise UsageError(f"--dataset {source}: {error}") from None
     except ValueError as error:
         if "no split" in str(error):
             raise UsageError(f"--split: {error}")
@@ -203,6 +217,21 @@ def load_split(source, split, limit=None):
     if split not in data:
         raise UsageError(f"--split: {source!r} has no split {split!r}; it has {', '.join(data)}")
     return take(data[split], limit)
+
+
+def _model_split_file(model):
+    path = Path(str(model)) / SPLITS_FILE if model is not None else None
+    return path if path is not None and path.is_file() else None
+
+
+def _apply_split_file(data, record_path, explicit):
+    record = read_splits(record_path)
+    known = {row_id for part in data.values() for row_id in part["id"]}
+    if not explicit and not known.intersection(record["test"]):
+        logger.info("the model's split (%s) is of another dataset: evaluating this dataset's own split", record_path)
+        return data
+    logger.info("using the split in %s", record_path)
+    return apply_splits(data, record, where=str(record_path))
 
 
 def _prepare_images(images):

@@ -93,11 +93,13 @@ class _Skip(Exception):
 
 
 def run_table1(datasets, models, output_dir, *, split="test", limit=None, batch_size=8, vlm_mode=None, device=None,
-               dtype=None, skipped=None):
+               dtype=None, skipped=None, splits=None):
     """Evaluate `models[name]` on each of `datasets` (`{name: path}`), writing `<output_dir>/<name>/` reports, and
     return the Table 1 result (also written to `table1.json` and `table1.md`). `models` maps dataset -> model id;
     `skipped` (`{name: reason}`) lists datasets left out beforehand. A model that does not load raises
-    `ModelLoadError`; a dataset that does not load or whose labels differ from the model's is skipped.
+    `ModelLoadError`; a dataset that does not load or whose labels differ from the model's is skipped. Each
+    dataset is split by `splits[name]` (a split file) or else by the model folder's split file, as
+    `emovlm-kd evaluate` does.
     """
     output_dir = Path(output_dir)
     results, skipped = {}, dict(skipped or {})
@@ -105,7 +107,8 @@ def run_table1(datasets, models, output_dir, *, split="test", limit=None, batch_
     options = {"split": split, "limit": limit, "batch_size": batch_size, "vlm_mode": vlm_mode}
     for name, path in datasets.items():
         try:
-            results[name] = _evaluate_dataset(name, path, models.get(name), cache, output_dir, **options)
+            results[name] = _evaluate_dataset(name, path, models.get(name), cache, output_dir,
+                                              splits=(splits or {}).get(name), **options)
         except _Skip as reason:
             skipped[name] = str(reason)
     table = {
@@ -121,13 +124,13 @@ def run_table1(datasets, models, output_dir, *, split="test", limit=None, batch_
     return table
 
 
-def _evaluate_dataset(name, path, model_id, cache, output_dir, *, split, limit, batch_size, vlm_mode):
+def _evaluate_dataset(name, path, model_id, cache, output_dir, *, split, limit, batch_size, vlm_mode, splits=None):
     """One dataset's Table 1 entry (its report written to `<output_dir>/<name>/`), or `_Skip` with the reason."""
     if model_id is None:
         logger.warning("skipping %s: %s", name, "no --model for it")
         raise _Skip("no --model for it")
     try:
-        dataset = load_split(path, split, limit)
+        dataset = load_split(path, split, limit, splits=splits, model=model_id)
     except UsageError as error:  # a dataset that does not load or lacks the split: skip it, keep the others
         logger.warning("skipping %s (%s): %s", name, path, error)
         raise _Skip(str(error)) from None

@@ -48,9 +48,22 @@ class DataArguments(_Checked):
     val_fraction: float = field(default=0.1, metadata={"help": "stratified share of train used as val when absent"})
     seed: int = field(default=42, metadata={"help": "seed of splits, initialisation and training"})
     max_train_samples: int | None = field(default=None, metadata={"help": "cap the train split (debugging)"})
+    dataset_format: str | None = _help("fi, emoset, emotion6, flickr, instagram, imagefolder, manifest or hub "
+                                       "(default: detected)")
+    split_ratios: list[float] | None = _help("train val test shares where a dataset has no split (default: the "
+                                             "dataset's protocol, 0.8 0.05 0.15 for FI)")
+    splits: str | None = _help("a split file (emovlm-kd split / RUN/splits.json) to use instead of deriving one")
+    leakage: Literal["warn", "error"] = field(
+        default="warn", metadata={"help": "identical images in two splits: warn, or stop the run"}
+    )
 
     def _checks(self):
         yield 0.0 < self.val_fraction < 1.0, "val-fraction", "must be in (0, 1)"
+        ratios = self.split_ratios
+        yield ratios is None or (len(ratios) == 3 and min(ratios) >= 0 and abs(sum(ratios) - 1) < 1e-6
+                                 and ratios[0] > 0 and ratios[2] > 0), "split-ratios", \
+            "must be three shares (train val test) summing to 1, train and test > 0"
+        yield self.leakage in ("warn", "error"), "leakage", "must be warn or error"
 
 
 @dataclass

@@ -38,17 +38,42 @@ logger = logging.getLogger(__name__)
 PARTS = ("vlm", "distill", "teacher", "emovlm_kd")
 
 
-def load_data(cfg, data_source):
-    from emovlm_kd.data import load_image_dataset
+def dataset_options(cfg):
+    """The `load_image_dataset` options a run's settings give (None: the loader's default)."""
+    options = {"val_fraction": cfg.val_fraction, "seed": cfg.seed, "dataset_format": cfg.dataset_format,
+               "split_ratios": tuple(cfg.split_ratios) if cfg.split_ratios else None}
+    return {k: v for k, v in options.items() if v is not None}
 
-    dataset = load_image_dataset(data_source, val_fraction=cfg.val_fraction, seed=cfg.seed)
+
+def load_data(cfg, data_source):
+    """The run's DatasetDict: derived by the loader, or the `--splits` file's; train capped by max_train_samples;
+    identical images across splits reported (or refused with `--leakage error`)."""
+    from emovlm_kd.data import load_image_dataset
+    from emovlm_kd.data.splitfile import apply_splits, check_leakage, read_splits
+
+    dataset = load_image_dataset(data_source, **dataset_options(cfg))
+    if cfg.splits:
+        dataset = apply_splits(dataset, read_splits(cfg.splits), where=cfg.splits)
     for split in ("train", "test"):
         if split not in dataset:
             raise ValueError(f"dataset {data_source!r} has no {split} split (found: {', '.join(dataset)})")
     if cfg.max_train_samples:
         dataset["train"] = dataset["train"].shuffle(seed=cfg.seed).select(range(min(cfg.max_train_samples,
                                                                                   len(dataset["train"]))))
+    check_leakage(dataset, strict=cfg.leakage == "error")
     return dataset
+
+
+def record_splits(cfg, run_dir, dataset, data_source):
+    """RUN/splits.json: the ids of every split this run used, with the dataset's fingerprint and the settings
+    that made the split."""
+    from emovlm_kd.data.splitfile import SPLITS_FILE, split_record, write_splits
+
+    record = split_record(dataset, data_source, from_file=cfg.splits, seed=cfg.seed, **{
+        k: v for k, v in dataset_options(cfg).items() if k != "seed"})
+    if is_main_process():
+        write_splits(run_dir / SPLITS_FILE, record)
+    return record
 
 
 def accuracy(predictions, labels):
@@ -68,6 +93,7 @@ def run_training(cfg):
     dataset = load_data(cfg, data_source)
     names = dataset["train"].features["label"].names
     logger.info("splits: %s; labels: %s", {k: len(v) for k, v in dataset.items()}, ", ".join(names))
+    split_file = record_splits(cfg, run_dir, dataset, data_source)
     if cfg.teacher_trained:
         check_teacher_labels(cfg.teacher_trained, names)
     prompt_config = EmoVLMKDConfig(id2label=dict(enumerate(names)), label2id={n: i for i, n in enumerate(names)})
@@ -84,7 +110,7 @@ def run_training(cfg):
     passes = cache_passes(cfg, run_dir, dataset, bundle, processor, teacher_dir)
     outputs = train_head_and_gate(cfg, run_dir, bundle, passes, gate_split=cfg.gate_train_split)
     results = test_results(passes["test"], outputs)
-    export(cfg, run_dir, bundle, processor, model_card(cfg, names, results, vlm_path), results)
+    export(cfg, run_dir, bundle, processor, model_card(cfg, names, results, vlm_path), results, split_file)
     return results
 
 
@@ -187,16 +213,20 @@ def test_results(test_pass, outputs):
     }
 
 
-def export(cfg, run_dir, bundle, processor, card, results):
-    """RUN/model (the Hub bundle) and RUN/eval_results.json, rewritten only when they change; then the push."""
+def export(cfg, run_dir, bundle, processor, card, results, split_file):
+    """RUN/model (the Hub bundle, with the split it was trained on) and RUN/eval_results.json, rewritten only when
+    they change; then the push."""
+    from emovlm_kd.data.splitfile import SPLITS_FILE
     from emovlm_kd.hub import save_bundle
 
-    done = Stage(run_dir, "stage5_export", fingerprint("export", fingerprint_module(bundle), str(card), results))
+    key = fingerprint("export", fingerprint_module(bundle), str(card), results, split_file["dataset"]["fingerprint"])
+    done = Stage(run_dir, "stage5_export", key)
     if done.done and (run_dir / "model" / "config.json").exists():
         logger.info("[export] RUN/model is up to date, not rewritten")
     else:
         if is_main_process():
-            save_bundle(bundle, processor, run_dir / "model", model_card=card)
+            save_bundle(bundle, processor, run_dir / "model", model_card=card,
+                        extra_files={SPLITS_FILE: run_dir / SPLITS_FILE})
             atomic_write_text(run_dir / "eval_results.json", json.dumps(results, indent=2))
         done.finish(model=str(run_dir / "model"))
     if is_main_process() and cfg.push_to_hub:

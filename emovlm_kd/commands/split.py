@@ -1,0 +1,44 @@
+"""`emovlm-kd split DATASET --output splits.json`: make a split to share, and to reuse with `--splits FILE` in
+`train`, `evaluate` and `table1`.
+
+    emovlm-kd split data/FI --output fi-splits.json                       # FI's protocol: 80 / 5 / 15, seed 42
+    emovlm-kd split data/Emotion6 --output e6.json --seed 7 --split-ratios 0.8 0.1 0.1
+
+The file holds the ids of every split (the dataset's `id` column, as in `predictions.jsonl`) and the dataset's
+fingerprint. Files whose content is identical in two splits are named in a warning (`--leakage error` stops).
+"""
+
+import logging
+
+from emovlm_kd.errors import UsageError
+from emovlm_kd.evaluation.options import add_dataset_arguments, dataset_options
+
+logger = logging.getLogger(__name__)
+
+
+def add_arguments(parser):
+    parser.add_argument("dataset", help="dataset folder, manifest, save_to_disk folder or Hub id")
+    parser.add_argument("--output", required=True, help="the split file to write (JSON)")
+    parser.add_argument("--val-fraction", type=float, default=None,
+                        help="stratified share of train used as val where only val is missing (default: 0.1)")
+    parser.add_argument("--leakage", choices=["warn", "error"], default="warn",
+                        help="identical images in two splits: warn (default) or stop")
+    add_dataset_arguments(parser)
+
+
+def run(args):
+    from emovlm_kd.data import load_image_dataset
+    from emovlm_kd.data.splitfile import check_leakage, split_record, write_splits
+
+    options = dataset_options(args)
+    if args.val_fraction is not None:
+        options["val_fraction"] = args.val_fraction
+    try:
+        dataset = load_image_dataset(args.dataset, **options)
+        check_leakage(dataset, strict=args.leakage == "error")
+    except (ValueError, OSError) as error:
+        raise UsageError(f"--dataset {args.dataset}: {error}")
+    path = write_splits(args.output, split_record(dataset, args.dataset, **options))
+    sizes = ", ".join(f"{name} {len(part)}" for name, part in dataset.items())
+    print(f"wrote {path}: {sizes}")
+    return 0
