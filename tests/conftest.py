@@ -19,6 +19,23 @@ def _seed():
     np.random.seed(0)
 
 
+class CallCounter:
+    """Counts the calls of a module through a forward hook (e.g. the visual encoder, the language model)."""
+
+    def __init__(self, module):
+        self.calls = 0
+        self.handle = module.register_forward_hook(self._hook)
+
+    def _hook(self, module, args, output):
+        self.calls += 1
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.handle.remove()
+
+
 def random_image(width, height, seed=0):
     rng = np.random.default_rng(seed)
     return Image.fromarray((rng.random((height, width, 3)) * 255).astype("uint8"))

@@ -8,6 +8,7 @@ import textwrap
 
 import pytest
 import torch
+from conftest import CallCounter
 
 from configuration_emovlm_kd import GATE_TYPES, EmoVLMKDConfig
 from modeling_emovlm_kd import EmoVLMKDForImageClassification, parse_answer
@@ -25,21 +26,9 @@ def _run(model, inputs, mode, tokenizer=None, **generation):
     return model(**inputs, vlm_mode=mode)
 
 
-class EncoderCounter:
+def EncoderCounter(model):
     """Counts calls of the visual encoder through a forward hook."""
-
-    def __init__(self, model):
-        self.calls = 0
-        self.handle = model.vlm.model.visual.register_forward_hook(self._hook)
-
-    def _hook(self, module, args, output):
-        self.calls += 1
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.handle.remove()
+    return CallCounter(model.vlm.model.visual)
 
 
 @pytest.mark.parametrize("gate_type", GATE_TYPES)

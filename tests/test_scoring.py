@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from conftest import CallCounter
 
 from modeling_emovlm_kd import (
     LabelScoringPlan,
@@ -105,21 +106,9 @@ def test_tree_attention_mask():
 # ----------------------------------------------------------------------------------------------- PromptPrefixCache
 
 
-class LanguageModelCounter:
+def LanguageModelCounter(model):
     """Counts calls of the language model (the prefix pass and the scoring pass each call it once)."""
-
-    def __init__(self, model):
-        self.calls = 0
-        self.handle = model.vlm.model.language_model.register_forward_hook(self._hook)
-
-    def _hook(self, module, args, output):
-        self.calls += 1
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.handle.remove()
+    return CallCounter(model.vlm.model.language_model)
 
 
 def _brute_force_log_likelihoods(model, inputs):
