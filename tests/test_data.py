@@ -130,8 +130,10 @@ def test_label_names_force_the_order_and_reject_other_labels(tmp_path):
 def test_emoset_layout(tmp_path, row_items):
     root = tmp_path / "EmoSet-118K"
     root.mkdir()
-    info = {"label2idx": {"emotion": {name: i for i, name in enumerate(EMOSET_ORDER)}, "brightness": {"0.1": 0}},
-            "idx2label": {"emotion": {str(i): name for i, name in enumerate(EMOSET_ORDER)}}}  # fmt: skip
+    # the real nesting (github JingyuanYY/EmoSet, info.json): info[attribute]["label2idx"] / ["idx2label"]
+    info = {"emotion": {"label2idx": {name: i for i, name in enumerate(EMOSET_ORDER)},
+                        "idx2label": {str(i): name for i, name in enumerate(EMOSET_ORDER)}},
+            "brightness": {"label2idx": {"0.1": 0}, "idx2label": {"0": 0.1}}}  # fmt: skip
     (root / "info.json").write_text(json.dumps(info))
     for split, per_class in [("train", 2), ("val", 1), ("test", 1)]:
         rows = []
@@ -153,7 +155,7 @@ def test_emoset_layout(tmp_path, row_items):
 def test_emoset_rejects_a_malformed_row(tmp_path):
     root = tmp_path / "emoset"
     root.mkdir()
-    (root / "info.json").write_text(json.dumps({"label2idx": {"emotion": {"awe": 0}}}))
+    (root / "info.json").write_text(json.dumps({"emotion": {"label2idx": {"awe": 0}, "idx2label": {"0": "awe"}}}))
     (root / "train.json").write_text(json.dumps([["awe", "image/awe/1.jpg"]]))
     with pytest.raises(ValueError, match="train.json row 0"):
         load_image_dataset(root)
@@ -174,14 +176,14 @@ def test_emotion6_label_is_the_argmax_and_split_80_10_10(tmp_path):
             lines.append("\t".join([f"{emotion}/{i}.jpg", "5.0", "4.0", *map(str, probs)]))
     lines[1] = "\t".join(["anger/1.jpg", "5", "4", "0.1", "0", "0", "0.6", "0", "0", "0.3"])  # folder says anger
     (root / "ground_truth.txt").write_text("\n".join(lines) + "\n")
-    result = load_image_dataset(root)
+    result = load_image_dataset(root, emotion6_labels="argmax")  # the default is the folder (the paper's labels)
     check_columns(result)
     assert names_of(result["train"]) == list(EKMAN6)
     assert {split: ds.num_rows for split, ds in result.items()} == {"train": 48, "val": 6, "test": 6}
     labels = {row_id: label for split in result.values() for row_id, label in zip(split["id"], string_labels(split))}
     assert len(labels) == 60 and labels["images/anger/1.jpg"] == "joy" and labels["images/fear/1.jpg"] == "fear"
     assert sorted(string_labels(result["test"])) == sorted(EKMAN6[:3] + ("joy",) + EKMAN6[4:])
-    assert load_image_dataset(root)["test"]["id"] == result["test"]["id"]
+    assert load_image_dataset(root, emotion6_labels="argmax")["test"]["id"] == result["test"]["id"]
 
 
 # ------------------------------------------------------------------------------------------------- manifests

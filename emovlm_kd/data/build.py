@@ -1,20 +1,25 @@
 """From a reader's `Listing` to the standard `DatasetDict` (`image`, `label`, `id`): the label names, the checks,
 the derived splits."""
 
+import logging
 from collections import Counter
 
 from datasets import ClassLabel, Dataset, DatasetDict, Features, Image, Value
 
 from emovlm_kd.data.checks import check_not_empty, drop_unreadable
-from emovlm_kd.data.records import SPLITS, normalise_label
+from emovlm_kd.data.records import SPLITS, UNSPLIT, normalise_label
 from emovlm_kd.data.splits import derive_splits
 from emovlm_kd.labels import canonical_label_order
 
+logger = logging.getLogger(__name__)
 
-def from_listing(listing, label_names, val_fraction, seed, wanted=None):
+
+def from_listing(listing, label_names, val_fraction, seed, wanted=None, split_ratios=None):
     """Check labels and rows, drop unreadable images, derive missing splits, build the `DatasetDict`.
 
-    `wanted` (split names) keeps only those splits, derived first, and checks only their images.
+    `wanted` (split names) keeps only those splits, derived first, and checks only their images. `split_ratios`
+    (train, val, test) overrides the listing's own ratios for a pool without a split; a dataset with its own split
+    keeps it.
     """
     present = [record.label for records in listing.splits.values() for record in records]
     names = resolve_label_names(label_names, listing.labels or present)
@@ -24,10 +29,13 @@ def from_listing(listing, label_names, val_fraction, seed, wanted=None):
             if record.label not in index:
                 raise ValueError(f"label {record.label!r} of {record.path} is not one of the labels {names}")
     check_not_empty({split: len(records) for split, records in listing.splits.items()})
+    ratios = listing.ratios if split_ratios is None else split_ratios
+    if split_ratios is not None and UNSPLIT not in listing.splits:
+        logger.info("split_ratios %s not used: the dataset has its own split", tuple(split_ratios))
     if wanted is None:
-        splits = derive_splits(drop_unreadable(listing.splits), val_fraction, seed)
+        splits = derive_splits(drop_unreadable(listing.splits), val_fraction, seed, ratios)
     else:
-        derived = derive_splits(listing.splits, val_fraction, seed)
+        derived = derive_splits(listing.splits, val_fraction, seed, ratios)
         missing = sorted(set(wanted) - set(derived))
         if missing:
             raise ValueError(f"the dataset has no split {missing[0]!r}; it has {', '.join(sorted(derived))}")

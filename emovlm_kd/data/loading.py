@@ -1,38 +1,63 @@
 """`load_image_dataset`: find which layout a source is (a local layout of `readers`, else a `save_to_disk` folder or
-a Hub dataset) and read it into the standard `DatasetDict`."""
+a Hub dataset), or take the one named by `dataset_format`, and read it into the standard `DatasetDict`."""
 
 import re
 from pathlib import Path
 
 from emovlm_kd.data.build import from_listing
+from emovlm_kd.data.emotion6 import EMOTION6_LABELS
 from emovlm_kd.data.hfdatasets import from_datasets, load_datasets
-from emovlm_kd.data.readers import MANIFEST_SUFFIXES, find_reader
+from emovlm_kd.data.katsurai import resolve_vote_rule
+from emovlm_kd.data.readers import DATASET_FORMATS, HUB, MANIFEST_SUFFIXES, find_reader, named_reader
+from emovlm_kd.data.records import ReadOptions
+from emovlm_kd.data.splits import check_split_ratios
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
 
 def load_image_dataset(
-    source, *, val_fraction=0.1, seed=42, label_names=None, label_column=None, image_column=None, splits=None
-):
+    source, *, dataset_format=None, val_fraction=0.1, split_ratios=None, seed=42, label_names=None,
+    label_column=None, image_column=None, splits=None, emotion6_labels="folder", vote_rule="majority",
+):  # fmt: skip
     """A `DatasetDict` with splits among train/val/test, each with exactly the columns `image` (`Image()`),
     `label` (`ClassLabel`, canonical order, or `label_names` in their order) and `id` (string).
 
-    `source` is detected in this order: the official `<root>/{train,val,test}/<class>/*` layout, EmoSet-118K,
-    Emotion6, a CSV/JSONL manifest, a `save_to_disk` folder, else a Hub dataset id (`label_column`/`image_column`
-    pick the columns there). A label outside `label_names`, a missing root, an empty split or a class whose
-    images are all unreadable raise `ValueError`.
+    `dataset_format` (one of `DATASET_FORMATS`: fi, emoset, emotion6, flickr, instagram, imagefolder, manifest,
+    hub) names the layout; None detects it, in this order: EmoSet-118K, Emotion6, Flickr, Instagram, FI, class
+    folders (`<root>/{train,val,test}/<class>/*` or `<root>/<class>/*`), a CSV/JSONL manifest, a `save_to_disk`
+    folder, else a Hub dataset id (`label_column`/`image_column` pick the columns there). A label outside
+    `label_names`, a missing root, an empty split or a class whose images are all unreadable raise `ValueError`.
+
+    Splits: a dataset's own split is kept (a missing val is a stratified `val_fraction` of train). A dataset without
+    one is split stratified and seeded by `split_ratios` (train, val, test), by default the dataset's protocol:
+    FI, Flickr and Instagram 80/5/15, Emotion6 80/10/10, other pools 80/10/10 (val = `val_fraction`).
+    `emotion6_labels` ("folder" or "argmax") and `vote_rule` (Flickr/Instagram: "majority", "unanimous",
+    "plurality" or a callable) choose how those datasets are labelled; see `emotion6` and `katsurai`.
 
     `splits` (e.g. `["test"]`) keeps only those splits of a local file listing and checks only their images (a
     derived val split is then drawn before unreadable train files are dropped): evaluation need not read train.
     """
     if not 0 <= val_fraction < 1:
         raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    if split_ratios is not None:
+        split_ratios = check_split_ratios(split_ratios)
+    if emotion6_labels not in EMOTION6_LABELS:
+        raise ValueError(f"emotion6_labels must be one of {EMOTION6_LABELS}, got {emotion6_labels!r}")
+    resolve_vote_rule(vote_rule)
+    if dataset_format is not None and dataset_format not in DATASET_FORMATS:
+        raise ValueError(f"dataset_format must be one of {', '.join(DATASET_FORMATS)} or None, got {dataset_format!r}")
     location = _locate(source)
     local = isinstance(location, Path)
-    reader = find_reader(location) if local else None
+    if not local and dataset_format not in (None, HUB):
+        raise ValueError(f"dataset root not found: {Path(source).expanduser().absolute()}")
+    if dataset_format == HUB or not local:
+        reader = None
+    else:
+        reader = find_reader(location) if dataset_format is None else named_reader(dataset_format, location)
     if reader is not None:
-        return from_listing(reader.read(location), label_names, val_fraction, seed, splits)
-    if local and location.is_file():
+        listing = reader.read(location, ReadOptions(emotion6_labels=emotion6_labels, vote_rule=vote_rule))
+        return from_listing(listing, label_names, val_fraction, seed, splits, split_ratios)
+    if local and location.is_file() and dataset_format is None:
         raise ValueError(f"{location}: a file that is not a manifest (expected {', '.join(MANIFEST_SUFFIXES)})")
     root = location if local else None
     return from_datasets(load_datasets(location), root, label_names, label_column, image_column, val_fraction, seed)

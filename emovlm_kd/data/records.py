@@ -10,7 +10,7 @@ SPLIT_ALIASES = {
     "val": "val", "valid": "val", "validation": "val", "dev": "val",
     "test": "test", "testing": "test",
 }  # fmt: skip
-UNSPLIT = "all"  # the pool of a dataset without an official split, before the 80/10/10 split
+UNSPLIT = "all"  # the pool of a dataset without an official split, before the train/val/test split
 
 
 @dataclass(frozen=True)
@@ -24,10 +24,23 @@ class Record:
 
 @dataclass
 class Listing:
-    """Records per split (or `UNSPLIT`) and, where the dataset declares it, its full label set."""
+    """Records per split (or `UNSPLIT`) and, where the dataset declares it, its full label set.
+
+    `ratios`: the dataset's default (train, val, test) fractions for its `UNSPLIT` pool; None = 80/10/10 with the
+    default `val_fraction` (10% test, `val_fraction` val).
+    """
 
     splits: dict
     labels: list = None
+    ratios: tuple = None
+
+
+@dataclass(frozen=True)
+class ReadOptions:
+    """Choices some readers take: how Emotion6 is labelled, how Flickr/Instagram votes become a label."""
+
+    emotion6_labels: str = "folder"
+    vote_rule: object = "majority"  # a name in `katsurai.VOTE_RULES` or a callable (pos, neu, neg) -> label or None
 
 
 def normalise_label(label, where):

@@ -1,6 +1,8 @@
-"""Splits a dataset lacks, drawn stratified by label and seeded: a val split from train, or 80/10/10 from a pool."""
+"""Splits a dataset lacks, drawn stratified by label and seeded: a val split from train, or train/val/test from a
+pool (`split_ratios`, e.g. FI's 80/5/15; by default 80/10/10)."""
 
 import logging
+import math
 
 import numpy as np
 
@@ -9,6 +11,7 @@ from emovlm_kd.data.records import UNSPLIT
 logger = logging.getLogger(__name__)
 
 TEST_FRACTION = 0.1
+LARGE_SET_RATIOS = (0.8, 0.05, 0.15)  # the VEA papers' random train/val/test protocol for FI (and Flickr/Instagram)
 
 
 def stratified_split(labels, fraction, seed):
@@ -32,21 +35,52 @@ def stratified_split(labels, fraction, seed):
     return sorted(keep), sorted(split)
 
 
-def derive_splits(splits, val_fraction, seed):
-    """Make the splits a dataset lacks: 80/10/10 from `UNSPLIT`, or a stratified val from train."""
+def check_split_ratios(ratios):
+    """`ratios` as a `(train, val, test)` tuple of floats, or a `ValueError` saying what is wrong."""
+    try:
+        values = tuple(float(value) for value in ratios)
+    except (TypeError, ValueError):
+        values = ()
+    if len(values) != 3 or min(values) < 0 or values[0] <= 0 or not math.isclose(sum(values), 1.0, abs_tol=1e-6):
+        raise ValueError(
+            f"split_ratios must be three non-negative numbers (train, val, test) with train > 0 summing to 1, "
+            f"got {ratios!r}"
+        )
+    return values
+
+
+def default_ratios(val_fraction):
+    """The 80/10/10 default of a pool without declared ratios: 10% test, `val_fraction` val, the rest train."""
+    if val_fraction + TEST_FRACTION >= 1:
+        raise ValueError(f"val_fraction {val_fraction} + test fraction {TEST_FRACTION} must be below 1")
+    return (1 - TEST_FRACTION - val_fraction, val_fraction, TEST_FRACTION)
+
+
+def derive_splits(splits, val_fraction, seed, ratios=None):
+    """Make the splits a dataset lacks: train/val/test from `UNSPLIT` (`ratios`, else 80/10/10 with
+    `val_fraction`), or a stratified `val_fraction` of train as val."""
     splits = dict(splits)
     if UNSPLIT in splits:
-        if val_fraction + TEST_FRACTION >= 1:
-            raise ValueError(f"val_fraction {val_fraction} + test fraction {TEST_FRACTION} must be below 1")
-        splits["train"], splits["test"] = split_records(splits.pop(UNSPLIT), TEST_FRACTION, seed)
-        if val_fraction:
-            splits["train"], splits["val"] = split_records(splits["train"], val_fraction / (1 - TEST_FRACTION), seed)
+        ratios = check_split_ratios(ratios) if ratios is not None else default_ratios(val_fraction)
+        splits.update(split_pool(splits.pop(UNSPLIT), ratios, seed))
     elif "train" in splits and "val" not in splits and val_fraction:
         splits["train"], splits["val"] = split_records(splits["train"], val_fraction, seed)
     for split in [split for split, records in splits.items() if not records]:
         logger.warning("Derived split %r is empty (too few images per class): left out", split)
         del splits[split]
     return splits
+
+
+def split_pool(records, ratios, seed):
+    """`{train, val, test: records}` of a pool, each class split by `ratios` (test first, then val from the rest)."""
+    _, val, test = ratios
+    rest, result = records, {}
+    if test:
+        rest, result["test"] = split_records(rest, test, seed)
+    if val:
+        rest, result["val"] = split_records(rest, val / (1 - test), seed)
+    result["train"] = rest
+    return result
 
 
 def split_records(records, fraction, seed):

@@ -1,0 +1,153 @@
+"""Tiny copies of the paper's five datasets in the form their authors distribute them: same file names, nesting,
+columns and encodings, a few 32x32 images per class. Each class has its own colour (hue), so that tiny models learn
+them. Every writer is seeded (same arguments, same files) and returns the dataset root.
+
+    from dataset_fixtures import write_emoset, write_emotion6, write_fi, write_flickr, write_instagram
+
+    root = write_fi(tmp_path / "FI", per_class=6)        # then load_image_dataset(root), format "fi"
+
+The sources each layout was checked against are named above each writer (and in `emovlm_kd.data`'s readers).
+"""
+
+import colorsys
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from emovlm_kd.labels import EKMAN6, MIKELS8
+
+EMOSET_ORDER = ("amusement", "awe", "contentment", "excitement", "anger", "disgust", "fear", "sadness")
+VOTES_HEADER = ("ImageID", "Num_of_Positive", "Num_of_Neutral", "Num_of_Negative")
+POSITIVE_VOTES = ((3, 0, 0), (2, 1, 0), (2, 0, 1))  # (positive, neutral, negative) of three workers
+NEGATIVE_VOTES = ((0, 0, 3), (0, 1, 2), (1, 0, 2))
+DROPPED_VOTES = ((0, 3, 0), (1, 1, 1), (1, 2, 0), (0, 2, 1))  # no majority for either polarity
+FIRST_ID = {"flickr": 10002040436, "instagram": 1000350219}  # numeric ids (Instagram's id form: unverified)
+
+
+def class_image(index, num_classes, rng, size=32):
+    """A `size` x `size` RGB image in class `index`'s own hue, with brightness and pixel noise jitter."""
+    colour = np.array(colorsys.hsv_to_rgb(index / num_classes, 0.85, 0.95)) * 255 * rng.uniform(0.85, 1.0)
+    pixels = colour + rng.normal(0, 6, (size, size, 3))
+    return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
+
+
+def save_jpeg(image, path):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image.save(path, format="JPEG", quality=95)
+    return path
+
+
+def _counts(per_class, names):
+    """`{name: count}` from an int (the same for every class) or a mapping."""
+    return {name: int(per_class[name] if isinstance(per_class, dict) else per_class) for name in names}
+
+
+# FI (You et al., AAAI 2016), as downloaded: one folder per Mikels emotion, JPEG files `<emotion>_<number>.jpg`
+# (a public FI loader takes the label as `filename.split('_')[0]`), no split.
+def write_fi(root, per_class=6, size=32, seed=0):
+    """`<root>/<emotion>/<emotion>_<nnnn>.jpg` for the eight Mikels emotions; `per_class` an int or a mapping."""
+    root, rng = Path(root), np.random.default_rng(seed)
+    for k, (emotion, count) in enumerate(_counts(per_class, MIKELS8).items()):
+        for i in range(1, count + 1):
+            save_jpeg(class_image(k, len(MIKELS8), rng, size), root / emotion / f"{emotion}_{i:04d}.jpg")
+    return root
+
+
+# EmoSet-118K (github JingyuanYY/EmoSet: README.md, EmoSet.py, info.json): info.json nests per attribute
+# `info["emotion"]["label2idx"]` / `["idx2label"]` (emotion order amusement 0 ... sadness 7); {train,val,test}.json are
+# JSON lists of `[emotion, image_id, image_path, annotation_path]` (copies in circulation drop the image id);
+# images under `image/<emotion>/`, per-image attribute JSON under `annotation/<emotion>/` (brightness and
+# colorfulness as numbers; the scene/object/facial-expression/action attributes and info.json entries are left out).
+def write_emoset(root, per_class=(4, 1, 2), row_items=4, emotions=EMOSET_ORDER, size=32, seed=0):
+    """EmoSet-118K with `per_class` (train, val, test) images of each of `emotions`; rows of 3 or 4 items."""
+    if row_items not in (3, 4):
+        raise ValueError(f"row_items must be 3 or 4, got {row_items}")
+    root, rng = Path(root), np.random.default_rng(seed)
+    levels = [round(0.1 * i, 1) for i in range(11)]
+    info = {"emotion": {"label2idx": {name: i for i, name in enumerate(EMOSET_ORDER)},
+                        "idx2label": {str(i): name for i, name in enumerate(EMOSET_ORDER)}}}  # fmt: skip
+    for attribute in ("brightness", "colorfulness"):
+        info[attribute] = {"label2idx": {str(v): i for i, v in enumerate(levels)},
+                           "idx2label": {str(i): v for i, v in enumerate(levels)}}  # fmt: skip
+    _write_json(root / "info.json", info)
+    number = dict.fromkeys(emotions, 0)
+    for split, count in zip(("train", "val", "test"), per_class):
+        rows = []
+        for emotion in emotions:
+            for _ in range(count):
+                number[emotion] += 1
+                image_id = f"{emotion}_{number[emotion]}"
+                image, annotation = f"image/{emotion}/{image_id}.jpg", f"annotation/{emotion}/{image_id}.json"
+                save_jpeg(class_image(EMOSET_ORDER.index(emotion), len(EMOSET_ORDER), rng, size), root / image)
+                levels_of = {"brightness": float(rng.choice(levels)), "colorfulness": float(rng.choice(levels))}
+                _write_json(root / annotation, levels_of)
+                rows.append([emotion, image_id, image, annotation] if row_items == 4 else [emotion, image, annotation])
+        _write_json(root / f"{split}.json", rows)
+    return root
+
+
+# Emotion6 (Peng et al., CVPR 2015; the archive's readme.txt): `images/<emotion>/<n>.jpg` (330 per emotion in the
+# real set), `ground_truth.txt` = a first line, then tab-separated `[image_filename] [valence] [arousal] [prob. anger]
+# [prob. disgust] [prob. fear] [prob. joy] [prob. sadness] [prob. surprise] [prob. neutral]`, file names relative to
+# images/, probabilities as shares of the raters printed like "0.133333  0.7  0  0.0666667" (the readme's example
+# line is "disgust/1.jpg 2.5 3.8 0.133333 0.7 0 0.0666667 0.1 0 0"; row order here is by emotion).
+def write_emotion6(root, per_class=6, size=32, seed=0, probabilities=None):
+    """Emotion6 with `per_class` images per emotion; `probabilities` {"anger/1.jpg": 7 numbers} overrides rows."""
+    root, rng = Path(root), np.random.default_rng(seed)
+    probabilities = probabilities or {}
+    header = ["[image_filename]", "[valence]", "[arousal]"] + [f"[prob. {e}]" for e in (*EKMAN6, "neutral")]
+    lines = ["\t".join(header)]
+    for k, (emotion, count) in enumerate(_counts(per_class, EKMAN6).items()):
+        for i in range(1, count + 1):
+            name = f"{emotion}/{i}.jpg"
+            save_jpeg(class_image(k, len(EKMAN6), rng, size), root / "images" / name)
+            shares = [0.0] * 7
+            shares[k], shares[(k + 1) % 6], shares[6] = 9 / 15, 3 / 15, 3 / 15
+            row = probabilities.get(name, shares)
+            valence, arousal = rng.uniform(1, 9), rng.uniform(1, 9)
+            lines.append("\t".join([name, f"{valence:.1f}", f"{arousal:.1f}", *(f"{p:.6g}" for p in row)]))
+    (root / "ground_truth.txt").write_text("\n".join(lines) + "\n", encoding="ascii")
+    return root
+
+
+# Flickr / Instagram of Katsurai & Satoh (ICASSP 2016; mm.doshisha.ac.jp image-sentiment page; the file names and
+# columns as public loaders read them: `flickr{1,2,3}_icassp2016_dataset.csv` with the header
+# `ImageID,Num_of_Positive,Num_of_Neutral,Num_of_Negative`, one row per image of three workers' votes). The images
+# are not distributed; users fetch them by id, here `images/<ImageID>.jpg`.
+def write_flickr(root, per_label=6, dropped=3, missing=0, size=32, seed=0):
+    """The Flickr vote files (three batches) and images: `per_label` ids with a positive (negative) majority,
+    `dropped` ids without one, and `missing` of the labelled ids without an image file."""
+    return write_votes("flickr", root, per_label, dropped, missing, size, seed)
+
+
+def write_instagram(root, per_label=6, dropped=3, missing=0, size=32, seed=0):
+    """The Instagram vote files (`instagram{1,2,3}_icassp2016_dataset.csv`, named by analogy) and images."""
+    return write_votes("instagram", root, per_label, dropped, missing, size, seed)
+
+
+def write_votes(site, root, per_label, dropped, missing, size=32, seed=0):
+    """`<root>/<site>{1,2,3}_icassp2016_dataset.csv` and `<root>/images/<id>.jpg` (see `write_flickr`)."""
+    root, rng = Path(root), np.random.default_rng(seed)
+    rows = [(POSITIVE_VOTES[i % 3], 0) for i in range(per_label)]  # (votes, colour slot)
+    rows += [(NEGATIVE_VOTES[i % 3], 1) for i in range(per_label)]
+    rows += [(DROPPED_VOTES[i % 4], 2) for i in range(dropped)]
+    ids = [str(FIRST_ID[site] + 7 * n) for n in range(len(rows))]
+    labelled = [i for pair in zip(ids[:per_label], ids[per_label : 2 * per_label]) for i in pair]  # +, -, +, ...
+    absent = set(labelled[:missing])
+    for image_id, (_, colour) in zip(ids, rows):
+        if image_id not in absent:
+            save_jpeg(class_image(colour * 3, 8, rng, size), root / "images" / f"{image_id}.jpg")
+    for batch in range(3):
+        with open(root / f"{site}{batch + 1}_icassp2016_dataset.csv", "w", encoding="ascii", newline="") as file:
+            writer = csv.writer(file)
+            writer.writerow(VOTES_HEADER)
+            writer.writerows([image_id, *votes] for image_id, (votes, _) in list(zip(ids, rows))[batch::3])
+    return root
+
+
+def _write_json(path, payload):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(payload, indent=4) + "\n", encoding="utf-8")
