@@ -33,10 +33,14 @@ def add_dataset_arguments(parser):
     parser.add_argument("--split-ratios", type=float, nargs=3, default=None, metavar=("TRAIN", "VAL", "TEST"),
                         help="shares where the dataset has no split (default: the dataset's protocol)")
     parser.add_argument("--seed", type=int, default=None, help="seed of a derived split (default: 42)")
+    parser.add_argument("--emotion6-labels", choices=["folder", "argmax"], default=None,
+                        help="Emotion6 labels: the class folder (default, the paper's) or the argmax of ground_truth.txt")
+    parser.add_argument("--vote-rule", choices=["majority", "unanimous", "plurality"], default=None,
+                        help="Flickr/Instagram: the votes that make a label (default: majority, 2 of 3)")
 
 
 def dataset_options(args):
     """`load_image_dataset` keyword arguments from the flags of `add_dataset_arguments` (unset ones left out)."""
-    options = {"dataset_format": args.dataset_format, "seed": args.seed,
-               "split_ratios": tuple(args.split_ratios) if args.split_ratios else None}
+    options = {"dataset_format": args.dataset_format, "seed": args.seed, "emotion6_labels": args.emotion6_labels,
+               "vote_rule": args.vote_rule, "split_ratios": tuple(args.split_ratios) if args.split_ratios else None}
     return {k: v for k, v in options.items() if v is not None}

@@ -52,6 +52,13 @@ class DataArguments(_Checked):
                                        "(default: detected)")
     split_ratios: list[float] | None = _help("train val test shares where a dataset has no split (default: the "
                                              "dataset's protocol, 0.8 0.05 0.15 for FI)")
+    emotion6_labels: Literal["folder", "argmax"] = field(
+        default="folder", metadata={"help": "Emotion6 labels: the class folder (the paper's) or the argmax of "
+                                            "ground_truth.txt"}
+    )
+    vote_rule: Literal["majority", "unanimous", "plurality"] = field(
+        default="majority", metadata={"help": "Flickr/Instagram: the votes that make a positive/negative label"}
+    )
     splits: str | None = _help("a split file (emovlm-kd split / RUN/splits.json) to use instead of deriving one")
     leakage: Literal["warn", "error"] = field(
         default="warn", metadata={"help": "identical images in two splits: warn, or stop the run"}

@@ -41,7 +41,8 @@ PARTS = ("vlm", "distill", "teacher", "emovlm_kd")
 def dataset_options(cfg):
     """The `load_image_dataset` options a run's settings give (None: the loader's default)."""
     options = {"val_fraction": cfg.val_fraction, "seed": cfg.seed, "dataset_format": cfg.dataset_format,
-               "split_ratios": tuple(cfg.split_ratios) if cfg.split_ratios else None}
+               "split_ratios": tuple(cfg.split_ratios) if cfg.split_ratios else None,
+               "emotion6_labels": cfg.emotion6_labels, "vote_rule": cfg.vote_rule}
     return {k: v for k, v in options.items() if v is not None}
 
 
