@@ -263,7 +263,7 @@ FRESH_PROCESS = textwrap.dedent(
     """
     import json, os, sys
     project = sys.argv[2]
-    sys.path[:] = [p for p in sys.path if p and not os.path.abspath(p).startswith(project)]
+    sys.path[:] = [p for p in sys.path if p and not (os.path.abspath(p) + os.sep).startswith(project + os.sep)]
     sys.meta_path[:] = [f for f in sys.meta_path if "editable" not in type(f).__name__.lower()
                         and "editable" not in getattr(f, "__name__", "").lower()]
     import torch
