@@ -15,6 +15,8 @@ DEFAULT_PROMPT = (
     "{num_labels} categories: {label_list}. Answer in dictionary form as follows: {example_answer}"
 )
 DEFAULT_ANSWER_TEMPLATE = "{{'emotion': '{label}'}}"
+DEFAULT_MAX_IMAGE_SIDE = 1024  # the official code's `resize_image`: the long side at most 1024 px
+MIN_IMAGE_SIDE = 28  # Qwen2-VL's patch size x merge size: no side can be smaller
 
 
 def format_label_list(labels):
@@ -55,6 +57,13 @@ class EmoVLMKDConfig(PretrainedConfig):
         vlm_max_new_tokens (`int`, *optional*, defaults to 32): generation budget of `generate` mode.
         vlm_do_sample (`bool`), vlm_temperature (`float`): sampling in `generate` mode (off by default; the paper's code
             samples at temperature 0.8).
+        max_image_side (`int`, *optional*, defaults to 1024): every image is scaled down (aspect ratio kept) until its
+            long side is at most this many pixels before it reaches the processor (`prepare_image` in the pipeline
+            file), as the official code's `resize_image`; `None` leaves sizes to the processor's `max_pixels`.
+        gate_calibration_temperature (`float`, *optional*, defaults to 1.0): the gate's logits are divided by it
+            (temperature scaling, fitted on the val split after training): calibrated probabilities, the same argmax.
+        head_calibration_temperature (`float`, *optional*, defaults to 1.0): the same for the head's `distill_logits`;
+            the gate reads the head's uncalibrated probabilities, as it was trained.
     """
 
     model_type = "emovlm_kd"
@@ -75,6 +84,9 @@ class EmoVLMKDConfig(PretrainedConfig):
         vlm_max_new_tokens=32,
         vlm_do_sample=False,
         vlm_temperature=0.8,
+        max_image_side=DEFAULT_MAX_IMAGE_SIDE,
+        gate_calibration_temperature=1.0,
+        head_calibration_temperature=1.0,
         **kwargs,
     ):
         if vlm_config is None:
@@ -95,6 +107,9 @@ class EmoVLMKDConfig(PretrainedConfig):
         self.vlm_max_new_tokens = int(vlm_max_new_tokens)
         self.vlm_do_sample = bool(vlm_do_sample)
         self.vlm_temperature = float(vlm_temperature)
+        self.max_image_side = int(max_image_side) if max_image_side is not None else None
+        self.gate_calibration_temperature = float(gate_calibration_temperature)
+        self.head_calibration_temperature = float(head_calibration_temperature)
         super().__init__(**kwargs)
         self.validate()
 
@@ -114,6 +129,12 @@ class EmoVLMKDConfig(PretrainedConfig):
             raise ValueError(f"gate_num_experts must be >= 1, got {self.gate_num_experts}")
         if "{label}" not in self.answer_template:
             raise ValueError("answer_template must contain '{label}'")
+        if self.max_image_side is not None and self.max_image_side < MIN_IMAGE_SIDE:
+            raise ValueError(f"max_image_side must be >= {MIN_IMAGE_SIDE} (or None), got {self.max_image_side}")
+        for name in ("gate_calibration_temperature", "head_calibration_temperature"):
+            value = getattr(self, name)
+            if not 0.0 < value < float("inf"):
+                raise ValueError(f"{name} must be a finite number > 0, got {value}")
 
     @property
     def labels(self):
@@ -137,4 +158,4 @@ class EmoVLMKDConfig(PretrainedConfig):
         return output
 
 
-__all__ = ["EmoVLMKDConfig", "GATE_TYPES", "VLM_MODES", "VLM_VECTORS"]
+__all__ = ["DEFAULT_MAX_IMAGE_SIDE", "GATE_TYPES", "MIN_IMAGE_SIDE", "VLM_MODES", "VLM_VECTORS", "EmoVLMKDConfig"]

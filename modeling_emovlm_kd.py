@@ -30,8 +30,10 @@ logger = logging.get_logger(__name__)
 class EmoVLMKDOutput(ModelOutput):
     r"""
     loss (`torch.FloatTensor` of shape `()`, *optional*): cross-entropy of `logits` against `labels`.
-    logits (`torch.FloatTensor` of shape `(batch_size, num_labels)`): the gate's output, the final prediction.
-    distill_logits (`torch.FloatTensor` of shape `(batch_size, num_labels)`): the distillation head's logits.
+    logits (`torch.FloatTensor` of shape `(batch_size, num_labels)`): the gate's output divided by
+        `config.gate_calibration_temperature`, the final prediction (calibrated; times the temperature: the raw output).
+    distill_logits (`torch.FloatTensor` of shape `(batch_size, num_labels)`): the distillation head's logits divided
+        by `config.head_calibration_temperature` (the gate reads the head's raw probabilities, as it was trained).
     vlm_scores (`torch.FloatTensor` of shape `(batch_size, num_labels)`): the VLM branch's per-label vector as fed
         to the gate (label distribution or one-hot; all zeros for a generated answer that names no label).
     vlm_log_likelihoods (`torch.FloatTensor` of shape `(batch_size, num_labels)`, *optional*): `score` mode's
@@ -614,8 +616,11 @@ class EmoVLMKDForImageClassification(EmoVLMKDPreTrainedModel):
         return text, image_embeds, self.forward_head(image_embeds)
 
     def _combine(self, vlm_scores, found, image_embeds, distill_logits, labels, **fields):
-        """The gate over both branches, the loss when `labels` are given, and the output."""
-        logits = self.forward_gate(vlm_scores, distill_logits.softmax(-1))
+        """The gate over both branches, both outputs divided by their temperatures (calibration: same argmax), the
+        loss when `labels` are given, and the output. The gate reads the head's uncalibrated probabilities."""
+        config = self.config
+        logits = self.forward_gate(vlm_scores, distill_logits.softmax(-1)) / config.gate_calibration_temperature
+        distill_logits = distill_logits / config.head_calibration_temperature
         loss = F.cross_entropy(logits.float(), labels.to(logits.device)) if labels is not None else None
         return EmoVLMKDOutput(loss=loss, logits=logits, distill_logits=distill_logits, vlm_scores=vlm_scores,
                               vlm_answer_found=found, image_embeds=image_embeds, **fields)  # fmt: skip

@@ -9,11 +9,13 @@ This file travels to the Hub with the model: it imports only torch, transformers
 
 import torch
 from transformers import Pipeline
-from transformers.image_utils import load_image
+from transformers.image_utils import PILImageResampling, load_image
 
 try:
+    from .configuration_emovlm_kd import MIN_IMAGE_SIDE
     from .modeling_emovlm_kd import PromptPrefixCache, build_prompt_text
 except ImportError:  # imported as a plain module (not from a Hub folder)
+    from configuration_emovlm_kd import MIN_IMAGE_SIDE
     from modeling_emovlm_kd import PromptPrefixCache, build_prompt_text
 
 
@@ -47,7 +49,7 @@ def to_rgb(image):
 
 
 MAX_ASPECT_RATIO = 100  # Qwen2-VL's processor refuses more than 200: wider images are padded to this
-MIN_SIDE = 28  # patch size x merge size: smaller images are upscaled
+MIN_SIDE = MIN_IMAGE_SIDE  # patch size x merge size: smaller images are upscaled
 
 
 def fit_image(image, max_aspect_ratio=MAX_ASPECT_RATIO, min_side=MIN_SIDE):
@@ -59,11 +61,11 @@ def fit_image(image, max_aspect_ratio=MAX_ASPECT_RATIO, min_side=MIN_SIDE):
     width, height = image.size
     if max(width, height) / min(width, height) > max_aspect_ratio:
         if width > height:
-            new_height = -(-width // max_aspect_ratio)
+            new_height = int(-(-width // max_aspect_ratio))
             top = (new_height - height) // 2
             image = image.crop((0, -top, width, new_height - top))
         else:
-            new_width = -(-height // max_aspect_ratio)
+            new_width = int(-(-height // max_aspect_ratio))
             left = (new_width - width) // 2
             image = image.crop((-left, 0, new_width - left, height))
         width, height = image.size
@@ -73,16 +75,34 @@ def fit_image(image, max_aspect_ratio=MAX_ASPECT_RATIO, min_side=MIN_SIDE):
     return image
 
 
-def prepare_image(image, timeout=None):
-    """The one way an image is made ready for the model: `to_rgb` (orientation, first frame, 16 bits, transparency
-    on white, palette), then `fit_image` (tiny images upscaled, extreme aspect ratios padded).
+def limit_long_side(image, max_side):
+    """`image` scaled down (aspect ratio kept, Lanczos, as the official code's `resize_image`) so that its long side
+    is `max_side` pixels; returned as it is when it is not longer (never upscaled)."""
+    width, height = image.size
+    if max_side is None or max(width, height) <= max_side:
+        return image
+    scale = max_side / max(width, height)
+    size = (max(1, round(width * scale)), max(1, round(height * scale)))
+    return image.resize(size, resample=PILImageResampling.LANCZOS)
 
-    `image` is a PIL image, or a path, URL or base64 string, which transformers' `load_image` opens (that loader
-    applies the EXIF orientation and flattens to RGB itself; `to_rgb` then finds no orientation left to apply).
+
+def prepare_image(image, timeout=None, max_side=None):
+    """The one way an image is made ready for the model: `to_rgb` (orientation, first frame, 16 bits, transparency
+    on white, palette), then `limit_long_side` (with `max_side`, the model's `config.max_image_side`), then
+    `fit_image` (tiny images upscaled, extreme aspect ratios padded).
+
+    With `max_side` the result's long side is at most `max_side` pixels, whatever the input: aspect ratios are
+    then padded to at most `max_side / MIN_SIDE` (about 36.6 for 1024), so that upscaling a thin strip to
+    `MIN_SIDE` cannot make it longer again. `image` is a PIL image, or a path, URL or base64 string, which
+    transformers' `load_image` opens (that loader applies the EXIF orientation and flattens to RGB itself; `to_rgb`
+    then finds no orientation left to apply).
     """
     if isinstance(image, str):
         image = load_image(image, timeout=timeout)
-    return fit_image(to_rgb(image))
+    image = to_rgb(image)
+    if max_side is None:
+        return fit_image(image)
+    return fit_image(limit_long_side(image, max_side), max_aspect_ratio=min(MAX_ASPECT_RATIO, max_side / MIN_SIDE))
 
 
 def prepare_inputs(processor, config, images):
@@ -128,7 +148,8 @@ class EmoVLMKDImageClassificationPipeline(Pipeline):
         return preprocess_kwargs, forward_kwargs, postprocess_kwargs
 
     def preprocess(self, image, timeout=None):
-        return prepare_inputs(self.processor, self.model.config, [prepare_image(image, timeout=timeout)])
+        image = prepare_image(image, timeout=timeout, max_side=self.model.config.max_image_side)
+        return prepare_inputs(self.processor, self.model.config, [image])
 
     def _forward(self, model_inputs, vlm_mode=None):
         if (vlm_mode or self.model.config.vlm_mode) == "generate":
@@ -146,6 +167,7 @@ class EmoVLMKDImageClassificationPipeline(Pipeline):
 __all__ = [
     "EmoVLMKDImageClassificationPipeline",
     "fit_image",
+    "limit_long_side",
     "prepare_image",
     "prepare_inputs",
     "scores_to_predictions",

@@ -5,7 +5,7 @@
     emovlm-kd train [--config FILE.yaml] [...]           every stage; no --config runs the offline demo
     emovlm-kd split DATASET --output splits.json         a split file to share (reused with --splits FILE)
     emovlm-kd evaluate --model DIR --dataset ...         benchmark report (accuracy, F1, complementarity, ECE)
-    emovlm-kd ablate {head-depth,alpha,gate} --run RUN   the paper's ablations from a training run's caches
+    emovlm-kd ablate {head-depth,alpha,gate,gate-data} --run RUN   the ablations from a training run's caches
     emovlm-kd table1 --model DIR --data-root ROOT        the paper's Table 1 over several datasets
 
 Each subcommand is a module of `emovlm_kd.commands` with `add_arguments(parser)` and `run(args) -> int`; the
@@ -27,7 +27,7 @@ SUBCOMMANDS = {
     "train": (train, "run the training stages (the offline demo when no --config is given)"),
     "split": (split, "make a train/val/test split file to share and reuse with --splits"),
     "evaluate": (evaluate, "evaluate a model on a dataset split and write a report"),
-    "ablate": (ablate, "head-depth, alpha and gate ablations from a run's caches"),
+    "ablate": (ablate, "head-depth, alpha, gate and gate-data ablations from a run's caches"),
     "table1": (table1, "the paper's Table 1 over several datasets"),
 }
 

@@ -2,6 +2,11 @@
 
 The one image path, `prepare_image`, lives beside the model in `pipeline_emovlm_kd` (it travels to the Hub with the
 pipeline) and is re-exported here; `load_image_file` opens a file, checks it and hands it to `prepare_image`.
+
+Image size: `prepare_image(image, max_side=config.max_image_side)` scales every image down until its long side is at
+most `max_image_side` (1024 by default, as the official code). `limit_processor_pixels` lowers the processor's
+`max_pixels` (`size["longest_edge"]`) to what such an image can reach after the processor's rounding to multiples
+of 28 (1036 x 1036 for 1024), so a caller that hands the processor raw images gets the same pixel budget.
 """
 
 import logging
@@ -10,7 +15,14 @@ from pathlib import Path
 
 from PIL import Image
 
-from pipeline_emovlm_kd import MAX_ASPECT_RATIO, MIN_SIDE, fit_image, prepare_image, to_rgb  # noqa: F401  (re-exported)
+from pipeline_emovlm_kd import (  # noqa: F401  (re-exported)
+    MAX_ASPECT_RATIO,
+    MIN_SIDE,
+    fit_image,
+    limit_long_side,
+    prepare_image,
+    to_rgb,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -35,8 +47,9 @@ def iter_image_files(inputs):
             yield path
 
 
-def load_image_file(path):
-    """`prepare_image` of the file at `path` (upright, RGB, fitted), or `ImageLoadError` saying what is wrong."""
+def load_image_file(path, max_side=None):
+    """`prepare_image` of the file at `path` (upright, RGB, long side at most `max_side`, fitted), or
+    `ImageLoadError` saying what is wrong."""
     path = Path(path)
     if not path.exists():
         raise ImageLoadError("file not found")
@@ -49,7 +62,7 @@ def load_image_file(path):
             _check_pixels(image.size)  # between one and two times the limit Pillow only warns
             image.seek(0)
             image.load()  # decode now: a truncated or corrupt file fails here, with the file still open
-            image = prepare_image(image)
+            image = prepare_image(image, max_side=max_side)
     except Image.DecompressionBombError as error:
         raise ImageLoadError(f"decompression bomb refused: {error}") from None
     except Image.UnidentifiedImageError:
@@ -69,3 +82,30 @@ def _check_pixels(size):
             f"decompression bomb refused: {size[0]}x{size[1]} = {size[0] * size[1]} pixels, "
             f"over the limit of {limit} (PIL.Image.MAX_IMAGE_PIXELS)"
         )
+
+
+def max_pixels_for_side(max_side, image_processor):
+    """The most pixels the processor makes of an image whose long side is at most `max_side` (a square one, after
+    its rounding of each side to a multiple of patch size x merge size)."""
+    from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
+
+    factor = image_processor.patch_size * image_processor.merge_size
+    height, width = smart_resize(max_side, max_side, factor=factor, min_pixels=factor * factor,
+                                 max_pixels=(max_side + factor) ** 2)
+    return height * width
+
+
+def limit_processor_pixels(processor, max_side):
+    """Lower the processor's `max_pixels` (its image processor's `size["longest_edge"]`) to
+    `max_pixels_for_side(max_side)`; a lower limit (e.g. a tiny test processor's) is kept. Saved with the
+    processor. Returns the limit in force."""
+    image_processor = getattr(processor, "image_processor", processor)
+    current = image_processor.size["longest_edge"]
+    if max_side is None:
+        return current
+    limit = max_pixels_for_side(max_side, image_processor)
+    if current > limit:
+        image_processor.size["longest_edge"] = limit
+        logger.info("processor max_pixels lowered from %d to %d (long side <= %d px)", current, limit, max_side)
+        return limit
+    return current

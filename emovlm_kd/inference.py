@@ -1,22 +1,40 @@
 """Batched inference shared by `predict`, `evaluate` and the training stages."""
 
+import logging
+
 import torch
 
 from modeling_emovlm_kd import PromptPrefixCache
-from pipeline_emovlm_kd import prepare_inputs
+from pipeline_emovlm_kd import prepare_image, prepare_inputs
 
-__all__ = ["PromptPrefixCache", "describe", "run_batch"]
+__all__ = ["PromptPrefixCache", "describe", "limit_images", "run_batch"]
+
+logger = logging.getLogger(__name__)
+
+
+def limit_images(images, max_side):
+    """`images` with any whose long side exceeds `max_side` passed through `prepare_image(..., max_side)`: callers
+    prepare images with the model's bound themselves; this keeps one that forgot from reaching the processor at a
+    larger size."""
+    if max_side is None:
+        return list(images)
+    over = {i for i, image in enumerate(images) if max(image.size) > max_side}
+    if over:
+        logger.debug("%d image(s) over the long-side limit of %d px scaled down", len(over), max_side)
+    return [prepare_image(image, max_side=max_side) if i in over else image for i, image in enumerate(images)]
 
 
 @torch.inference_mode()
 def run_batch(model, processor, images, vlm_mode=None, prompt_cache=None):
-    """Model outputs for a list of RGB PIL images (one prompt each), moved to the CPU as float32.
+    """Model outputs for a list of prepared RGB PIL images (one prompt each), moved to the CPU as float32.
 
     `vlm_mode` (default `model.config.vlm_mode`): `score` runs `model(...)`; `generate` runs `model.generate_labels`
     with the processor's tokenizer (answers decoded into `generated_text`). `prompt_cache`: a `PromptPrefixCache`
     that a loop over a frozen model creates once and passes to every call (score mode), so that the prompt's shared
-    text prefix is encoded once per run.
+    text prefix is encoded once per run. Images longer than `model.config.max_image_side` are scaled down first
+    (`limit_images`).
     """
+    images = limit_images(images, getattr(model.config, "max_image_side", None))
     inputs = prepare_inputs(processor, model.config, images).to(model.device)
     if "pixel_values" in inputs:
         inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)

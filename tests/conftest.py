@@ -70,6 +70,7 @@ def tiny_settings(data, vlm, teacher, out, **extra):
         dataset=str(data), vlm=str(vlm), teacher=str(teacher), output_dir=str(out), head_hidden_sizes=[32],
         sft_epochs=2.0, sft_lr=2e-3, sft_batch_size=8, teacher_epochs=2.0, teacher_lr=2e-3, teacher_batch_size=16,
         distill_epochs=10.0, distill_lr=3e-3, gate_epochs=10.0, gate_lr=1e-2, batch_size=16, seed=0,
+        instruction_kinds=["categorical"],  # no conversation/reasoning answers offline (tests that have some say so)
     )
     values.update(extra)
     return TrainConfig(**values)

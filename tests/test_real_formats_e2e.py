@@ -18,7 +18,7 @@ WRITERS = {
 }
 SMALL = ["--vlm", "demo", "--teacher", "demo", "--sft-epochs", "1", "--sft-batch-size", "8", "--teacher-epochs", "1",
          "--teacher-batch-size", "16", "--distill-epochs", "2", "--gate-epochs", "2", "--head-hidden-sizes", "32",
-         "--batch-size", "16"]
+         "--batch-size", "16", "--instruction-kinds", "categorical", "--gate-samples", "2"]
 
 
 def train(config, root, out, *extra):

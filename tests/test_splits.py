@@ -104,3 +104,21 @@ def test_split_command_writes_a_file_that_train_can_reuse(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["split", str(tmp_path / "nope"), "--output", str(tmp_path / "t.json")])
     assert exit_info.value.code == 2
+
+
+def test_train_takes_its_split_from_a_split_file_whatever_its_own_seed(tmp_path):
+    """`emovlm-kd train --splits FILE`: the run's data is the file's split, not one drawn with the run's seed."""
+    from emovlm_kd.data import make_synthetic_dataset
+    from emovlm_kd.training.config import TrainConfig
+    from emovlm_kd.training.runner import load_data
+
+    root = make_synthetic_dataset(tmp_path / "d", per_class=(4, 1, 2))
+    assert main(["split", str(root), "--output", str(tmp_path / "s.json"), "--seed", "3"]) == 0
+    record = read_splits(tmp_path / "s.json")
+    dataset = load_data(TrainConfig(dataset=str(root), splits=str(tmp_path / "s.json"), seed=11), str(root))
+    assert {name: list(part["id"]) for name, part in dataset.items()} == {
+        name: ids for name, ids in record.items() if name != "dataset"}
+    record["test"].append("not/in/the/dataset.png")
+    write_splits(tmp_path / "bad.json", record)
+    with pytest.raises(SplitMismatchError, match="not in it"):
+        load_data(TrainConfig(dataset=str(root), splits=str(tmp_path / "bad.json")), str(root))

@@ -389,7 +389,8 @@ def test_stage0_adds_user_conversation_and_reasoning_answers(tiny_inputs, tmp_pa
         + json.dumps({"id": ids[1], "kind": "reasoning", "answer": "Soft light suggests contentment."}) + "\n"
         + json.dumps({"id": "not/in/train.png", "kind": "reasoning", "answer": "ignored"}) + "\n"
     )
-    cfg = tiny_settings(data, vlm, teacher, tmp_path / "run", instructions=str(answers))
+    paper_mix = ["categorical", "conversation", "reasoning"]  # tiny_settings: categorical alone
+    cfg = tiny_settings(data, vlm, teacher, tmp_path / "run", instructions=str(answers), instruction_kinds=paper_mix)
     names = dataset["train"].features["label"].names
     prompt_config = EmoVLMKDConfig(id2label=dict(enumerate(names)), label2id={n: i for i, n in enumerate(names)})
     with caplog.at_level("WARNING"):
@@ -405,5 +406,6 @@ def test_stage0_adds_user_conversation_and_reasoning_answers(tiny_inputs, tmp_pa
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"id": ids[0], "kind": "poem", "answer": "x"}) + "\n")
     with pytest.raises(ValueError, match="bad.jsonl:1"):
-        instructions.run_stage0(tiny_settings(data, vlm, teacher, tmp_path / "run2", instructions=str(bad)),
+        instructions.run_stage0(tiny_settings(data, vlm, teacher, tmp_path / "run2", instructions=str(bad),
+                                              instruction_kinds=paper_mix),
                           tmp_path / "run2", dataset, prompt_config)

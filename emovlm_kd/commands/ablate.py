@@ -3,6 +3,8 @@
     emovlm-kd ablate head-depth --run runs/fi    Table 3: head widths -> distill head and EmoVLM-KD test accuracy
     emovlm-kd ablate alpha --run runs/fi         Figure 3: alpha -> accuracy and KL(teacher || head) on test
     emovlm-kd ablate gate --run runs/fi          Table 4: gate types on the run's trained head -> EmoVLM-KD accuracy
+    emovlm-kd ablate gate-data --run runs/fi     the gate on sampled train answers (the paper's), held-out val
+                                                 answers and deterministic train answers, side by side
 
 The head and the gate retrain on RUN/cache/ with the run's settings (RUN/train_config.json; flags override), never
 loading the VLM or the teacher (see `emovlm_kd.evaluation.ablations`). Each ablation writes `<output-dir>/<name>.json`
@@ -18,7 +20,8 @@ DEFAULT_DEPTHS = "1024;1024,512;1024,512,256;1024,512,256,128;1024,512,256,128,6
 DEFAULT_ALPHAS = ",".join(f"{i / 10:g}" for i in range(11))
 # Flags that override a run setting of the same name.
 OVERRIDABLE = ("seed", "gate_epochs", "gate_lr", "tau", "head_dropout", "distill_epochs", "distill_lr", "gate_type",
-               "alpha", "head_hidden_sizes")
+               "alpha", "head_hidden_sizes", "gate_samples")
+GATE_DATA = ("sampled", "val", "train")
 
 
 def add_arguments(parser):
@@ -48,6 +51,15 @@ def add_arguments(parser):
     gate = sub.add_parser("gate", parents=[common], help="Table 4: gate type",
                           description="Table 4: train each gate type on the run's trained head")
     gate.add_argument("--gates", default=",".join(GATE_TITLES), help="comma-separated gate types (default: all five)")
+    data = sub.add_parser("gate-data", parents=[common], help="what the gate trains on",
+                          description="Train the run's gate type on the run's head with each gate-data protocol: "
+                                      "sampled train answers (cached by a run with --gate-data sampled), held-out "
+                                      "val answers, deterministic train answers")
+    data.add_argument("--protocols", default=",".join(GATE_DATA),
+                      help=f"comma-separated (default: {','.join(GATE_DATA)})")
+    data.add_argument("--gate-type", default=None, help="default: the run's")
+    data.add_argument("--gate-samples", type=int, default=None,
+                      help="sampled answers per image, at most the run's (default: the run's)")
 
 
 def run(args):
@@ -57,6 +69,7 @@ def run(args):
         "head-depth": lambda: ("head_depth", parse_depths(args.depths)),
         "alpha": lambda: ("alpha", parse_alphas(args.alphas)),
         "gate": lambda: ("gate", parse_gates(args.gates)),
+        "gate-data": lambda: ("gate_data", parse_protocols(args.protocols)),
     }[args.ablation]()
     overrides = {flag: getattr(args, flag, None) for flag in OVERRIDABLE}
     _, markdown, output_dir = run_ablation(name, args.run, values, overrides, args.output_dir)
@@ -105,3 +118,12 @@ def parse_gates(text):
         raise UsageError(f"--gates: unknown gate type {unknown[0] if unknown else text!r}; "
                          f"known: {', '.join(GATE_TITLES)}")
     return _unique(gates, "--gates")
+
+
+def parse_protocols(text):
+    protocols = [p.strip() for p in str(text).split(",") if p.strip()]
+    unknown = [p for p in protocols if p not in GATE_DATA]
+    if unknown or not protocols:
+        raise UsageError(f"--protocols: unknown gate data {unknown[0] if unknown else text!r}; "
+                         f"known: {', '.join(GATE_DATA)}")
+    return _unique(protocols, "--protocols")

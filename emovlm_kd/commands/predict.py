@@ -56,7 +56,7 @@ def run(args):
                 records, images, slots = [], [], []
                 for path in chunk:
                     try:
-                        images.append(load_image_file(path))
+                        images.append(load_image_file(path, max_side=model.config.max_image_side))
                         slots.append(len(records))
                         records.append({"path": str(path)})
                     except ImageLoadError as error:

@@ -1,5 +1,6 @@
-"""The Markdown of the ablation tables (Table 3: head depth, Figure 3: alpha, Table 4: gate type): the run's
-settings, one row per setting beside the paper's numbers, and whether the run's own row reproduces the run."""
+"""The Markdown of the ablation tables (Table 3: head depth, Figure 3: alpha, Table 4: gate type, and the gate's
+training data): the run's settings, one row per setting beside the paper's numbers, and whether the run's own row
+reproduces the run."""
 
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -54,12 +55,21 @@ def _intro(table, title):
         lines.append(f"Head: alpha {s.get('alpha', 'swept')}, tau {s['tau']}, dropout {s['head_dropout']}, "
                      f"{s['distill_epochs']:g} epochs at lr {s['distill_lr']:g}.")
     lines.append(f"Gate: {s.get('gate_type', 'swept')}, {s['vlm_vector']} VLM vectors, {s['gate_epochs']:g} epochs "
-                 f"at lr {s['gate_lr']:g}, trained on {s['gate_train_split']}.")
+                 f"at lr {s['gate_lr']:g}, trained on {_gate_data_text(s)}.")
     branches = ", ".join(f"{name} {_pct(acc)} %" for name, acc in table["branches"].items())
     lines.append(f"Branches on test: {branches}.")
     if "head" in s:  # the gate ablation trains on the run's saved head
         lines.append(f"Head: the run's trained head, `{s['head']}`.")
     return lines + [""]
+
+
+def _gate_data_text(s):
+    data = s.get("gate_data")
+    if data == "swept":
+        return "the data of each row"
+    if data == "sampled":
+        return f"{s['gate_samples']} answers per train image sampled at T={s['gate_temperature']:g}"
+    return f"the VLM's {s['gate_train_split']} vectors"
 
 
 def _outro(table, parts):
@@ -87,6 +97,30 @@ def _gate_cells(r):
             _num(r["paper"]["fi"])]
 
 
+GATE_DATA_TITLES = {"sampled": "sampled (the paper's)", "val": "val (held out)", "train": "train"}
+
+
+def _gate_data_cells(r):
+    title = _mark(GATE_DATA_TITLES.get(r["gate_data"], r["gate_data"]), r)
+    if "unavailable" in r:
+        return [title, "-", "-", "-", "-"]
+    trained_on = f"{r['images']} {r['split']} images" + (f" x {r['samples_per_image']} answers"
+                                                          if r["samples_per_image"] else "")
+    f = r["follows_where_branches_differ"]
+    follows = f"{_pct(f['vlm'])} / {_pct(f['head'])} of {f['images']}"
+    return [title, trained_on, _pct(r["vlm_accuracy_on_gate_data"]), _pct(r["accuracy"]["emovlm_kd"]), follows]
+
+
+def _gate_data_notes(table):
+    lines = [("VLM right there: how often the VLM's answer on the gate's training data is its label (sampled: over "
+              "every answer; one naming no label counts as wrong)."),
+             ("Follows: on the test images where the VLM and the head answer differently, the share where EmoVLM-KD "
+              "answers as the VLM / as the head."),
+             f"Paper: {table['paper_reference']}."]
+    return lines + [f"{GATE_DATA_TITLES.get(r['gate_data'], r['gate_data'])}: not available, {r['unavailable']}"
+                    for r in table["rows"] if "unavailable" in r]
+
+
 LAYOUTS = {
     "head_depth": Layout(
         title="Table 3: head depth (test accuracy, %)",
@@ -112,5 +146,13 @@ LAYOUTS = {
         cells=_gate_cells,
         parts=("emovlm_kd",),
         notes=lambda table: ["Paper: EmoVLM-KD accuracy on FI with Qwen2-VL-7B (Table 4)."],
+    ),
+    "gate_data": Layout(
+        title="Gate data: what the gate trains on (EmoVLM-KD test accuracy, %)",
+        header=lambda table: ["Gate data", "Trained on", "VLM right there", "EmoVLM-KD",
+                              "Follows VLM / head where they differ (%)"],
+        cells=_gate_data_cells,
+        parts=("emovlm_kd",),
+        notes=_gate_data_notes,
     ),
 }

@@ -1,5 +1,5 @@
-"""The paper's ablations, retrained on a finished run's caches in seconds: Table 3 (head depth), Figure 3 (alpha)
-and Table 4 (gate type).
+"""The paper's ablations, retrained on a finished run's caches in seconds: Table 3 (head depth), Figure 3 (alpha),
+Table 4 (gate type), and what the gate trains on (gate data: sampled train answers, held-out val, deterministic train).
 
     from emovlm_kd.evaluation.ablations import run_ablation
     table, markdown, output_dir = run_ablation("alpha", "runs/fi", [0.0, 0.5, 1.0], overrides={"seed": 1})
@@ -13,35 +13,39 @@ the run's dataset (the caches hold none). A run that cannot be ablated raises `U
 """
 
 import dataclasses
-import json
 import logging
 import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
-import safetensors.torch
-import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from emovlm_kd.errors import UsageError
+from emovlm_kd.evaluation.ablation_data import (  # noqa: F401  (RunTensors, load_settings: this module's API too)
+    RunTensors,
+    gate_num_experts,
+    load_run_head,
+    load_run_tensors,
+    load_settings,
+    run_results,
+)
 from emovlm_kd.evaluation.ablation_tables import render_table
 from emovlm_kd.evaluation.paper import FIGURE3, TABLE3, TABLE4_FI
 from emovlm_kd.evaluation.report import write_json, write_text
 from emovlm_kd.training import heads
-from emovlm_kd.training.config import DEMO, TrainConfig
-from emovlm_kd.training.runner import accuracy, load_data
+from emovlm_kd.training.gatedata import gate_split, gate_training_set
+from emovlm_kd.training.runner import accuracy
 from emovlm_kd.training.stage import resolve_dtype
 from modeling_emovlm_kd import GATE_CLASSES, EmoVLMKDDistillationHead
 
 logger = logging.getLogger(__name__)
 
-SPLITS = ("train", "val", "test")
 # What an ablation's training reads from the run's settings (overrides may replace some).
 HEAD_FIELDS = ("head_hidden_sizes", "head_dropout", "alpha", "tau", "distill_epochs", "distill_lr",
                "distill_batch_size")
-GATE_FIELDS = ("gate_type", "vlm_vector", "gate_epochs", "gate_lr", "gate_batch_size", "gate_train_split")
+GATE_FIELDS = ("gate_type", "vlm_vector", "gate_epochs", "gate_lr", "gate_batch_size", "gate_data", "gate_samples",
+               "gate_temperature")
 # Ablation trainers save and print nothing: results only.
 QUIET = {"save_strategy": "no", "logging_strategy": "no", "disable_tqdm": True}
 
@@ -69,113 +73,6 @@ def run_ablation(name, run_dir, values, overrides=None, output_dir=None):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# The run: settings, cached tensors, labels
-# ----------------------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class RunTensors:
-    """A run's cached tensors per split (rows in the dataset's order) and the labels."""
-
-    names: list
-    features: dict  # split -> (N, H) pooled visual features (float32)
-    vlm_log_likelihoods: dict  # split -> (N, C)
-    teacher_logits: dict  # split -> (N, C)
-    labels: dict  # split -> (N,) class ids
-    gate_split: str  # the split the run's gate trained on
-
-    @property
-    def splits(self):
-        return list(self.features)
-
-
-def load_settings(run_dir, overrides):
-    """(the run's TrainConfig, the same with the overrides); a missing or bad run is a `UsageError`."""
-    path = Path(run_dir) / "train_config.json"
-    if not path.exists():
-        raise UsageError(f"--run {run_dir}: no train_config.json there; run `emovlm-kd train` first")
-    values = json.loads(path.read_text(encoding="utf-8"))
-    known = {f.name for f in dataclasses.fields(TrainConfig)}
-    unknown = sorted(set(values) - known)
-    if unknown:
-        logger.warning("%s: ignoring unknown setting(s) %s", path, ", ".join(unknown))
-    try:
-        run_cfg = TrainConfig(**{k: v for k, v in values.items() if k in known})
-    except ValueError as error:
-        raise UsageError(f"--run {run_dir}: bad train_config.json: {error}") from None
-    try:
-        cfg = dataclasses.replace(run_cfg, **{k: v for k, v in overrides.items() if v is not None})
-    except ValueError as error:
-        raise UsageError(str(error)) from None
-    return run_cfg, cfg
-
-
-def find_cache(run_dir, name):
-    """The tensors of RUN/cache/<name>-<fingerprint>.safetensors (exactly one such file)."""
-    folder = Path(run_dir) / "cache"
-    paths = sorted(folder.glob(f"{name}-*.safetensors"))
-    if len(paths) > 1:
-        raise UsageError(f"--run {run_dir}: several {name} caches ({', '.join(p.name for p in paths)}); "
-                         "rerun `emovlm-kd train` to keep only the current one")
-    if not paths:
-        raise UsageError(f"--run {run_dir}: no {name}-*.safetensors in {folder}; run `emovlm-kd train` first")
-    return safetensors.torch.load_file(paths[0])
-
-
-def load_run_tensors(run_dir, run_cfg):
-    """The run's caches and its dataset's labels, loaded as the run loaded them (same data source and seed)."""
-    source = Path(run_dir) / "data" / "synthetic" if run_cfg.dataset == DEMO else run_cfg.dataset
-    try:
-        dataset = load_data(run_cfg, source)
-    except (OSError, ValueError) as error:
-        raise UsageError(
-            f"--run {run_dir}: cannot load the run's dataset {str(source)!r} for its labels: {error}"
-        ) from None
-    names = list(dataset["train"].features["label"].names)
-    features, log_likelihoods, teacher_logits, labels = {}, {}, {}, {}
-    for split in (s for s in SPLITS if s in dataset):
-        vlm_pass, teacher = find_cache(run_dir, f"vlm_pass-{split}"), find_cache(run_dir, f"teacher-{split}")
-        labels[split] = torch.tensor(dataset[split]["label"])
-        features[split] = vlm_pass["image_embeds"].float()
-        log_likelihoods[split] = vlm_pass["vlm_log_likelihoods"]
-        teacher_logits[split] = teacher["teacher_logits"]
-        rows = {len(labels[split]), len(features[split]), len(log_likelihoods[split]), len(teacher_logits[split])}
-        if len(rows) != 1:
-            raise UsageError(f"--run {run_dir}: the {split} caches and the dataset {str(source)!r} differ in rows; "
-                             "the data changed since the run: rerun `emovlm-kd train`")
-        if log_likelihoods[split].shape[-1] != len(names) or teacher_logits[split].shape[-1] != len(names):
-            raise UsageError(f"--run {run_dir}: the {split} caches do not have the dataset's {len(names)} classes")
-    gate_split = run_cfg.gate_train_split if run_cfg.gate_train_split in labels else "train"
-    return RunTensors(names, features, log_likelihoods, teacher_logits, labels, gate_split)
-
-
-def load_run_head(run_dir, run_cfg, data):
-    """The run's trained head (RUN/stage3_distill/head.safetensors) and its logits per split."""
-    head_file = Path(run_dir) / "stage3_distill" / "head.safetensors"
-    if not (head_file.exists() and (head_file.parent / "DONE.json").exists()):
-        raise UsageError(f"--run {run_dir}: no trained head ({head_file}); run `emovlm-kd train` first")
-    head = EmoVLMKDDistillationHead(data.features["train"].shape[-1], run_cfg.head_hidden_sizes, len(data.names),
-                                    run_cfg.head_dropout)
-    try:
-        head.load_state_dict(safetensors.torch.load_file(head_file))
-    except RuntimeError as error:
-        raise UsageError(f"--run {run_dir}: {head_file} does not fit the run's head settings: {error}") from None
-    head.requires_grad_(False).to(resolve_dtype(run_cfg))
-    return head_file, {s: heads.head_outputs(head, data.features[s]) for s in data.splits}
-
-
-def run_results(run_dir):
-    path = Path(run_dir) / "eval_results.json"
-    return json.loads(path.read_text(encoding="utf-8"))["accuracy"] if path.exists() else None
-
-
-def gate_num_experts(run_dir):
-    """The experts of the `moe` gate, as the run's model config has it (the config default otherwise)."""
-    path = Path(run_dir) / "model" / "config.json"
-    return int(json.loads(path.read_text(encoding="utf-8")).get("gate_num_experts", 3)) if path.exists() else 3
-
-
-# ----------------------------------------------------------------------------------------------------------------
 # Training one setting: the training stages' code on the cached tensors
 # ----------------------------------------------------------------------------------------------------------------
 
@@ -191,16 +88,30 @@ def fit_head(cfg, data):
     return head, {s: heads.head_outputs(head, data.features[s]) for s in data.splits}
 
 
+def gate_data_of(cfg, data, head_logits):
+    """(vlm_scores, head_probs, labels) that cfg's gate trains on (as stage 4 builds them), and the test vectors.
+    Sampled answers come from the run's cache: the first cfg.gate_samples of them (each answer is seeded by its
+    image and index, so they are what a run with fewer samples would have drawn)."""
+    vlm_scores = {s: heads.vlm_vectors(data.vlm_log_likelihoods[s], cfg.vlm_vector) for s in data.splits}
+    head_probs = {s: head_logits[s].softmax(-1) for s in data.splits}
+    samples = data.gate_samples
+    if cfg.gate_data == "sampled":
+        if samples is None or samples.shape[1] < cfg.gate_samples:
+            have = "no sampled answers" if samples is None else f"{samples.shape[1]} sampled answers per image"
+            raise UsageError(f"--gate-data sampled with {cfg.gate_samples} samples: the run cached {have}; train "
+                             f"with --gate-data sampled --gate-samples {cfg.gate_samples} (stages 0-3 are reused)")
+        samples = samples[:, : cfg.gate_samples]
+    return gate_training_set(cfg.gate_data, vlm_scores, head_probs, data.labels, samples), vlm_scores["test"]
+
+
 def fit_gate(cfg, data, head_logits, num_experts=3):
-    """Train cfg's gate type on the VLM vectors and these head outputs (as stage 4 does); its test logits."""
+    """Train cfg's gate type on cfg's gate data and these head outputs (as stage 4 does); its test logits."""
     gate = GATE_CLASSES[cfg.gate_type](len(data.names), num_experts=num_experts)
-    vlm_scores = {s: heads.vlm_vectors(data.vlm_log_likelihoods[s], cfg.vlm_vector) for s in (data.gate_split, "test")}
-    head_probs = {s: head_logits[s].softmax(-1) for s in (data.gate_split, "test")}
-    split = data.gate_split
+    (vlm_scores, head_probs, labels), test_vectors = gate_data_of(cfg, data, head_logits)
     with tempfile.TemporaryDirectory(prefix="emovlm-kd-ablation-") as tmp:
-        heads.train_gate(cfg, gate, vlm_scores[split], head_probs[split], data.labels[split], tmp, **QUIET)
+        heads.train_gate(cfg, gate, vlm_scores, head_probs, labels, tmp, **QUIET)
     gate.requires_grad_(False).to(resolve_dtype(cfg))
-    return gate, heads.gate_outputs(gate, vlm_scores["test"], head_probs["test"])
+    return gate, heads.gate_outputs(gate, test_vectors, head_logits["test"].softmax(-1))
 
 
 def kl_teacher_head(teacher_logits, head_logits, temperature=1.0):
@@ -226,7 +137,7 @@ def num_parameters(module):
 def settings_of(cfg, data, fields, num_experts):
     """The settings every row shares (the swept one left out), as they were used."""
     values = {name: getattr(cfg, name) for name in fields}
-    values["gate_train_split"] = data.gate_split
+    values["gate_train_split"] = gate_split(cfg.gate_data, data.labels) if "gate_data" in fields else "swept"
     if "gate_type" in fields:
         values["gate_num_experts"] = num_experts
     values["seed"] = cfg.seed
@@ -279,7 +190,7 @@ def _progress(items, desc):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# The three ablations
+# The ablations
 # ----------------------------------------------------------------------------------------------------------------
 
 
@@ -357,4 +268,53 @@ def ablate_gate(run_dir, run_cfg, cfg, data, gates):
     return table
 
 
-ABLATIONS = {"head_depth": ablate_head_depth, "alpha": ablate_alpha, "gate": ablate_gate}
+def follows(gate_logits, vlm_scores, head_logits):
+    """Where the VLM's and the head's test answers differ: how many, and the share the gate sides with each."""
+    vlm, head, gate = vlm_scores.argmax(-1), head_logits.argmax(-1), gate_logits.argmax(-1)
+    differ = vlm != head
+    count = int(differ.sum())
+    share = (lambda same: round(float(same[differ].float().mean()), 4)) if count else (lambda same: None)
+    return {"images": count, "vlm": share(gate == vlm), "head": share(gate == head)}
+
+
+def gate_data_row(cfg, run_cfg, data, head_logits, protocol, experts):
+    """One gate-data protocol: what the gate trained on, how often the VLM is right there, the test accuracy and
+    whom the gate follows where the branches disagree; `unavailable` (with why) when the run has no such data."""
+    row = {"gate_data": protocol, "run_setting": False}
+    try:
+        setting = dataclasses.replace(cfg, gate_data=protocol)
+        (vlm_scores, _, labels), test_vectors = gate_data_of(setting, data, head_logits)
+    except (ValueError, UsageError) as error:
+        return {**row, "unavailable": str(error)}
+    answers = vlm_scores.argmax(-1)  # (N,) or (N, K); a zero vector (no label named) counts as wrong
+    right = (answers == (labels[:, None] if answers.dim() == 2 else labels)) & (vlm_scores.sum(-1) > 0)
+    _, gate_logits = fit_gate(setting, data, head_logits, experts)
+    return {**row, "split": "train" if protocol == "sampled" else gate_split(protocol, data.labels),
+            "images": len(labels), "samples_per_image": setting.gate_samples if protocol == "sampled" else None,
+            "vlm_accuracy_on_gate_data": round(float(right.float().mean()), 4),
+            "accuracy": {"emovlm_kd": accuracy_on_test(gate_logits, data)},
+            "follows_where_branches_differ": follows(gate_logits, test_vectors, head_logits["test"]),
+            "run_setting": protocol == run_cfg.gate_data and same_as_run(cfg, run_cfg, GATE_FIELDS)}
+
+
+def ablate_gate_data(run_dir, run_cfg, cfg, data, protocols):
+    """What the gate trains on (sampled train answers, held-out val, deterministic train), each on the run's head."""
+    head_file, head_logits = load_run_head(run_dir, run_cfg, data)
+    experts = gate_num_experts(run_dir)
+    rows = []
+    for protocol in (bar := _progress(protocols, "gate data")):
+        rows.append(gate_data_row(cfg, run_cfg, data, head_logits, protocol, experts))
+        found = rows[-1].get("accuracy", {}).get("emovlm_kd")
+        bar.set_postfix(gate_data=protocol, emovlm_kd=found)
+        logger.info("gate data %s: %s", protocol, _summary(rows[-1]) if found is not None else rows[-1]["unavailable"])
+    settings = settings_of(cfg, data, [f for f in GATE_FIELDS if f != "gate_data"], experts)
+    settings.update(gate_data="swept", head=str(head_file))
+    table = make_table("gate_data", run_dir, data, settings, rows, ("emovlm_kd",),
+                       paper_reference="the paper's gate trains on the train split's answers sampled at T=0.8 "
+                                       "(official train_gate.py)")
+    table["branches"]["distill"] = accuracy_on_test(head_logits["test"], data)
+    return table
+
+
+ABLATIONS = {"head_depth": ablate_head_depth, "alpha": ablate_alpha, "gate": ablate_gate,
+             "gate_data": ablate_gate_data}

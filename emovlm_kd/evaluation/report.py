@@ -97,12 +97,31 @@ def part_metrics(predictions, references, num_classes, probabilities=None, n_bin
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def build_report(labels, references, predictions, probabilities=None, *, meta=None, parameters=None, n_bins=15):
+def calibration(references, probabilities, uncalibrated_probabilities, temperatures, n_bins=15):
+    """ECE before and after temperature scaling, per calibrated part: `{"temperature": {part: T}, "ece_before":
+    {part: ECE of the uncalibrated probabilities}, "ece_after": {part: ECE of the model's outputs}}`."""
+    parts = [p for p in PARTS if p in uncalibrated_probabilities and p in probabilities]
+
+    def ece(probs):
+        return _metric("ece").compute(probabilities=np.asarray(probs, dtype=np.float64), references=references,
+                                      n_bins=n_bins)["ece"]
+
+    return {
+        "temperature": {part: float(temperatures[part]) for part in parts},
+        "ece_before": {part: ece(uncalibrated_probabilities[part]) for part in parts},
+        "ece_after": {part: ece(probabilities[part]) for part in parts},
+    }
+
+
+def build_report(labels, references, predictions, probabilities=None, *, meta=None, parameters=None, n_bins=15,
+                 temperatures=None, uncalibrated_probabilities=None):
     """The report dict from per-sample arrays.
 
     labels: class names in id order. references: (N,) true ids. predictions: {part: (N,) ids, -1 = no answer} for
     parts among `PARTS`. probabilities: {part: (N, C)} for the parts whose calibration is measured (ECE).
-    The final answer is `emovlm_kd` when present, else `vlm` (the zero-shot baseline).
+    temperatures, uncalibrated_probabilities: {part: T}, {part: (N, C)} for the parts the model calibrates by
+    temperature scaling; `report["calibration"]` then holds their ECE before and after (`report["ece"]` is after:
+    the model's outputs). The final answer is `emovlm_kd` when present, else `vlm` (the zero-shot baseline).
     """
     labels = [str(label) for label in labels]
     references = np.asarray(references, dtype=np.int64)
@@ -149,6 +168,9 @@ def build_report(labels, references, predictions, probabilities=None, *, meta=No
         )
     if parameters:
         report["parameters"] = {part: int(parameters[part]) for part in PARTS if part in parameters}
+    if uncalibrated_probabilities:
+        report["calibration"] = calibration(references, probabilities, uncalibrated_probabilities, temperatures,
+                                            n_bins=n_bins)
     return report
 
 
@@ -248,6 +270,8 @@ def render_markdown(report, images=("confusion_matrix.png", "complementarity.png
     """`report.md`: components (Table 2), complementarity (Figure 1), the gate, per-class accuracy, confusion."""
     out = _overview(report)
     out += _components_section(report)
+    if report.get("calibration", {}).get("temperature"):
+        out += _calibration_section(report)
     if report["complementarity"]:
         out += _complementarity_section(report, images)
     if report.get("gate"):
@@ -283,6 +307,16 @@ def _components_section(report):
         missing = ", ".join(f"{PART_TITLES[p]} {n}" for p, n in report["no_answer"].items())
         out += [f"Answers that named no label (counted as wrong): {missing}.", ""]
     return out
+
+
+def _calibration_section(report):
+    calib = report["calibration"]
+    rows = [(PART_TITLES[part], f"{calib['temperature'][part]:.4f}", f"{calib['ece_before'][part]:.4f}",
+             f"{calib['ece_after'][part]:.4f}") for part in calib["temperature"]]
+    explanation = ("Temperature scaling fitted on the val split after training: the logits are divided by T "
+                   "(accuracy unchanged). ECE before = of the logits times T.")
+    header = ["part", "temperature", f"ECE before ({report['ece_n_bins']} bins)", "ECE after"]
+    return ["## Calibration", "", explanation, "", _table(header, rows), ""]
 
 
 def _complementarity_section(report, images):
@@ -345,6 +379,7 @@ __all__ = [
     "accuracy_table",
     "atomic_write",
     "build_report",
+    "calibration",
     "complementarity",
     "gate_decisions",
     "part_metrics",

@@ -234,10 +234,10 @@ def _apply_split_file(data, record_path, explicit):
     return apply_splits(data, record, where=str(record_path))
 
 
-def _prepare_images(images):
+def _prepare_images(images, max_side=None):
     from emovlm_kd.images import prepare_image
 
-    return [prepare_image(image) for image in images]
+    return [prepare_image(image, max_side=max_side) for image in images]
 
 
 @torch.inference_mode()
@@ -252,7 +252,10 @@ def predict_split(model, processor, dataset, *, label_perm=None, teacher=None, t
     """Batched inference once over `dataset` (`image`, `label`, optional `id`): per-sample arrays in dataset order.
 
     Returns a dict: `references` (N,), `ids`, `paths`, `final_probs`, `distill_probs`, `vlm_scores` (N, C, in the
-    dataset's label order), `vlm_found` (N,), `vlm_answers` (generated text or None), `teacher_probs` (or None).
+    dataset's label order), `vlm_found` (N,), `vlm_answers` (generated text or None), `teacher_probs` (or None),
+    and `final_probs_uncalibrated`, `distill_probs_uncalibrated`: the same before temperature scaling (the model's
+    logits times the config's `gate_calibration_temperature` / `head_calibration_temperature`). The model sees each
+    image with its long side limited to `config.max_image_side`; the teacher sees it as its training cache did.
     """
     from tqdm.auto import tqdm
 
@@ -263,7 +266,10 @@ def predict_split(model, processor, dataset, *, label_perm=None, teacher=None, t
     torch.manual_seed(seed)  # generate mode may sample (config.vlm_do_sample): the same numbers on a rerun
     num_labels = len(dataset_label_names(dataset))
     perm = torch.as_tensor(label_perm if label_perm is not None else range(num_labels), dtype=torch.long)
-    keys = ("final_probs", "distill_probs", "vlm_scores", "vlm_found", "teacher_probs")
+    keys = ("final_probs", "distill_probs", "vlm_scores", "vlm_found", "teacher_probs", "final_probs_uncalibrated",
+            "distill_probs_uncalibrated")
+    temperatures = {"final_probs": model.config.gate_calibration_temperature,
+                    "distill_probs": model.config.head_calibration_temperature}
     chunks = {key: [] for key in keys}
     references, ids, paths, answers = [], [], [], []
     has_ids = "id" in dataset.column_names
@@ -272,16 +278,17 @@ def predict_split(model, processor, dataset, *, label_perm=None, teacher=None, t
         for start, batch in enumerate(dataset.iter(batch_size=batch_size)):
             raw = batch["image"]
             paths += [getattr(image, "filename", None) or None for image in raw]
-            images = _prepare_images(raw)
+            images = _prepare_images(raw, model.config.max_image_side)
             output = run_batch(model, processor, images, vlm_mode=vlm_mode, prompt_cache=prompt_cache)
-            chunks["final_probs"].append(output.logits.softmax(-1)[:, perm])
-            chunks["distill_probs"].append(output.distill_logits.softmax(-1)[:, perm])
+            for key, logits in (("final_probs", output.logits), ("distill_probs", output.distill_logits)):
+                chunks[key].append(logits.softmax(-1)[:, perm])
+                chunks[f"{key}_uncalibrated"].append((logits * temperatures[key]).softmax(-1)[:, perm])
             chunks["vlm_scores"].append(output.vlm_scores[:, perm])
             chunks["vlm_found"].append(output.vlm_answer_found.bool())
             texts = output.get("generated_text")
             answers += list(texts) if texts is not None else [None] * len(images)
             if teacher is not None:
-                probs = _teacher_probs(teacher, teacher_processor, images)
+                probs = _teacher_probs(teacher, teacher_processor, _prepare_images(raw))
                 chunks["teacher_probs"].append(probs[:, teacher_perm] if teacher_perm is not None else probs)
             references += [int(label) for label in batch["label"]]
             first = start * batch_size
@@ -314,6 +321,17 @@ def part_predictions(arrays, zero_shot=False):
     return predictions, probabilities
 
 
+def calibration_inputs(model, arrays, zero_shot=False):
+    """`(temperatures, uncalibrated probabilities)` of the parts the model calibrates (the head and EmoVLM-KD), for
+    the report's ECE before and after temperature scaling; empty for the zero-shot baseline."""
+    if zero_shot:
+        return {}, {}
+    config = model.config
+    temperatures = {"distill": config.head_calibration_temperature, "emovlm_kd": config.gate_calibration_temperature}
+    uncalibrated = {"distill": arrays["distill_probs_uncalibrated"], "emovlm_kd": arrays["final_probs_uncalibrated"]}
+    return temperatures, uncalibrated
+
+
 def evaluate_model(model, processor, dataset, output_dir=None, *, zero_shot=False, label_perm=None, teacher=None,
                    teacher_processor=None, teacher_perm=None, batch_size=8, vlm_mode=None, meta=None, plots=True,
                    n_bins=15, seed=0, desc="evaluate"):
@@ -335,8 +353,10 @@ def evaluate_model(model, processor, dataset, output_dir=None, *, zero_shot=Fals
     meta = dict(meta or {})
     meta.setdefault("vlm_mode", vlm_mode or model.config.vlm_mode)
     meta.setdefault("batch_size", batch_size)
+    temperatures, uncalibrated = calibration_inputs(model, arrays, zero_shot)
     report = build_report(labels, arrays["references"], predictions, probabilities, meta=meta,
-                          parameters=part_parameters(model, zero_shot, teacher), n_bins=n_bins)
+                          parameters=part_parameters(model, zero_shot, teacher), n_bins=n_bins,
+                          temperatures=temperatures, uncalibrated_probabilities=uncalibrated)
     if output_dir is not None:
         write_outputs(report, arrays, predictions, probabilities, output_dir, plots=plots)
     return report
@@ -373,6 +393,7 @@ __all__ = [
     "accuracy_table",
     "align_labels",
     "bind_labels",
+    "calibration_inputs",
     "checkpoint_model_type",
     "dataset_label_names",
     "evaluate_model",

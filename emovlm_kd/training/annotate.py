@@ -3,7 +3,13 @@
 `--annotator openai --annotator-url URL --annotator-model NAME`: any OpenAI-compatible chat endpoint; the key comes
 only from the environment (`EMOVLM_KD_API_KEY`, else `OPENAI_API_KEY`) and is never logged or written.
 `--annotator PATH_OR_ID`: a local transformers VLM (`AutoModelForImageTextToText`).
-Answers are appended to `annotations.jsonl` as they come; a rerun skips the (image, question) pairs already done.
+
+The default request follows the official code (generate_instruction.py, prompt_template.txt): one call per image,
+given the dataset's categories and the image's label, asked for "1. key elements" and "2. reasoning" without naming
+the label; `parse_annotation` splits the response into the conversation answer (the key elements) and the
+reasoning answer. The official annotation JSON (`img_path`, `gpt_response`) is read by the same parser
+(`emovlm_kd.training.instructions`). Responses are appended to a JSONL file as they come; a rerun skips the images
+already answered.
 """
 
 import base64
@@ -11,6 +17,7 @@ import io
 import json
 import logging
 import os
+import re
 import urllib.request
 from pathlib import Path
 
@@ -23,9 +30,62 @@ logger = logging.getLogger(__name__)
 API_KEY_VARIABLES = ("EMOVLM_KD_API_KEY", "OPENAI_API_KEY")
 KINDS = {0: "conversation", 1: "reasoning"}
 
+# The official request (prompt_template.txt and the system prompt of generate_instruction.py) in our words, with the
+# dataset's own categories and the paper's example answer (section 3.2): one call for both answers, the label given
+# as information, the answer told not to name it. The system sentence opens the user text (one message per call).
+EXAMPLE_KEY_ELEMENTS = (
+    "The image features a golden retriever with soft, relaxed fur, lying on green grass. The dog's expression appears "
+    "calm, with slightly drooping eyelids and a gentle posture. The natural setting contributes to an overall sense "
+    "of warmth and serene familiarity."
+)
+EXAMPLE_REASONING = (
+    "The dog's relaxed and calm demeanor indicates a state of peace and comfort. Its soft fur and gentle expression "
+    "evoke feelings of warmth and affection. The lush green grass enhances the peaceful nature of the scene."
+)
+ANNOTATION_TEMPLATE = "\n".join([
+    "You are an expert in analysing the emotions that images evoke.",
+    "",
+    "Describe the key elements of this image, then the reasoning by which its emotion can be inferred from them.",
+    "",
+    "The emotion the image evokes is one of these {count} categories: {categories}.",
+    "Emotion information for this image: {label}",
+    "",
+    "Ground both parts in what is visible in the image, in elements that could lead a viewer to this emotion.",
+    "Do not name the emotion category itself anywhere in your answer.",
+    "",
+    "Answer in exactly this format:",
+    "",
+    "1. key elements",
+    EXAMPLE_KEY_ELEMENTS.replace("{", "{{"),
+    "",
+    "2. reasoning",
+    EXAMPLE_REASONING.replace("{", "{{"),
+])
+
+# "1. key elements ... 2. reasoning ...", with or without Markdown emphasis, headings or colons.
+_SECTIONS = re.compile(
+    r"1\s*[.)]\s*[*_#\s]*key\s+elements?[*_:\s]*(?P<key>.*?)"
+    r"\n[\s*_#]*2\s*[.)]\s*[*_#\s]*reasoning[*_:\s]*(?P<reasoning>.*)",
+    re.IGNORECASE | re.DOTALL,
+)
+
+
+def annotation_prompt(label, labels):
+    """The request for one image of class `label` among the dataset's `labels` (as the official one)."""
+    return ANNOTATION_TEMPLATE.format(count=len(labels), categories=", ".join(labels), label=label)
+
+
+def parse_annotation(text):
+    """`(key_elements, reasoning)` from an annotator's response, or None when it lacks either section."""
+    match = _SECTIONS.search(text or "")
+    if not match:
+        return None
+    key, reasoning = match.group("key").strip(), match.group("reasoning").strip()
+    return (key, reasoning) if key and reasoning else None
+
 
 def annotation_request(question, label):
-    """The instruction given to the annotator: the paper's question, with the label as a hint (as EmoVIT)."""
+    """A single-question request (`annotate_split`): the question, with the label as a hint (as EmoVIT)."""
     return (
         f"{question} The image is annotated with the emotion '{label}'. Write two to four sentences that ground "
         "the answer in visible elements of the image."
@@ -74,7 +134,7 @@ class OpenAIChatAnnotator:
 class LocalVLMAnnotator:
     """A local transformers VLM answering with greedy decoding."""
 
-    def __init__(self, name_or_path, max_new_tokens=160):
+    def __init__(self, name_or_path, max_new_tokens=400):
         import torch
         from transformers import AutoModelForImageTextToText, AutoProcessor
 
@@ -102,32 +162,72 @@ def build_annotator(cfg):
     return LocalVLMAnnotator(cfg.annotator)
 
 
-def annotate_split(cfg, split, out_path, questions, annotator=None):
-    """Rows {id, kind, question, answer} for every image and question; resumes from `out_path`."""
-    out_path = Path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    done = {}
+def _read_answers(out_path):
+    """(the file's text, its complete JSON lines); a line cut by a crash is left out (it is asked again)."""
     text = out_path.read_text(encoding="utf-8") if out_path.exists() else ""
+    rows = []
     for line in text.splitlines():
         try:
-            row = json.loads(line)
-        except json.JSONDecodeError:  # a line cut by a crash: redo that pair
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
             continue
-        done[(row["id"], row["question"])] = row
+    return text, rows
+
+
+def _append_answers(out_path, text, todo, ask, desc):
+    """`ask(item) -> record` for every item of `todo`, each record appended to `out_path` as it comes."""
+    with open(out_path, "a", encoding="utf-8") as handle:
+        if todo and text and not text.endswith("\n"):
+            handle.write("\n")  # a line cut by a crash stays on its own line, not glued to the next answer
+        for item in tqdm(todo, desc=desc, unit="answer"):
+            record = ask(item)
+            handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+            handle.flush()
+            yield item, record
+
+
+def annotate_images(cfg, split, out_path, annotator=None):
+    """`{id: response}` for every image of `split`: one request each (the official prompt), resumed from
+    `out_path` (lines `{"id", "label", "response"}`). Split a response with `parse_annotation`."""
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    text, rows = _read_answers(out_path)
+    done = {row["id"]: row["response"] for row in rows if "response" in row}
+    ids, names = list(split["id"]), split.features["label"].names
+    todo = [i for i in range(len(split)) if ids[i] not in done]
+    annotator = annotator or build_annotator(cfg)
+    logger.info("annotating %d images with %r (%d already done)", len(todo), annotator, len(done))
+
+    def ask(index):
+        row = split[index]
+        label = names[row["label"]]
+        return {"id": row["id"], "label": label,
+                "response": annotator(prepare_image(row["image"]), annotation_prompt(label, names))}
+
+    for _, record in _append_answers(out_path, text, todo, ask, desc="annotate"):
+        done[record["id"]] = record["response"]
+    return {image_id: done[image_id] for image_id in ids if image_id in done}
+
+
+def annotate_split(cfg, split, out_path, questions, annotator=None):
+    """Rows {id, kind, question, answer} for every image and question (one request per pair, `questions[0]` the
+    conversation question and `questions[1]` the reasoning one); resumes from `out_path`."""
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    text, rows = _read_answers(out_path)
+    done = {(row["id"], row["question"]): row for row in rows}
     annotator = annotator or build_annotator(cfg)
     names = split.features["label"].names
     ids = list(split["id"])  # the column alone: `split[i]` would decode every image just to read its id
     todo = [(i, q) for i in range(len(split)) for q in questions if (ids[i], q) not in done]
     logger.info("annotating %d (image, question) pairs with %r (%d already done)", len(todo), annotator, len(done))
-    with open(out_path, "a", encoding="utf-8") as handle:
-        if todo and text and not text.endswith("\n"):
-            handle.write("\n")  # a line cut by a crash stays on its own line, not glued to the next answer
-        for index, question in tqdm(todo, desc="annotate", unit="answer"):
-            row = split[index]
-            answer = annotator(prepare_image(row["image"]), annotation_request(question, names[row["label"]]))
-            record = {"id": row["id"], "kind": KINDS[questions.index(question)], "question": question,
-                      "answer": answer}
-            handle.write(json.dumps(record, ensure_ascii=False) + "\n")
-            handle.flush()
-            done[(row["id"], question)] = record
+
+    def ask(item):
+        index, question = item
+        row = split[index]
+        answer = annotator(prepare_image(row["image"]), annotation_request(question, names[row["label"]]))
+        return {"id": row["id"], "kind": KINDS[questions.index(question)], "question": question, "answer": answer}
+
+    for (index, question), record in _append_answers(out_path, text, todo, ask, desc="annotate"):
+        done[(ids[index], question)] = record
     return [done[(ids[i], q)] for i in range(len(split)) for q in questions if (ids[i], q) in done]

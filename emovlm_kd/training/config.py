@@ -14,9 +14,10 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Literal
 
-from configuration_emovlm_kd import GATE_TYPES
+from configuration_emovlm_kd import DEFAULT_MAX_IMAGE_SIDE, GATE_TYPES, MIN_IMAGE_SIDE
 
 DEMO = "demo"
+INSTRUCTION_KINDS = ("categorical", "conversation", "reasoning")  # the paper's three kinds of stage 1 rows
 DEFAULT_CONFIG = "demo"
 
 
@@ -85,10 +86,15 @@ class ModelArguments(_Checked):
         default="auto", metadata={"help": "weights dtype; auto: bfloat16 on CUDA, else float32"}
     )
     batch_size: int = field(default=8, metadata={"help": "batch size of feature/answer caching and evaluation"})
+    max_image_side: int = field(
+        default=DEFAULT_MAX_IMAGE_SIDE, metadata={"help": "images are scaled down to this long side (px) in SFT, the "
+                                                          "caches and the model (saved with it), as the official code"}
+    )
 
     def _checks(self):
         yield self.dtype in ("auto", "float32", "bfloat16", "float16"), "dtype", "must be auto/float32/bfloat16/float16"
         yield from _positive(self, "batch_size", strict=False)
+        yield self.max_image_side >= MIN_IMAGE_SIDE, "max-image-side", f"must be >= {MIN_IMAGE_SIDE}"
 
 
 @dataclass
@@ -98,6 +104,23 @@ class InstructionArguments(_Checked):
     annotator: str | None = _help("'openai' (OpenAI-compatible URL) or a local VLM")
     annotator_url: str | None = _help("chat endpoint base URL (key: $EMOVLM_KD_API_KEY)")
     annotator_model: str | None = _help("model name at the endpoint")
+    instruction_kinds: list[str] = field(
+        default_factory=lambda: list(INSTRUCTION_KINDS),
+        metadata={"help": "the instruction mix of stage 1 (the paper's: categorical conversation reasoning); "
+                          "conversation and reasoning need --instructions or --annotator; 'categorical' alone "
+                          "trains on a third of the paper's data"},
+    )
+
+    def _checks(self):
+        kinds = self.instruction_kinds
+        if isinstance(kinds, str):  # YAML `instruction_kinds: categorical` or `categorical,reasoning`
+            kinds = kinds.replace(",", " ").split()
+        self.instruction_kinds = [str(k).strip().lower() for k in kinds]
+        yield all(k in INSTRUCTION_KINDS for k in self.instruction_kinds), "instruction-kinds", \
+            f"must be some of {', '.join(INSTRUCTION_KINDS)}"
+        yield "categorical" in self.instruction_kinds, "instruction-kinds", \
+            "must include categorical (the rows that teach the answer the VLM branch scores)"
+        yield len(set(self.instruction_kinds)) == len(self.instruction_kinds), "instruction-kinds", "lists a kind twice"
 
 
 @dataclass
@@ -124,13 +147,27 @@ class SFTArguments(_Checked):
 @dataclass
 class TeacherArguments(_Checked):
     _argument_group_name = "Stage 2: teacher"
-    teacher_epochs: float = 5.0
-    teacher_lr: float = 5e-5
-    teacher_batch_size: int = 32
+    # The official train_ViT.py's recipe (the paper gives none): Adam (L2 weight decay on every parameter),
+    # lr 3e-5, weight decay 1e-5, batch 10, 10 epochs, no schedule.
+    teacher_epochs: float = 10.0
+    teacher_lr: float = 3e-5
+    teacher_batch_size: int = 10
+    teacher_weight_decay: float = 1e-5
+    teacher_optimizer: Literal["adam", "adamw"] = field(
+        default="adam", metadata={"help": "adam (the official code's: torch.optim.Adam, L2 decay on every parameter) "
+                                          "or adamw (transformers' default: decoupled decay, none on biases and norms)"}
+    )
+    teacher_scheduler: Literal["constant", "linear", "cosine"] = field(
+        default="constant", metadata={"help": "learning-rate schedule (the official code's: constant)"}
+    )
 
     def _checks(self):
         yield from _positive(self, "teacher_epochs", "teacher_lr")
         yield from _positive(self, "teacher_batch_size", strict=False)
+        yield self.teacher_weight_decay >= 0, "teacher-weight-decay", "must be >= 0"
+        yield self.teacher_optimizer in ("adam", "adamw"), "teacher-optimizer", "must be adam or adamw"
+        yield self.teacher_scheduler in ("constant", "linear", "cosine"), "teacher-scheduler", \
+            "must be constant, linear or cosine"
 
 
 @dataclass
@@ -164,14 +201,26 @@ class GateArguments(_Checked):
     gate_epochs: float = 10.0
     gate_lr: float = 1e-3
     gate_batch_size: int = 32
-    gate_train_split: Literal["train", "val"] = field(
-        default="train", metadata={"help": "split the gate trains on: train or val"}
+    gate_data: Literal["sampled", "val", "train"] = field(
+        default="train", metadata={"help": "what the gate trains on: sampled (the paper's: --gate-samples answers "
+                                           "per train image sampled at --gate-temperature, one per epoch, cycled; "
+                                           "needs --vlm-vector onehot), val (the VLM on held-out val images) or "
+                                           "train (the VLM's deterministic answers on the train images)"}
     )
+    gate_samples: int = field(default=10, metadata={"help": "sampled answers per train image (gate-data sampled)"})
+    gate_temperature: float = field(default=0.8, metadata={"help": "sampling temperature (gate-data sampled)"})
+    gate_train_split: Literal["train", "val"] | None = _help("old name of --gate-data train|val (sets it)")
 
     def _checks(self):
+        if self.gate_train_split is not None:  # the old setting: folded into gate_data
+            self.gate_data, self.gate_train_split = self.gate_train_split, None
         yield self.gate_type in GATE_TYPES, "gate-type", f"must be one of {', '.join(GATE_TYPES)}"
         yield self.vlm_vector in ("probs", "onehot"), "vlm-vector", "must be probs or onehot"
-        yield self.gate_train_split in ("train", "val"), "gate-train-split", "must be train or val"
+        yield self.gate_data in ("sampled", "val", "train"), "gate-data", "must be sampled, val or train"
+        yield self.gate_data != "sampled" or self.vlm_vector == "onehot", "gate-data", \
+            "sampled trains the gate on sampled answers (one-hot vectors): use it with --vlm-vector onehot"
+        yield from _positive(self, "gate_samples", strict=False)
+        yield self.gate_temperature > 0, "gate-temperature", "must be > 0"
         yield from _positive(self, "gate_epochs", "gate_lr")
         yield from _positive(self, "gate_batch_size", strict=False)
 

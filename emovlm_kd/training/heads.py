@@ -33,9 +33,10 @@ def run_stage3(cfg, run_dir, bundle, features, teacher_logits, labels):
 
 
 def run_stage4(cfg, run_dir, bundle, vlm_scores, head_probs, labels):
-    """Train the gate (only the gate) on cached VLM vectors and head probabilities."""
+    """Train the gate (only the gate) on cached VLM vectors (or sampled answers, see `train_gate`) and head
+    probabilities."""
     key = fingerprint("stage4", [fingerprint_tensor(vlm_scores), fingerprint_tensor(head_probs)], cfg.gate_type,
-                      cfg.vlm_vector, cfg.gate_epochs, cfg.gate_lr, cfg.gate_batch_size, cfg.gate_train_split, cfg.seed)
+                      cfg.vlm_vector, cfg.gate_epochs, cfg.gate_lr, cfg.gate_batch_size, cfg.gate_data, cfg.seed)
     stage = Stage(run_dir, "stage4_gate", key)
     gate_file = stage.dir / "gate.safetensors"
     if stage.done:
@@ -66,14 +67,22 @@ def train_head(cfg, head, features, teacher_logits, labels, output_dir, resume=F
 
 
 def train_gate(cfg, gate, vlm_scores, head_probs, labels, output_dir, resume=False, **args_extra):
-    """Re-initialise `gate` from cfg.seed and train it with cross-entropy (GateTrainer; cfg's gate epochs, lr)."""
+    """Re-initialise `gate` from cfg.seed and train it with cross-entropy (GateTrainer; cfg's gate epochs, lr).
+
+    `vlm_scores`: (N, C) vectors, or (N, K, C) sampled answers of which epoch e trains on answer e % K.
+    """
+    from emovlm_kd.training.gatedata import CycledSamples
     from emovlm_kd.training.trainers import GateModule, GateTrainer, TensorDictDataset
 
     reset_module(gate, cfg.seed)
-    data = TensorDictDataset(vlm_scores=vlm_scores, head_probs=head_probs, labels=labels)
+    if vlm_scores.dim() == 3:
+        data = CycledSamples(vlm_scores, head_probs, labels)
+        callbacks = [data.callback()]
+    else:
+        data, callbacks = TensorDictDataset(vlm_scores=vlm_scores, head_probs=head_probs, labels=labels), []
     args = trainer_args(cfg, output_dir, cfg.gate_epochs, cfg.gate_lr, cfg.gate_batch_size, weight_decay=1e-4,
                         **args_extra)
-    trainer = GateTrainer(model=GateModule(gate), args=args, train_dataset=data)
+    trainer = GateTrainer(model=GateModule(gate), args=args, train_dataset=data, callbacks=callbacks)
     return _train(trainer, args, resume)
 
 

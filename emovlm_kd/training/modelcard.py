@@ -41,6 +41,19 @@ classify("photo.jpg", top_k=3)
 
 Head {{ cfg.head_hidden_sizes }}, alpha {{ cfg.alpha }}, tau {{ cfg.tau }}; learning rates {{ cfg.sft_lr }} (LoRA r={{ cfg.lora_r }},
 alpha={{ cfg.lora_alpha }} on {{ cfg.lora_targets }}), {{ cfg.distill_lr }} (head), {{ cfg.gate_lr }} (gate); seed {{ cfg.seed }}.
+{% if results.instruction_mix %}{% set mix = results.instruction_mix %}
+Instruction tuning rows: {{ mix.categorical }} categorical, {{ mix.conversation }} conversation, {{ mix.reasoning }}
+reasoning, over {{ mix.train_images }} train images (the paper: all three kinds for every train image{% if not
+(mix.conversation or mix.reasoning) %}; this model saw the categorical rows alone, a third of the paper's data{% endif %}).
+{% endif %}
+{% if cfg.teacher_trained %}Teacher: {{ cfg.teacher_trained }}, fine-tuned beforehand.{% else %}Teacher: {{ cfg.teacher }}
+fine-tuned with {{ cfg.teacher_optimizer }}, lr {{ cfg.teacher_lr }}, weight decay {{ cfg.teacher_weight_decay }}, batch
+{{ cfg.teacher_batch_size }}, {{ cfg.teacher_epochs }} epochs, {{ cfg.teacher_scheduler }} schedule.{% endif %}
+{% if results.gate_data %}{% set gate = results.gate_data %}
+Gate data: {% if gate.protocol == "sampled" %}{{ gate.samples_per_image }} answers per train image sampled at
+temperature {{ gate.temperature }} ({{ gate.images }} images; one per epoch, cycled; the paper's protocol){% else %}the
+VLM's deterministic answers on the {{ gate.split }} split ({{ gate.images }} images){% endif %}.
+{% endif %}
 Method: EmoVLM-KD (arXiv 2505.07164).
 """
 

@@ -23,13 +23,15 @@ def vlm_pass_cache(cfg, cache, model, processor, split, split_name):
     """One batched pass per image through the frozen bundle: pooled visual features + label log-likelihoods."""
     from emovlm_kd.inference import PromptPrefixCache, run_batch
 
+    max_side = model.config.max_image_side  # the model's image size, as at inference
     key = fingerprint("vlm_pass", fingerprint_module(model.vlm), fingerprint_dataset(split),
-                      model.config.classification_prompt(), model.config.label_answer_token_ids)
+                      model.config.classification_prompt(), model.config.label_answer_token_ids, max_side,
+                      processor.image_processor.size["longest_edge"])
 
     prompt_cache = PromptPrefixCache()  # sound: the bundle is frozen for the whole pass
 
     def compute_batch(indices):
-        images = [prepare_image(split[i]["image"]) for i in indices]
+        images = [prepare_image(split[i]["image"], max_side=max_side) for i in indices]
         output = run_batch(model, processor, images, vlm_mode="score", prompt_cache=prompt_cache)
         return {"image_embeds": output.image_embeds, "vlm_log_likelihoods": output.vlm_log_likelihoods}
 

@@ -17,6 +17,7 @@ from emovlm_kd.training.cache import (
     fingerprint,
     fingerprint_module,
 )
+from emovlm_kd.training.calibration import calibrate_bundle
 from emovlm_kd.training.config import DEMO
 from emovlm_kd.training.demo import prepare_demo_inputs
 from emovlm_kd.training.heads import (
@@ -26,7 +27,8 @@ from emovlm_kd.training.heads import (
     run_stage4,
     vlm_vectors,
 )
-from emovlm_kd.training.instructions import run_stage0
+from emovlm_kd.training.gatedata import gate_data_summary, gate_training_set, sampled_answer_cache
+from emovlm_kd.training.instructions import check_instruction_sources, instruction_mix, run_stage0
 from emovlm_kd.training.modelcard import model_card
 from emovlm_kd.training.passes import vlm_pass_cache
 from emovlm_kd.training.sft import run_stage1
@@ -87,6 +89,7 @@ def run_training(cfg):
 
     state()  # joins the process group under torchrun before any collective
     torch.manual_seed(cfg.seed)
+    check_instruction_sources(cfg)  # the paper's mix needs conversation/reasoning answers: stop before any work
     run_dir = start_run(cfg)
     data_source, vlm_path, teacher_path = resolve_inputs(cfg, run_dir)
 
@@ -101,6 +104,7 @@ def run_training(cfg):
 
     logger.info("== Stage 0: instruction data")
     instructions = run_stage0(cfg, run_dir, dataset, prompt_config)
+    mix = instruction_mix(instructions)
     logger.info("== Stage 1: instruction tuning (%s)", vlm_path)
     merged_dir = run_stage1(cfg, run_dir, dataset, vlm_path, instructions)
     logger.info("== Stage 2: teacher (%s)", cfg.teacher_trained or teacher_path)
@@ -109,8 +113,11 @@ def run_training(cfg):
     bundle, processor = load_bundle_to_train(cfg, merged_dir, names)
     logger.info("== Caches: one VLM pass and one teacher pass per image")
     passes = cache_passes(cfg, run_dir, dataset, bundle, processor, teacher_dir)
-    outputs = train_head_and_gate(cfg, run_dir, bundle, passes, gate_split=cfg.gate_train_split)
+    outputs = train_head_and_gate(cfg, run_dir, bundle, passes)
+    logger.info("== Calibration: temperatures of the gate and the head, fitted on val")
+    calibrate_bundle(cfg, bundle, passes, outputs)
     results = test_results(passes["test"], outputs)
+    results.update(instruction_mix=mix, gate_data=gate_data_summary(cfg, passes))
     export(cfg, run_dir, bundle, processor, model_card(cfg, names, results, vlm_path), results, split_file)
     return results
 
@@ -145,7 +152,7 @@ def load_bundle_to_train(cfg, merged_dir, names):
     vlm = AutoModelForImageTextToText.from_pretrained(merged_dir, dtype=resolve_dtype(cfg), use_safetensors=True)
     bundle = EmoVLMKDForImageClassification.from_vlm(
         vlm, names, processor=processor, head_hidden_sizes=cfg.head_hidden_sizes, head_dropout=cfg.head_dropout,
-        gate_type=cfg.gate_type, vlm_vector=cfg.vlm_vector,
+        gate_type=cfg.gate_type, vlm_vector=cfg.vlm_vector, max_image_side=cfg.max_image_side,
     ).to(device_of_run()).eval()
     bundle.requires_grad_(False)
     return bundle, processor
@@ -169,10 +176,12 @@ def cache_passes(cfg, run_dir, dataset, bundle, processor, teacher_dir):
         passes[split] = dict(vlm_pass_cache(cfg, cache, bundle, processor, dataset[split], split))
         passes[split].update(teacher_cache(cfg, cache, teacher, teacher_processor, dataset[split], split))
         passes[split]["labels"] = torch.tensor(dataset[split]["label"])
+    if cfg.gate_data == "sampled":  # the gate's training data: K sampled answers per train image
+        passes["train"].update(sampled_answer_cache(cfg, cache, bundle, processor, dataset["train"]))
     return passes
 
 
-def train_head_and_gate(cfg, run_dir, bundle, passes, gate_split):
+def train_head_and_gate(cfg, run_dir, bundle, passes):
     """Stages 3 and 4 on the cached tensors; per split the head's logits, its probabilities, the VLM vectors and,
     for test, the gate's logits."""
     dtype = resolve_dtype(cfg)
@@ -187,11 +196,12 @@ def train_head_and_gate(cfg, run_dir, bundle, passes, gate_split):
         outputs[split] = {"head_logits": head_logits, "head_probs": head_logits.softmax(-1),
                           "vlm_scores": vlm_vectors(tensors["vlm_log_likelihoods"], cfg.vlm_vector)}
 
-    logger.info("== Stage 4: gate (%s)", cfg.gate_type)
-    split = gate_split if gate_split in passes else "train"
+    logger.info("== Stage 4: gate (%s, on %s data)", cfg.gate_type, cfg.gate_data)
+    gate_data = gate_training_set(cfg.gate_data, {s: o["vlm_scores"] for s, o in outputs.items()},
+                                  {s: o["head_probs"] for s, o in outputs.items()},
+                                  {s: p["labels"] for s, p in passes.items()}, passes["train"].get("vlm_samples"))
     bundle.gate.requires_grad_(True).float()
-    run_stage4(cfg, run_dir, bundle, outputs[split]["vlm_scores"], outputs[split]["head_probs"],
-               passes[split]["labels"])
+    run_stage4(cfg, run_dir, bundle, *gate_data)
     bundle.gate.requires_grad_(False).to(dtype)
     with torch.inference_mode():
         outputs["test"]["gate_logits"] = gate_outputs(bundle.gate, outputs["test"]["vlm_scores"],
@@ -220,7 +230,8 @@ def export(cfg, run_dir, bundle, processor, card, results, split_file):
     from emovlm_kd.data.splitfile import SPLITS_FILE
     from emovlm_kd.hub import save_bundle
 
-    key = fingerprint("export", fingerprint_module(bundle), str(card), results, split_file["dataset"]["fingerprint"])
+    key = fingerprint("export", fingerprint_module(bundle), str(card), results, split_file["dataset"]["fingerprint"],
+                      bundle.config.gate_calibration_temperature, bundle.config.head_calibration_temperature)
     done = Stage(run_dir, "stage5_export", key)
     if done.done and (run_dir / "model" / "config.json").exists():
         logger.info("[export] RUN/model is up to date, not rewritten")

@@ -1,5 +1,11 @@
 """Stage 1: instruction tuning with TRL's `SFTTrainer` and LoRA (QLoRA on CUDA); the adapter is merged into the
-backbone and saved as `RUN/stage1_sft/merged`."""
+backbone and saved as `RUN/stage1_sft/merged`.
+
+Images reach the trainer as they reach the model at inference: through `prepare_image` (EXIF orientation, mode,
+long side at most `--max-image-side`), with the processor's `max_pixels` lowered to match (saved with it). The
+adapter is merged in float32 into a float32 copy of the base's full-precision weights (never the 4-bit ones), then
+cast to the run's dtype: a merge in bfloat16 rounds LoRA updates smaller than half a bfloat16 step away.
+"""
 
 import json
 import logging
@@ -9,7 +15,9 @@ from pathlib import Path
 import torch
 from transformers import set_seed
 
+from configuration_emovlm_kd import DEFAULT_MAX_IMAGE_SIDE
 from emovlm_kd.distributed import is_main_process, world_size
+from emovlm_kd.images import limit_processor_pixels, prepare_image
 from emovlm_kd.training.cache import fingerprint, fingerprint_checkpoint
 from emovlm_kd.training.stage import (
     Stage,
@@ -21,8 +29,12 @@ from emovlm_kd.training.stage import (
 logger = logging.getLogger(__name__)
 
 
-def sft_dataset(train, instructions_path):
-    """TRL's vision prompt/completion format: `images`, `prompt` and `completion` (loss on the completion only)."""
+def sft_dataset(train, instructions_path, max_side=DEFAULT_MAX_IMAGE_SIDE):
+    """TRL's vision prompt/completion format: `images`, `prompt` and `completion` (loss on the completion only).
+
+    The images are decoded when a row is read and made ready by `prepare_image(image, max_side=max_side)`, the
+    inference path (upright, RGB, long side at most `max_side`, fitted): nothing is decoded or held up front.
+    """
     from datasets import Dataset, Image, Sequence
 
     raw_images = dict(zip(train["id"], train.cast_column("image", Image(decode=False))["image"]))
@@ -35,7 +47,20 @@ def sft_dataset(train, instructions_path):
             "completion": [[{"role": "assistant", "content": [{"type": "text", "text": r["answer"]}]}] for r in rows],
         }
     )
-    return data.cast_column("images", Sequence(Image()))
+    return data.cast_column("images", Sequence(Image())).with_transform(PreparedImages(max_side))
+
+
+class PreparedImages:
+    """A `datasets` transform: every image of a batch's `images` lists through `prepare_image`."""
+
+    def __init__(self, max_side):
+        self.max_side = max_side
+
+    def __call__(self, batch):
+        if "images" in batch:
+            batch["images"] = [[prepare_image(image, max_side=self.max_side) for image in images]
+                               for images in batch["images"]]
+        return batch
 
 
 def quantization_config(cfg):
@@ -74,7 +99,7 @@ def run_stage1(cfg, run_dir, dataset, vlm_path, instructions_path):
 
     key = fingerprint("stage1", fingerprint_checkpoint(vlm_path), Path(instructions_path).read_text(encoding="utf-8"),
                       cfg.sft_epochs, cfg.sft_lr, cfg.sft_batch_size, cfg.sft_grad_accum, cfg.lora_r, cfg.lora_alpha,
-                      cfg.lora_dropout, cfg.lora_targets, cfg.quantize, cfg.dtype, cfg.seed)
+                      cfg.lora_dropout, cfg.lora_targets, cfg.quantize, cfg.dtype, cfg.seed, cfg.max_image_side)
     stage = Stage(run_dir, "stage1_sft", key)
     merged_dir = stage.dir / "merged"
     if stage.done:
@@ -86,6 +111,7 @@ def run_stage1(cfg, run_dir, dataset, vlm_path, instructions_path):
         logger.info("[stage 1] QLoRA: loading %s in 4-bit nf4 with double quantisation", vlm_path)
     set_seed(cfg.seed)  # LoRA's initialisation draws from the global generator: same start in every process
     processor = AutoProcessor.from_pretrained(vlm_path)
+    limit_processor_pixels(processor, cfg.max_image_side)  # saved with the merged model, hence with the bundle
     vlm = AutoModelForImageTextToText.from_pretrained(
         vlm_path, dtype=dtype, quantization_config=quant, use_safetensors=True
     )
@@ -108,7 +134,7 @@ def run_stage1(cfg, run_dir, dataset, vlm_path, instructions_path):
     trainer = SFTTrainer(
         model=vlm,
         args=args,
-        train_dataset=sft_dataset(dataset["train"], instructions_path),
+        train_dataset=sft_dataset(dataset["train"], instructions_path, max_side=cfg.max_image_side),
         processing_class=processor,
         peft_config=lora_config(cfg),
     )
@@ -116,24 +142,26 @@ def run_stage1(cfg, run_dir, dataset, vlm_path, instructions_path):
     adapter_dir = stage.dir / "adapter"
     trainer.save_model(str(adapter_dir))
     if is_main_process():
-        merge_adapter(trainer.model, vlm_path, adapter_dir, dtype, quantized=quant is not None,
-                      processor=processor, merged_dir=merged_dir)
+        merge_adapter(vlm_path, adapter_dir, dtype, processor=processor, merged_dir=merged_dir)
     del trainer, vlm
     stage.finish(train_loss=round(result.training_loss, 4), steps=result.global_step)
     return merged_dir
 
 
-def merge_adapter(peft_model, vlm_path, adapter_dir, dtype, quantized, processor, merged_dir):
-    """The adapter merged into the backbone (into an unquantised copy of the base weights after QLoRA), saved with
-    the processor as `merged_dir`, atomically."""
+def merge_in_float32(vlm_path, adapter_dir, dtype):
+    """The base checkpoint's weights loaded in float32 (after QLoRA too: the full-precision weights, not the 4-bit
+    ones), the adapter in `adapter_dir` merged into them in float32, the result cast to `dtype`."""
     from peft import PeftModel
     from transformers import AutoModelForImageTextToText
 
-    if quantized:
-        base = AutoModelForImageTextToText.from_pretrained(vlm_path, dtype=dtype, use_safetensors=True)
-        merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
-    else:
-        merged = peft_model.merge_and_unload()
+    base = AutoModelForImageTextToText.from_pretrained(vlm_path, dtype=torch.float32, use_safetensors=True)
+    merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
+    return merged.to(dtype)
+
+
+def merge_adapter(vlm_path, adapter_dir, dtype, processor, merged_dir):
+    """`merge_in_float32`, saved in `dtype` with the processor as `merged_dir`, atomically."""
+    merged = merge_in_float32(vlm_path, adapter_dir, dtype)
     tmp = merged_dir.with_name("merged.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     merged.save_pretrained(str(tmp))

@@ -1,5 +1,12 @@
 """Stage 2: the teacher (any `AutoModelForImageClassification`) fine-tuned with the HF `Trainer`, with seeded
-augmentation; and its logits per image, computed once."""
+augmentation, by the official train_ViT.py's recipe where the settings say so (Adam with L2 weight decay on every
+parameter, constant learning rate); and its logits per image, computed once.
+
+Evaluation keeps the aspect ratio, as the official code's test transform: the short side resized to the teacher's
+input size, then the centre crop (not a squashing resize to a square). The fine-tuned teacher is saved with an image
+processor that does exactly this, so `emovlm-kd evaluate --teacher RUN/stage2_teacher/model` and the training's
+teacher pass see the same pixels; a `--teacher-trained` model is evaluated with its own image processor.
+"""
 
 import logging
 import shutil
@@ -22,19 +29,55 @@ from emovlm_kd.training.stage import Stage, last_checkpoint, trainer_args
 logger = logging.getLogger(__name__)
 
 
-def teacher_transforms(image_processor, train):
-    """The official code's augmentation for training (RandomResizedCrop + horizontal flip), plain resize for eval."""
+def input_side(image_processor):
+    """The square input side of a teacher's image processor (its crop size where it crops)."""
+    size = (image_processor.crop_size if getattr(image_processor, "do_center_crop", False) else None) or \
+        image_processor.size
+    return size.get("height") or size.get("shortest_edge") or 224
+
+
+def train_transform(image_processor):
+    """The official code's augmentation for training: RandomResizedCrop + horizontal flip, then normalisation."""
     from torchvision import transforms
 
-    size = image_processor.size
-    side = size.get("shortest_edge") or size.get("height") or 224
-    mean, std = image_processor.image_mean, image_processor.image_std
-    steps = (
-        [transforms.RandomResizedCrop(side), transforms.RandomHorizontalFlip()]
-        if train
-        else [transforms.Resize((side, side))]
+    return transforms.Compose([transforms.RandomResizedCrop(input_side(image_processor)),
+                               transforms.RandomHorizontalFlip(), transforms.ToTensor(),
+                               transforms.Normalize(image_processor.image_mean, image_processor.image_std)])
+
+
+def eval_image_processor(image_processor):
+    """An image processor for evaluation that keeps the aspect ratio (the official code's Resize(side) then
+    CenterCrop(side), bilinear), with the base processor's normalisation: `BitImageProcessor`, shortest-edge resize
+    and centre crop."""
+    from transformers import BitImageProcessor
+    from transformers.image_utils import PILImageResampling
+
+    side = input_side(image_processor)
+    return BitImageProcessor(
+        do_resize=True, size={"shortest_edge": side}, resample=PILImageResampling.BILINEAR, do_center_crop=True,
+        crop_size={"height": side, "width": side}, do_rescale=True, rescale_factor=1 / 255, do_normalize=True,
+        image_mean=list(image_processor.image_mean), image_std=list(image_processor.image_std), do_convert_rgb=True,
     )
-    return transforms.Compose([*steps, transforms.ToTensor(), transforms.Normalize(mean, std)])
+
+
+def teacher_optimizer(cfg, model):
+    """`Trainer(optimizer_cls_and_kwargs=...)` for cfg.teacher_optimizer `adam`: torch.optim.Adam with L2 weight
+    decay on every parameter, as the official train_ViT.py; None for `adamw` (transformers' default optimizer, with
+    no decay on biases and norms)."""
+    if cfg.teacher_optimizer != "adam":
+        return None
+    params = [p for p in model.parameters() if p.requires_grad]
+    return torch.optim.Adam, {"params": params, "lr": cfg.teacher_lr, "weight_decay": cfg.teacher_weight_decay}
+
+
+def teacher_trainer(cfg, teacher, train, output_dir, callbacks=()):
+    """The HF `Trainer` of stage 2 with cfg's teacher recipe (optimizer, weight decay, schedule, epochs, lr, batch)."""
+    from transformers import Trainer
+
+    args = trainer_args(cfg, output_dir, cfg.teacher_epochs, cfg.teacher_lr, cfg.teacher_batch_size,
+                        weight_decay=cfg.teacher_weight_decay, lr_scheduler_type=cfg.teacher_scheduler)
+    return Trainer(model=teacher, args=args, train_dataset=train, callbacks=list(callbacks),
+                   optimizer_cls_and_kwargs=teacher_optimizer(cfg, teacher))
 
 
 class SeededAugmentation:
@@ -66,18 +109,15 @@ class SeededAugmentation:
 
 def run_stage2(cfg, run_dir, dataset, teacher_path):
     """Fine-tune the teacher (any AutoModelForImageClassification) with the HF Trainer."""
-    from transformers import (
-        AutoImageProcessor,
-        AutoModelForImageClassification,
-        Trainer,
-    )
+    from transformers import AutoImageProcessor, AutoModelForImageClassification
 
     names = dataset["train"].features["label"].names
     if cfg.teacher_trained:
         check_teacher_labels(cfg.teacher_trained, names)
         return Path(cfg.teacher_trained)
-    key = fingerprint("stage2", fingerprint_checkpoint(teacher_path), fingerprint_dataset(dataset["train"]), names, cfg.teacher_epochs,
-                      cfg.teacher_lr, cfg.teacher_batch_size, cfg.seed)
+    key = fingerprint("stage2", fingerprint_checkpoint(teacher_path), fingerprint_dataset(dataset["train"]), names,
+                      cfg.teacher_epochs, cfg.teacher_lr, cfg.teacher_batch_size, cfg.teacher_weight_decay,
+                      cfg.teacher_optimizer, cfg.teacher_scheduler, cfg.seed)
     stage = Stage(run_dir, "stage2_teacher", key)
     model_dir = stage.dir / "model"
     if stage.done:
@@ -93,17 +133,15 @@ def run_stage2(cfg, run_dir, dataset, teacher_path):
         label2id={n: i for i, n in enumerate(names)},
         ignore_mismatched_sizes=True,
     )
-    augment = SeededAugmentation(teacher_transforms(image_processor, train=True), cfg.seed)
+    augment = SeededAugmentation(train_transform(image_processor), cfg.seed)
     train = dataset["train"].add_column("row", list(range(len(dataset["train"])))).with_transform(augment)
-    args = trainer_args(cfg, stage.checkpoints(), cfg.teacher_epochs, cfg.teacher_lr, cfg.teacher_batch_size,
-                        weight_decay=1e-4)
-    trainer = Trainer(model=teacher, args=args, train_dataset=train, callbacks=[augment.callback()])
-    result = trainer.train(resume_from_checkpoint=last_checkpoint(args.output_dir))
+    trainer = teacher_trainer(cfg, teacher, train, stage.checkpoints(), callbacks=[augment.callback()])
+    result = trainer.train(resume_from_checkpoint=last_checkpoint(trainer.args.output_dir))
     if is_main_process():
         tmp = model_dir.with_name("model.tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         trainer.save_model(str(tmp))
-        image_processor.save_pretrained(str(tmp))
+        eval_image_processor(image_processor).save_pretrained(str(tmp))
         shutil.rmtree(model_dir, ignore_errors=True)
         tmp.rename(model_dir)
     stage.finish(train_loss=round(result.training_loss, 4), steps=result.global_step)
@@ -120,14 +158,14 @@ def check_teacher_labels(teacher_path, names):
 
 
 def teacher_cache(cfg, cache, teacher, image_processor, split, split_name):
-    """Teacher logits per image, computed once."""
-    key = fingerprint("teacher", fingerprint_module(teacher), fingerprint_dataset(split))
-    transform = teacher_transforms(image_processor, train=False)
-    device = next(teacher.parameters()).device
+    """Teacher logits per image, computed once, with the teacher's own image processor (as `emovlm-kd evaluate`)."""
+    key = fingerprint("teacher", fingerprint_module(teacher), fingerprint_dataset(split), image_processor.to_dict())
+    param = next(teacher.parameters())
 
     @torch.inference_mode()
     def compute_batch(indices):
-        pixels = torch.stack([transform(prepare_image(split[i]["image"])) for i in indices]).to(device)
+        images = [prepare_image(split[i]["image"]) for i in indices]
+        pixels = image_processor(images=images, return_tensors="pt")["pixel_values"].to(param.device, param.dtype)
         return {"teacher_logits": teacher(pixel_values=pixels).logits.float().cpu()}
 
     return cached_map(cache, f"teacher-{split_name}", key, len(split), cfg.batch_size, compute_batch,

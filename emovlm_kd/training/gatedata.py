@@ -1,0 +1,153 @@
+"""What the gate (stage 4) trains on, three ways (`--gate-data`), every one from cached tensors:
+
+- `sampled`, the paper's protocol: the VLM's answer to each train image sampled at temperature 0.8 (the official
+  train_gate.py regenerates one answer per image in every epoch, 10 epochs). Here K answers per image
+  (`--gate-samples`) are generated once, in batched passes, and cached; gate epoch e trains on answer e % K.
+- `val`: the VLM's deterministic vectors on the held-out val images.
+- `train`: the VLM's deterministic vectors on the train images, which the VLM was tuned on.
+
+The VLM is nearly always right on its own train images, so a gate trained on `train` learns to follow it; sampling
+(or held-out images) shows the gate the VLM's mistakes. `emovlm-kd ablate gate-data --run RUN` compares the three
+on a run's caches.
+
+Sampling is greedy decoding over Gumbel-perturbed scores (the Gumbel-max trick: argmax(logits / T + Gumbel noise)
+is a draw from softmax(logits / T)), each row's noise drawn from its own seed (run seed, image, sample, step). The
+answers are then the same whatever the batch size or number of processes, and no top-k / top-p of the checkpoint's
+generation config applies: pure temperature sampling, top_p 1.0 as in the official code.
+"""
+
+import logging
+import math
+
+import torch
+from torch.utils.data import Dataset
+from transformers import LogitsProcessor, LogitsProcessorList
+
+from emovlm_kd.images import prepare_image
+from emovlm_kd.training.cache import (
+    fingerprint,
+    fingerprint_dataset,
+    fingerprint_module,
+)
+from emovlm_kd.training.passes import cached_map
+
+logger = logging.getLogger(__name__)
+
+SAMPLES_CACHE = "gate_samples-train"
+GATE_DATA = ("sampled", "val", "train")
+
+
+def row_seed(seed, index, sample):
+    """The seed of answer `sample` to image `index` of the train split."""
+    return (seed * 1_000_003 + index) * 1_009 + sample
+
+
+class SeededSampling(LogitsProcessor):
+    """Temperature sampling as greedy decoding: returns scores / T + Gumbel noise, each row's noise from its seed."""
+
+    def __init__(self, seeds, temperature):
+        self.seeds, self.temperature, self.start = list(seeds), float(temperature), None
+
+    def __call__(self, input_ids, scores):
+        if self.start is None:
+            self.start = input_ids.shape[1]  # the padded prompt's length differs from batch to batch
+        step = input_ids.shape[1] - self.start
+        uniform = torch.stack([
+            torch.rand(scores.shape[-1], device=scores.device,
+                       generator=torch.Generator(scores.device).manual_seed((seed * 10_007 + step) % 2**63))
+            for seed in self.seeds
+        ])
+        gumbel = -torch.log(-torch.log(uniform.clamp_min(torch.finfo(torch.float32).tiny)))
+        return scores.float() / self.temperature + gumbel
+
+
+@torch.inference_mode()
+def sample_answers(model, processor, images, seeds, temperature):
+    """One sampled answer per (image, seed) row, in one batched `generate_labels` call: one-hot vectors (B, C)
+    (zeros where the answer names no label) and whether it named one (B,)."""
+    from pipeline_emovlm_kd import prepare_inputs
+
+    inputs = prepare_inputs(processor, model.config, images).to(model.device)
+    inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
+    sampler = LogitsProcessorList([SeededSampling(seeds, temperature)])
+    output = model.generate_labels(**inputs, tokenizer=processor.tokenizer,
+                                   generation_kwargs={"do_sample": False, "logits_processor": sampler})
+    return output.vlm_scores.float().cpu(), output.vlm_answer_found.cpu()
+
+
+def sampled_answer_cache(cfg, cache, model, processor, split):
+    """`{"vlm_samples": (N, K, C), "answer_found": (N, K)}`: K = cfg.gate_samples answers per image at
+    cfg.gate_temperature, computed once (each batch of images repeated K times) and cached."""
+    samples, max_side = cfg.gate_samples, model.config.max_image_side  # images as the VLM pass sees them
+    key = fingerprint("gate_samples", fingerprint_module(model.vlm), fingerprint_dataset(split),
+                      model.config.classification_prompt(), model.config.vlm_max_new_tokens, max_side,
+                      processor.image_processor.size["longest_edge"], samples, cfg.gate_temperature, cfg.seed)
+
+    def compute_batch(indices):
+        images = [prepare_image(split[i]["image"], max_side=max_side) for i in indices]
+        rows = [image for image in images for _ in range(samples)]  # image-major: row i * K + k
+        seeds = [row_seed(cfg.seed, i, k) for i in indices for k in range(samples)]
+        vectors, found = sample_answers(model, processor, rows, seeds, cfg.gate_temperature)
+        return {"vlm_samples": vectors.view(len(indices), samples, -1), "answer_found": found.view(len(indices), -1)}
+
+    images_per_call = max(1, math.ceil(cfg.batch_size / samples))  # about --batch-size rows per generate call
+    tensors = cached_map(cache, SAMPLES_CACHE, key, len(split), images_per_call, compute_batch,
+                         desc=f"sampled answers (x{samples})")
+    logger.info("gate data: %d answers per train image sampled at T=%g; %.1f %% name a label", samples,
+                cfg.gate_temperature, 100 * float(tensors["answer_found"].float().mean()))
+    return tensors
+
+
+class CycledSamples(Dataset):
+    """Rows {vlm_scores, head_probs, labels} where vlm_scores is sample `epoch % K` of each image's K answers;
+    `callback()` keeps `epoch` at the Trainer's (a resumed run continues with the epoch it stopped in)."""
+
+    def __init__(self, vlm_samples, head_probs, labels):
+        if not len(vlm_samples) == len(head_probs) == len(labels):
+            raise ValueError(f"rows differ: {len(vlm_samples)} samples, {len(head_probs)} head, {len(labels)} labels")
+        self.vlm_samples, self.head_probs, self.labels, self.epoch = vlm_samples, head_probs, labels, 0
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, index):
+        sample = self.epoch % self.vlm_samples.shape[1]
+        return {"vlm_scores": self.vlm_samples[index, sample], "head_probs": self.head_probs[index],
+                "labels": self.labels[index]}
+
+    def callback(self):
+        from transformers import TrainerCallback
+
+        rows = self
+
+        class EpochCallback(TrainerCallback):
+            def on_epoch_begin(self, args, state, control, **kwargs):
+                rows.epoch = int((state.epoch or 0) + 1e-6)
+
+        return EpochCallback()
+
+
+def gate_split(gate_data, splits):
+    """The split whose images the gate trains on: val for `val` (train where a dataset has none), else train."""
+    return "val" if gate_data == "val" and "val" in splits else "train"
+
+
+def gate_training_set(gate_data, vlm_vectors, head_probs, labels, samples=None):
+    """(vlm_scores, head_probs, labels) the gate trains on, from per-split dicts of the VLM vectors, the head's
+    probabilities and the labels; `samples` (N, K, C): the sampled answers on train (`gate_data` sampled)."""
+    if gate_data == "sampled":
+        if samples is None:
+            raise ValueError("--gate-data sampled: no sampled answers")
+        return samples, head_probs["train"], labels["train"]
+    split = gate_split(gate_data, labels)
+    return vlm_vectors[split], head_probs[split], labels[split]
+
+
+def gate_data_summary(cfg, passes):
+    """What the gate trained on, for RUN/eval_results.json and the model card."""
+    split = "train" if cfg.gate_data == "sampled" else gate_split(cfg.gate_data, passes)
+    summary = {"protocol": cfg.gate_data, "split": split, "images": len(passes[split]["labels"])}
+    if cfg.gate_data == "sampled":
+        summary.update(samples_per_image=cfg.gate_samples, temperature=cfg.gate_temperature,
+                       answers_naming_a_label=round(float(passes["train"]["answer_found"].float().mean()), 4))
+    return summary
