@@ -112,18 +112,17 @@ def parse_alphas(text):
 
 
 def parse_gates(text):
-    gates = [g.strip() for g in str(text).split(",") if g.strip()]
-    unknown = [g for g in gates if g not in GATE_TITLES]
-    if unknown or not gates:
-        raise UsageError(f"--gates: unknown gate type {unknown[0] if unknown else text!r}; "
-                         f"known: {', '.join(GATE_TITLES)}")
-    return _unique(gates, "--gates")
+    return _parse_names(text, GATE_TITLES, "--gates", "gate type")
 
 
 def parse_protocols(text):
-    protocols = [p.strip() for p in str(text).split(",") if p.strip()]
-    unknown = [p for p in protocols if p not in GATE_DATA]
-    if unknown or not protocols:
-        raise UsageError(f"--protocols: unknown gate data {unknown[0] if unknown else text!r}; "
-                         f"known: {', '.join(GATE_DATA)}")
-    return _unique(protocols, "--protocols")
+    return _parse_names(text, GATE_DATA, "--protocols", "gate data")
+
+
+def _parse_names(text, known, flag, what):
+    """A comma list of names out of `known`, without repeats; `UsageError` naming the first unknown one."""
+    names = [n.strip() for n in str(text).split(",") if n.strip()]
+    unknown = [n for n in names if n not in known]
+    if unknown or not names:
+        raise UsageError(f"{flag}: unknown {what} {unknown[0] if unknown else text!r}; known: {', '.join(known)}")
+    return _unique(names, flag)
