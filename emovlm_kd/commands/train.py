@@ -26,11 +26,16 @@ def add_arguments(parser):
 
 def run(args):
     from emovlm_kd.distributed import is_main_process
-    from emovlm_kd.training.config import parse_train_args
+    from emovlm_kd.training.config import check_instruction_sources, parse_train_args
 
     try:
         cfg = parse_train_args(args.rest)
     except (ValueError, OSError) as error:
+        raise UsageError(str(error))
+
+    try:  # before the training code is imported (seconds) or any work is done
+        check_instruction_sources(cfg)
+    except ValueError as error:
         raise UsageError(str(error))
     if cfg.dataset != "demo":
         if not Path(cfg.dataset).exists() and ("/" not in cfg.dataset or cfg.dataset.startswith(("/", "."))):

@@ -12,6 +12,7 @@ them); the embedded demo is the shipped `demo.yaml` (tiny models built offline, 
 import argparse
 import dataclasses
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal
 
 from configuration_emovlm_kd import DEFAULT_MAX_IMAGE_SIDE, GATE_TYPES, MIN_IMAGE_SIDE
@@ -248,8 +249,6 @@ class TrainConfig(GateArguments, DistillArguments, TeacherArguments, SFTArgument
 
 def resolve_config_path(value):
     """A YAML path that exists, else the shipped config of that name (`fi`, `fi.yaml`, `configs/fi.yaml`)."""
-    from pathlib import Path
-
     from emovlm_kd import configs
 
     if Path(value).is_file():
@@ -305,3 +304,27 @@ def load_config(path=None, overrides=None):
     """`TrainConfig` from a YAML file (or the shipped demo) with `overrides` (field -> value, None ignored) on top."""
     cfg = parse_train_args(["--config", str(path)] if path else [])
     return dataclasses.replace(cfg, **{k: v for k, v in (overrides or {}).items() if v is not None})
+
+
+HOW_TO_GET_ANSWERS = (
+    "pass --instructions FILE (JSONL lines {\"id\", \"kind\": \"conversation\"|\"reasoning\", \"answer\"}, or the "
+    "official code's annotation JSON), or --annotator openai --annotator-url URL --annotator-model NAME (key in "
+    "$EMOVLM_KD_API_KEY), or --annotator PATH_OR_ID (a local VLM); or train on the categorical rows alone, a third of "
+    "the paper's data, with --instruction-kinds categorical"
+)
+
+
+def check_instruction_sources(cfg):
+    """A `ValueError` naming the fix when the mix needs conversation/reasoning answers and nothing gives them, or a
+    source is given that the mix does not use."""
+    wanted = [kind for kind in cfg.instruction_kinds if kind != "categorical"]
+    given = [flag for flag, value in (("--instructions", cfg.instructions), ("--annotator", cfg.annotator)) if value]
+    if wanted and not given:
+        raise ValueError(f"the instruction mix ({' '.join(cfg.instruction_kinds)}) needs {' and '.join(wanted)} "
+                         f"answers and none were given: {HOW_TO_GET_ANSWERS}")
+    if given and not wanted:
+        raise ValueError(f"{' and '.join(given)} given, but --instruction-kinds categorical uses no conversation or "
+                         "reasoning answers: drop it, or add the kinds (--instruction-kinds categorical conversation "
+                         "reasoning)")
+    if cfg.instructions and not Path(cfg.instructions).is_file():
+        raise ValueError(f"--instructions {cfg.instructions}: no such file")

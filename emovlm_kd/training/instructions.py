@@ -28,7 +28,11 @@ from pathlib import Path
 from emovlm_kd.distributed import is_main_process
 from emovlm_kd.training.annotate import annotate_images, parse_annotation
 from emovlm_kd.training.cache import atomic_write_text, fingerprint, fingerprint_dataset
-from emovlm_kd.training.config import INSTRUCTION_KINDS
+from emovlm_kd.training.config import (
+    HOW_TO_GET_ANSWERS,
+    INSTRUCTION_KINDS,
+    check_instruction_sources,
+)
 from emovlm_kd.training.stage import Stage
 
 logger = logging.getLogger(__name__)
@@ -36,33 +40,11 @@ logger = logging.getLogger(__name__)
 CONVERSATION_QUESTION = "Observe the image and describe key elements of the image."
 REASONING_QUESTION = "Observe the image and describe the process of inferring the emotions conveyed in the image."
 QUESTIONS = {"conversation": CONVERSATION_QUESTION, "reasoning": REASONING_QUESTION}
-HOW_TO_GET_ANSWERS = (
-    "pass --instructions FILE (JSONL lines {\"id\", \"kind\": \"conversation\"|\"reasoning\", \"answer\"}, or the "
-    "official code's annotation JSON), or --annotator openai --annotator-url URL --annotator-model NAME (key in "
-    "$EMOVLM_KD_API_KEY), or --annotator PATH_OR_ID (a local VLM); or train on the categorical rows alone, a third of "
-    "the paper's data, with --instruction-kinds categorical"
-)
 
 
 def categorical_instruction(config):
     """The paper's categorical instruction for the labels of `config` (an EmoVLMKDConfig)."""
     return config.classification_prompt()
-
-
-def check_instruction_sources(cfg):
-    """A `ValueError` naming the fix when the mix needs conversation/reasoning answers and nothing gives them, or a
-    source is given that the mix does not use."""
-    wanted = [kind for kind in cfg.instruction_kinds if kind != "categorical"]
-    given = [flag for flag, value in (("--instructions", cfg.instructions), ("--annotator", cfg.annotator)) if value]
-    if wanted and not given:
-        raise ValueError(f"the instruction mix ({' '.join(cfg.instruction_kinds)}) needs {' and '.join(wanted)} "
-                         f"answers and none were given: {HOW_TO_GET_ANSWERS}")
-    if given and not wanted:
-        raise ValueError(f"{' and '.join(given)} given, but --instruction-kinds categorical uses no conversation or "
-                         "reasoning answers: drop it, or add the kinds (--instruction-kinds categorical conversation "
-                         "reasoning)")
-    if cfg.instructions and not Path(cfg.instructions).is_file():
-        raise ValueError(f"--instructions {cfg.instructions}: no such file")
 
 
 def answer_rows(image_id, response):

@@ -18,8 +18,13 @@ from emovlm_kd.training.cache import (
     fingerprint_module,
 )
 from emovlm_kd.training.calibration import calibrate_bundle
-from emovlm_kd.training.config import DEMO
+from emovlm_kd.training.config import DEMO, check_instruction_sources
 from emovlm_kd.training.demo import prepare_demo_inputs
+from emovlm_kd.training.gatedata import (
+    gate_data_summary,
+    gate_training_set,
+    sampled_answer_cache,
+)
 from emovlm_kd.training.heads import (
     gate_outputs,
     head_outputs,
@@ -27,8 +32,7 @@ from emovlm_kd.training.heads import (
     run_stage4,
     vlm_vectors,
 )
-from emovlm_kd.training.gatedata import gate_data_summary, gate_training_set, sampled_answer_cache
-from emovlm_kd.training.instructions import check_instruction_sources, instruction_mix, run_stage0
+from emovlm_kd.training.instructions import instruction_mix, run_stage0
 from emovlm_kd.training.modelcard import model_card
 from emovlm_kd.training.passes import vlm_pass_cache
 from emovlm_kd.training.sft import run_stage1
