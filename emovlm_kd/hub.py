@@ -39,15 +39,40 @@ def registered_pipeline():
             PIPELINE_REGISTRY.supported_tasks[TASK] = previous
 
 
-def save_bundle(model, processor, output_dir, model_card=None, extra_files=None):
+# what `save_bundle` writes: a folder holding anything else is the user's and is never replaced without `overwrite`
+BUNDLE_FILES = {
+    "config.json", "generation_config.json", "model.safetensors", "model.safetensors.index.json",
+    "configuration_emovlm_kd.py", "modeling_emovlm_kd.py", "pipeline_emovlm_kd.py", "preprocessor_config.json",
+    "processor_config.json", "video_preprocessor_config.json", "tokenizer.json", "tokenizer_config.json",
+    "special_tokens_map.json", "added_tokens.json", "vocab.json", "merges.txt", "chat_template.jinja",
+    "chat_template.json", "README.md", "splits.json",
+}
+
+
+def foreign_files(folder):
+    """Names in `folder` that a bundle does not consist of (sorted; [] for a missing or empty folder)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return [folder.name] if folder.exists() else []
+    return sorted(p.name for p in folder.iterdir()
+                  if p.name not in BUNDLE_FILES and not (p.name.startswith("model-") and p.suffix == ".safetensors"))
+
+
+def save_bundle(model, processor, output_dir, model_card=None, extra_files=None, overwrite=False):
     """Save model + processor + the three code files into `output_dir`, atomically (temp folder, then rename).
 
     `from_pretrained(output_dir, trust_remote_code=True)` then works through AutoConfig, AutoModel,
     AutoModelForImageClassification and `pipeline(model=output_dir, trust_remote_code=True)`. `model_card` is a
     `huggingface_hub.ModelCard` (or its text), written as README.md; `extra_files` ({name: source path}) are
-    copied in (e.g. the split the model was trained on).
+    copied in (e.g. the split the model was trained on). A folder that holds files a bundle does not consist of is
+    the user's: `FileExistsError` names them, unless `overwrite`.
     """
-    output_dir = Path(output_dir)
+    output_dir = Path(output_dir).resolve()
+    foreign = foreign_files(output_dir)
+    if foreign and not overwrite:
+        shown = ", ".join(foreign[:5]) + (" ..." if len(foreign) > 5 else "")
+        raise FileExistsError(f"{output_dir} holds files this project did not write ({shown}): choose another "
+                              "folder, or overwrite it on purpose (--overwrite)")
     tmp = output_dir.with_name(output_dir.name + ".tmp")
     if tmp.exists():
         shutil.rmtree(tmp)

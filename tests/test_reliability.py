@@ -415,3 +415,22 @@ def test_annotations_resume_after_a_line_cut_by_a_crash(chat_server, two_images,
     assert len(annotate_split(cfg, two_images, out, QUESTIONS)) == 4 and chat_server.calls == 5
     lines = out.read_text(encoding="utf-8").splitlines()
     assert len(lines) == 5 and json.loads(lines[-1])["answer"] == "A calm scene."  # the cut line stays on its own
+
+
+def test_tiny_never_deletes_a_users_files(tmp_path, capsys, monkeypatch):
+    """`emovlm-kd tiny DIR` into a folder holding other files stops and keeps them; a bundle folder is replaced;
+    `--overwrite` is the explicit way to replace the rest; `.` is a folder like any other."""
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("important")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["tiny", str(folder)])
+    assert exit_info.value.code == 2 and "notes.txt" in capsys.readouterr().err
+    assert (folder / "notes.txt").read_text() == "important" and sorted(p.name for p in folder.iterdir()) == ["notes.txt"]
+    assert main(["tiny", str(tmp_path / "bundle")]) == 0
+    assert main(["tiny", str(tmp_path / "bundle")]) == 0  # a bundle is ours: rewritten in place
+    assert main(["tiny", str(folder), "--overwrite"]) == 0 and not (folder / "notes.txt").exists()
+    empty = tmp_path / "here"
+    empty.mkdir()
+    monkeypatch.chdir(empty)
+    assert main(["tiny", "."]) == 0 and (empty / "config.json").exists()

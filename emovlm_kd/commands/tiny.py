@@ -9,6 +9,8 @@ def add_arguments(parser):
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--gate-type", default="concat_linear")
     parser.add_argument("--head-hidden-sizes", default="64", help="comma-separated widths, e.g. 64,32")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace OUTPUT_DIR even when it holds files that are not a bundle's")
 
 
 def run(args):
@@ -27,6 +29,9 @@ def run(args):
     except ValueError:
         raise UsageError(f"--head-hidden-sizes must be comma-separated integers, got {args.head_hidden_sizes!r}")
     model, processor = build_tiny_bundle(labels, seed=args.seed, head_hidden_sizes=hidden, gate_type=args.gate_type)
-    out = save_bundle(model, processor, args.output_dir)
+    try:
+        out = save_bundle(model, processor, args.output_dir, overwrite=args.overwrite)
+    except FileExistsError as error:
+        raise UsageError(str(error))
     print(f"wrote a tiny EmoVLM-KD bundle ({sum(p.numel() for p in model.parameters()):,} parameters) to {out}")
     return 0

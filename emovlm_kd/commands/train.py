@@ -44,7 +44,7 @@ def run(args):
 
     try:
         results = run_training(cfg)
-    except ValueError as error:  # bad data or labels, found before expensive work
+    except (ValueError, FileExistsError) as error:  # bad data or labels; a RUN/model holding the user's files
         logger.error("%s", error)
         raise UsageError(str(error))
     if is_main_process():
