@@ -36,6 +36,26 @@ class CallCounter:
         self.handle.remove()
 
 
+def brute_force_log_likelihoods(model, inputs):
+    """Per label: a separate full forward of prompt + answer with pixels; sum of the answer tokens' log-probs."""
+    results = []
+    for answer in model.config.label_answer_token_ids:
+        answer = torch.tensor([answer])
+        ids = torch.cat([inputs["input_ids"], answer], 1)
+        types = torch.cat([inputs["mm_token_type_ids"], torch.zeros_like(answer)], 1)
+        out = model.vlm(
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            pixel_values=inputs["pixel_values"],
+            image_grid_thw=inputs["image_grid_thw"],
+            mm_token_type_ids=types,
+        )
+        n = answer.shape[1]
+        log_probs = out.logits[0, -n - 1 : -1].float().log_softmax(-1)
+        results.append(log_probs[torch.arange(n), answer[0]].sum())
+    return torch.stack(results)
+
+
 def random_image(width, height, seed=0):
     rng = np.random.default_rng(seed)
     return Image.fromarray((rng.random((height, width, 3)) * 255).astype("uint8"))
@@ -79,9 +99,8 @@ def tiny_settings(data, vlm, teacher, out, **extra):
 @pytest.fixture(scope="session")
 def tiny_inputs(tmp_path_factory):
     """A small synthetic dataset and tiny base models saved like Hub checkpoints: (data, vlm, teacher) paths."""
-    from emovlm_kd.tiny import build_tiny_processor, build_tiny_vlm
     from emovlm_kd.data import make_synthetic_dataset
-    from emovlm_kd.tiny import build_tiny_teacher
+    from emovlm_kd.tiny import build_tiny_processor, build_tiny_teacher, build_tiny_vlm
 
     root = tmp_path_factory.mktemp("inputs")
     data = make_synthetic_dataset(root / "data", per_class=(4, 1, 2))

@@ -8,7 +8,7 @@ import textwrap
 
 import pytest
 import torch
-from conftest import CallCounter
+from conftest import CallCounter, brute_force_log_likelihoods
 
 from configuration_emovlm_kd import GATE_TYPES, EmoVLMKDConfig
 from modeling_emovlm_kd import EmoVLMKDForImageClassification, parse_answer
@@ -148,33 +148,13 @@ def test_encoder_features_feed_both_branches(tiny_bundle, images):
     assert torch.equal(ours, plain[:, inputs["input_ids"].shape[1] :])
 
 
-def _brute_force_log_likelihoods(model, inputs):
-    """Per label: a separate full forward of prompt + answer with pixels; sum of the answer tokens' log-probs."""
-    results = []
-    for answer in model.config.label_answer_token_ids:
-        answer = torch.tensor([answer])
-        ids = torch.cat([inputs["input_ids"], answer], 1)
-        types = torch.cat([inputs["mm_token_type_ids"], torch.zeros_like(answer)], 1)
-        out = model.vlm(
-            input_ids=ids,
-            attention_mask=torch.ones_like(ids),
-            pixel_values=inputs["pixel_values"],
-            image_grid_thw=inputs["image_grid_thw"],
-            mm_token_type_ids=types,
-        )
-        n = answer.shape[1]
-        log_probs = out.logits[0, -n - 1 : -1].float().log_softmax(-1)
-        results.append(log_probs[torch.arange(n), answer[0]].sum())
-    return torch.stack(results)
-
-
 def test_score_mode_equals_brute_force(tiny_bundle, images):
     model, processor = tiny_bundle
     for image in images:
         inputs = _inputs(model, processor, [image])
         with torch.no_grad():
             fast = model(**inputs).vlm_log_likelihoods[0]
-            slow = _brute_force_log_likelihoods(model, inputs)
+            slow = brute_force_log_likelihoods(model, inputs)
         torch.testing.assert_close(fast, slow, atol=1e-4, rtol=0)
 
 

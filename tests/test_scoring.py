@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import CallCounter
+from conftest import CallCounter, brute_force_log_likelihoods
 
 from modeling_emovlm_kd import (
     LabelScoringPlan,
@@ -111,25 +111,6 @@ def LanguageModelCounter(model):
     return CallCounter(model.vlm.model.language_model)
 
 
-def _brute_force_log_likelihoods(model, inputs):
-    """Per label: a separate full forward of prompt + answer with pixels; sum of the answer tokens' log-probs."""
-    results = []
-    for answer in model.config.label_answer_token_ids:
-        answer = torch.tensor([answer])
-        ids = torch.cat([inputs["input_ids"], answer], 1)
-        out = model.vlm(
-            input_ids=ids,
-            attention_mask=torch.ones_like(ids),
-            pixel_values=inputs["pixel_values"],
-            image_grid_thw=inputs["image_grid_thw"],
-            mm_token_type_ids=torch.cat([inputs["mm_token_type_ids"], torch.zeros_like(answer)], 1),
-        )
-        n = answer.shape[1]
-        log_probs = out.logits[0, -n - 1 : -1].float().log_softmax(-1)
-        results.append(log_probs[torch.arange(n), answer[0]].sum())
-    return torch.stack(results)
-
-
 def test_prompt_cache_gives_the_brute_force_log_likelihoods(tiny_bundle, images):
     """A padded batch (images of three sizes) with and without the cache, and each image alone, by brute force."""
     model, processor = tiny_bundle
@@ -140,7 +121,7 @@ def test_prompt_cache_gives_the_brute_force_log_likelihoods(tiny_bundle, images)
         plain = model(**inputs).vlm_log_likelihoods
         first = model(**inputs, prompt_cache=cache).vlm_log_likelihoods
         second = model(**inputs, prompt_cache=cache).vlm_log_likelihoods
-        slow = torch.stack([_brute_force_log_likelihoods(model, prepare_inputs(processor, model.config, [image]))
+        slow = torch.stack([brute_force_log_likelihoods(model, prepare_inputs(processor, model.config, [image]))
                             for image in images])  # fmt: skip
     assert cache.computed == 1
     for fast in (plain, first, second):

@@ -31,8 +31,6 @@ def run(args):
     from emovlm_kd.data.splitfile import check_leakage, split_record, write_splits
 
     options = dataset_options(args)
-    if args.val_fraction is not None:
-        options["val_fraction"] = args.val_fraction
     try:
         dataset = load_image_dataset(args.dataset, **options)
         check_leakage(dataset, strict=args.leakage == "error")

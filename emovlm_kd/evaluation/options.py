@@ -39,8 +39,13 @@ def add_dataset_arguments(parser):
                         help="Flickr/Instagram: the votes that make a label (default: majority, 2 of 3)")
 
 
-def dataset_options(args):
-    """`load_image_dataset` keyword arguments from the flags of `add_dataset_arguments` (unset ones left out)."""
-    options = {"dataset_format": args.dataset_format, "seed": args.seed, "emotion6_labels": args.emotion6_labels,
-               "vote_rule": args.vote_rule, "split_ratios": tuple(args.split_ratios) if args.split_ratios else None}
+DATASET_OPTIONS = ("val_fraction", "seed", "dataset_format", "split_ratios", "emotion6_labels", "vote_rule")
+
+
+def dataset_options(settings):
+    """`load_image_dataset` keyword arguments from the flags of `add_dataset_arguments` or a run's `TrainConfig`
+    (the same names); unset ones (None, or absent) are left out, so the loader's defaults apply."""
+    options = {name: getattr(settings, name, None) for name in DATASET_OPTIONS}
+    if options["split_ratios"]:
+        options["split_ratios"] = tuple(options["split_ratios"])
     return {k: v for k, v in options.items() if v is not None}

@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from emovlm_kd.distributed import barrier, is_main_process, state
+from emovlm_kd.evaluation.options import dataset_options
 from emovlm_kd.training.cache import (
     TensorCache,
     atomic_write_text,
@@ -42,14 +43,6 @@ from emovlm_kd.training.teacher import check_teacher_labels, run_stage2, teacher
 logger = logging.getLogger(__name__)
 
 PARTS = ("vlm", "distill", "teacher", "emovlm_kd")
-
-
-def dataset_options(cfg):
-    """The `load_image_dataset` options a run's settings give (None: the loader's default)."""
-    options = {"val_fraction": cfg.val_fraction, "seed": cfg.seed, "dataset_format": cfg.dataset_format,
-               "split_ratios": tuple(cfg.split_ratios) if cfg.split_ratios else None,
-               "emotion6_labels": cfg.emotion6_labels, "vote_rule": cfg.vote_rule}
-    return {k: v for k, v in options.items() if v is not None}
 
 
 def load_data(cfg, data_source):
