@@ -134,3 +134,20 @@ def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path):
     with pytest.raises(RuntimeError):
         atomic_write(target, fail)
     assert target.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["report.json"]
+
+
+def test_the_complementarity_chart_names_both_branches_and_shows_counts(report, tmp_path, monkeypatch):
+    """Every pair's two "only" segments are named with their counts, and the gate panel gives counts too."""
+    from emovlm_kd.evaluation import plots
+
+    figures = []
+    monkeypatch.setattr(plots, "_save", lambda fig, path: figures.append(fig) or path)
+    plots.plot_complementarity(report, tmp_path / "complementarity.png")
+    texts = [t.get_text() for ax in figures[0].axes for t in ax.texts]
+    titles = plots.PART_TITLES
+    counts = report["complementarity"]["vlm_vs_distill"]
+    assert f"{titles['vlm']} only: {counts['vlm_only']}   {titles['distill']} only: {counts['distill_only']}" in texts
+    gate = report["gate"]
+    assert f"{gate['followed_distill']} ({100 * gate['followed_distill'] / gate['disagreements']:.1f}%)" in texts
+    labels = [t.get_text() for t in figures[0].axes[1].get_yticklabels()]
+    assert "gate followed the head" in labels and "the head was right" in labels

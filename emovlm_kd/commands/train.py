@@ -11,7 +11,6 @@ overrides the defaults (the paper's settings).
 """
 
 import logging
-from pathlib import Path
 
 from emovlm_kd.errors import UsageError
 
@@ -27,19 +26,18 @@ def add_arguments(parser):
 def run(args):
     from emovlm_kd.distributed import is_main_process
     from emovlm_kd.training.config import check_instruction_sources, parse_train_args
+    from emovlm_kd.training.preflight import preflight
 
     try:
         cfg = parse_train_args(args.rest)
     except (ValueError, OSError) as error:
         raise UsageError(str(error))
 
-    try:  # before the training code is imported (seconds) or any work is done
+    try:  # before the training code is imported (seconds) or anything is written: every input resolved
         check_instruction_sources(cfg)
+        preflight(cfg)
     except ValueError as error:
         raise UsageError(str(error))
-    if cfg.dataset != "demo":
-        if not Path(cfg.dataset).exists() and ("/" not in cfg.dataset or cfg.dataset.startswith(("/", "."))):
-            raise UsageError(f"--dataset: {cfg.dataset!r} does not exist")
     from emovlm_kd.training.runner import format_results, run_training
 
     try:

@@ -51,51 +51,67 @@ def plot_confusion_matrices(report, path):
 
 
 def plot_complementarity(report, path):
-    """Stacked bars per pair of parts (both correct / only one / neither), as in the paper's Figure 1; a second
-    panel shows which branch the gate followed where the VLM and the head disagree. None if there is no pair."""
+    """Stacked bars per pair of parts (both correct / only one / neither), as in the paper's Figure 1, each segment
+    labelled with its count and each pair's two "only" segments named under its bar; a second panel shows, where the
+    VLM and the head disagree, which branch the gate followed and who was right, with counts. None if no pair."""
     pairs = report.get("complementarity") or {}
     if not pairs:
         logger.info("no pair of parts to compare: %s not written", path)
         return None
     plt = _pyplot()
-    num = report["num_samples"]
     gate = report.get("gate")
-    fig, axes = plt.subplots(1, 2 if gate else 1, figsize=(11 if gate else 7, 0.9 * len(pairs) + 1.8), squeeze=False)
-    ax = axes[0][0]
-    colours = ("#4c9a5b", "#4a78b5", "#e0a040", "#b0b0b0")
+    fig, axes = plt.subplots(1, 2 if gate else 1, figsize=(12 if gate else 7, 1.1 * len(pairs) + 1.8), squeeze=False)
+    _pair_bars(axes[0][0], pairs, report["num_samples"])
+    if gate:
+        _gate_bars(axes[0][1], gate)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+PAIR_COLOURS = ("#4c9a5b", "#4a78b5", "#e0a040", "#b0b0b0")
+
+
+def _pair_bars(ax, pairs, num):
     names = []
     for y, (pair, counts) in enumerate(pairs.items()):
         a, b = pair.split("_vs_")
-        segments = [("both correct", counts["both_correct"]), ("first only", counts[f"{a}_only"]),
-                    ("second only", counts[f"{b}_only"]), ("neither", counts["neither"])]
+        segments = [("both correct", counts["both_correct"]), (f"{PART_TITLES[a]} only", counts[f"{a}_only"]),
+                    (f"{PART_TITLES[b]} only", counts[f"{b}_only"]), ("neither", counts["neither"])]
         left = 0.0
         for k, (name, count) in enumerate(segments):
             share = 100 * count / num
-            ax.barh(y, share, left=left, color=colours[k], label=name if y == 0 else None)
-            if share >= 4:
-                ax.text(left + share / 2, y, f"{share:.1f}%", ha="center", va="center", fontsize=8)
+            ax.barh(y, share, left=left, color=PAIR_COLOURS[k], label=("both correct", "first-named only",
+                                                                       "second-named only", "neither")[k] if y == 0
+                    else None)
+            if share >= 3:
+                ax.text(left + share / 2, y, str(count), ha="center", va="center", fontsize=8)
             left += share
+        ax.text(0, y + 0.42, f"{segments[1][0]}: {segments[1][1]}   {segments[2][0]}: {segments[2][1]}",
+                va="center", fontsize=7)
         names.append(f"{PART_TITLES[a]} vs {PART_TITLES[b]}")
     ax.set_yticks(range(len(names)), names)
+    ax.invert_yaxis()
     ax.set_xlim(0, 100)
-    ax.set_xlabel(f"% of {num} samples")
+    ax.set_xlabel(f"% of {num} samples (counts in the bars)")
     ax.set_title("Who is right")
-    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.25), ncol=4, fontsize=8, frameon=False)
-    if gate:
-        ax = axes[0][1]
-        d = gate["disagreements"]
-        bars = [("followed VLM", gate["followed_vlm"]), ("followed head", gate["followed_distill"]),
-                ("third label", gate["followed_neither"]), ("VLM right", gate["vlm_correct"]),
-                ("head right", gate["distill_correct"]), ("gate right", gate["gate_correct"])]
-        values = [100 * count / d if d else 0.0 for _, count in bars]
-        ax.barh(range(len(bars)), values, color=["#4a78b5", "#e0a040", "#b0b0b0", "#4a78b5", "#e0a040", "#4c9a5b"])
-        ax.set_yticks(range(len(bars)), [name for name, _ in bars])
-        ax.invert_yaxis()
-        ax.set_xlim(0, 100)
-        ax.set_xlabel(f"% of {d} disagreements")
-        ax.set_title("The gate where VLM and head disagree")
-    fig.tight_layout()
-    return _save(fig, path)
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=4, fontsize=8, frameon=False)
+
+
+def _gate_bars(ax, gate):
+    d = gate["disagreements"]
+    bars = [("gate followed the VLM", gate["followed_vlm"]), ("gate followed the head", gate["followed_distill"]),
+            ("gate chose a third label", gate["followed_neither"]), ("the VLM was right", gate["vlm_correct"]),
+            ("the head was right", gate["distill_correct"]), ("the gate was right", gate["gate_correct"])]
+    values = [100 * count / d if d else 0.0 for _, count in bars]
+    ax.barh(range(len(bars)), values, color=["#4a78b5", "#e0a040", "#b0b0b0", "#4a78b5", "#e0a040", "#4c9a5b"])
+    for y, ((_, count), value) in enumerate(zip(bars, values)):
+        ax.text(min(value + 1, 80), y, f"{count} ({value:.1f}%)", va="center", fontsize=8)
+    ax.axhline(2.5, color="black", linewidth=0.6)
+    ax.set_yticks(range(len(bars)), [name for name, _ in bars])
+    ax.invert_yaxis()
+    ax.set_xlim(0, 100)
+    ax.set_xlabel(f"% of the {d} images where the VLM and the head disagree")
+    ax.set_title("The gate where the VLM and the head disagree")
 
 
 __all__ = ["plot_complementarity", "plot_confusion_matrices"]

@@ -1,7 +1,25 @@
 """The model card of RUN/model: `huggingface_hub.ModelCard` with `ModelCardData` metadata, the test accuracies as
-`eval_results` (the Hub's `model-index`), and a short text on what the model is and how it was trained."""
+`eval_results` (the Hub's `model-index`), and a short text on what the model is and how it was trained.
+
+What the metadata says about the base model and the data holds Hub ids only (a local path means nothing on the Hub):
+- `base_model`: the VLM's Hub id; for a local folder, the id it was downloaded as (a Hub cache snapshot
+  `models--ORG--NAME/snapshots/REV`) or the `base_model` of the folder's own README.md; otherwise left out.
+- `license`: `--license` when given, else the base model's (its README.md metadata: the local folder's, or the Hub
+  card when the Hub is reachable); left out, with a warning, when it cannot be read.
+- `tags`: the backbone's `model_type` (qwen2_vl -> `qwen2-vl`, qwen2_5_vl -> `qwen2.5-vl`, ...).
+- `datasets`: the dataset's Hub id when `--dataset` is one (not an existing local path).
+"""
+
+import logging
+import re
+from pathlib import Path
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
+
+logger = logging.getLogger(__name__)
+
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+SNAPSHOT = re.compile(r"models--(?P<org>[^/]+?)--(?P<name>[^/]+)/snapshots/[^/]+/?$")
 
 PART_NAMES = {
     "vlm": "VLM branch (instruction-tuned Qwen2-VL)",
@@ -26,7 +44,7 @@ Trained on {{ dataset }}.
 ```python
 from transformers import pipeline
 
-classify = pipeline(model="THIS_FOLDER_OR_REPO", trust_remote_code=True)
+classify = pipeline(model="{{ repo_id }}", trust_remote_code=True)
 classify("photo.jpg", top_k=3)
 ```
 
@@ -58,11 +76,69 @@ Method: EmoVLM-KD (arXiv 2505.07164).
 """
 
 
-def card_data(cfg, results, base_model):
+def hub_id_of(name_or_path):
+    """The Hub id a model name or local folder stands for, or None (see the module docstring)."""
+    path = Path(str(name_or_path)).expanduser()
+    if not path.exists():
+        return str(name_or_path) if HUB_ID.match(str(name_or_path)) else None
+    match = SNAPSHOT.search(path.resolve().as_posix())
+    if match:
+        return f"{match['org']}/{match['name']}"
+    card = local_card(path)
+    base = getattr(card.data, "base_model", None) if card else None
+    base = base[0] if isinstance(base, list) and base else base
+    return base if isinstance(base, str) and HUB_ID.match(base) else None
+
+
+def local_card(folder):
+    readme = Path(folder) / "README.md"
+    if not readme.is_file():
+        return None
+    try:
+        return ModelCard.load(readme, ignore_metadata_errors=True)
+    except Exception as error:  # a hand-written README without metadata is not an error
+        logger.debug("could not read %s: %s", readme, error)
+        return None
+
+
+def inherited_license(name_or_path):
+    """The base model's license from its card's metadata (the local folder's README.md, else the Hub card), or
+    None when it cannot be read (no card, no network)."""
+    path = Path(str(name_or_path)).expanduser()
+    card = local_card(path) if path.is_dir() else None
+    if card is None and not path.exists() and HUB_ID.match(str(name_or_path)):
+        try:
+            card = ModelCard.load(str(name_or_path))
+        except Exception as error:  # offline, gated or missing: the license stays unknown
+            logger.debug("could not read the card of %s: %s", name_or_path, error)
+    return getattr(card.data, "license", None) if card else None
+
+
+def backbone_tag(model_type):
+    """`qwen2_vl` -> `qwen2-vl`, `qwen2_5_vl` -> `qwen2.5-vl`, `qwen3_vl` -> `qwen3-vl`."""
+    return re.sub(r"(\d)_(\d)", r"\1.\2", str(model_type)).replace("_", "-")
+
+
+def dataset_hub_id(dataset):
+    return None if dataset == "demo" or Path(str(dataset)).expanduser().exists() or not HUB_ID.match(str(dataset)) \
+        else str(dataset)
+
+
+def card_license(cfg, base_model):
+    """--license, else the base model's; a warning when neither is known (not for the offline demo)."""
+    chosen = getattr(cfg, "license", None) or inherited_license(base_model)
+    if chosen is None and cfg.vlm != "demo":
+        logger.warning("the model card has no license: the base model's card (%s) could not be read; set --license",
+                       base_model)
+    return chosen
+
+
+def card_data(cfg, results, base_model, backbone_type="qwen2_vl"):
     """The card's YAML metadata; `eval_results` only for the model's own parts (not the teacher)."""
-    dataset = "synthetic demo data" if cfg.dataset == "demo" else str(cfg.dataset)
+    dataset = dataset_hub_id(cfg.dataset)
+    shown = "synthetic demo data" if cfg.dataset == "demo" else (dataset or Path(str(cfg.dataset)).name)
     evals = [
-        EvalResult(task_type="image-classification", dataset_type=dataset, dataset_name=dataset,
+        EvalResult(task_type="image-classification", dataset_type=dataset or shown, dataset_name=shown,
                    dataset_split=results["split"], metric_type="accuracy", metric_name=f"accuracy ({part})",
                    metric_value=round(100 * value, 2))
         for part, value in results["accuracy"].items() if part != "teacher"
@@ -70,20 +146,24 @@ def card_data(cfg, results, base_model):
     return ModelCardData(
         library_name="transformers",
         pipeline_tag="image-classification",
-        base_model=str(base_model) if cfg.vlm != "demo" else None,
-        datasets=[dataset] if cfg.dataset != "demo" else None,
+        license=card_license(cfg, base_model),
+        base_model=hub_id_of(base_model) if cfg.vlm != "demo" else None,
+        datasets=[dataset] if dataset else None,
         metrics=["accuracy"],
-        tags=["emovlm-kd", "visual-emotion-analysis", "qwen2-vl", "knowledge-distillation"],
+        tags=["emovlm-kd", "visual-emotion-analysis", backbone_tag(backbone_type), "knowledge-distillation"],
         model_name="EmoVLM-KD",
         eval_results=evals,
     )
 
 
-def model_card(cfg, labels, results, base_model):
-    """The `ModelCard` written as RUN/model/README.md."""
-    base = "local demo model" if cfg.vlm == "demo" else str(base_model)
-    dataset = "synthetic demo data" if cfg.dataset == "demo" else cfg.dataset
+def model_card(cfg, labels, results, base_model, backbone_type="qwen2_vl", repo_id=None):
+    """The `ModelCard` written as RUN/model/README.md; the usage snippet names `repo_id` (the `--push-to-hub`
+    repo) when given."""
+    base = "local demo model" if cfg.vlm == "demo" else (hub_id_of(base_model) or str(cfg.vlm))
+    dataset = "synthetic demo data" if cfg.dataset == "demo" else (dataset_hub_id(cfg.dataset) or
+                                                                   Path(str(cfg.dataset)).name)
     return ModelCard.from_template(
-        card_data(cfg, results, base_model), template_str=TEMPLATE, labels=", ".join(labels), base=base,
-        dataset=dataset, cfg=cfg, results=results, part_names=PART_NAMES,
+        card_data(cfg, results, base_model, backbone_type), template_str=TEMPLATE, labels=", ".join(labels),
+        base=base, dataset=dataset, cfg=cfg, results=results, part_names=PART_NAMES,
+        repo_id=repo_id or getattr(cfg, "push_to_hub", None) or "THIS_FOLDER_OR_REPO",
     )
