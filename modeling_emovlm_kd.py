@@ -9,7 +9,9 @@ argument: no tokenizer lives on the model.
 This file travels to the Hub with the model: it imports only torch, transformers and its configuration file.
 """
 
+import functools
 import re
+import unicodedata
 from dataclasses import dataclass
 
 import torch
@@ -324,17 +326,73 @@ class PromptPrefixCache:
         return states
 
 
-_ANSWER_RE = re.compile(r"""['"]?emotion['"]?\s*:\s*['"]?\s*([A-Za-z_\- ]+?)\s*['"}]""")
+# Scripts written without spaces between words: a label in them is found anywhere, not only between word boundaries.
+_UNSPACED_SCRIPTS = ("CJK", "HIRAGANA", "KATAKANA", "IDEOGRAPHIC", "THAI", "LAO", "KHMER", "MYANMAR", "TIBETAN")
+_PLAIN_QUOTES = str.maketrans({"\u2018": "'", "\u2019": "'", "\u02bc": "'", "\u201c": '"', "\u201d": '"'})
+_ANSWER_KEY_RE = re.compile(r"""['"]?emotion['"]?\s*[:=]\s*['"]?\s*""")
+_ANSWER_VALUE_END_RE = re.compile(r"""\s*(?:['"},;.]|$)""")
+
+
+def normalize_answer_text(text):
+    """How answers and labels are compared: NFKC, casefolded (`Ü` = `ü`, `ß` = `ss`), typographic quotes made plain
+    (`’` = `'`), every run of whitespace one space."""
+    text = unicodedata.normalize("NFKC", unicodedata.normalize("NFKC", text).casefold())
+    return " ".join(text.translate(_PLAIN_QUOTES).split())
+
+
+def _needs_word_boundary(char):
+    """Whether a label may not continue into a neighbouring word character at this edge: true for a letter, digit or
+    `_` of a script written with spaces (Latin, Cyrillic, Greek, Hangul...), false for punctuation and CJK/Thai."""
+    return re.match(r"\w", char) is not None and not unicodedata.name(char, "").startswith(_UNSPACED_SCRIPTS)
+
+
+@functools.lru_cache(maxsize=32)
+def _label_patterns(labels):
+    """`(index, regex)` per label: the normalised label, bounded by `(?<!\\w)` / `(?!\\w)` (Unicode word characters,
+    digits included) at the edges that need it; longest labels first."""
+    patterns = []
+    for index, label in enumerate(labels):
+        key = normalize_answer_text(label)
+        if key:
+            left = r"(?<!\w)" if _needs_word_boundary(key[0]) else ""
+            right = r"(?!\w)" if _needs_word_boundary(key[-1]) else ""
+            patterns.append((len(key), index, re.compile(left + re.escape(key) + right)))
+    return [(index, pattern) for _, index, pattern in sorted(patterns, key=lambda entry: -entry[0])]
+
+
+def _label_after_answer_key(text, patterns):
+    """The label that is the whole value of an `emotion: ...` key (quoted or not), or None."""
+    key = _ANSWER_KEY_RE.search(text)
+    if key is None:
+        return None
+    for index, pattern in patterns:
+        match = pattern.match(text, key.end())
+        if match and _ANSWER_VALUE_END_RE.match(text, match.end()):
+            return index
+    return None
+
+
+def _single_label_named(text, patterns):
+    """The one label named in free text, or None when none or several are: a label found only inside a longer
+    label's match (`care` in `don't care`) does not count."""
+    spans = [(m.start(), m.end(), index) for index, pattern in patterns for m in pattern.finditer(text)]
+    named = {
+        index
+        for start, end, index in spans
+        if not any(s <= start and end <= e and (s, e) != (start, end) for s, e, _ in spans)
+    }
+    return named.pop() if len(named) == 1 else None
 
 
 def parse_answer(text, labels):
-    """The label a generated answer names, or None. `{'emotion': 'awe'}` first, else a single label word."""
-    lowered = {label.lower(): i for i, label in enumerate(labels)}
-    match = _ANSWER_RE.search(text)
-    if match and match.group(1).strip().lower() in lowered:
-        return lowered[match.group(1).strip().lower()]
-    found = {lowered[w] for w in re.findall(r"[A-Za-z_\-]+", text.lower()) if w in lowered}
-    return found.pop() if len(found) == 1 else None
+    """The index of the label a generated answer names, or None. `{'emotion': '<label>'}` first, else the one label
+    the text names. Labels are any Unicode text (`joie`, `Überraschung`, `悲しみ`, `class 2`, `don't care`), compared
+    after `normalize_answer_text`; a label must not run into a neighbouring letter or digit (`awe` is not in
+    `awesome`, `class 2` not in `class 20`), except in scripts written without spaces (CJK, Thai...)."""
+    patterns = _label_patterns(tuple(labels))
+    text = normalize_answer_text(text)
+    found = _label_after_answer_key(text, patterns)
+    return found if found is not None else _single_label_named(text, patterns)
 
 
 def match_answer_tokens(generated_ids, answer_token_ids):

@@ -4,12 +4,20 @@
     classify = pipeline(model="path/or/repo", trust_remote_code=True)
     classify("photo.jpg", top_k=3)  # [{"label": "awe", "score": 0.61}, ...]
 
-This file travels to the Hub with the model: it imports only torch, transformers and the model's own files.
+This file travels to the Hub with the model: it imports only torch, transformers, the model's own files and the
+standard library (Pillow is reached as transformers' image backend, `transformers.image_utils.PIL`).
 """
 
+import base64
+import binascii
+import io
+import os
+import urllib.request
+
 import torch
-from transformers import Pipeline
-from transformers.image_utils import PILImageResampling, load_image
+from transformers import Pipeline, image_utils
+from transformers.image_transforms import to_pil_image
+from transformers.image_utils import PILImageResampling
 
 try:
     from .configuration_emovlm_kd import MIN_IMAGE_SIDE
@@ -25,15 +33,59 @@ ORIENTATION_TAG = 0x0112
 EXIF_TRANSPOSE = {2: 0, 3: 3, 4: 1, 5: 5, 6: 4, 7: 6, 8: 2}
 
 
-def to_rgb(image):
+# Memory: an image is reduced early only when its long side reaches 2 * REDUCING_GAP * max_side (4096 px for 1024);
+# smaller ones take exactly the path they always took.
+REDUCING_GAP = 2  # as Pillow's `thumbnail`: an early integer reduction leaves at least this factor to the final resize
+REDUCIBLE_MODES = ("L", "LA", "RGB", "RGBA", "I", "F", "CMYK", "YCbCr", "LAB", "HSV")  # what `Image.reduce` averages
+
+
+def reduction_factor(size, max_side, gap=REDUCING_GAP):
+    """The integer factor an image of `size` may be shrunk by before its final resize to a long side of `max_side`,
+    leaving at least `gap` to that resize: 1 (none) while the long side is below `2 * gap * max_side` or without
+    `max_side`. A reduced long side is below `1.5 * gap * max_side` (3072 px for 1024 and the default gap)."""
+    if max_side is None:
+        return 1
+    return max(1, max(size) // (gap * max_side))
+
+
+def decode_reduced(image, max_side, gap=REDUCING_GAP):
+    """Let a JPEG that is not decoded yet (fresh from `Image.open`) decode at 1/2, 1/4 or 1/8 scale (libjpeg's DCT
+    scaling, `Image.draft`) when `reduction_factor` allows it, so its full-resolution pixels are never in memory; its
+    long side stays at least `gap * max_side`. Changes `image` in place (use it on images you opened); any other
+    image is left as it is. Returns `image`."""
+    factor = reduction_factor(image.size, max_side, gap)
+    if factor > 1 and image.format == "JPEG":
+        width, height = image.size
+        image.draft(None, (-(-width // factor), -(-height // factor)))  # a no-op once decoded
+    return image
+
+
+def reduce_early(image, max_side, gap=REDUCING_GAP):
+    """`image` shrunk by `reduction_factor` (`Image.reduce`: the mean of each k x k block) in its own mode, before any
+    full-size conversion; palette and 1-bit images, and images with a transparent colour, become RGB(A)/L first (a
+    mean of palette indices or of a keyed colour means nothing). Returned as it is when the factor is 1 or its mode
+    cannot be reduced."""
+    factor = reduction_factor(image.size, max_side, gap)
+    if factor == 1:
+        return image
+    if image.mode in ("P", "PA") or "transparency" in image.info:
+        image = image.convert("RGBA" if image.mode == "PA" or "transparency" in image.info else "RGB")
+    elif image.mode == "1":
+        image = image.convert("L")
+    return image.reduce(factor) if image.mode in REDUCIBLE_MODES else image
+
+
+def to_rgb(image, max_side=None):
     """An upright RGB copy of a PIL image: EXIF orientation applied (once: the tag is read here, and the result
     carries none), first frame of animations, 16-bit greyscale scaled to 8 bits, transparency (alpha or a palette's
-    transparent colour) composited on white."""
+    transparent colour) composited on white. With `max_side`, an image whose long side reaches
+    `2 * REDUCING_GAP * max_side` is shrunk (`reduce_early`) before the transparency and RGB conversions."""
     if getattr(image, "is_animated", False):
         image.seek(0)
     orientation = image.getexif().get(ORIENTATION_TAG)  # read first: mode conversions drop TIFF tags
     if image.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16/32-bit greyscale: scale to 8 bit before RGB
         image = image.point(lambda v: v * (1 / 256)).convert("L")
+    image = reduce_early(image, max_side)
     if image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (
         image.mode in ("P", "L", "RGB") and "transparency" in image.info
     ):
@@ -93,16 +145,49 @@ def prepare_image(image, timeout=None, max_side=None):
 
     With `max_side` the result's long side is at most `max_side` pixels, whatever the input: aspect ratios are
     then padded to at most `max_side / MIN_SIDE` (about 36.6 for 1024), so that upscaling a thin strip to
-    `MIN_SIDE` cannot make it longer again. `image` is a PIL image, or a path, URL or base64 string, which
-    transformers' `load_image` opens (that loader applies the EXIF orientation and flattens to RGB itself; `to_rgb`
-    then finds no orientation left to apply).
+    `MIN_SIDE` cannot make it longer again. `image` is anything `open_image` opens (a PIL image, a path, URL,
+    base64 string, array or tensor): every source then takes the same path, so a file and the PIL image of that file
+    give the same pixels.
+
+    Memory, with `max_side`: an image whose long side is below `2 * REDUCING_GAP * max_side` (4096 px for 1024) is
+    processed exactly as without this bound; a larger one is first shrunk by an integer factor in its own mode
+    (`reduce_early`), so the transparency and RGB conversions and the Lanczos resize work on fewer than
+    (4 * max_side)^2 pixels (16.8 M for 1024: at most 67 MB per 8-bit RGBA copy). A JPEG given as a local path is
+    decoded at 1/2 to 1/8 scale (`decode_reduced`), so its full-resolution pixels are never in memory at all. Other
+    formats, and images decoded before they get here, hold their full-resolution pixels once in their own mode
+    (palette, 1-bit and 16-bit images: once more as RGB(A) or 8-bit grey). No float copy of an image is made here.
     """
-    if isinstance(image, str):
-        image = load_image(image, timeout=timeout)
-    image = to_rgb(image)
+    image = to_rgb(open_image(image, timeout=timeout, max_side=max_side), max_side=max_side)
     if max_side is None:
         return fit_image(image)
     return fit_image(limit_long_side(image, max_side), max_aspect_ratio=min(MAX_ASPECT_RATIO, max_side / MIN_SIDE))
+
+
+def open_image(source, timeout=None, max_side=None):
+    """A PIL image in its own mode from what a user passes: a PIL image (as it is), a local path, an http(s) URL, a
+    `data:image/...;base64,` URL or a base64 string (transformers' `load_image` sources), or an array / tensor (HWC
+    or CHW, uint8 or floats in [0, 1], via transformers' `to_pil_image`). Unlike `load_image` it does not flatten to
+    RGB, so alpha, palettes, 16-bit and EXIF orientation are handled once, by `to_rgb`, whatever the source. A local
+    JPEG that `max_side` lets shrink is decoded reduced (`decode_reduced`). Pillow is transformers' own (its image
+    utilities' vision backend)."""
+    pil = image_utils.PIL.Image
+    if isinstance(source, pil.Image):
+        return source
+    if not isinstance(source, str):
+        return to_pil_image(source.detach().cpu().numpy() if isinstance(source, torch.Tensor) else source)
+    if os.path.isfile(source):
+        image = pil.open(source)
+        return decode_reduced(image, max_side) if max_side is not None else image
+    if source.startswith(("http://", "https://")):
+        with urllib.request.urlopen(source, timeout=timeout) as response:
+            data = response.read()
+    else:
+        try:
+            data = base64.b64decode(source.split(",", 1)[1] if source.startswith("data:image/") else source,
+                                    validate=True)
+        except (ValueError, binascii.Error):
+            raise ValueError(f"not an image file, URL or base64 image: {source[:80]!r}") from None
+    return pil.open(io.BytesIO(data))
 
 
 def prepare_inputs(processor, config, images):
@@ -166,10 +251,13 @@ class EmoVLMKDImageClassificationPipeline(Pipeline):
 
 __all__ = [
     "EmoVLMKDImageClassificationPipeline",
+    "decode_reduced",
     "fit_image",
     "limit_long_side",
+    "open_image",
     "prepare_image",
     "prepare_inputs",
+    "reduce_early",
     "scores_to_predictions",
     "to_rgb",
 ]

@@ -108,18 +108,14 @@ def build_random_model(config_name, seed=0, image_size=None):
 
 def load_model(name_or_path, dtype=None):
     """(model, processor) from an EmoVLM-KD bundle, or a Qwen2-VL checkpoint wrapped with a random head and gate."""
-    from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
+    from transformers import AutoModelForImageTextToText, AutoProcessor
 
+    from emovlm_kd.hub import checkpoint_model_type, load_bundle
     from emovlm_kd.labels import MIKELS8
     from modeling_emovlm_kd import EmoVLMKDForImageClassification
 
-    config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=True)
-    if getattr(config, "model_type", None) == "emovlm_kd":
-        from emovlm_kd.hub import load_bundle
-
-        model, processor = load_bundle(name_or_path, dtype=dtype)
-        model.set_answer_tokens(processor)
-        return model.eval(), processor
+    if checkpoint_model_type(name_or_path) == "emovlm_kd":  # read from config.json; no code from the folder runs
+        return load_bundle(name_or_path, dtype=dtype)  # checked, answer tokens included (emovlm_kd.modelcheck)
     kwargs = {"dtype": dtype} if dtype is not None else {}
     vlm = AutoModelForImageTextToText.from_pretrained(name_or_path, **kwargs).eval()
     processor = AutoProcessor.from_pretrained(name_or_path)

@@ -11,15 +11,27 @@
 Each subcommand is a module of `emovlm_kd.commands` with `add_arguments(parser)` and `run(args) -> int`; the
 modules import their heavy dependencies inside `run`, so `--help` is fast. The speed benchmark is a script of the
 source tree: `python -m benchmarks.bench`.
+
+Exit status: what `run` returns (0 done; `predict`: 1 some images skipped); 2 a usage error (`UsageError`);
+3 the model could not be loaded (`ModelCheckError`: one line naming the file and what is wrong); 130 interrupted;
+141 stdout closed by its reader (`emovlm-kd predict ... | head -1`), quietly, as a process ended by SIGPIPE.
 """
 
 import argparse
-import logging
 import os
 import sys
 
 from emovlm_kd.commands import ablate, evaluate, predict, split, table1, tiny, train
-from emovlm_kd.errors import UsageError
+from emovlm_kd.errors import ModelCheckError, UsageError
+from emovlm_kd.logs import setup_logging
+
+EXIT_MODEL = 3  # the model could not be loaded
+EXIT_INTERRUPTED = 130
+EXIT_STDOUT_CLOSED = 141  # 128 + SIGPIPE: what a shell reports for a writer whose reader went away
+
+# OpenMP threads that wait for work sleep instead of spinning: on a busy machine spinning threads steal the cores
+# the other threads need (a stage-1 step of the demo went from 0.1 s to 2.1 s under load); a user's value wins
+PROCESS_ENVIRONMENT = {"OMP_WAIT_POLICY": "PASSIVE"}
 
 SUBCOMMANDS = {
     "tiny": (tiny, "write a tiny randomly initialised bundle (offline, seeded)"),
@@ -33,15 +45,27 @@ SUBCOMMANDS = {
 
 
 def build_parser():
-    parser = argparse.ArgumentParser(prog="emovlm-kd", description="EmoVLM-KD: visual emotion analysis")
-    parser.add_argument("--log-level", default=os.environ.get("EMOVLM_KD_LOG_LEVEL", "INFO"))
+    parser = argparse.ArgumentParser(prog="emovlm-kd", description="EmoVLM-KD: visual emotion analysis",
+                                     parents=[output_options(argparse.SUPPRESS)])
+    parser.set_defaults(log_level=os.environ.get("EMOVLM_KD_LOG_LEVEL", "INFO"), quiet=False)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (module, help_text) in SUBCOMMANDS.items():
         own = getattr(module, "TAKES_ITS_OWN_ARGUMENTS", False)  # `train` parses its words with TrlParser
-        sub_parser = sub.add_parser(name, help=help_text, description=help_text, add_help=not own)
+        sub_parser = sub.add_parser(name, help=help_text, description=help_text, add_help=not own,
+                                    parents=[output_options(argparse.SUPPRESS)])
         sub_parser.set_defaults(_run=module.run, _own_arguments=own)
         module.add_arguments(sub_parser)
     return parser
+
+
+def output_options(default):
+    """--log-level and --quiet, accepted before and after the subcommand (`default` SUPPRESS: a value given in one
+    place is not reset by the other parser)."""
+    options = argparse.ArgumentParser(add_help=False)
+    options.add_argument("--log-level", default=default, metavar="LEVEL",
+                         help="DEBUG, INFO (default; $EMOVLM_KD_LOG_LEVEL), WARNING or ERROR")
+    options.add_argument("--quiet", action="store_true", default=default, help="warnings and errors only")
+    return options
 
 
 def main(argv=None):
@@ -51,21 +75,51 @@ def main(argv=None):
     if rest and not args._own_arguments:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     args.rest = rest
-    logging.basicConfig(
-        level=getattr(logging, str(args.log_level).upper(), logging.INFO),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.set_verbosity_warning()
+    setup_logging(args.log_level, quiet=args.quiet)
+    for name, value in PROCESS_ENVIRONMENT.items():  # before torch is imported (the commands import it lazily)
+        os.environ.setdefault(name, value)
     try:
         return int(args._run(args) or 0)
     except UsageError as error:
         parser.error(str(error))  # exits with status 2
+    except ModelCheckError as error:
+        print(f"{parser.prog}: the model could not be loaded: {error}", file=sys.stderr)
+        return EXIT_MODEL
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        if not stdout_closed():
+            raise  # another pipe or socket: a real error
+        silence_stdout()
+        return EXIT_STDOUT_CLOSED
+
+
+def stdout_closed():
+    """Whether stdout is a pipe whose reader has gone (poll reports an error on it); True where poll is missing."""
+    import select
+
+    try:
+        fd = sys.stdout.fileno()
+    except (AttributeError, OSError, ValueError):
+        return False
+    if not hasattr(select, "poll"):
+        return True
+    poller = select.poll()
+    poller.register(fd, select.POLLOUT)
+    return any(events & select.POLLERR for _, events in poller.poll(0))
+
+
+def silence_stdout():
+    """Point stdout's file descriptor at the null device, so that Python's flush at exit cannot fail again (the
+    recipe of Python's `signal` documentation for SIGPIPE)."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, sys.stdout.fileno())
+    except (AttributeError, OSError, ValueError):
+        pass
+    finally:
+        os.close(devnull)
 
 
 if __name__ == "__main__":

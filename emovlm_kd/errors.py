@@ -1,5 +1,16 @@
-"""Errors the command line turns into exit codes (a `UsageError` exits with status 2 and its message)."""
+"""Errors the command line turns into exit codes (`emovlm_kd.cli`): a `UsageError` exits with status 2 and its
+message, a `ModelCheckError` with status 3 and its one line."""
 
 
 class UsageError(Exception):
     """A bad flag or value: the command exits with status 2 and this message."""
+
+
+class ModelCheckError(Exception):
+    """A model folder that exists but cannot be used as it is (unreadable or incomplete weights, labels that are not
+    0..N-1 or do not fit the weights, answer tokens outside the vocabulary or not the labels', a processor that does
+    not load). `file` is the file at fault (or the folder), `problem` says what is wrong; `str()` is one line."""
+
+    def __init__(self, file, problem):
+        self.file, self.problem = str(file), str(problem)
+        super().__init__(f"{self.file}: {self.problem}")

@@ -65,8 +65,12 @@ def save_bundle(model, processor, output_dir, model_card=None, extra_files=None,
     AutoModelForImageClassification and `pipeline(model=output_dir, trust_remote_code=True)`. `model_card` is a
     `huggingface_hub.ModelCard` (or its text), written as README.md; `extra_files` ({name: source path}) are
     copied in (e.g. the split the model was trained on). A folder that holds files a bundle does not consist of is
-    the user's: `FileExistsError` names them, unless `overwrite`.
+    the user's: `FileExistsError` names them, unless `overwrite`. Every file gets the mode the umask gives new
+    files (0644 under umask 022). The same model and processor give the same bytes, whatever the processor was
+    last called with (see `_clear_call_settings`).
     """
+    from emovlm_kd.training.cache import respect_umask
+
     output_dir = Path(output_dir).resolve()
     foreign = foreign_files(output_dir)
     if foreign and not overwrite:
@@ -80,6 +84,8 @@ def save_bundle(model, processor, output_dir, model_card=None, extra_files=None,
     EmoVLMKDForImageClassification.register_for_auto_class("AutoModelForImageClassification")
     model.config.auto_map = dict(EXTRA_AUTO_MAP)
     model.config.architectures = [type(model).__name__]
+    model.config.vlm_config._name_or_path = ""  # where the backbone was loaded from: a local path, not published
+    _clear_call_settings(processor)
     with registered_pipeline():
         pipe = EmoVLMKDImageClassificationPipeline(model=model, processor=processor, device=model.device)
         pipe.save_pretrained(tmp)  # the model, its code files, auto_map and custom_pipelines
@@ -88,9 +94,19 @@ def save_bundle(model, processor, output_dir, model_card=None, extra_files=None,
         (tmp / "README.md").write_text(str(model_card), encoding="utf-8")
     for name, source in (extra_files or {}).items():
         shutil.copyfile(source, tmp / name)
+    respect_umask(tmp)  # safetensors writes model.safetensors 0600; every file gets the umask's mode (0644 under 022)
     _replace_folder(tmp, output_dir)
     logger.info("saved EmoVLM-KD bundle to %s", output_dir)
     return output_dir
+
+
+def _clear_call_settings(processor):
+    """Drop the padding and truncation the fast tokenizer's backend keeps from its last call (transformers sets
+    both afresh on every call), so that tokenizer.json does not depend on what the processor last encoded."""
+    backend = getattr(getattr(processor, "tokenizer", processor), "backend_tokenizer", None)
+    if backend is not None:
+        backend.no_padding()
+        backend.no_truncation()
 
 
 def _replace_folder(new, target):
@@ -106,15 +122,77 @@ def _replace_folder(new, target):
         new.rename(target)
 
 
-def load_bundle(path, dtype=None, device=None):
-    """(model, processor) from a bundle folder or Hub id, through the auto classes and remote code."""
-    from transformers import AutoModelForImageClassification, AutoProcessor
+# what a bundle needs from the Hub: weights, configs, tokenizer and processor files; never the code files
+BUNDLE_DOWNLOAD_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "*.txt", "*.model"]
 
-    kwargs = {"trust_remote_code": True}
-    if dtype is not None:
-        kwargs["dtype"] = dtype
-    model = AutoModelForImageClassification.from_pretrained(path, use_safetensors=True, **kwargs).eval()
+
+def checkpoint_model_type(model_id):
+    """The `model_type` in a checkpoint's config.json (folder or Hub id), read without running any of its code.
+
+    A path-looking id that does not exist raises `FileNotFoundError` ("no such folder") without asking the Hub;
+    a local config.json that is not JSON raises `ModelCheckError`.
+    """
+    from emovlm_kd.modelcheck import local_model_folder, read_config
+
+    folder = local_model_folder(model_id)
+    if folder is not None:
+        return read_config(folder).get("model_type")
+    from transformers import PretrainedConfig
+
+    config_dict, _ = PretrainedConfig.get_config_dict(str(model_id))
+    return config_dict.get("model_type")
+
+
+def model_folder(model_id):
+    """The local folder of a model: `model_id` itself, or the Hub snapshot of the files `BUNDLE_DOWNLOAD_PATTERNS`
+    names (the code files are never fetched). `FileNotFoundError` for a path-looking id that does not exist."""
+    from emovlm_kd.modelcheck import local_model_folder
+
+    folder = local_model_folder(model_id)
+    if folder is not None:
+        return folder
+    from huggingface_hub import snapshot_download
+
+    return Path(snapshot_download(str(model_id), allow_patterns=BUNDLE_DOWNLOAD_PATTERNS))
+
+
+def load_bundle(path, dtype=None, device=None, trust_remote_code=False):
+    """(model, processor) from an EmoVLM-KD bundle folder or Hub id, checked, with the installed classes.
+
+    No code from the folder runs: config.json's `model_type` "emovlm_kd" loads with this package's
+    `EmoVLMKDForImageClassification` and processor classes after every check of `emovlm_kd.modelcheck`
+    (`ModelCheckError`, one line naming the file at fault). Any other model raises `ValueError`, unless
+    `trust_remote_code`: then it loads with its own code through `AutoModelForImageClassification`, after its
+    config's labels and its weight files are checked. A path-looking `path` that does not exist raises
+    `FileNotFoundError` ("no such folder"); a Hub id that cannot be fetched, the Hub's `OSError`.
+    """
+    from emovlm_kd.modelcheck import BUNDLE_MODEL_TYPE, load_checked_bundle
+
+    folder = model_folder(path)
+    model_type = checkpoint_model_type(folder)
+    if model_type == BUNDLE_MODEL_TYPE:
+        model, processor = load_checked_bundle(folder, dtype=dtype)
+    elif trust_remote_code:
+        model, processor = _load_with_its_own_code(path, folder, dtype)
+    else:
+        raise ValueError(f"{path} is not an EmoVLM-KD bundle (config.json model_type {model_type!r}, not "
+                         f"{BUNDLE_MODEL_TYPE!r}); to run the code it ships, pass --trust-remote-code")
     if device is not None:
         model.to(device)
-    processor = AutoProcessor.from_pretrained(path, trust_remote_code=True)
     return model, processor
+
+
+def _load_with_its_own_code(path, folder, dtype):
+    """A model that is not an EmoVLM-KD bundle, loaded with the code it ships (the caller opted in), after the
+    checks that need no class: its config's labels and its weight files."""
+    from transformers import AutoModelForImageClassification, AutoProcessor
+
+    from emovlm_kd.modelcheck import CONFIG_FILE, check_labels, read_config, weight_files
+
+    check_labels(read_config(folder), Path(folder) / CONFIG_FILE)
+    weight_files(folder)
+    logger.warning("%s is not an EmoVLM-KD bundle: loading it with its own code (--trust-remote-code)", path)
+    kwargs = {"dtype": dtype} if dtype is not None else {}
+    model = AutoModelForImageClassification.from_pretrained(path, use_safetensors=True, trust_remote_code=True,
+                                                            **kwargs)
+    return model.eval(), AutoProcessor.from_pretrained(path, trust_remote_code=True)

@@ -7,6 +7,11 @@ Image size: `prepare_image(image, max_side=config.max_image_side)` scales every 
 most `max_image_side` (1024 by default, as the official code). `limit_processor_pixels` lowers the processor's
 `max_pixels` (`size["longest_edge"]`) to what such an image can reach after the processor's rounding to multiples
 of 28 (1036 x 1036 for 1024), so a caller that hands the processor raw images gets the same pixel budget.
+
+Memory: files over `PIL.Image.MAX_IMAGE_PIXELS` (89.5 M pixels) are refused. Below it, with `max_side`, an image
+whose long side reaches 4 x `max_side` is shrunk by an integer factor before any conversion, a JPEG even while it
+is decoded (`decode_reduced`: libjpeg's 1/2-1/8 scaling), so the conversions hold fewer than (4 x max_side)^2
+pixels; smaller images take exactly the path they always took (`prepare_image` says what is bounded).
 """
 
 import logging
@@ -18,6 +23,7 @@ from PIL import Image
 from pipeline_emovlm_kd import (  # noqa: F401  (re-exported)
     MAX_ASPECT_RATIO,
     MIN_SIDE,
+    decode_reduced,
     fit_image,
     limit_long_side,
     prepare_image,
@@ -61,6 +67,7 @@ def load_image_file(path, max_side=None):
         with Image.open(path) as image:  # raises DecompressionBombError above twice the limit
             _check_pixels(image.size)  # between one and two times the limit Pillow only warns
             image.seek(0)
+            decode_reduced(image, max_side)  # a huge JPEG is decoded at 1/2 to 1/8 scale: see `prepare_image`
             image.load()  # decode now: a truncated or corrupt file fails here, with the file still open
             image = prepare_image(image, max_side=max_side)
     except Image.DecompressionBombError as error:

@@ -5,8 +5,13 @@
     emovlm-kd evaluate --model Qwen/Qwen2-VL-7B-Instruct --dataset data/FI --output-dir results/fi-zero-shot
 
 Writes `report.json` (accuracy and macro-F1 per part, complementarity, the gate on disagreements, ECE),
-`predictions.jsonl` (one line per sample), `confusion_matrix.png`, `complementarity.png` and `report.md`.
+`predictions.jsonl` (one line per sample), `confusion_matrix.png`, `complementarity.png` and `report.md`, all or
+nothing: the set replaces `--output-dir` as a whole, so a folder holding other files is refused before any work.
 A bare Qwen2-VL checkpoint gives the zero-shot baseline: the VLM branch alone.
+
+An EmoVLM-KD bundle loads with the installed classes, checked before any work (exit status 3 and one line naming
+the file when it cannot be used); no code from a model folder runs unless `--trust-remote-code` (for checkpoints
+that are not EmoVLM-KD bundles: a zero-shot VLM or a teacher that ship their own code).
 """
 
 import logging
@@ -32,43 +37,41 @@ def add_arguments(parser):
     parser.add_argument("--splits", default=None,
                         help="split file to take the split's ids from (default: the model folder's splits.json, "
                              "the split it was trained on, when it holds this dataset's images)")
+    parser.add_argument("--trust-remote-code", action="store_true",
+                        help="run the code a checkpoint that is not an EmoVLM-KD bundle ships (a zero-shot VLM, the "
+                             "teacher); EmoVLM-KD bundles always load with the installed classes")
     add_dataset_arguments(parser)
     add_common_arguments(parser)
 
 
 def run(args):
+    check_common_arguments(args)
+    _check_paths(args)
     from emovlm_kd.evaluation.report import accuracy_table
     from emovlm_kd.evaluation.runner import (
-        LabelMismatchError,
-        bind_labels,
         dataset_label_names,
         default_device,
         evaluate_model,
-        load_model,
         load_split,
         torch_dtype,
     )
 
-    check_common_arguments(args)
     dataset = load_split(args.dataset, args.split, args.limit, splits=args.splits, model=args.model,
                          **dataset_options(args))
-    labels = dataset_label_names(dataset)
     device, dtype = default_device(args.device), torch_dtype(args.dtype)
-    try:
-        model, processor, zero_shot = load_model(args.model, device=device, dtype=dtype)
-    except (OSError, ValueError) as error:
-        raise UsageError(f"--model: cannot load {args.model!r}: {error}")
-    try:
-        model, perm = bind_labels(model, processor, zero_shot, labels)
-    except LabelMismatchError as error:
-        raise UsageError(f"--model: {error}")
-    teacher, teacher_processor, teacher_perm = _load_teacher(args.teacher, labels, device, dtype)
+    labels = dataset_label_names(dataset)
+    model, processor, zero_shot, perm = _load_model(args, labels, device, dtype)
+    teacher, teacher_processor, teacher_perm = _load_teacher(args.teacher, labels, device, dtype,
+                                                             args.trust_remote_code)
     meta = {"model": str(args.model), "dataset": str(args.dataset), "split": args.split, "limit": args.limit}
     if args.teacher:
         meta["teacher"] = str(args.teacher)
-    report = evaluate_model(model, processor, dataset, args.output_dir, zero_shot=zero_shot, label_perm=perm,
-                            teacher=teacher, teacher_processor=teacher_processor, teacher_perm=teacher_perm,
-                            batch_size=args.batch_size, vlm_mode=args.vlm_mode, meta=meta)
+    try:
+        report = evaluate_model(model, processor, dataset, args.output_dir, zero_shot=zero_shot, label_perm=perm,
+                                teacher=teacher, teacher_processor=teacher_processor, teacher_perm=teacher_perm,
+                                batch_size=args.batch_size, vlm_mode=args.vlm_mode, meta=meta)
+    except FileExistsError as error:  # a file put into --output-dir while the run went on
+        raise UsageError(f"--output-dir: {error}")
     kind = "zero-shot VLM" if zero_shot else "EmoVLM-KD"
     print(f"{kind} on {args.dataset} ({args.split}, {report['num_samples']} samples):")
     print(accuracy_table(report))
@@ -76,14 +79,48 @@ def run(args):
     return 0
 
 
-def _load_teacher(teacher_id, labels, device, dtype):
+def _check_paths(args):
+    """`UsageError` at once, before anything heavy is imported: a `--model` path that does not exist, an
+    `--output-dir` the report may not replace."""
+    from emovlm_kd.modelcheck import local_model_folder
+
+    try:
+        local_model_folder(args.model)
+    except OSError as error:
+        raise UsageError(f"--model: {error}")
+    from emovlm_kd.evaluation.runner import check_report_folder
+
+    try:
+        check_report_folder(args.output_dir)
+    except FileExistsError as error:
+        raise UsageError(f"--output-dir: {error}")
+
+
+def _load_model(args, labels, device, dtype):
+    """`(model, processor, zero_shot, perm into the dataset's labels)`; `ModelCheckError` (exit 3) propagates."""
+    from emovlm_kd.evaluation.runner import LabelMismatchError, bind_labels, load_model
+
+    try:
+        model, processor, zero_shot = load_model(args.model, device=device, dtype=dtype,
+                                                 trust_remote_code=args.trust_remote_code)
+    except (OSError, ValueError) as error:
+        raise UsageError(f"--model: cannot load {args.model!r}: {error}")
+    try:
+        model, perm = bind_labels(model, processor, zero_shot, labels)
+    except LabelMismatchError as error:
+        raise UsageError(f"--model: {error}")
+    return model, processor, zero_shot, perm
+
+
+def _load_teacher(teacher_id, labels, device, dtype, trust_remote_code=False):
     """`(teacher, image processor, perm into the dataset's labels)`, or three Nones without `--teacher`."""
     from emovlm_kd.evaluation.runner import LabelMismatchError, align_labels, load_teacher, teacher_label_names
 
     if not teacher_id:
         return None, None, None
     try:
-        teacher, teacher_processor = load_teacher(teacher_id, device=device, dtype=dtype)
+        teacher, teacher_processor = load_teacher(teacher_id, device=device, dtype=dtype,
+                                                  trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as error:
         raise UsageError(f"--teacher: cannot load {teacher_id!r}: {error}")
     try:

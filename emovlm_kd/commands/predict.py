@@ -1,12 +1,29 @@
 """`emovlm-kd predict --model DIR INPUT...`: one JSON line per input image.
 
-Exit status: 0 when every input was predicted, 1 when some were skipped (each gets a line with `error`),
-2 for usage errors.
+    emovlm-kd predict --model runs/demo/model photos/ > predictions.jsonl
+    emovlm-kd predict --model runs/demo/model photos/ --output predictions.jsonl
+    emovlm-kd predict --model runs/demo/model photos/ --output predictions.jsonl --resume     # after a kill
+
+`--output FILE` is written all or nothing: the lines go to `FILE.part`, renamed to FILE once every input is done
+(an older FILE stays as it was until then). `--resume` keeps the lines of an existing `FILE.part` (a last line cut
+by the kill is dropped) and predicts only the inputs none of them names (by `path`), so the finished FILE equals an
+uninterrupted run's; without `--resume`, an existing `FILE.part` is started afresh.
+
+The model is checked before the output is opened, and no code from its folder runs (`emovlm_kd.hub.load_bundle`;
+`--trust-remote-code` only for a model that is not an EmoVLM-KD bundle).
+
+Exit status: 0 every input predicted; 1 some skipped (each gets a line with `error`); 2 usage error; 3 the model
+could not be loaded (one line naming the file at fault); 141 the reader of stdout went away (`| head`); 130
+interrupted (`FILE.part` kept for `--resume`).
 """
 
 import json
 import logging
+import os
 import sys
+from pathlib import Path
+
+from emovlm_kd.errors import UsageError
 
 logger = logging.getLogger(__name__)
 
@@ -14,66 +31,193 @@ logger = logging.getLogger(__name__)
 def add_arguments(parser):
     parser.add_argument("inputs", nargs="+", help="image files or folders (searched recursively)")
     parser.add_argument("--model", required=True, help="bundle folder or Hub id")
-    parser.add_argument("--output", help="write JSON lines here instead of stdout")
+    parser.add_argument("--output", help="write JSON lines here instead of stdout (to FILE.part, renamed at the end)")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue FILE.part of an interrupted --output FILE, skipping the inputs it holds")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--vlm-mode", choices=["score", "generate"], default=None)
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
+    parser.add_argument("--trust-remote-code", action="store_true",
+                        help="run the code of a model that is not an EmoVLM-KD bundle; bundles always load with the "
+                             "installed classes")
 
 
 def run(args):
-    import torch
-    from tqdm.auto import tqdm
+    _check_arguments(args)
+    from emovlm_kd.images import iter_image_files
 
-    from emovlm_kd.errors import UsageError
-    from emovlm_kd.hub import load_bundle
-    from emovlm_kd.images import ImageLoadError, iter_image_files, load_image_file
-    from emovlm_kd.inference import PromptPrefixCache, describe, run_batch
-
-    if args.batch_size < 1:
-        raise UsageError(f"--batch-size must be >= 1, got {args.batch_size}")
     paths = list(iter_image_files(args.inputs))
     if not paths:
         raise UsageError("no input images found in " + " ".join(args.inputs))
+    model, processor = _load_model(args)  # checked before any output is opened
+    output = _open_output(args)
+    done = {record["path"] for record in output.records}
+    todo = [path for path in paths if str(path) not in done]
+    if output.records:
+        logger.info("resuming %s: %d input(s) already written, %d to go", output.part, len(done), len(todo))
+    try:
+        predicted, skipped = _predict_all(model, processor, todo, output, args)
+    except BaseException:
+        output.abandon()
+        raise
+    output.finish()
+    predicted += sum("error" not in record for record in output.records)
+    skipped += sum("error" in record for record in output.records)
+    print(f"predicted {predicted}, skipped {skipped}", file=sys.stderr)
+    return 1 if skipped else 0
+
+
+def _check_arguments(args):
+    """`UsageError` for a bad flag, at once (nothing heavy imported): a `--model` path that does not exist too."""
+    from emovlm_kd.modelcheck import local_model_folder
+
+    if args.batch_size < 1:
+        raise UsageError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.resume and not args.output:
+        raise UsageError("--resume continues an --output FILE: give --output")
+    try:
+        local_model_folder(args.model)
+    except OSError as error:
+        raise UsageError(f"--model: {error}")
+
+
+def _load_model(args):
+    """The checked model and processor; `ModelCheckError` (exit status 3) propagates, the rest is a `UsageError`."""
+    import torch
+
+    from emovlm_kd.hub import load_bundle
+
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = getattr(torch, args.dtype) if args.dtype else None
     try:
-        model, processor = load_bundle(args.model, dtype=dtype, device=device)
+        return load_bundle(args.model, dtype=dtype, device=device, trust_remote_code=args.trust_remote_code)
     except (OSError, ValueError) as error:
         raise UsageError(f"--model: cannot load {args.model!r}: {error}")
-    id2label = model.config.id2label
-    prompt_cache = PromptPrefixCache()  # the model stays frozen for the whole run: its prompt prefix is encoded once
 
+
+def _predict_all(model, processor, paths, output, args):
+    """Predict `paths` batch by batch, each batch's lines written (and flushed) before the next: (predicted,
+    skipped)."""
+    from tqdm.auto import tqdm
+
+    from emovlm_kd.inference import PromptPrefixCache
+
+    prompt_cache = PromptPrefixCache()  # the model stays frozen for the whole run: its prompt prefix is encoded once
+    predicted = skipped = 0
+    with tqdm(total=len(paths), desc="predict", unit="img", file=sys.stderr, disable=None) as bar:
+        for start in range(0, len(paths), args.batch_size):
+            chunk = paths[start : start + args.batch_size]
+            records = _predict_batch(model, processor, chunk, args.vlm_mode, prompt_cache)
+            output.write(json.dumps(record, ensure_ascii=False) + "\n" for record in records)
+            skipped += sum("error" in record for record in records)
+            predicted += len(records) - sum("error" in record for record in records)
+            bar.update(len(chunk))
+    return predicted, skipped
+
+
+def _predict_batch(model, processor, paths, vlm_mode, prompt_cache):
+    """One record per path, in order: the prediction, or `error` for a file that is not a readable image."""
+    from emovlm_kd.images import ImageLoadError, load_image_file
+    from emovlm_kd.inference import describe, run_batch
+
+    records, images, slots = [], [], []
+    for path in paths:
+        try:
+            images.append(load_image_file(path, max_side=model.config.max_image_side))
+            slots.append(len(records))
+            records.append({"path": str(path)})
+        except ImageLoadError as error:
+            logger.warning("skipping %s: %s", path, error)
+            records.append({"path": str(path), "error": str(error)})
+    if images:
+        output = run_batch(model, processor, images, vlm_mode=vlm_mode, prompt_cache=prompt_cache)
+        for i, slot in enumerate(slots):
+            records[slot].update(describe(output, i, model.config.id2label))
+    return records
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Where the lines go
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _open_output(args):
+    if not args.output:
+        return StdoutLines()
     try:
-        out = open(args.output, "w", encoding="utf-8") if args.output else sys.stdout
+        return PartFileLines(args.output, resume=args.resume)
     except OSError as error:
         raise UsageError(f"--output: cannot write {args.output!r}: {error}")
-    predicted = skipped = 0
-    try:
-        with tqdm(total=len(paths), desc="predict", unit="img", file=sys.stderr, disable=None) as bar:
-            for start in range(0, len(paths), args.batch_size):
-                chunk = paths[start : start + args.batch_size]
-                records, images, slots = [], [], []
-                for path in chunk:
-                    try:
-                        images.append(load_image_file(path, max_side=model.config.max_image_side))
-                        slots.append(len(records))
-                        records.append({"path": str(path)})
-                    except ImageLoadError as error:
-                        logger.warning("skipping %s: %s", path, error)
-                        records.append({"path": str(path), "error": str(error)})
-                if images:
-                    output = run_batch(model, processor, images, vlm_mode=args.vlm_mode, prompt_cache=prompt_cache)
-                    for i, slot in enumerate(slots):
-                        records[slot].update(describe(output, i, id2label))
-                for record in records:
-                    out.write(json.dumps(record, ensure_ascii=False) + "\n")
-                out.flush()
-                predicted += len(images)
-                skipped += len(chunk) - len(images)
-                bar.update(len(chunk))
-    finally:
-        if out is not sys.stdout:
-            out.close()
-    print(f"predicted {predicted}, skipped {skipped}", file=sys.stderr)
-    return 1 if skipped else 0
+    except ValueError as error:
+        raise UsageError(f"--resume: {error}")
+
+
+class StdoutLines:
+    """Lines to stdout, flushed per batch; nothing to resume or rename."""
+
+    records = ()
+    part = None
+
+    def write(self, lines):
+        sys.stdout.write("".join(lines))
+        sys.stdout.flush()
+
+    def finish(self):
+        pass
+
+    def abandon(self):
+        pass
+
+
+class PartFileLines:
+    """Lines to `FILE.part`, renamed to FILE by `finish()` (`os.replace`, after an fsync); `abandon()` closes it and
+    keeps it for `--resume`. With `resume`, an existing `FILE.part`'s complete lines are kept (`records`) and the
+    file is cut after the last of them; otherwise it is started afresh."""
+
+    def __init__(self, path, resume=False):
+        self.path = Path(path)
+        self.part = Path(f"{path}.part")
+        self.records = []
+        if resume and self.part.is_file():
+            self.records, end = read_part_lines(self.part)
+            os.truncate(self.part, end)
+        elif resume:
+            logger.info("no %s to resume: starting afresh", self.part)
+        self.handle = open(self.part, "a" if resume else "w", encoding="utf-8")  # noqa: SIM115 (kept for the run)
+
+    def write(self, lines):
+        self.handle.write("".join(lines))
+        self.handle.flush()
+
+    def finish(self):
+        self.handle.flush()
+        os.fsync(self.handle.fileno())
+        self.handle.close()
+        os.replace(self.part, self.path)
+        logger.info("wrote %s", self.path)
+
+    def abandon(self):
+        self.handle.close()
+        logger.warning("stopped: the lines written so far are in %s; rerun with --resume to continue", self.part)
+
+
+def read_part_lines(part):
+    """`(records, end)` of a `predict` part file: the records of its complete lines and the byte offset after the
+    last of them. A last line without its newline (cut by a kill) is dropped; a complete line that is not a JSON
+    object with a `path` raises `ValueError` (the file is not predict's)."""
+    records, end = [], 0
+    with open(part, "rb") as handle:
+        for number, line in enumerate(handle, 1):
+            if not line.endswith(b"\n"):
+                logger.info("%s: dropping its last line, cut short (%d bytes)", part, len(line))
+                break
+            try:
+                record = json.loads(line)
+            except ValueError:
+                record = None
+            if not isinstance(record, dict) or "path" not in record:
+                raise ValueError(f"{part} line {number} is not a predict line; remove the file or run without --resume")
+            records.append(record)
+            end += len(line)
+    return records, end

@@ -27,6 +27,7 @@ def run(args):
     from emovlm_kd.distributed import is_main_process
     from emovlm_kd.training.config import check_instruction_sources, parse_train_args
     from emovlm_kd.training.preflight import preflight
+    from emovlm_kd.training.runlock import hold_run_lock
 
     try:
         cfg = parse_train_args(args.rest)
@@ -38,13 +39,14 @@ def run(args):
         preflight(cfg)
     except ValueError as error:
         raise UsageError(str(error))
-    from emovlm_kd.training.runner import format_results, run_training
+    with hold_run_lock(cfg.output_dir):  # a second run on RUN is refused now, not after the training imports
+        from emovlm_kd.training.runner import format_results, run_training
 
-    try:
-        results = run_training(cfg)
-    except (ValueError, FileExistsError) as error:  # bad data or labels; a RUN/model holding the user's files
-        logger.error("%s", error)
-        raise UsageError(str(error))
+        try:
+            results = run_training(cfg)
+        except (ValueError, FileExistsError) as error:  # bad data or labels; a RUN/model holding the user's files
+            logger.error("%s", error)
+            raise UsageError(str(error))
     if is_main_process():
         print(format_results(results))
         print(f"model: {cfg.output_dir}/model   results: {cfg.output_dir}/eval_results.json")

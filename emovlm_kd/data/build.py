@@ -6,7 +6,7 @@ from collections import Counter
 
 from datasets import ClassLabel, Dataset, DatasetDict, Features, Image, Value
 
-from emovlm_kd.data.checks import check_not_empty, drop_unreadable
+from emovlm_kd.data.checks import check_not_empty, check_split_classes, drop_unreadable
 from emovlm_kd.data.records import SPLITS, UNSPLIT, normalise_label
 from emovlm_kd.data.splits import derive_splits
 from emovlm_kd.labels import canonical_label_order
@@ -19,7 +19,8 @@ def from_listing(listing, label_names, val_fraction, seed, wanted=None, split_ra
 
     `wanted` (split names) keeps only those splits, derived first, and checks only their images. `split_ratios`
     (train, val, test) overrides the listing's own ratios for a pool without a split; a dataset with its own split
-    keeps it.
+    keeps it. A class in the dataset's own val or test split but not in its train split is an error
+    (`check_split_classes`).
     """
     present = [record.label for records in listing.splits.values() for record in records]
     names = resolve_label_names(label_names, listing.labels or present)
@@ -29,6 +30,7 @@ def from_listing(listing, label_names, val_fraction, seed, wanted=None, split_ra
             if record.label not in index:
                 raise ValueError(f"label {record.label!r} of {record.path} is not one of the labels {names}")
     check_not_empty({split: len(records) for split, records in listing.splits.items()})
+    check_split_classes(listing.splits)
     ratios = listing.ratios if split_ratios is None else split_ratios
     if split_ratios is not None and UNSPLIT not in listing.splits:
         logger.info("split_ratios %s not used: the dataset has its own split", tuple(split_ratios))

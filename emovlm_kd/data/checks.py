@@ -1,12 +1,16 @@
 """Checks made while loading: unreadable image files (skipped with one warning naming them), classes and splits
-left without images (errors)."""
+left without images (errors), a val/test class that train lacks (an error: the label set is learnt from train),
+class folders naming one label in two spellings (an error), class folders skipped for leaving the dataset root or
+for being unreadable (one warning each, counting them)."""
 
 import logging
 import os
+from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 
 from tqdm import tqdm
 
+from emovlm_kd.data.records import normalise_label
 from emovlm_kd.images import ImageLoadError, load_image_file
 
 logger = logging.getLogger(__name__)
@@ -22,6 +26,50 @@ def check_not_empty(sizes):
     for split, size in sizes.items():
         if size == 0:
             raise ValueError(f"split {split!r} has no images")
+
+
+def check_split_classes(splits):
+    """`ValueError` naming the classes of val or test (`splits`: split -> records) that train lacks: no model can
+    learn them. Nothing to check without a train split (a pool split later, or evaluation data alone)."""
+    if "train" not in splits:
+        return
+    trained = {record.label for record in splits["train"]}
+    for split, records in splits.items():
+        unknown = sorted({record.label for record in records} - trained)
+        if unknown:
+            raise ValueError(
+                f"class(es) {unknown} of split {split!r} have no images in train: the label set comes from train "
+                f"(add train images of them, or remove them from {split!r})"
+            )
+
+
+def check_class_names_distinct(names, where):
+    """`ValueError` when two class names of `names` (folder names in `where`) give one label (`Happy`, `happy`)."""
+    spellings = defaultdict(list)
+    for name in names:
+        spellings[normalise_label(name, where)].append(name)
+    clashes = [sorted(group) for group in spellings.values() if len(group) > 1]
+    if clashes:
+        named = "; ".join(" and ".join(repr(name) for name in group) for group in clashes)
+        raise ValueError(
+            f"{where}: class folders {named} name the same class (labels ignore case): merge or rename them"
+        )
+
+
+def warn_skipped_folders(links, unreadable):
+    """One warning for the class folders skipped as leaving the dataset root (`links`: `(folder, target)` pairs) and
+    one for the folders that could not be listed (`unreadable`), each with the count and the first names."""
+    if links:
+        named = ", ".join(f"{folder} -> {target}" for folder, target in links[:MAX_NAMED])
+        more = ", ..." if len(links) > MAX_NAMED else ""
+        logger.warning(
+            "Skipped %d class folder(s) that resolve outside the dataset root, onto it or onto their split folder "
+            "(symlinks): %s%s", len(links), named, more,
+        )  # fmt: skip
+    if unreadable:
+        named = ", ".join(str(folder) for folder in unreadable[:MAX_NAMED])
+        more = ", ..." if len(unreadable) > MAX_NAMED else ""
+        logger.warning("Skipped %d folder(s) that could not be read (permissions?): %s%s", len(unreadable), named, more)
 
 
 def drop_unreadable(splits):

@@ -8,13 +8,21 @@ JPEG files named `<emotion>_<number>.jpg` (public FI loaders take the label as `
 split. The VEA papers split it at random 80 / 5 / 15 (train / val / test); the official EmoVLM-KD code (github
 sange1104/EmoVLM-KD, data_utils.py) expects it already split as `images/FI/{train,val,test}/<class>/`, which
 `imagefolder` reads (and `fi`, named explicitly).
+
+What reading class folders refuses or skips: two class folders of one split whose names differ only in case
+(`Happy/`, `happy/`: labels are case-insensitive) are an error naming both; a class folder that resolves outside
+the dataset root, onto it or onto its own split folder (a symlink such as `train/c -> ..`) is skipped, as are folders
+that cannot be listed (permissions): one warning each, with the count and the first names.
 """
 
 import logging
+import os
+from pathlib import Path
 
+from emovlm_kd.data.checks import check_class_names_distinct, warn_skipped_folders
 from emovlm_kd.data.records import SPLIT_ALIASES, SPLITS, UNSPLIT, Listing, Record, normalise_label
 from emovlm_kd.data.splits import LARGE_SET_RATIOS
-from emovlm_kd.images import IMAGE_EXTENSIONS, iter_image_files
+from emovlm_kd.images import IMAGE_EXTENSIONS
 from emovlm_kd.labels import MIKELS8
 
 logger = logging.getLogger(__name__)
@@ -27,13 +35,24 @@ def is_saved_dataset(path):
     return (path / "dataset_dict.json").is_file() or (path / "state.json").is_file()
 
 
-def class_folders(path):
-    """The visible sub-folders of `path`, sorted (hidden and `_`-prefixed ones, e.g. `__MACOSX`, left out)."""
-    return sorted(p for p in path.iterdir() if p.is_dir() and not p.name.startswith((".", "_")))
+def class_folders(path, unreadable=None):
+    """The visible sub-folders of `path`, sorted (hidden and `_`-prefixed ones, e.g. `__MACOSX`, left out). A `path`
+    that cannot be listed has none; it is appended to the list `unreadable` when one is given, else the error raises."""
+    try:
+        entries = list(path.iterdir())
+    except OSError:
+        if unreadable is None:
+            raise
+        unreadable.append(path)
+        return []
+    return sorted(p for p in entries if p.is_dir() and not p.name.startswith((".", "_")))
 
 
 def _holds_images(folder):
-    return any(p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS for p in folder.iterdir())
+    try:
+        return any(p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS for p in folder.iterdir())
+    except OSError:  # unreadable: reported when the layout is read
+        return False
 
 
 def is_split_folders(path):
@@ -68,9 +87,14 @@ def accepts_fi(path):
 
 def read_imagefolder(root, options=None):
     """Records of the official split layout, or of unsplit class folders (a pool split by `split_ratios`)."""
+    links, unreadable = [], []
     if is_split_folders(root):
-        return Listing({split: _read_classes(root / split, root) for split in SPLITS if (root / split).is_dir()})
-    return Listing({UNSPLIT: _read_classes(root, root)})
+        split_dirs = {split: root / split for split in SPLITS if (root / split).is_dir()}
+        splits = {split: _read_classes(folder, root, links, unreadable) for split, folder in split_dirs.items()}
+    else:
+        splits = {UNSPLIT: _read_classes(root, root, links, unreadable)}
+    warn_skipped_folders(links, unreadable)
+    return Listing(splits)
 
 
 def read_fi(root, options=None):
@@ -85,14 +109,46 @@ def read_fi(root, options=None):
     return Listing(listing.splits, list(MIKELS8), ratios)
 
 
-def _read_classes(folder, root):
-    """Records of `folder/<class>/*` (ids relative to `root`); a class folder without images is an error."""
+def _read_classes(folder, root, links, unreadable):
+    """Records of `folder/<class>/*` (ids relative to `root`); a class folder without images is an error, as are two
+    class folders naming one label. Class folders escaping the root go to `links` as `(folder, target)`, folders that
+    cannot be listed to `unreadable`: both are skipped."""
+    class_dirs = _kept_class_folders(folder, root, links, unreadable)
+    check_class_names_distinct([class_dir.name for class_dir in class_dirs], folder)
     records, empty = [], []
-    for class_dir in class_folders(folder):
-        files = list(iter_image_files([class_dir]))
+    for class_dir in class_dirs:
+        files = _image_files(class_dir, unreadable)
+        if files is None:
+            continue
         empty += [class_dir.name] if not files else []
         label = normalise_label(class_dir.name, class_dir)
         records += [Record(file, label, file.relative_to(root).as_posix()) for file in files]
     if empty and records:
         raise ValueError(f"{folder}: class folder(s) {empty} hold no image files while other classes do")
     return records
+
+
+def _kept_class_folders(folder, root, links, unreadable):
+    """`class_folders(folder)` less those that resolve outside `root`, onto it or onto `folder` (appended to
+    `links`); a `folder` that cannot be listed is appended to `unreadable`."""
+    root, home = root.resolve(), folder.resolve()
+    kept = []
+    for class_dir in class_folders(folder, unreadable):
+        target = class_dir.resolve()
+        if root not in target.parents or target == home:
+            links.append((class_dir, target))
+        else:
+            kept.append(class_dir)
+    return kept
+
+
+def _image_files(class_dir, unreadable):
+    """The image files under `class_dir` (recursively, sorted, symlinked sub-folders not followed), or None when
+    `class_dir` itself cannot be listed; every folder that cannot be listed is appended to `unreadable`."""
+    failed = []
+    files = []
+    for top, dirs, names in os.walk(class_dir, onerror=lambda error: failed.append(Path(error.filename))):
+        dirs.sort()
+        files += [Path(top) / name for name in sorted(names) if Path(name).suffix.lower() in IMAGE_EXTENSIONS]
+    unreadable += failed
+    return None if class_dir in failed else files

@@ -8,6 +8,8 @@ dataset split, aggregate with `emovlm_kd.evaluation.report` and write the report
 """
 
 import logging
+import re
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -18,6 +20,7 @@ import torch
 from emovlm_kd.data import load_image_dataset
 from emovlm_kd.data.splitfile import SPLITS_FILE, SplitMismatchError, apply_splits, read_splits
 from emovlm_kd.errors import UsageError
+from emovlm_kd.modelcheck import BUNDLE_MODEL_TYPE
 
 from .report import (
     PARTS,
@@ -25,6 +28,7 @@ from .report import (
     build_report,
     prediction_records,
     render_markdown,
+    replace_folder,
     write_json,
     write_jsonl,
     write_text,
@@ -33,7 +37,6 @@ from .report import (
 logger = logging.getLogger(__name__)
 
 ZERO_SHOT_MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl")
-BUNDLE_MODEL_TYPE = "emovlm_kd"
 REPORT_FILES = ("report.json", "predictions.jsonl", "report.md", "confusion_matrix.png", "complementarity.png")
 
 
@@ -88,14 +91,6 @@ def align_labels(source_labels, target_labels, what="model"):
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def checkpoint_model_type(model_id):
-    """The `model_type` in a checkpoint's config.json (folder or Hub id), read without importing remote code."""
-    from transformers import PretrainedConfig
-
-    config_dict, _ = PretrainedConfig.get_config_dict(str(model_id))
-    return config_dict.get("model_type")
-
-
 def default_device(device=None):
     return device or ("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -105,32 +100,42 @@ def torch_dtype(name):
     return getattr(torch, name) if name else None
 
 
-def load_model(model_id, *, device=None, dtype=None):
-    """`(model, processor, zero_shot)`.
+def load_model(model_id, *, device=None, dtype=None, trust_remote_code=False):
+    """`(model, processor, zero_shot)`; no code from the model's folder runs unless `trust_remote_code`.
 
-    An EmoVLM-KD bundle loads through `emovlm_kd.hub.load_bundle` (zero_shot False). A plain Qwen2-VL /
-    Qwen2.5-VL checkpoint loads as `AutoModelForImageTextToText` (zero_shot True): `bind_labels` wraps it for
-    a dataset's labels. Anything else raises `ValueError`.
+    An EmoVLM-KD bundle (config.json `model_type` "emovlm_kd") loads through `emovlm_kd.hub.load_bundle` with the
+    installed classes, checked (`ModelCheckError`; zero_shot False). A Qwen2-VL / Qwen2.5-VL checkpoint loads as
+    `AutoModelForImageTextToText` (zero_shot True): `bind_labels` wraps it for a dataset's labels; with
+    `trust_remote_code`, so does any other checkpoint, with the code it ships. Anything else raises `ValueError`;
+    a path-looking id that does not exist, `FileNotFoundError` ("no such folder").
     """
-    from transformers import AutoModelForImageTextToText, AutoProcessor
-
-    from emovlm_kd.hub import load_bundle
+    from emovlm_kd.hub import checkpoint_model_type, load_bundle
 
     device = default_device(device)
     model_type = checkpoint_model_type(model_id)
     if model_type == BUNDLE_MODEL_TYPE:
         model, processor = load_bundle(model_id, dtype=dtype, device=device)
         return model, processor, False
-    if model_type in ZERO_SHOT_MODEL_TYPES:
-        kwargs = {"dtype": dtype} if dtype is not None else {}
-        vlm = AutoModelForImageTextToText.from_pretrained(model_id, use_safetensors=True, **kwargs).eval().to(device)
-        processor = AutoProcessor.from_pretrained(model_id)
-        logger.info("%s is a bare %s checkpoint: evaluating the zero-shot VLM branch only", model_id, model_type)
+    if model_type in ZERO_SHOT_MODEL_TYPES or trust_remote_code:
+        vlm, processor = _load_zero_shot(model_id, model_type, device, dtype, trust_remote_code)
         return vlm, processor, True
     raise ValueError(
         f"{model_id} has model_type {model_type!r}: expected an EmoVLM-KD bundle ({BUNDLE_MODEL_TYPE}) "
-        f"or a Qwen2-VL checkpoint for the zero-shot baseline ({', '.join(ZERO_SHOT_MODEL_TYPES)})"
+        f"or a Qwen2-VL checkpoint for the zero-shot baseline ({', '.join(ZERO_SHOT_MODEL_TYPES)}); "
+        "--trust-remote-code loads other checkpoints with the code they ship"
     )
+
+
+def _load_zero_shot(model_id, model_type, device, dtype, trust_remote_code):
+    """`(vlm, processor)` of a bare VLM checkpoint (the zero-shot baseline)."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    kwargs = {"dtype": dtype} if dtype is not None else {}
+    vlm = AutoModelForImageTextToText.from_pretrained(model_id, use_safetensors=True,
+                                                      trust_remote_code=trust_remote_code, **kwargs)
+    processor = AutoProcessor.from_pretrained(model_id, trust_remote_code=trust_remote_code)
+    logger.info("%s is a bare %s checkpoint: evaluating the zero-shot VLM branch only", model_id, model_type)
+    return vlm.eval().to(device), processor
 
 
 def bind_labels(model, processor, zero_shot, labels):
@@ -148,13 +153,16 @@ def bind_labels(model, processor, zero_shot, labels):
     return model, align_labels(model.config.labels, labels, "model")
 
 
-def load_teacher(model_id, *, device=None, dtype=None):
-    """`(teacher, image_processor)`: an `AutoModelForImageClassification` (e.g. a fine-tuned ViT) and its processor."""
+def load_teacher(model_id, *, device=None, dtype=None, trust_remote_code=False):
+    """`(teacher, image_processor)`: an `AutoModelForImageClassification` (e.g. a fine-tuned ViT) and its processor;
+    the code the checkpoint ships runs only with `trust_remote_code`."""
     from transformers import AutoImageProcessor, AutoModelForImageClassification
 
     kwargs = {"dtype": dtype} if dtype is not None else {}
-    teacher = AutoModelForImageClassification.from_pretrained(model_id, use_safetensors=True, **kwargs).eval().to(default_device(device))
-    return teacher, AutoImageProcessor.from_pretrained(model_id)
+    teacher = AutoModelForImageClassification.from_pretrained(model_id, use_safetensors=True,
+                                                              trust_remote_code=trust_remote_code, **kwargs)
+    processor = AutoImageProcessor.from_pretrained(model_id, trust_remote_code=trust_remote_code)
+    return teacher.eval().to(default_device(device)), processor
 
 
 def teacher_label_names(teacher):
@@ -362,39 +370,83 @@ def evaluate_model(model, processor, dataset, output_dir=None, *, zero_shot=Fals
     return report
 
 
-def write_outputs(report, arrays, predictions, probabilities, output_dir, plots=True):
-    """report.json, predictions.jsonl, the two figures and report.md in `output_dir`, each written atomically."""
-    output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    records = prediction_records(report["labels"], arrays["references"], predictions, probabilities,
-                                 ids=arrays["ids"], paths=arrays["paths"], extra={"vlm_answer": arrays["vlm_answers"]})
-    write_jsonl(output_dir / "predictions.jsonl", records)
-    images = []
-    if plots:
-        from .plots import plot_complementarity, plot_confusion_matrices
+def report_folder_conflicts(output_dir):
+    """Names in folder `output_dir` that are not report files (`REPORT_FILES`, or a `.NAME.PID.part` file an
+    earlier, killed writer of ours left): a folder holding any is the user's, never replaced. `[]` when absent."""
+    folder = Path(output_dir)
+    if not folder.is_dir():
+        return []
+    ours = re.compile(r"\.(" + "|".join(re.escape(name) for name in REPORT_FILES) + r")\.\d+\.part")
+    return sorted(p.name for p in folder.iterdir() if p.name not in REPORT_FILES and not ours.fullmatch(p.name))
 
-        images.append(plot_confusion_matrices(report, output_dir / "confusion_matrix.png").name)
-        chart = plot_complementarity(report, output_dir / "complementarity.png")
-        if chart is not None:
-            images.append(chart.name)
-        else:  # a chart from an earlier run with other parts would mislead
-            (output_dir / "complementarity.png").unlink(missing_ok=True)
-    write_text(output_dir / "report.md", render_markdown(report, images=images))
-    write_json(output_dir / "report.json", report)
+
+def check_report_folder(output_dir):
+    """`FileExistsError` unless `output_dir` can be replaced as a whole by a report: absent, or a folder holding
+    report files only (`report_folder_conflicts`, named in the message), and neither a file nor the current
+    folder or one above it."""
+    folder, here = Path(output_dir).resolve(), Path.cwd().resolve()
+    if folder == here or folder in here.parents:
+        raise FileExistsError(f"{output_dir} is the current folder or holds it: the report replaces its folder as a "
+                              "whole, so give a folder inside it (e.g. results/NAME)")
+    if folder.exists() and not folder.is_dir():
+        raise FileExistsError(f"{output_dir} is a file, not a folder")
+    conflicts = report_folder_conflicts(folder)
+    if conflicts:
+        shown = ", ".join(conflicts[:5]) + (" ..." if len(conflicts) > 5 else "")
+        raise FileExistsError(f"{output_dir} holds files that are not a report's ({shown}): the report replaces its "
+                              "folder as a whole, so give a new or a report-only folder")
+
+
+def write_outputs(report, arrays, predictions, probabilities, output_dir, plots=True):
+    """The report's files written all or nothing: report.json, predictions.jsonl, report.md and the figures
+    (`REPORT_FILES`) go into a temporary sibling folder (`.NAME.tmp`, one a killed run left is removed), which then
+    replaces `output_dir` by renames (`emovlm_kd.evaluation.report.replace_folder`): `output_dir` holds the old set
+    or the new one, never a mix. A folder holding anything else raises `FileExistsError` before a file is written
+    (`check_report_folder`)."""
+    output_dir = Path(output_dir).resolve()
+    check_report_folder(output_dir)
+    staging = output_dir.with_name(f".{output_dir.name}.tmp")
+    if staging.exists():
+        shutil.rmtree(staging)
+    try:
+        images = _write_report_files(report, arrays, predictions, probabilities, staging, plots)
+        replace_folder(staging, output_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
     logger.info("wrote %s", ", ".join(str(output_dir / name) for name in ["report.json", "predictions.jsonl",
                                                                          "report.md", *images]))
     return output_dir
 
 
+def _write_report_files(report, arrays, predictions, probabilities, folder, plots):
+    """Every report file into `folder` (created); the names of the figures written."""
+    folder.mkdir(parents=True)
+    records = prediction_records(report["labels"], arrays["references"], predictions, probabilities,
+                                 ids=arrays["ids"], paths=arrays["paths"], extra={"vlm_answer": arrays["vlm_answers"]})
+    write_jsonl(folder / "predictions.jsonl", records)
+    images = []
+    if plots:
+        from .plots import plot_complementarity, plot_confusion_matrices
+
+        images.append(plot_confusion_matrices(report, folder / "confusion_matrix.png").name)
+        chart = plot_complementarity(report, folder / "complementarity.png")
+        if chart is not None:
+            images.append(chart.name)
+    write_text(folder / "report.md", render_markdown(report, images=images))
+    write_json(folder / "report.json", report)
+    return images
+
+
 __all__ = [
+    "PARTS",
     "LabelMismatchError",
     "ModelLoadError",
-    "PARTS",
     "accuracy_table",
     "align_labels",
     "bind_labels",
     "calibration_inputs",
-    "checkpoint_model_type",
+    "check_report_folder",
     "dataset_label_names",
     "evaluate_model",
     "load_model",
@@ -403,6 +455,7 @@ __all__ = [
     "part_parameters",
     "part_predictions",
     "predict_split",
+    "report_folder_conflicts",
     "take",
     "teacher_label_names",
     "torch_dtype",

@@ -10,15 +10,26 @@ the label; `parse_annotation` splits the response into the conversation answer (
 reasoning answer. The official annotation JSON (`img_path`, `gpt_response`) is read by the same parser
 (`emovlm_kd.training.instructions`). Responses are appended to a JSONL file as they come; a rerun skips the images
 already answered.
+
+Transient failures of the endpoint (a refused or dropped connection, a timeout, HTTP 408/429/500/502/503/504) are
+retried with exponential backoff (`RetryPolicy`: 5 attempts, waiting 2, 4, 8, 16 s; a `Retry-After` header is waited
+for instead, up to 120 s); then, or at once for any other HTTP error, an `AnnotatorError` names the endpoint and
+what went wrong. The answers written before it stay, so a rerun continues from there.
 """
 
 import base64
+import email.utils
+import http.client
 import io
 import json
 import logging
 import os
 import re
+import time
+import urllib.error
 import urllib.request
+from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 
 from tqdm.auto import tqdm
@@ -99,36 +110,136 @@ def api_key():
     raise ValueError(f"--annotator openai needs an API key in the environment ({' or '.join(API_KEY_VARIABLES)})")
 
 
-class OpenAIChatAnnotator:
-    """Calls `{url}/chat/completions` with the image as a data URL."""
+RETRY_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
+TRANSIENT_ERRORS = (urllib.error.URLError, ConnectionError, TimeoutError, http.client.HTTPException)
 
-    def __init__(self, url, model, timeout=120):
+
+class AnnotatorError(RuntimeError):
+    """The annotator endpoint failed for good: retries exhausted, or an answer no retry changes (401, 404...)."""
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """`attempts` tries per request in all; after failure k (0-based) wait `base_delay * 2**k` seconds, or the
+    server's `Retry-After`, never more than `max_delay`."""
+
+    attempts: int = 5
+    base_delay: float = 2.0
+    max_delay: float = 120.0
+
+    def __post_init__(self):
+        if self.attempts < 1:
+            raise ValueError(f"attempts must be >= 1, got {self.attempts}")
+        if self.base_delay < 0 or self.max_delay < 0:
+            raise ValueError(f"delays must be >= 0, got base_delay={self.base_delay}, max_delay={self.max_delay}")
+
+    def delay(self, failure, retry_after=None):
+        """Seconds to wait after failed attempt number `failure` (0-based)."""
+        wanted = retry_after if retry_after is not None else self.base_delay * 2**failure
+        return min(max(wanted, 0.0), self.max_delay)
+
+
+def retry_after_seconds(value, now=None):
+    """A `Retry-After` header value (delay-seconds or an HTTP date) as seconds from `now`, or None if absent/bad."""
+    if not value:
+        return None
+    try:
+        return float(value)
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    return (when - (now or datetime.now(UTC))).total_seconds()
+
+
+class OpenAIChatAnnotator:
+    """Calls `{url}/chat/completions` with the image as a data URL; transient failures are retried per `retry`,
+    waiting with `sleep` (injectable for tests)."""
+
+    def __init__(self, url, model, timeout=120, retry=None, sleep=time.sleep):
         if not url or not model:
             raise ValueError("--annotator openai needs --annotator-url and --annotator-model")
         self.url = url.rstrip("/") + "/chat/completions"
         self.model, self.timeout, self._key = model, timeout, api_key()
+        self.retry, self._sleep = retry or RetryPolicy(), sleep
 
     def __repr__(self):  # never show the key
         return f"OpenAIChatAnnotator(url={self.url!r}, model={self.model!r})"
 
     def __call__(self, image, text):
+        payload = self._post_with_retries(json.dumps(self._request_body(image, text)).encode())
+        try:
+            return payload["choices"][0]["message"]["content"].strip()
+        except (KeyError, IndexError, TypeError, AttributeError):
+            raise AnnotatorError(
+                f"the annotator endpoint {self.url} answered without choices[0].message.content: {str(payload)[:200]}"
+            ) from None
+
+    def _request_body(self, image, text):
         buffer = io.BytesIO()
         image.save(buffer, format="JPEG", quality=90)
         data_url = "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode()
-        body = {
+        return {
             "model": self.model,
             "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": data_url}},
                                                       {"type": "text", "text": text}]}],
             "temperature": 0.2,
         }
+
+    def _post(self, data):
+        """One attempt: the endpoint's JSON answer to `data`."""
         request = urllib.request.Request(
-            self.url,
-            data=json.dumps(body).encode(),
-            headers={"Content-Type": "application/json", "Authorization": f"Bearer {self._key}"},
+            self.url, data=data, headers={"Content-Type": "application/json", "Authorization": f"Bearer {self._key}"}
         )
         with urllib.request.urlopen(request, timeout=self.timeout) as response:
-            payload = json.loads(response.read())
-        return payload["choices"][0]["message"]["content"].strip()
+            body = response.read()
+        try:
+            return json.loads(body)
+        except ValueError:
+            raise AnnotatorError(f"the annotator endpoint {self.url} answered non-JSON: {body[:200]!r}") from None
+
+    def _post_with_retries(self, data):
+        """`_post(data)`, retried per `self.retry` on transient failures; `AnnotatorError` when they run out."""
+        attempts = self.retry.attempts
+        for attempt in range(attempts):
+            try:
+                return self._post(data)
+            except TRANSIENT_ERRORS as error:
+                failure, retry_after = self._transient_failure(error)
+            if attempt + 1 < attempts:
+                delay = self.retry.delay(attempt, retry_after)
+                logger.warning("annotator endpoint %s: %s; retry %d of %d in %.1f s",
+                               self.url, failure, attempt + 1, attempts - 1, delay)  # fmt: skip
+                self._sleep(delay)
+        raise AnnotatorError(
+            f"the annotator endpoint {self.url} failed {attempts} time(s), last: {failure}. "
+            "The answers received so far are kept: run again to continue"
+        )
+
+    def _transient_failure(self, error):
+        """`(what failed, Retry-After seconds or None)` for a failure worth retrying; `AnnotatorError` otherwise."""
+        if isinstance(error, urllib.error.HTTPError):
+            status, body = f"HTTP {error.code} {error.reason}", _error_body(error)
+            if error.code not in RETRY_STATUSES:
+                raise AnnotatorError(f"the annotator endpoint {self.url} answered {status}: {body}") from None
+            return status, retry_after_seconds(error.headers.get("Retry-After"))
+        if isinstance(error, urllib.error.URLError):
+            return f"{error.reason}", None
+        return f"{type(error).__name__}: {error}", None
+
+
+def _error_body(error):
+    """The first 200 characters of an HTTP error's body ('' if it cannot be read); the error's response is closed."""
+    try:
+        return error.read().decode("utf-8", errors="replace")[:200]
+    except (OSError, ValueError, AttributeError, http.client.HTTPException):
+        return ""
+    finally:
+        error.close()
 
 
 class LocalVLMAnnotator:

@@ -65,6 +65,12 @@ class DataArguments(_Checked):
     leakage: Literal["warn", "error"] = field(
         default="warn", metadata={"help": "identical images in two splits: warn, or stop the run"}
     )
+    verify_data: Literal["stat", "content"] = field(
+        default="stat", metadata={"help": "what cache and stage keys see of each image file: stat (its size and "
+                                          "modification time) or content (its size and sha256: reads every file; "
+                                          "catches a change that keeps both, and a file rewritten with the same "
+                                          "bytes keeps its caches)"}
+    )
 
     def _checks(self):
         yield 0.0 < self.val_fraction < 1.0, "val-fraction", "must be in (0, 1)"
@@ -73,6 +79,7 @@ class DataArguments(_Checked):
                                  and ratios[0] > 0 and ratios[2] > 0), "split-ratios", \
             "must be three shares (train val test) summing to 1, train and test > 0"
         yield self.leakage in ("warn", "error"), "leakage", "must be warn or error"
+        yield self.verify_data in ("stat", "content"), "verify-data", "must be stat or content"
 
 
 @dataclass
@@ -83,6 +90,7 @@ class ModelArguments(_Checked):
     teacher_trained: str | None = _help("an already fine-tuned teacher: skip stage 2")
     output_dir: str = field(default="runs/demo", metadata={"help": "run folder (RUN); RUN/model is the Hub model"})
     push_to_hub: str | None = _help("Hub repo id to push RUN/model to")
+    license: str | None = _help("the model card's license (a Hub license id); default: the base model's")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = field(
         default="auto", metadata={"help": "weights dtype; auto: bfloat16 on CUDA, else float32"}
     )

@@ -17,6 +17,7 @@ import socket
 from pathlib import Path
 from urllib.parse import urlparse
 
+from emovlm_kd.modelcheck import looks_like_path
 from emovlm_kd.training.config import DEMO
 
 logger = logging.getLogger(__name__)
@@ -32,15 +33,6 @@ class PreflightError(ValueError):
     def __init__(self, problems):
         self.problems = list(problems)
         super().__init__("cannot start the run:\n  " + "\n  ".join(self.problems))
-
-
-def looks_like_path(name):
-    """A name meant as a local path: absolute, `./`, `../`, `~`, a Windows drive, more than one `/`, or a first
-    component that exists here (`runs/nope` when `runs/` exists). Hub ids are `NAME` or `ORG/NAME`."""
-    text = str(name)
-    if text.startswith(("/", ".", "~", "\\")) or (len(text) > 1 and text[1] == ":") or text.count("/") > 1:
-        return True
-    return "/" in text and Path(text.split("/")[0]).exists()
 
 
 def connectable(url, timeout=CONNECT_TIMEOUT):

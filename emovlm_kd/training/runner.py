@@ -2,21 +2,31 @@
 
 Every stage is skipped when its finished output already exists, so a rerun after a crash picks up where it
 stopped; Trainer checkpoints resume inside a stage. Works under torchrun / accelerate launch.
+
+One run at a time writes in RUN (`RUN/.lock`, see `runlock`). Stage and cache keys see the image files (size and
+modification time, or content with `--verify-data content`: see `load_data`). The export records the sha256 of
+every file it wrote and a rerun rebuilds RUN/model and RUN/eval_results.json when one is missing or differs.
 """
 
 import json
 import logging
+import time
+from functools import partial
 from pathlib import Path
 
 import torch
 
-from emovlm_kd.distributed import barrier, is_main_process, state
+from emovlm_kd.distributed import barrier, is_main_process, main_process_decides, state
 from emovlm_kd.evaluation.options import dataset_options
 from emovlm_kd.training.cache import (
     TensorCache,
     atomic_write_text,
+    files_fingerprint,
     fingerprint,
     fingerprint_module,
+    respect_umask,
+    sha256_file,
+    with_files_fingerprint,
 )
 from emovlm_kd.training.calibration import calibrate_bundle
 from emovlm_kd.training.config import DEMO, check_instruction_sources
@@ -36,6 +46,7 @@ from emovlm_kd.training.heads import (
 from emovlm_kd.training.instructions import instruction_mix, run_stage0
 from emovlm_kd.training.modelcard import model_card
 from emovlm_kd.training.passes import vlm_pass_cache
+from emovlm_kd.training.runlock import hold_run_lock
 from emovlm_kd.training.sft import run_stage1
 from emovlm_kd.training.stage import Stage, resolve_dtype
 from emovlm_kd.training.teacher import check_teacher_labels, run_stage2, teacher_cache
@@ -43,11 +54,13 @@ from emovlm_kd.training.teacher import check_teacher_labels, run_stage2, teacher
 logger = logging.getLogger(__name__)
 
 PARTS = ("vlm", "distill", "teacher", "emovlm_kd")
+EXPORT_RECORD = "files.json"  # RUN/stage5_export/files.json: {RUN-relative path: sha256} of what the export wrote
 
 
 def load_data(cfg, data_source):
     """The run's DatasetDict: derived by the loader, or the `--splits` file's; train capped by max_train_samples;
-    identical images across splits reported (or refused with `--leakage error`)."""
+    identical images across splits reported (or refused with `--leakage error`); every split's fingerprint made to
+    cover its image files (`see_image_files`), so that every stage and cache key does."""
     from emovlm_kd.data import load_image_dataset
     from emovlm_kd.data.splitfile import apply_splits, check_leakage, read_splits
 
@@ -61,6 +74,19 @@ def load_data(cfg, data_source):
         dataset["train"] = dataset["train"].shuffle(seed=cfg.seed).select(range(min(cfg.max_train_samples,
                                                                                   len(dataset["train"]))))
     check_leakage(dataset, strict=cfg.leakage == "error")
+    return see_image_files(dataset, cfg.verify_data)
+
+
+def see_image_files(dataset, verify):
+    """Each split with a `datasets` fingerprint that also covers its images: every file's size and mtime_ns
+    (`verify="stat"`) or size and sha256 (`"content"`), the bytes a dataset holds itself hashed in both modes
+    (`cache.files_fingerprint`). Computed by the main process, once per split, and shared."""
+    started = time.perf_counter()
+    for name, split in dataset.items():
+        files = main_process_decides(partial(files_fingerprint, split, verify))
+        dataset[name] = with_files_fingerprint(split, files)
+    logger.info("image files fingerprinted (%s): %d rows in %.1f s", verify,
+                sum(len(split) for split in dataset.values()), time.perf_counter() - started)
     return dataset
 
 
@@ -81,12 +107,28 @@ def accuracy(predictions, labels):
 
 
 def run_training(cfg):
-    """Run every stage; returns the test-split results written to RUN/eval_results.json."""
-    from configuration_emovlm_kd import EmoVLMKDConfig
-
+    """Run every stage, holding RUN/.lock throughout (`RunFolderBusy`, a `UsageError`, when another run holds it);
+    returns the test-split results written to RUN/eval_results.json."""
     state()  # joins the process group under torchrun before any collective
     torch.manual_seed(cfg.seed)
     check_instruction_sources(cfg)  # the paper's mix needs conversation/reasoning answers: stop before any work
+    with hold_run_lock(cfg.output_dir):  # before anything is written in RUN
+        results = run_stages(cfg)
+        if is_main_process():
+            respect_umask(*owned_folders(Path(cfg.output_dir)), only_private=True)
+    return results
+
+
+def owned_folders(run_dir):
+    """The folders of RUN that the run writes (each stage's, the caches, the model, the demo's base models): their
+    files written 0600 by safetensors get the umask's mode at the end of a run."""
+    return [*sorted(run_dir.glob("stage[0-9]_*")), *(run_dir / name for name in ("cache", "model", "base"))]
+
+
+def run_stages(cfg):
+    """Every stage, in order, each skipped when done with the same inputs; the results."""
+    from configuration_emovlm_kd import EmoVLMKDConfig
+
     run_dir = start_run(cfg)
     data_source, vlm_path, teacher_path = resolve_inputs(cfg, run_dir)
 
@@ -115,7 +157,8 @@ def run_training(cfg):
     calibrate_bundle(cfg, bundle, passes, outputs)
     results = test_results(passes["test"], outputs)
     results.update(instruction_mix=mix, gate_data=gate_data_summary(cfg, passes))
-    export(cfg, run_dir, bundle, processor, model_card(cfg, names, results, vlm_path), results, split_file)
+    card = model_card(cfg, names, results, vlm_path, backbone_type=bundle.config.vlm_config.model_type)
+    export(cfg, run_dir, bundle, processor, card, results, split_file)
     return results
 
 
@@ -222,26 +265,62 @@ def test_results(test_pass, outputs):
 
 
 def export(cfg, run_dir, bundle, processor, card, results, split_file):
-    """RUN/model (the Hub bundle, with the split it was trained on) and RUN/eval_results.json, rewritten only when
-    they change; then the push."""
+    """RUN/model (the Hub bundle, with the split it was trained on) and RUN/eval_results.json, rewritten when their
+    inputs change or a file of theirs no longer has the sha256 the export recorded; then the push."""
     from emovlm_kd.data.splitfile import SPLITS_FILE
     from emovlm_kd.hub import save_bundle
 
     key = fingerprint("export", fingerprint_module(bundle), str(card), results, split_file["dataset"]["fingerprint"],
                       bundle.config.gate_calibration_temperature, bundle.config.head_calibration_temperature)
     done = Stage(run_dir, "stage5_export", key)
-    if done.done and (run_dir / "model" / "config.json").exists():
+    finished = done.done
+    damage = main_process_decides(lambda: export_damage(run_dir, done.dir)) if finished else None
+    if finished and damage is None:
         logger.info("[export] RUN/model is up to date, not rewritten")
     else:
+        if damage:
+            logger.warning("[export] %s: rebuilding RUN/model and eval_results.json", damage)
         if is_main_process():
             save_bundle(bundle, processor, run_dir / "model", model_card=card,
                         extra_files={SPLITS_FILE: run_dir / SPLITS_FILE})
             atomic_write_text(run_dir / "eval_results.json", json.dumps(results, indent=2))
+            record_export(run_dir, done.dir)
         done.finish(model=str(run_dir / "model"))
     if is_main_process() and cfg.push_to_hub:
         push_folder(run_dir / "model", cfg.push_to_hub)
         logger.info("pushed %s to the Hub as %s", run_dir / "model", cfg.push_to_hub)
     barrier()
+
+
+def exported_files(run_dir):
+    """RUN-relative paths of what the export writes: every file of RUN/model, and eval_results.json."""
+    model = run_dir / "model"
+    files = sorted(path.relative_to(run_dir).as_posix() for path in model.rglob("*") if path.is_file())
+    return [*files, "eval_results.json"]
+
+
+def record_export(run_dir, stage_dir):
+    """RUN/stage5_export/files.json: the sha256 of every file the export wrote (written before its DONE.json)."""
+    digests = {name: sha256_file(run_dir / name) for name in exported_files(run_dir)}
+    atomic_write_text(stage_dir / EXPORT_RECORD, json.dumps(digests, indent=1))
+
+
+def export_damage(run_dir, stage_dir):
+    """What is wrong with the export, in words naming the file (the first one found), or None when every file it
+    recorded is there with the same sha256 (files added to RUN/model since are not its)."""
+    try:
+        recorded = json.loads((stage_dir / EXPORT_RECORD).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        recorded = None
+    if not isinstance(recorded, dict):
+        return f"{stage_dir / EXPORT_RECORD}, the record of the exported files, is missing or unreadable"
+    for name, digest in recorded.items():
+        path = run_dir / name
+        if not path.is_file():
+            return f"{path} is missing"
+        if sha256_file(path) != digest:
+            return f"{path} differs from the file the export wrote (sha256)"
+    return None
 
 
 def push_folder(folder, repo_id):

@@ -1,0 +1,106 @@
+"""Quiet, useful output: our log lines on stderr, the Trainers' metric dicts in a file, progress bars only on a
+terminal, and the libraries' expected warnings dropped where they are emitted.
+
+- `setup_logging(level, quiet)`: the CLI's logging (`--quiet` = warnings and errors only).
+- `quiet_libraries()`: transformers / datasets / huggingface_hub progress bars off unless stderr is a terminal
+  (no `\\r` spam in a log file); the expected messages and warnings filtered out where they are emitted.
+- `trainer_log_file(path)`: a `TrainerCallback` appending every Trainer log dict to a JSON-lines file (RUN/logs/STAGE.jsonl);
+  `route_trainer_logs(trainer, path)` puts it in place of the callbacks that print those dicts to stdout.
+"""
+
+import json
+import logging
+import os
+import sys
+import warnings
+from pathlib import Path
+
+# what the libraries say on every run although nothing is wrong: (logger, message start)
+EXPECTED_LOG_MESSAGES = (
+    ("transformers.trainer_utils", "mtime may not be reliable"),  # checkpoint rotation on a fast filesystem
+)
+EXPECTED_WARNINGS = (
+    (FutureWarning, r"`gradient_checkpointing` is deprecated"),  # TRL's SFTConfig field, renamed in transformers 5
+    (FutureWarning, r"`is_gradient_checkpointing` is deprecated"),  # read by TRL / PEFT on every step
+)
+# environment settings the libraries read when imported (a user's own values win)
+LIBRARY_ENVIRONMENT = {"TRANSFORMERS_VERBOSITY": "warning"}
+NO_PROGRESS_BARS = {"HF_HUB_DISABLE_PROGRESS_BARS": "1", "HF_DATASETS_DISABLE_PROGRESS_BARS": "1"}
+
+
+def interactive():
+    """Whether stderr is a terminal (progress bars redraw there; in a file they are `\r` spam)."""
+    return sys.stderr.isatty()
+
+
+class DropMessage(logging.Filter):
+    def __init__(self, start):
+        super().__init__()
+        self.start = start
+
+    def filter(self, record):
+        return not record.getMessage().startswith(self.start)
+
+
+def setup_logging(level="INFO", quiet=False):
+    """One format for our lines on stderr; `quiet` keeps warnings and errors only; then `quiet_libraries()`."""
+    level = logging.WARNING if quiet else getattr(logging, str(level).upper(), logging.INFO)
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr,
+                        force=True)
+    quiet_libraries()
+    return level
+
+
+def quiet_libraries():
+    """transformers at warnings; progress bars of transformers, datasets and huggingface_hub off without a terminal;
+    the expected messages and warnings dropped. Through the environment variables the libraries read on import (a
+    command that stops early never imports them), or their functions when they are imported already."""
+    settings = dict(LIBRARY_ENVIRONMENT, **({} if interactive() else NO_PROGRESS_BARS))
+    for name, value in settings.items():
+        os.environ.setdefault(name, value)
+    for logger_name, start in EXPECTED_LOG_MESSAGES:
+        logging.getLogger(logger_name).addFilter(DropMessage(start))
+    for category, message in EXPECTED_WARNINGS:
+        warnings.filterwarnings("ignore", message=message, category=category)
+    if "transformers" in sys.modules:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity(getattr(logging, os.environ["TRANSFORMERS_VERBOSITY"].upper(), logging.WARNING))
+        if not interactive():
+            hf_logging.disable_progress_bar()
+    if not interactive():
+        for module, function in (("datasets", "disable_progress_bars"), ("huggingface_hub.utils", "disable_progress_bars")):
+            if module in sys.modules:
+                getattr(sys.modules[module], function)()
+
+
+def trainer_log_file(path):
+    """A `TrainerCallback` appending each Trainer log dict (loss, learning rate, ...) to `path` as a JSON line."""
+    from transformers import TrainerCallback
+
+    class TrainerLogFile(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if logs and state.is_world_process_zero:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                with path.open("a", encoding="utf-8") as f:
+                    f.write(json.dumps({"step": state.global_step, **logs}) + "\n")
+
+    path = Path(path)
+    return TrainerLogFile()
+
+
+def route_trainer_logs(trainer, path):
+    """The Trainer's log dicts go to `path` instead of stdout; its progress bar stays (on a terminal only)."""
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+    class BarOnly(ProgressCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):  # the bar, not the dicts
+            return None
+
+    had_bar = any(isinstance(cb, ProgressCallback) for cb in trainer.callback_handler.callbacks)
+    trainer.remove_callback(PrinterCallback)
+    trainer.remove_callback(ProgressCallback)
+    if had_bar and interactive():
+        trainer.add_callback(BarOnly())
+    trainer.add_callback(trainer_log_file(path))
+    return trainer

@@ -1,0 +1,232 @@
+"""Results written all or nothing: `predict --output FILE` through `FILE.part` (renamed at the end, continued with
+`--resume` after a kill), `predict | head` ending quietly, `evaluate`'s report set replacing its folder as a whole
+and never a folder holding the user's files. Tiny bundle, a handful of images, CPU pinned (outputs are compared
+byte for byte)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from emovlm_kd.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+NUM_IMAGES = 6
+
+
+@pytest.fixture(scope="module")
+def image_dir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("images")
+    for i in range(NUM_IMAGES):
+        pixels = np.random.default_rng(i).integers(0, 256, (36 + 4 * i, 40, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(folder / f"{i}.png")
+    (folder / "broken.png").write_bytes(b"not an image")  # a skipped input resumes like the others
+    return folder
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_bundle_dir, image_dir, tmp_path_factory):
+    """The bytes of an uninterrupted `predict --output` run (exit status 1: one input skipped)."""
+    out = tmp_path_factory.mktemp("reference") / "all.jsonl"
+    assert predict(tiny_bundle_dir, image_dir, out) == 1
+    return out.read_bytes()
+
+
+def predict(model, inputs, output, *extra):
+    return main(["predict", "--model", str(model), "--device", "cpu", "--batch-size", "2", "--output", str(output),
+                 str(inputs), *extra])
+
+
+def child_env():
+    paths = [str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": os.pathsep.join(paths)}
+
+
+KILLED_AT_THIRD_BATCH = """
+import os, signal, sys
+import emovlm_kd.inference as inference
+from emovlm_kd.cli import main
+
+real, calls = inference.run_batch, []
+
+def run_batch(*args, **kwargs):
+    calls.append(1)
+    if len(calls) == 3:
+        os.kill(os.getpid(), signal.SIGKILL)  # no cleanup code of ours runs
+    return real(*args, **kwargs)
+
+inference.run_batch = run_batch
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+# ------------------------------------------------------------------------------------------------------ predict
+
+
+@pytest.mark.skipif(not hasattr(os, "kill") or sys.platform == "win32", reason="SIGKILL")
+def test_a_killed_predict_leaves_its_part_and_resume_gives_the_uninterrupted_file(tiny_bundle_dir, image_dir,
+                                                                                  reference, tmp_path):
+    out = tmp_path / "predictions.jsonl"
+    out.write_text("an older, complete result\n")
+    argv = ["predict", "--model", str(tiny_bundle_dir), "--device", "cpu", "--batch-size", "2", "--output", str(out),
+            str(image_dir)]
+    killed = subprocess.run([sys.executable, "-c", KILLED_AT_THIRD_BATCH, *argv], cwd=ROOT, env=child_env(),
+                            check=False, capture_output=True, text=True, timeout=300)
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    part = Path(f"{out}.part")
+    assert out.read_text() == "an older, complete result\n"  # untouched until the new file is complete
+    assert len(part.read_text().splitlines()) == 4  # the first two batches
+    assert reference.startswith(part.read_bytes())
+    assert predict(tiny_bundle_dir, image_dir, out, "--resume") == 1
+    assert out.read_bytes() == reference and not part.exists()
+
+
+def test_resume_drops_a_line_cut_short_and_predicts_only_what_is_missing(tiny_bundle_dir, image_dir, reference,
+                                                                         tmp_path, monkeypatch):
+    import emovlm_kd.inference
+
+    lines = reference.splitlines(keepends=True)
+    out = tmp_path / "predictions.jsonl"
+    Path(f"{out}.part").write_bytes(b"".join(lines[:4]) + lines[4][:25])  # a kill in the middle of line 5
+    real, images_seen = emovlm_kd.inference.run_batch, []
+
+    def counting(model, processor, images, **kwargs):
+        images_seen.append(len(images))
+        return real(model, processor, images, **kwargs)
+
+    monkeypatch.setattr(emovlm_kd.inference, "run_batch", counting)
+    assert predict(tiny_bundle_dir, image_dir, out, "--resume") == 1
+    assert out.read_bytes() == reference
+    assert sum(images_seen) == len(lines) - 4 - 1  # lines 5.. again, the broken file's line without a model call
+
+
+def test_without_resume_a_part_file_is_started_afresh(tiny_bundle_dir, image_dir, reference, tmp_path):
+    out = tmp_path / "predictions.jsonl"
+    Path(f"{out}.part").write_text('{"path": "stale"}\n')
+    assert predict(tiny_bundle_dir, image_dir, out) == 1
+    assert out.read_bytes() == reference and not Path(f"{out}.part").exists()
+
+
+@pytest.mark.parametrize("case", ["foreign part", "resume without output"])
+def test_resume_usage_errors_exit_2(case, tiny_bundle_dir, image_dir, tmp_path, capsys):
+    out = tmp_path / "predictions.jsonl"
+    Path(f"{out}.part").write_text('{"path": "a.png"}\nsomebody else\'s notes\n')
+    argv = (["--output", str(out)] if case == "foreign part" else []) + ["--resume"]
+    with pytest.raises(SystemExit) as exit_info:
+        main(["predict", "--model", str(tiny_bundle_dir), "--device", "cpu", *argv, str(image_dir)])
+    assert exit_info.value.code == 2
+    assert ("line 2 is not a predict line" if case == "foreign part" else "give --output") in capsys.readouterr().err
+    assert Path(f"{out}.part").read_text().endswith("notes\n") and not out.exists()
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="poll() on a pipe")
+def test_predict_into_a_closed_pipe_ends_quietly_with_141(tiny_bundle_dir, image_dir, monkeypatch, capsys):
+    """`emovlm-kd predict ... | head -1`, made deterministic: stdout is a pipe whose reader is already gone."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    with os.fdopen(write_end, "w") as closed_pipe:
+        monkeypatch.setattr(sys, "stdout", closed_pipe)
+        code = main(["predict", "--model", str(tiny_bundle_dir), "--device", "cpu", str(image_dir)])
+        monkeypatch.undo()
+    assert code == 141
+    assert "Traceback" not in capsys.readouterr().err
+
+
+def test_a_broken_pipe_elsewhere_is_not_hidden(tiny_bundle_dir, image_dir, monkeypatch):
+    """Only stdout's reader going away ends quietly: a BrokenPipeError of another pipe or socket propagates."""
+    import emovlm_kd.inference
+
+    def broken(*args, **kwargs):
+        raise BrokenPipeError("a socket of some library")
+
+    monkeypatch.setattr(emovlm_kd.inference, "run_batch", broken)
+    read_end, write_end = os.pipe()
+    with os.fdopen(read_end, "r"), os.fdopen(write_end, "w") as healthy_pipe:
+        monkeypatch.setattr(sys, "stdout", healthy_pipe)
+        with pytest.raises(BrokenPipeError, match="a socket"):
+            main(["predict", "--model", str(tiny_bundle_dir), "--device", "cpu", str(image_dir)])
+
+
+# ----------------------------------------------------------------------------------------------------- evaluate
+
+
+@pytest.fixture(scope="module")
+def dataset_dir(tmp_path_factory):
+    from emovlm_kd.data import make_synthetic_dataset
+
+    return make_synthetic_dataset(tmp_path_factory.mktemp("data") / "FI", per_class=(1, 0, 1), image_size=40)
+
+
+def evaluate(model, dataset, out):
+    return main(["evaluate", "--model", str(model), "--dataset", str(dataset), "--output-dir", str(out),
+                 "--device", "cpu", "--batch-size", "8"])
+
+
+def snapshot(folder):
+    return {path.name: path.read_bytes() for path in Path(folder).iterdir()}
+
+
+def test_a_failure_while_writing_leaves_the_old_report_set_whole(tiny_bundle_dir, dataset_dir, tmp_path,
+                                                                 monkeypatch):
+    """predictions.jsonl of the new run is written, then a figure fails: the folder keeps every old file."""
+    import emovlm_kd.evaluation.plots
+
+    out = tmp_path / "report"
+    assert evaluate(tiny_bundle_dir, dataset_dir, out) == 0
+    before = snapshot(out)
+    (out / "report.json").write_text('{"old": true}\n')  # an older run's report, to tell the sets apart
+    before["report.json"] = b'{"old": true}\n'
+
+    def failing(*args, **kwargs):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(emovlm_kd.evaluation.plots, "plot_complementarity", failing)
+    with pytest.raises(RuntimeError, match="disk full"):
+        evaluate(tiny_bundle_dir, dataset_dir, out)
+    assert snapshot(out) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["report"]  # no temporary folder left beside it
+
+
+def test_a_run_after_a_kill_replaces_the_set_and_clears_what_the_kill_left(tiny_bundle_dir, dataset_dir, tmp_path):
+    out = tmp_path / "report"
+    out.mkdir()
+    (out / "report.json").write_text('{"old": true}\n')
+    (out / "confusion_matrix.png").write_bytes(b"old figure")
+    (out / ".predictions.jsonl.4242.part").write_text("half a line")  # an older writer's temporary file
+    (tmp_path / ".report.tmp").mkdir()  # a staging folder of a run killed while writing
+    (tmp_path / ".report.tmp" / "predictions.jsonl").write_text("partial\n")
+    assert evaluate(tiny_bundle_dir, dataset_dir, out) == 0
+    names = sorted(p.name for p in out.iterdir())
+    assert names == ["complementarity.png", "confusion_matrix.png", "predictions.jsonl", "report.json", "report.md"]
+    report = json.loads((out / "report.json").read_text())
+    assert report["num_samples"] == 8 and (out / "confusion_matrix.png").read_bytes() != b"old figure"
+    assert len((out / "predictions.jsonl").read_text().splitlines()) == 8
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["report"]
+
+
+@pytest.mark.parametrize("where", ["inside", "is the current folder"])
+def test_evaluate_never_replaces_a_folder_holding_other_files(where, tiny_bundle_dir, dataset_dir, tmp_path, capsys,
+                                                              monkeypatch):
+    import emovlm_kd.inference
+
+    out = tmp_path / "results"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    (out / "report.json").write_text('{"old": true}\n')
+    if where == "is the current folder":
+        (out / "notes.txt").unlink()
+        monkeypatch.chdir(out)
+    monkeypatch.setattr(emovlm_kd.inference, "run_batch", None)  # refused before any inference: never called
+    with pytest.raises(SystemExit) as exit_info:
+        evaluate(tiny_bundle_dir, dataset_dir, "." if where == "is the current folder" else out)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "--output-dir" in err and ("notes.txt" in err if where == "inside" else "current folder" in err)
+    assert (out / "report.json").read_text() == '{"old": true}\n'
+    if where == "inside":
+        assert (out / "notes.txt").read_text() == "mine"
