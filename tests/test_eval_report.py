@@ -151,3 +151,44 @@ def test_the_complementarity_chart_names_both_branches_and_shows_counts(report, 
     assert f"{gate['followed_distill']} ({100 * gate['followed_distill'] / gate['disagreements']:.1f}%)" in texts
     labels = [t.get_text() for t in figures[0].axes[1].get_yticklabels()]
     assert "gate followed the head" in labels and "the head was right" in labels
+
+
+def test_limit_takes_a_stratified_sample_in_the_datasets_order():
+    """`--limit 16` on a dataset sorted by class holds every class in proportion, not the first two classes."""
+    from datasets import ClassLabel, Dataset, Features, Value
+
+    from emovlm_kd.evaluation.runner import stratified_quota, take
+
+    labels = [0] * 40 + [1] * 20 + [2] * 10 + [3] * 10 + [4] * 2
+    data = Dataset.from_dict({"id": list(range(len(labels))), "label": labels},
+                             features=Features({"id": Value("int64"), "label": ClassLabel(num_classes=5)}))
+    sample = take(data, 16)
+    assert np.bincount(sample["label"], minlength=5).tolist() == [7, 4, 2, 2, 1]  # one each, the rest by count
+    assert sample["id"] == sorted(sample["id"]) and take(data, 16)["id"] == sample["id"]  # ordered, seeded
+    assert take(data, 16, seed=1)["id"] != sample["id"]
+    assert stratified_quota([5, 3, 1], 2).tolist() == [1, 1, 0]  # fewer rows than classes: the largest classes
+    assert stratified_quota([5, 3, 1], 9).tolist() == [5, 3, 1] and take(data, None) is data
+
+
+@pytest.mark.parametrize("meta, shown", [
+    ({"dataset_format": "fi", "split": "test", "limit": None}, True),
+    ({"dataset_format": "imagefolder", "split": "test", "limit": None}, False),  # e.g. the synthetic demo
+    ({"dataset_format": "fi", "split": "test", "limit": 16}, False),  # a sample is not the paper's test set
+    ({"dataset_format": "fi", "split": "val", "limit": None}, False),
+])
+def test_the_papers_fi_column_stands_only_beside_a_full_fi_test_split(meta, shown):
+    report = build_report(LABELS, REFERENCES, PREDICTIONS, {p: _probs(PREDICTIONS[p]) for p in ("distill", "emovlm_kd")},
+                          meta=meta)
+    assert ("paper, FI (%)" in render_markdown(report)) is shown
+
+
+def test_the_detected_layout_names_fi_only_for_the_fi_layout(tmp_path):
+    from emovlm_kd.data.loading import dataset_format_of
+
+    from dataset_fixtures import write_fi
+
+    write_fi(tmp_path / "FI")
+    assert dataset_format_of(str(tmp_path / "FI")) == "fi"
+    (tmp_path / "mine" / "train" / "awe").mkdir(parents=True)
+    assert dataset_format_of(str(tmp_path / "mine")) != "fi"
+    assert dataset_format_of(str(tmp_path / "nope")) is None

@@ -47,6 +47,7 @@ def add_arguments(parser):
 def run(args):
     check_common_arguments(args)
     _check_paths(args)
+    from emovlm_kd.data.loading import dataset_format_of
     from emovlm_kd.evaluation.report import accuracy_table
     from emovlm_kd.evaluation.runner import (
         dataset_label_names,
@@ -63,7 +64,8 @@ def run(args):
     model, processor, zero_shot, perm = _load_model(args, labels, device, dtype)
     teacher, teacher_processor, teacher_perm = _load_teacher(args.teacher, labels, device, dtype,
                                                              args.trust_remote_code)
-    meta = {"model": str(args.model), "dataset": str(args.dataset), "split": args.split, "limit": args.limit}
+    meta = {"model": str(args.model), "dataset": str(args.dataset), "split": args.split, "limit": args.limit,
+            "dataset_format": dataset_format_of(args.dataset, args.dataset_format)}
     if args.teacher:
         meta["teacher"] = str(args.teacher)
     try:

@@ -63,6 +63,19 @@ def load_image_dataset(
     return from_datasets(load_datasets(location), root, label_names, label_column, image_column, val_fraction, seed)
 
 
+def dataset_format_of(source, dataset_format=None):
+    """The layout `load_image_dataset(source, dataset_format=...)` reads `source` as: a reader's name (`fi`,
+    `emoset`, ...), `hub` (a Hub id or `save_to_disk` folder), or None when `source` is not found."""
+    if dataset_format is not None:
+        return dataset_format
+    try:
+        location = _locate(source)
+    except ValueError:
+        return None
+    reader = find_reader(location) if isinstance(location, Path) else None
+    return reader.name if reader is not None else HUB
+
+
 def _locate(source):
     """The local folder or file `source` names (an absolute `Path`), else `source` as a Hub dataset id."""
     path = Path(source).expanduser().absolute()

@@ -14,7 +14,8 @@ def add_common_arguments(parser):
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     parser.add_argument("--dtype", choices=DTYPES, default=None, help="weights dtype (default: as saved)")
-    parser.add_argument("--limit", type=int, default=None, help="evaluate the first N samples only")
+    parser.add_argument("--limit", type=int, default=None,
+                        help="evaluate a stratified sample of N images (every class in proportion, seeded)")
     parser.add_argument("--output-dir", required=True, help="folder for the report files")
 
 

@@ -314,16 +314,24 @@ def _overview(report):
     return out + [""]
 
 
+def is_the_papers_fi_test(report):
+    """Whether the paper's Table 2 (FI) numbers may stand beside this report's: the dataset was read in the FI
+    layout, on its test split, in full (no `--limit`)."""
+    return report.get("dataset_format") == "fi" and report.get("split") == "test" and not report.get("limit")
+
+
 def _components_section(report):
     out = ["## Components (the paper's Table 2)", ""]
     params = report.get("parameters", {})
-    header = ["part", "parameters", "accuracy (%)", "macro-F1 (%)", f"ECE ({report['ece_n_bins']} bins)",
-              "paper, FI (%)"]
+    paper = is_the_papers_fi_test(report)
+    header = ["part", "parameters", "accuracy (%)", "macro-F1 (%)", f"ECE ({report['ece_n_bins']} bins)"]
+    header += ["paper, FI (%)"] if paper else []
     rows = []
     for part in report["accuracy"]:
         ece = report["ece"].get(part)
         rows.append((PART_TITLES[part], f"{params[part]:,}" if part in params else "-", _pct(report["accuracy"][part]),
-                     _pct(report["macro_f1"][part]), "-" if ece is None else f"{ece:.4f}", TABLE2_FI[part][1]))
+                     _pct(report["macro_f1"][part]), "-" if ece is None else f"{ece:.4f}",
+                     *([TABLE2_FI[part][1]] if paper else [])))
     out += [_table(header, rows), ""]
     if report.get("no_answer"):
         missing = ", ".join(f"{PART_TITLES[p]} {n}" for p, n in report["no_answer"].items())

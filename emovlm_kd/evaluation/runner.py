@@ -190,17 +190,41 @@ def part_parameters(model, zero_shot=False, teacher=None):
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def take(dataset, limit=None):
-    """The first `limit` rows of `dataset` (all when None)."""
+def take(dataset, limit=None, seed=0):
+    """A stratified sample of `limit` rows of `dataset` (all of it when None): each class gets its share of `limit`
+    in proportion to its count (`stratified_quota`), its rows drawn with `seed`; the rows keep the dataset's order.
+    (`--limit 16` on a dataset sorted by class then holds every class, not the first two.)"""
+    import numpy as np
+
     if limit is None or limit >= len(dataset):
         return dataset
     if limit < 1:
         raise ValueError(f"limit must be >= 1, got {limit}")
-    return dataset.select(range(limit))
+    labels = np.asarray(dataset["label"])
+    classes, counts = np.unique(labels, return_counts=True)
+    rng = np.random.default_rng(seed)
+    chosen = [rng.choice(np.flatnonzero(labels == label), quota, replace=False)
+              for label, quota in zip(classes, stratified_quota(counts, limit)) if quota]
+    return dataset.select(sorted(int(i) for i in np.concatenate(chosen)))
+
+
+def stratified_quota(counts, total):
+    """Rows per class for a sample of `total`: one for every class first when `total` allows it, the rest in
+    proportion to the classes' remaining counts, rounded by largest remainder (ties: the lower class index)."""
+    import numpy as np
+
+    counts = np.asarray(counts, dtype=np.int64)
+    quota = np.minimum(counts, 1) if total >= len(counts) else np.zeros_like(counts)
+    left, rest = counts - quota, total - int(quota.sum())
+    share = left * rest / max(1, int(left.sum()))
+    quota = quota + np.floor(share).astype(np.int64)
+    order = np.argsort(-(share - np.floor(share)), kind="stable")
+    quota[order[: total - int(quota.sum())]] += 1
+    return quota
 
 
 def load_split(source, split, limit=None, *, splits=None, model=None, **options):
-    """One split of `emovlm_kd.data.load_image_dataset(source, **options)`, cut to its first `limit` rows;
+    """One split of `emovlm_kd.data.load_image_dataset(source, **options)`, cut to a stratified `limit` rows;
     `UsageError` when absent.
 
     The split's ids come from a split file when there is one: `splits` (`--splits FILE`), else the one a trained
