@@ -451,6 +451,7 @@ class EmoVLMKDForImageClassification(EmoVLMKDPreTrainedModel):
         )
         self.gate = build_gate(config)
         self._plan_cache = None
+        self._answer_tokenizer = None
         self.post_init()
 
     # -- construction helpers ------------------------------------------------------------------------------------
@@ -493,6 +494,26 @@ class EmoVLMKDForImageClassification(EmoVLMKDPreTrainedModel):
             answers.append(ids[common:])
         self.config.label_answer_token_ids = answers
         return answers
+
+    def build_inputs(self, processor, images):
+        """The model's inputs for a batch of images: the classification prompt (chat template, one image each)
+        and the images through `processor`, left padded, on the model's device. `images` are PIL images (RGB) or
+        arrays; for files, URLs or any mode (alpha, 16-bit, EXIF), prepare them with the pipeline file's
+        `prepare_image(image, max_side=config.max_image_side)`, the one image path. Then `model(**inputs)` or
+        `model.generate_labels(**inputs)`."""
+        return prepare_inputs(processor, self.config, images).to(self.device)
+
+    def answer_tokenizer(self):
+        """The tokenizer saved beside the weights (loaded once, from `name_or_path`), which `generate_labels`
+        decodes its answers with when it is given none; None when there is none to load."""
+        if self._answer_tokenizer is None and self.name_or_path:
+            from transformers import AutoTokenizer
+
+            try:
+                self._answer_tokenizer = AutoTokenizer.from_pretrained(self.name_or_path)
+            except (OSError, ValueError):  # no tokenizer files there (a bundle built in memory): token matching
+                self._answer_tokenizer = False
+        return self._answer_tokenizer or None
 
     # -- the parts -----------------------------------------------------------------------------------------------
 
@@ -746,8 +767,9 @@ class EmoVLMKDForImageClassification(EmoVLMKDPreTrainedModel):
         answer that names no label gives a zero vector and `vlm_answer_found=False`, never class 0. One visual-encoder
         pass per image feeds both the language model and the head. Inputs as for `forward`.
 
-        tokenizer (*optional*): decodes the answers (`generated_text`) and parses them with `parse_answer`; without
-            one, each label's answer tokens are matched at the start of the generated tokens.
+        tokenizer (*optional*): decodes the answers (`generated_text`) and parses them with `parse_answer`; by
+            default the tokenizer saved with the model (`answer_tokenizer`); where there is none, each label's answer
+            tokens are matched at the start of the generated tokens and `generated_text` is None.
         generation_kwargs (`dict`, *optional*): extra arguments for `generate` (`max_new_tokens`, `do_sample`...).
         """
         text, image_embeds, distill_logits = self._encode(
@@ -755,7 +777,7 @@ class EmoVLMKDForImageClassification(EmoVLMKDPreTrainedModel):
         )
         with torch.no_grad():
             generated_ids = self.generate_answers(**text, **(generation_kwargs or {}))
-        vlm_scores, found, texts = self.answers_to_vectors(generated_ids, tokenizer)
+        vlm_scores, found, texts = self.answers_to_vectors(generated_ids, tokenizer or self.answer_tokenizer())
         return self._combine(
             vlm_scores, found, image_embeds, distill_logits, labels, generated_ids=generated_ids, generated_text=texts
         )
@@ -765,6 +787,17 @@ def build_prompt_text(processor, config):
     """The chat-formatted classification prompt (one image placeholder) ending with the assistant's turn."""
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": config.classification_prompt()}]}]
     return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+
+def prepare_inputs(processor, config, images):
+    """Processor outputs for a batch of RGB images, each with the classification prompt (left padded)."""
+    prompt = build_prompt_text(processor, config)
+    tokenizer = processor.tokenizer
+    side, tokenizer.padding_side = tokenizer.padding_side, "left"
+    try:
+        return processor(text=[prompt] * len(images), images=list(images), padding=True, return_tensors="pt")
+    finally:
+        tokenizer.padding_side = side
 
 
 EmoVLMKDModel = EmoVLMKDForImageClassification
@@ -778,4 +811,5 @@ __all__ = [
     "PromptPrefixCache",
     "build_prompt_text",
     "parse_answer",
+    "prepare_inputs",
 ]

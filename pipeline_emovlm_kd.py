@@ -21,10 +21,10 @@ from transformers.image_utils import PILImageResampling
 
 try:
     from .configuration_emovlm_kd import MIN_IMAGE_SIDE
-    from .modeling_emovlm_kd import PromptPrefixCache, build_prompt_text
+    from .modeling_emovlm_kd import PromptPrefixCache, prepare_inputs
 except ImportError:  # imported as a plain module (not from a Hub folder)
     from configuration_emovlm_kd import MIN_IMAGE_SIDE
-    from modeling_emovlm_kd import PromptPrefixCache, build_prompt_text
+    from modeling_emovlm_kd import PromptPrefixCache, prepare_inputs
 
 
 ORIENTATION_TAG = 0x0112
@@ -188,17 +188,6 @@ def open_image(source, timeout=None, max_side=None):
         except (ValueError, binascii.Error):
             raise ValueError(f"not an image file, URL or base64 image: {source[:80]!r}") from None
     return pil.open(io.BytesIO(data))
-
-
-def prepare_inputs(processor, config, images):
-    """Processor outputs for a batch of RGB images, each with the classification prompt (left padded)."""
-    prompt = build_prompt_text(processor, config)
-    tokenizer = processor.tokenizer
-    side, tokenizer.padding_side = tokenizer.padding_side, "left"
-    try:
-        return processor(text=[prompt] * len(images), images=list(images), padding=True, return_tensors="pt")
-    finally:
-        tokenizer.padding_side = side
 
 
 def scores_to_predictions(probs, id2label, top_k=None):
