@@ -44,7 +44,8 @@ def map_sharded(compute_batch, length, batch_size, desc="caching"):
     share (`split_between_processes`); every process gets the full concatenation in the original order."""
     parts = []
     with state().split_between_processes(list(range(length))) as mine:
-        with tqdm(total=len(mine), desc=desc, unit="img", disable=not is_main_process() or None) as bar:
+        with tqdm(total=len(mine), desc=desc, unit="img", disable=not is_main_process() or None,
+                  leave=False) as bar:  # the stage's log line follows it
             for begin in range(0, len(mine), batch_size):
                 indices = mine[begin : begin + batch_size]
                 parts.append(compute_batch(indices))

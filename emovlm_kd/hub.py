@@ -67,7 +67,7 @@ def save_bundle(model, processor, output_dir, model_card=None, extra_files=None,
     copied in (e.g. the split the model was trained on). A folder that holds files a bundle does not consist of is
     the user's: `FileExistsError` names them, unless `overwrite`. Every file gets the mode the umask gives new
     files (0644 under umask 022). The same model and processor give the same bytes, whatever the processor was
-    last called with (see `_clear_call_settings`).
+    last called with (see `reset_tokenizer_call_state`).
     """
     from emovlm_kd.training.cache import respect_umask
 
@@ -85,7 +85,7 @@ def save_bundle(model, processor, output_dir, model_card=None, extra_files=None,
     model.config.auto_map = dict(EXTRA_AUTO_MAP)
     model.config.architectures = [type(model).__name__]
     model.config.vlm_config._name_or_path = ""  # where the backbone was loaded from: a local path, not published
-    _clear_call_settings(processor)
+    reset_tokenizer_call_state(processor)
     with registered_pipeline():
         pipe = EmoVLMKDImageClassificationPipeline(model=model, processor=processor, device=model.device)
         pipe.save_pretrained(tmp)  # the model, its code files, auto_map and custom_pipelines
@@ -100,7 +100,7 @@ def save_bundle(model, processor, output_dir, model_card=None, extra_files=None,
     return output_dir
 
 
-def _clear_call_settings(processor):
+def reset_tokenizer_call_state(processor):
     """Drop the padding and truncation the fast tokenizer's backend keeps from its last call (transformers sets
     both afresh on every call), so that tokenizer.json does not depend on what the processor last encoded."""
     backend = getattr(getattr(processor, "tokenizer", processor), "backend_tokenizer", None)

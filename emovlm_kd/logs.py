@@ -18,6 +18,7 @@ from pathlib import Path
 # what the libraries say on every run although nothing is wrong: (logger, message start)
 EXPECTED_LOG_MESSAGES = (
     ("transformers.trainer_utils", "mtime may not be reliable"),  # checkpoint rotation on a fast filesystem
+    ("transformers.distributed.tensor_parallel", "The following layers were not sharded"),  # no tensor parallelism
 )
 EXPECTED_WARNINGS = (
     (FutureWarning, r"`gradient_checkpointing` is deprecated"),  # TRL's SFTConfig field, renamed in transformers 5
@@ -74,6 +75,22 @@ def quiet_libraries():
                 getattr(sys.modules[module], function)()
 
 
+def tidy_transformers_bars():
+    """transformers' per-save and per-load bars leave no line behind (`leave=False`; a run saves a checkpoint per
+    epoch), and a "Writing model shards" bar over a single shard is not drawn at all. Through transformers'
+    `set_tqdm_hook`; call it once transformers is imported (the training does, at its start)."""
+    from transformers.utils import logging as hf_logging
+
+    def hook(factory, args, kwargs):
+        items = args[0] if args else kwargs.get("iterable")
+        kwargs = dict(kwargs, leave=False)
+        if kwargs.get("desc") == "Writing model shards" and hasattr(items, "__len__") and len(items) <= 1:
+            kwargs["disable"] = True
+        return factory(*args, **kwargs)
+
+    hf_logging.set_tqdm_hook(hook)
+
+
 def trainer_log_file(path):
     """A `TrainerCallback` appending each Trainer log dict (loss, learning rate, ...) to `path` as a JSON line."""
     from transformers import TrainerCallback
@@ -89,18 +106,25 @@ def trainer_log_file(path):
     return TrainerLogFile()
 
 
-def route_trainer_logs(trainer, path):
-    """The Trainer's log dicts go to `path` instead of stdout; its progress bar stays (on a terminal only)."""
+def route_trainer_logs(trainer, path=None):
+    """The Trainer's log dicts go to `path` (nowhere when None) instead of stdout; its progress bar stays, on a
+    terminal only."""
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
     class BarOnly(ProgressCallback):
         def on_log(self, args, state, control, logs=None, **kwargs):  # the bar, not the dicts
             return None
 
+        def on_train_end(self, args, state, control, **kwargs):  # the stage's log line follows: no bar left behind
+            if getattr(self, "training_bar", None) is not None:
+                self.training_bar.leave = False
+            return super().on_train_end(args, state, control, **kwargs)
+
     had_bar = any(isinstance(cb, ProgressCallback) for cb in trainer.callback_handler.callbacks)
     trainer.remove_callback(PrinterCallback)
     trainer.remove_callback(ProgressCallback)
     if had_bar and interactive():
         trainer.add_callback(BarOnly())
-    trainer.add_callback(trainer_log_file(path))
+    if path is not None:
+        trainer.add_callback(trainer_log_file(path))
     return trainer

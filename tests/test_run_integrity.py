@@ -125,7 +125,7 @@ def test_a_changed_train_image_retrains_the_stages_that_read_it(integrity_run, t
     with changed_images(one_train_image, tmp_path / "backup"):
         run_training(settings(run))
     after, new_keys = cache_files(run), done_keys(run)
-    for stage in ("stage0_instructions", "stage2_teacher", "stage3_distill", "stage4_gate"):
+    for stage in ("stage0_instructions", "stage1_sft", "stage2_teacher", "stage3_distill", "stage4_gate"):
         assert new_keys[stage] != keys[stage], stage
     for name in ("vlm_pass-train", "teacher-train", "teacher-test"):  # the changed image; the retrained teacher
         assert after[name] != before[name], name
@@ -406,3 +406,15 @@ def test_a_cache_file_has_the_umask_mode_as_soon_as_it_is_written(tmp_path):
 
     path = TensorCache(tmp_path / "cache").put("pass", "k1", {"x": torch.zeros(2)})
     assert path.stat().st_mode & 0o777 == default_file_mode()
+
+
+def test_temp_files_of_killed_writes_are_removed_at_the_start_and_nothing_else(tmp_path):
+    from emovlm_kd.training.runner import remove_partial_writes
+
+    left = [tmp_path / "cache" / ".vlm_pass-train-abc.safetensors.4242.tmp", tmp_path / ".train_config.json.7.tmp"]
+    kept = [tmp_path / "data" / "synthetic.json.tmp", tmp_path / "notes.tmp", tmp_path / "cache" / ".keep.tmp"]
+    for path in left + kept:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("x")
+    remove_partial_writes(tmp_path)
+    assert [p.exists() for p in left] == [False, False] and all(p.exists() for p in kept)

@@ -242,7 +242,7 @@ def test_a_stale_cache_is_not_reused_when_the_data_changes(trained_run, tmp_path
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Crash and resume; several processes
+# Several processes (crash and resume: test_resume.py)
 # ---------------------------------------------------------------------------------------------------------------
 
 
@@ -265,34 +265,6 @@ def assert_same_weights(folder_a, folder_b, atol=1e-5):
     assert a.keys() == b.keys()
     for name in a:
         torch.testing.assert_close(a[name], b[name], atol=atol, rtol=1e-4, msg=name)
-
-
-def test_killed_run_resumes_and_gives_the_same_model(trained_run, tmp_path):
-    """SIGKILL a real training process mid-stage (after its first checkpoint), rerun, compare to the fixture."""
-    import os
-    import signal
-    import subprocess
-    import time
-
-    cfg, reference, reference_results = trained_run
-    out = tmp_path / "run"
-    resumed = tiny_settings(cfg.dataset, cfg.vlm, cfg.teacher, out)
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    process = subprocess.Popen(train_command(resumed), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                               start_new_session=True)
-    deadline = time.time() + 240
-    while time.time() < deadline and process.poll() is None:
-        if list((out / "stage1_sft").glob("checkpoints-*/checkpoint-*/trainer_state.json")):
-            break
-        time.sleep(0.05)
-    assert process.poll() is None, "the run ended before its first checkpoint: " + process.stderr.read().decode()[-2000:]
-    os.killpg(process.pid, signal.SIGKILL)
-    process.wait()
-    assert not (out / "stage1_sft" / "DONE.json").exists()
-    result = subprocess.run(train_command(resumed), env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert json.loads((out / "eval_results.json").read_text()) == reference_results
-    assert_same_weights(out / "model", reference / "model")
 
 
 @pytest.mark.timeout(900)

@@ -108,6 +108,7 @@ def find_unreadable(paths):
             total=len(paths),
             desc="Checking images",
             unit="img",
-            disable=len(paths) <= PROGRESS_MIN_FILES,
+            disable=len(paths) <= PROGRESS_MIN_FILES or None,  # None: no bar without a terminal
+            leave=False,
         )
         return {path: reason for path, reason in zip(paths, results) if reason is not None}

@@ -186,7 +186,7 @@ def _summary(row):
 
 
 def _progress(items, desc):
-    return tqdm(items, desc=desc, unit="setting")
+    return tqdm(items, desc=desc, unit="setting", disable=None)  # no bar without a terminal
 
 
 # ----------------------------------------------------------------------------------------------------------------

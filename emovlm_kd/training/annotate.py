@@ -290,7 +290,7 @@ def _append_answers(out_path, text, todo, ask, desc):
     with open(out_path, "a", encoding="utf-8") as handle:
         if todo and text and not text.endswith("\n"):
             handle.write("\n")  # a line cut by a crash stays on its own line, not glued to the next answer
-        for item in tqdm(todo, desc=desc, unit="answer"):
+        for item in tqdm(todo, desc=desc, unit="answer", disable=None):  # no bar without a terminal
             record = ask(item)
             handle.write(json.dumps(record, ensure_ascii=False) + "\n")
             handle.flush()

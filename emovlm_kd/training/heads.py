@@ -9,7 +9,7 @@ from safetensors.torch import load_file, save_file
 
 from emovlm_kd.distributed import is_main_process
 from emovlm_kd.training.cache import fingerprint
-from emovlm_kd.training.stage import Stage, last_checkpoint, trainer_args
+from emovlm_kd.training.stage import Stage, last_checkpoint, run_trainer, trainer_args
 
 logger = logging.getLogger(__name__)
 
@@ -87,11 +87,7 @@ def train_gate(cfg, gate, vlm_scores, head_probs, labels, output_dir, resume=Fal
 
 
 def _train(trainer, args, resume):
-    if args.disable_tqdm:  # quiet: no per-epoch log lines either
-        from transformers.trainer_callback import PrinterCallback
-
-        trainer.remove_callback(PrinterCallback)
-    return trainer.train(resume_from_checkpoint=last_checkpoint(args.output_dir) if resume else None)
+    return run_trainer(trainer, last_checkpoint(args.output_dir) if resume else None)
 
 
 def vlm_vectors(log_likelihoods, mode):

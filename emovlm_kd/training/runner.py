@@ -10,6 +10,7 @@ every file it wrote and a rerun rebuilds RUN/model and RUN/eval_results.json whe
 
 import json
 import logging
+import re
 import time
 from functools import partial
 from pathlib import Path
@@ -18,6 +19,7 @@ import torch
 
 from emovlm_kd.distributed import barrier, is_main_process, main_process_decides, state
 from emovlm_kd.evaluation.options import dataset_options
+from emovlm_kd.logs import tidy_transformers_bars
 from emovlm_kd.training.cache import (
     TensorCache,
     atomic_write_text,
@@ -110,6 +112,7 @@ def run_training(cfg):
     """Run every stage, holding RUN/.lock throughout (`RunFolderBusy`, a `UsageError`, when another run holds it);
     returns the test-split results written to RUN/eval_results.json."""
     state()  # joins the process group under torchrun before any collective
+    tidy_transformers_bars()
     torch.manual_seed(cfg.seed)
     check_instruction_sources(cfg)  # the paper's mix needs conversation/reasoning answers: stop before any work
     with hold_run_lock(cfg.output_dir):  # before anything is written in RUN
@@ -163,12 +166,27 @@ def run_stages(cfg):
 
 
 def start_run(cfg):
-    """RUN/ with the run's settings in train_config.json (main process)."""
+    """RUN/ with the run's settings in train_config.json, and what killed writes left behind removed (main process,
+    under the run lock)."""
     run_dir = Path(cfg.output_dir)
     if is_main_process():
         run_dir.mkdir(parents=True, exist_ok=True)
+        remove_partial_writes(run_dir)
         atomic_write_text(run_dir / "train_config.json", json.dumps(cfg.to_dict(), indent=2))
+    barrier()
     return run_dir
+
+
+PARTIAL_WRITE = re.compile(r"^\..+\.\d+\.tmp$")  # `.NAME.PID.tmp`: atomic_write_text's and TensorCache's temp files
+
+
+def remove_partial_writes(run_dir):
+    """Delete the temp files of atomic writes a killed run left (`.NAME.PID.tmp`; a cache's can be gigabytes)."""
+    leftovers = [path for path in run_dir.rglob(".*.tmp") if path.is_file() and PARTIAL_WRITE.match(path.name)]
+    for path in leftovers:
+        path.unlink(missing_ok=True)
+    if leftovers:
+        logger.info("removed %d temp file(s) of writes a killed run left", len(leftovers))
 
 
 def resolve_inputs(cfg, run_dir):

@@ -17,13 +17,15 @@ from transformers import set_seed
 
 from configuration_emovlm_kd import DEFAULT_MAX_IMAGE_SIDE
 from emovlm_kd.distributed import is_main_process, world_size
+from emovlm_kd.hub import reset_tokenizer_call_state
 from emovlm_kd.images import limit_processor_pixels, prepare_image
-from emovlm_kd.training.cache import fingerprint, fingerprint_checkpoint
+from emovlm_kd.training.cache import fingerprint, fingerprint_checkpoint, fingerprint_dataset
 from emovlm_kd.training.stage import (
     Stage,
     base_training_arguments,
     last_checkpoint,
     resolve_dtype,
+    run_trainer,
 )
 
 logger = logging.getLogger(__name__)
@@ -97,7 +99,10 @@ def run_stage1(cfg, run_dir, dataset, vlm_path, instructions_path):
     from transformers import AutoModelForImageTextToText, AutoProcessor
     from trl import SFTConfig, SFTTrainer
 
-    key = fingerprint("stage1", fingerprint_checkpoint(vlm_path), Path(instructions_path).read_text(encoding="utf-8"),
+    from emovlm_kd.training.trainers import with_verified_resume
+
+    key = fingerprint("stage1", fingerprint_checkpoint(vlm_path), fingerprint_dataset(dataset["train"]),
+                      Path(instructions_path).read_text(encoding="utf-8"),
                       cfg.sft_epochs, cfg.sft_lr, cfg.sft_batch_size, cfg.sft_grad_accum, cfg.lora_r, cfg.lora_alpha,
                       cfg.lora_dropout, cfg.lora_targets, cfg.quantize, cfg.dtype, cfg.seed, cfg.max_image_side)
     stage = Stage(run_dir, "stage1_sft", key)
@@ -131,14 +136,14 @@ def run_stage1(cfg, run_dir, dataset, vlm_path, instructions_path):
         gradient_checkpointing=quant is not None,
         accelerator_config={"split_batches": world_size() > 1 and cfg.sft_batch_size % world_size() == 0},
     )
-    trainer = SFTTrainer(
+    trainer = with_verified_resume(SFTTrainer)(
         model=vlm,
         args=args,
         train_dataset=sft_dataset(dataset["train"], instructions_path, max_side=cfg.max_image_side),
         processing_class=processor,
         peft_config=lora_config(cfg),
     )
-    result = trainer.train(resume_from_checkpoint=last_checkpoint(args.output_dir))
+    result = run_trainer(trainer, last_checkpoint(args.output_dir))
     adapter_dir = stage.dir / "adapter"
     trainer.save_model(str(adapter_dir))
     if is_main_process():
@@ -165,6 +170,7 @@ def merge_adapter(vlm_path, adapter_dir, dtype, processor, merged_dir):
     tmp = merged_dir.with_name("merged.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     merged.save_pretrained(str(tmp))
+    reset_tokenizer_call_state(processor)  # tokenizer.json must not depend on the last batch the SFT padded
     processor.save_pretrained(str(tmp))
     shutil.rmtree(merged_dir, ignore_errors=True)
     tmp.rename(merged_dir)

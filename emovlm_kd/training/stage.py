@@ -1,14 +1,24 @@
 """What every stage shares: a stage folder with a `DONE.json` keyed by the stage's inputs, Trainer checkpoints
-kept per key, the dtype a run computes in, and the `TrainingArguments` every stage derives its own from."""
+kept per key (resumed from the newest complete one), the dtype a run computes in, and the `TrainingArguments` every
+stage derives its own from."""
 
 import json
 import logging
+import re
 import shutil
+import struct
+import zipfile
 from pathlib import Path
 
 import torch
 
-from emovlm_kd.distributed import barrier, is_main_process, main_process_decides
+from emovlm_kd.distributed import (
+    barrier,
+    is_main_process,
+    main_process_decides,
+    world_size,
+)
+from emovlm_kd.logs import interactive
 from emovlm_kd.training.cache import atomic_write_text
 
 logger = logging.getLogger(__name__)
@@ -24,8 +34,7 @@ class Stage:
     @property
     def done(self):
         """Finished with these inputs? Decided by the main process, so all processes skip or run together."""
-        marker = self.dir / "DONE.json"
-        return main_process_decides(lambda: marker.exists() and json.loads(marker.read_text()).get("key") == self.key)
+        return main_process_decides(lambda: read_json(self.dir / "DONE.json").get("key") == self.key)
 
     def checkpoints(self):
         """The Trainer's checkpoint folder for this key; checkpoints of other settings are removed (never resumed)."""
@@ -45,11 +54,105 @@ class Stage:
         logger.info("[%s] done: %s", self.name, ", ".join(f"{k}={v}" for k, v in summary.items()))
 
 
-def last_checkpoint(folder):
-    from transformers.trainer_utils import get_last_checkpoint
+def read_json(path):
+    """The JSON object in `path`; {} when the file is missing or not a whole JSON object."""
+    try:
+        value = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return value if isinstance(value, dict) else {}
 
+
+CHECKPOINT_NAME = re.compile(r"^checkpoint-(\d+)$")
+
+
+def last_checkpoint(folder):
+    """The newest complete `checkpoint-N` in `folder` (see `checkpoint_problem`), or None.
+
+    Incomplete ones (a run killed while the Trainer wrote one, or while it deleted an older one) are removed, all
+    named in one log line. Decided and cleaned by the main process; every process gets the same answer.
+    """
     folder = Path(folder)
-    return get_last_checkpoint(str(folder)) if folder.is_dir() else None
+    newest, incomplete = main_process_decides(lambda: survey_checkpoints(folder))
+    if incomplete and is_main_process():
+        logger.warning("%s: removing incomplete checkpoints (a run stopped while writing or deleting them): %s",
+                       folder, "; ".join(f"{name}: {problem}" for name, problem in incomplete.items()))
+        for name in incomplete:
+            shutil.rmtree(folder / name, ignore_errors=True)
+    barrier()
+    return None if newest is None else str(folder / newest)
+
+
+def survey_checkpoints(folder):
+    """(the name of the newest complete checkpoint or None, {name: problem} of the incomplete ones) in `folder`."""
+    found = sorted((int(match[1]), path.name) for path in (folder.iterdir() if folder.is_dir() else [])
+                   if path.is_dir() and (match := CHECKPOINT_NAME.match(path.name)))
+    problems = {name: checkpoint_problem(folder / name, step) for step, name in found}
+    complete = [name for _, name in found if not problems[name]]
+    return (complete[-1] if complete else None), {name: problem for name, problem in problems.items() if problem}
+
+
+def checkpoint_problem(checkpoint, step):
+    """Why the Trainer checkpoint folder `checkpoint` (of global step `step`) cannot be resumed from; "" if it can.
+
+    Complete means: what `Trainer._save_checkpoint` writes is there and whole: the weights (`model.safetensors`,
+    sharded or not, or a PEFT `adapter_model.safetensors`), `training_args.bin`, `optimizer.pt`, `scheduler.pt`, the
+    RNG state (`rng_state.pth`, or `rng_state_<i>.pth` for each of this run's processes) and, written last,
+    `trainer_state.json` recording `step`. Whole means: every `.json` parses, every `.safetensors` is as long as its
+    header says, every `.pt` / `.pth` / `.bin` (torch.save's zip format) has its zip directory at the end.
+    """
+    names = {p.name for p in checkpoint.iterdir() if p.is_file()}
+    required = {"training_args.bin", "optimizer.pt", "scheduler.pt", "trainer_state.json"}
+    if "rng_state.pth" not in names:
+        required |= {f"rng_state_{i}.pth" for i in range(world_size())} if world_size() > 1 else {"rng_state.pth"}
+    weights = {"model.safetensors", "model.safetensors.index.json", "adapter_model.safetensors"} & names
+    if "model.safetensors.index.json" in names:
+        required |= set(read_json(checkpoint / "model.safetensors.index.json").get("weight_map", {}).values())
+    missing = sorted(required - names) + ([] if weights else ["weights (model.safetensors, adapter_model.safetensors)"])
+    if missing:
+        return "no " + ", ".join(missing)
+    broken = sorted(name for name in names if not file_is_whole(checkpoint / name))
+    if broken:
+        return "cut short: " + ", ".join(broken)
+    if read_json(checkpoint / "trainer_state.json").get("global_step") != step:
+        return f"trainer_state.json is not of step {step}"
+    return ""
+
+
+def file_is_whole(path):
+    """Whether a file of a kind whose end can be checked is complete (JSON, safetensors, torch.save's zip);
+    True for other kinds."""
+    try:
+        if path.suffix == ".json":
+            json.loads(path.read_text(encoding="utf-8"))
+        elif path.suffix == ".safetensors":
+            return safetensors_is_whole(path)
+        elif path.suffix in (".pt", ".pth", ".bin"):
+            with zipfile.ZipFile(path):
+                pass
+    except (OSError, ValueError, struct.error, zipfile.BadZipFile):
+        return False
+    return True
+
+
+def safetensors_is_whole(path):
+    """A safetensors file is an 8-byte header length, a JSON header and the data its offsets end at."""
+    with open(path, "rb") as file:
+        (header_length,) = struct.unpack("<Q", file.read(8))
+        header = json.loads(file.read(header_length))
+    end = max((entry["data_offsets"][1] for name, entry in header.items() if name != "__metadata__"), default=0)
+    return path.stat().st_size == 8 + header_length + end
+
+
+def run_trainer(trainer, resume_from_checkpoint=None):
+    """`trainer.train(...)` with its log dicts in STAGE/trainer_log.jsonl (beside the checkpoints folder) instead of
+    stdout, and its progress bar on a terminal only; a Trainer that logs nothing (the ablations) writes no file."""
+    from emovlm_kd.logs import route_trainer_logs
+
+    strategy = getattr(trainer.args.logging_strategy, "value", trainer.args.logging_strategy)
+    log = None if strategy == "no" else Path(trainer.args.output_dir).parent / "trainer_log.jsonl"
+    route_trainer_logs(trainer, log)
+    return trainer.train(resume_from_checkpoint=resume_from_checkpoint)
 
 
 def resolve_dtype(cfg):
@@ -87,7 +190,7 @@ def trainer_args(cfg, output_dir, epochs, lr, batch_size, **extra):
         logging_strategy="epoch",
         remove_unused_columns=False,
         dataloader_num_workers=0,
-        disable_tqdm=False,
+        disable_tqdm=not interactive(),
         accelerator_config={"split_batches": True},
     )
     values.update(extra)

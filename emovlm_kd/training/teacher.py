@@ -24,7 +24,7 @@ from emovlm_kd.training.cache import (
     fingerprint_module,
 )
 from emovlm_kd.training.passes import cached_map
-from emovlm_kd.training.stage import Stage, last_checkpoint, trainer_args
+from emovlm_kd.training.stage import Stage, last_checkpoint, run_trainer, trainer_args
 
 logger = logging.getLogger(__name__)
 
@@ -71,13 +71,14 @@ def teacher_optimizer(cfg, model):
 
 
 def teacher_trainer(cfg, teacher, train, output_dir, callbacks=()):
-    """The HF `Trainer` of stage 2 with cfg's teacher recipe (optimizer, weight decay, schedule, epochs, lr, batch)."""
-    from transformers import Trainer
+    """The HF `Trainer` of stage 2 with cfg's teacher recipe (optimizer, weight decay, schedule, epochs, lr, batch),
+    resuming with every weight verified."""
+    from emovlm_kd.training.trainers import VerifiedTrainer
 
     args = trainer_args(cfg, output_dir, cfg.teacher_epochs, cfg.teacher_lr, cfg.teacher_batch_size,
                         weight_decay=cfg.teacher_weight_decay, lr_scheduler_type=cfg.teacher_scheduler)
-    return Trainer(model=teacher, args=args, train_dataset=train, callbacks=list(callbacks),
-                   optimizer_cls_and_kwargs=teacher_optimizer(cfg, teacher))
+    return VerifiedTrainer(model=teacher, args=args, train_dataset=train, callbacks=list(callbacks),
+                           optimizer_cls_and_kwargs=teacher_optimizer(cfg, teacher))
 
 
 class SeededAugmentation:
@@ -107,6 +108,30 @@ class SeededAugmentation:
         return EpochCallback()
 
 
+def load_teacher_with_new_classifier(auto_class, teacher_path, names):
+    """The base teacher with a new classifier for `names`: the expected re-initialisation is one log line (not
+    transformers' load-report table); any other missing or unexpected weight is a warning naming it."""
+    import logging as std_logging
+
+    report_logger = std_logging.getLogger("transformers.modeling_utils")
+    level = report_logger.level
+    report_logger.setLevel(std_logging.ERROR)
+    try:
+        teacher, info = auto_class.from_pretrained(
+            teacher_path, use_safetensors=True, num_labels=len(names), id2label=dict(enumerate(names)),
+            label2id={n: i for i, n in enumerate(names)}, ignore_mismatched_sizes=True, output_loading_info=True)
+    finally:
+        report_logger.setLevel(level)
+    head = teacher.base_model_prefix
+    new = sorted({key for key, *_ in info.get("mismatched_keys", [])} | set(info.get("missing_keys", [])))
+    other = [key for key in new if key.startswith(head)] + list(info.get("unexpected_keys", []))
+    if other:
+        logger.warning("[stage 2] teacher %s: weights not loaded as they are: %s", teacher_path, ", ".join(other))
+    logger.info("[stage 2] teacher %s with a new classifier for %d labels (%s)", teacher_path, len(names),
+                ", ".join(key for key in new if not key.startswith(head)) or "none")
+    return teacher
+
+
 def run_stage2(cfg, run_dir, dataset, teacher_path):
     """Fine-tune the teacher (any AutoModelForImageClassification) with the HF Trainer."""
     from transformers import AutoImageProcessor, AutoModelForImageClassification
@@ -125,18 +150,11 @@ def run_stage2(cfg, run_dir, dataset, teacher_path):
         return model_dir
     image_processor = AutoImageProcessor.from_pretrained(teacher_path)
     set_seed(cfg.seed)  # the new classifier layer is initialised from the global generator
-    teacher = AutoModelForImageClassification.from_pretrained(
-        teacher_path,
-        use_safetensors=True,
-        num_labels=len(names),
-        id2label=dict(enumerate(names)),
-        label2id={n: i for i, n in enumerate(names)},
-        ignore_mismatched_sizes=True,
-    )
+    teacher = load_teacher_with_new_classifier(AutoModelForImageClassification, teacher_path, names)
     augment = SeededAugmentation(train_transform(image_processor), cfg.seed)
     train = dataset["train"].add_column("row", list(range(len(dataset["train"])))).with_transform(augment)
     trainer = teacher_trainer(cfg, teacher, train, stage.checkpoints(), callbacks=[augment.callback()])
-    result = trainer.train(resume_from_checkpoint=last_checkpoint(trainer.args.output_dir))
+    result = run_trainer(trainer, last_checkpoint(trainer.args.output_dir))
     if is_main_process():
         tmp = model_dir.with_name("model.tmp")
         shutil.rmtree(tmp, ignore_errors=True)
