@@ -46,8 +46,8 @@ class DropMessage(logging.Filter):
 def setup_logging(level="INFO", quiet=False):
     """One format for our lines on stderr; `quiet` keeps warnings and errors only; then `quiet_libraries()`."""
     level = logging.WARNING if quiet else getattr(logging, str(level).upper(), logging.INFO)
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr,
-                        force=True)
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    logging.getLogger().setLevel(level)  # also when the root logger had handlers already (basicConfig does nothing)
     quiet_libraries()
     return level
 
@@ -60,7 +60,9 @@ def quiet_libraries():
     for name, value in settings.items():
         os.environ.setdefault(name, value)
     for logger_name, start in EXPECTED_LOG_MESSAGES:
-        logging.getLogger(logger_name).addFilter(DropMessage(start))
+        library_logger = logging.getLogger(logger_name)
+        if not any(isinstance(f, DropMessage) and f.start == start for f in library_logger.filters):
+            library_logger.addFilter(DropMessage(start))
     for category, message in EXPECTED_WARNINGS:
         warnings.filterwarnings("ignore", message=message, category=category)
     if "transformers" in sys.modules:

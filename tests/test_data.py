@@ -307,9 +307,14 @@ def test_the_warning_names_at_most_ten_files(tmp_path, caplog):
     assert caplog.text.rstrip().endswith("...")
 
 
-def test_a_progress_bar_shows_for_many_files(tmp_path, capsys, monkeypatch):
+def test_a_progress_bar_shows_for_many_files_on_a_terminal_only(tmp_path, capsys, monkeypatch):
+    import sys
+
     root = make_official(tmp_path / "d", {"train": {"a": 2, "b": 2}})
     monkeypatch.setattr(checks, "PROGRESS_MIN_FILES", 3)
+    load_image_dataset(root)
+    assert "Checking images" not in capsys.readouterr().err  # no terminal: no `\r` lines in a log file
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
     load_image_dataset(root)
     assert "Checking images" in capsys.readouterr().err
     monkeypatch.setattr(checks, "PROGRESS_MIN_FILES", 4)
