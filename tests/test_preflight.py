@@ -104,3 +104,21 @@ def test_train_with_an_unreachable_teacher_stops_before_any_work_and_leaves_noth
     assert "--teacher google/vit-base-patch16-384: not in the local Hub cache and HF_HUB_OFFLINE is set" in result.stderr
     assert "Stage" not in result.stderr and "Traceback" not in result.stderr
     assert not out.exists()  # no train_config.json, no lock, no demo inputs: nothing of a run that did not start
+
+
+@pytest.mark.parametrize("config, epochs, lr, head", [(None, "3.0", "0.005", "[64]"), ("fi", "5.0", "0.0001", "[1024]")])
+def test_help_shows_the_defaults_that_apply_with_that_config(capsys, config, epochs, lr, head):
+    """`train --help` (the demo) and `train --config fi --help` show each their own values (issue 13 item 5)."""
+    import re
+
+    from emovlm_kd.training.config import parse_train_args
+
+    with pytest.raises(SystemExit):
+        parse_train_args([*(["--config", config] if config else []), "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+
+    def shown(flag):
+        return re.search(rf"--{flag} \S+ (?:(?!--).)*?default: (\S+)", text).group(1)  # within its own entry
+
+    assert (shown("sft-epochs"), shown("sft-lr")) == (epochs, lr)
+    assert text.split("--head-hidden-sizes")[1].split("default: ")[1].startswith(head)

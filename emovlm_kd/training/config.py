@@ -10,6 +10,7 @@ them); the embedded demo is the shipped `demo.yaml` (tiny models built offline, 
 """
 
 import argparse
+import copy
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -267,12 +268,24 @@ def resolve_config_path(value):
     return str(shipped)
 
 
+class DefaultsShown(argparse.ArgumentDefaultsHelpFormatter):
+    """Every option's help ends with the default that applies (the --config's value when it sets one, as TrlParser
+    puts the YAML's values in the defaults), also for fields without a help text."""
+
+    def _format_action(self, action):
+        if action.help is None and action.option_strings and action.default is not argparse.SUPPRESS:
+            action = copy.copy(action)
+            action.help = "default: %(default)s"
+        return super()._format_action(action)
+
+
 def train_parser(prog="emovlm-kd train"):
     """TRL's parser over the argument groups, with `--config` documented (TrlParser reads it itself)."""
     from trl import TrlParser
 
-    parser = TrlParser(GROUPS, prog=prog, description="Every stage from a dataset and a Qwen2-VL checkpoint to "
-                       "one Hub model. Values: the flag, else --config, else the field's default.")
+    parser = TrlParser(GROUPS, prog=prog, formatter_class=DefaultsShown,
+                       description="Every stage from a dataset and a Qwen2-VL checkpoint to one Hub model. Values: "
+                                   "the flag, else --config, else the field's default.")
     parser.add_argument("--config", default=argparse.SUPPRESS, help=f"YAML settings, or a shipped config by name (default: {DEFAULT_CONFIG}, "
                         "the offline demo)")
     return parser
