@@ -151,3 +151,20 @@ def write_votes(site, root, per_label, dropped, missing, size=32, seed=0):
 def _write_json(path, payload):
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(payload, indent=4) + "\n", encoding="utf-8")
+
+
+def write_image(path, colour=(200, 40, 40), size=(12, 10), format=None):
+    """A small solid-colour image file at `path` (folders created)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", size, colour).save(path, format=format)
+    return path
+
+
+def make_split_folders(root, counts):
+    """`root/<split>/<class>/<i>.png`; `counts`: {split: {class_folder: number of images}}."""
+    for split, classes in counts.items():
+        for name, count in classes.items():
+            for i in range(count):
+                write_image(Path(root) / split / name / f"{i}.png", colour=(10 * i, 50, 90))
+    return Path(root)

@@ -20,25 +20,10 @@ import emovlm_kd.data as data  # noqa: E402
 import emovlm_kd.data.checks as checks  # noqa: E402
 from emovlm_kd.labels import EKMAN6, MIKELS8, SENTIMENT2  # noqa: E402
 from emovlm_kd.data import load_image_dataset, make_synthetic_dataset, stratified_split  # noqa: E402
+from dataset_fixtures import make_split_folders, write_image  # noqa: E402
 
 EMOSET_ORDER = ["amusement", "awe", "contentment", "excitement", "anger", "disgust", "fear", "sadness"]
 COLUMNS = ["image", "label", "id"]
-
-
-def write_image(path, colour=(200, 40, 40), size=(12, 10), format=None):
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    PILImage.new("RGB", size, colour).save(path, format=format)
-    return path
-
-
-def make_official(root, counts):
-    """`counts`: {split: {class_folder: number of images}}."""
-    for split, classes in counts.items():
-        for name, count in classes.items():
-            for i in range(count):
-                write_image(root / split / name / f"{i}.png", colour=(10 * i, 50, 90))
-    return root
 
 
 def names_of(dataset):
@@ -83,7 +68,7 @@ def test_stratified_split_rejects_bad_fraction():
 
 def test_official_layout_derives_a_deterministic_stratified_val(tmp_path):
     counts = {"train": {"zeta": 10, "Alpha": 10, "mid": 20}, "test": {"zeta": 2, "Alpha": 2, "mid": 2}}
-    root = make_official(tmp_path / "fi", counts)
+    root = make_split_folders(tmp_path / "fi", counts)
     result = load_image_dataset(root)
     check_columns(result)
     assert list(result) == ["train", "val", "test"]
@@ -100,23 +85,23 @@ def test_official_layout_derives_a_deterministic_stratified_val(tmp_path):
 
 
 def test_official_layout_keeps_its_val_and_can_skip_deriving_one(tmp_path):
-    root = make_official(tmp_path / "d", {"train": {"a": 4, "b": 4}, "val": {"a": 1, "b": 1}})
+    root = make_split_folders(tmp_path / "d", {"train": {"a": 4, "b": 4}, "val": {"a": 1, "b": 1}})
     assert {split: ds.num_rows for split, ds in load_image_dataset(root).items()} == {"train": 8, "val": 2}
-    root = make_official(tmp_path / "e", {"train": {"a": 4, "b": 4}})
+    root = make_split_folders(tmp_path / "e", {"train": {"a": 4, "b": 4}})
     assert list(load_image_dataset(root, val_fraction=0)) == ["train"]
 
 
 @pytest.mark.parametrize("known", [MIKELS8, EKMAN6, SENTIMENT2])
 def test_known_label_sets_keep_their_documented_order(tmp_path, known):
     folders = {name.capitalize() if i % 2 else name: 2 for i, name in enumerate(reversed(known))}
-    root = make_official(tmp_path / "d", {"train": folders, "test": folders})
+    root = make_split_folders(tmp_path / "d", {"train": folders, "test": folders})
     result = load_image_dataset(root)
     assert names_of(result["train"]) == list(known)
     assert [row_id.split("/")[1].lower() for row_id in result["test"]["id"]] == string_labels(result["test"])
 
 
 def test_label_names_force_the_order_and_reject_other_labels(tmp_path):
-    root = make_official(tmp_path / "d", {"train": {"a": 2, "b": 2}, "test": {"a": 1, "b": 1}})
+    root = make_split_folders(tmp_path / "d", {"train": {"a": 2, "b": 2}, "test": {"a": 1, "b": 1}})
     result = load_image_dataset(root, label_names=["B", "c", "a"])
     assert names_of(result["train"]) == ["b", "c", "a"] and string_labels(result["test"]) == ["a", "b"]
     with pytest.raises(ValueError, match=r"label 'b' of .*b/0\.png"):
@@ -271,7 +256,7 @@ def test_save_to_disk_with_path_column_checks_the_files(tmp_path, caplog):
 
 
 def test_unreadable_files_are_skipped_with_one_warning_each_checked_once(tmp_path, caplog, monkeypatch):
-    root = make_official(tmp_path / "d", {"train": {"a": 3, "b": 3}, "test": {"a": 1, "b": 1}})
+    root = make_split_folders(tmp_path / "d", {"train": {"a": 3, "b": 3}, "test": {"a": 1, "b": 1}})
     (root / "train/a/empty.jpg").write_bytes(b"")
     png = io.BytesIO()
     noise = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)  # incompressible: IDAT is cut
@@ -299,7 +284,7 @@ def test_unreadable_files_are_skipped_with_one_warning_each_checked_once(tmp_pat
 
 
 def test_the_warning_names_at_most_ten_files(tmp_path, caplog):
-    root = make_official(tmp_path / "d", {"train": {"a": 2, "b": 2}})
+    root = make_split_folders(tmp_path / "d", {"train": {"a": 2, "b": 2}})
     for i in range(12):
         (root / f"train/a/bad{i:02d}.png").write_bytes(b"")
     load_image_dataset(root, val_fraction=0)
@@ -310,7 +295,7 @@ def test_the_warning_names_at_most_ten_files(tmp_path, caplog):
 def test_a_progress_bar_shows_for_many_files_on_a_terminal_only(tmp_path, capsys, monkeypatch):
     import sys
 
-    root = make_official(tmp_path / "d", {"train": {"a": 2, "b": 2}})
+    root = make_split_folders(tmp_path / "d", {"train": {"a": 2, "b": 2}})
     monkeypatch.setattr(checks, "PROGRESS_MIN_FILES", 3)
     load_image_dataset(root)
     assert "Checking images" not in capsys.readouterr().err  # no terminal: no `\r` lines in a log file
@@ -323,7 +308,7 @@ def test_a_progress_bar_shows_for_many_files_on_a_terminal_only(tmp_path, capsys
 
 
 def test_a_class_left_without_readable_images_raises(tmp_path):
-    root = make_official(tmp_path / "d", {"train": {"a": 2}})
+    root = make_split_folders(tmp_path / "d", {"train": {"a": 2}})
     (root / "train/b").mkdir()
     (root / "train/b/broken.png").write_bytes(b"\x89PNG\r\n")
     with pytest.raises(ValueError, match=r"class\(es\) \['b'\] in split 'train' have no readable images"):
@@ -331,7 +316,7 @@ def test_a_class_left_without_readable_images_raises(tmp_path):
 
 
 def test_an_empty_class_folder_raises_before_checking_images(tmp_path, monkeypatch):
-    root = make_official(tmp_path / "d", {"train": {"a": 2}})
+    root = make_split_folders(tmp_path / "d", {"train": {"a": 2}})
     (root / "train/b").mkdir()
     monkeypatch.setattr(checks, "load_image_file", lambda path: pytest.fail("checked images before the listing"))
     with pytest.raises(ValueError, match=r"class folder\(s\) \['b'\] hold no image files"):
@@ -339,7 +324,7 @@ def test_an_empty_class_folder_raises_before_checking_images(tmp_path, monkeypat
 
 
 def test_an_empty_split_raises(tmp_path):
-    root = make_official(tmp_path / "d", {"train": {"a": 2}})
+    root = make_split_folders(tmp_path / "d", {"train": {"a": 2}})
     (root / "test/a").mkdir(parents=True)
     with pytest.raises(ValueError, match="split 'test' has no images"):
         load_image_dataset(root)

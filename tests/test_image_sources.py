@@ -5,7 +5,6 @@ palette, EXIF orientation: what transformers' `load_image` flattens on its own).
 import base64
 import functools
 import http.server
-import io
 import threading
 
 import numpy as np

@@ -3,7 +3,6 @@ dataset folders with a test-only class, case-colliding classes, symlinks leaving
 annotator endpoint that fails now and then, and images big enough to take gigabytes per batch item."""
 
 import http.server
-import json
 import logging
 import os
 import socket
@@ -18,6 +17,8 @@ import pytest
 import torch
 from PIL import Image
 
+from dataset_fixtures import make_split_folders, write_image
+from http_fixtures import ANSWER, QuietHandler
 from emovlm_kd.data import load_image_dataset
 from emovlm_kd.images import load_image_file
 from emovlm_kd.labels import MIKELS8
@@ -97,21 +98,6 @@ def test_generate_mode_decodes_and_reads_such_labels():
 
 
 # ------------------------------------------------------------------------------------- dataset folder checks
-
-
-def write_image(path, colour=(200, 40, 40)):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.new("RGB", (12, 10), colour).save(path)
-    return path
-
-
-def make_split_folders(root, counts):
-    """`counts`: {split: {class_folder: number of images}}."""
-    for split, classes in counts.items():
-        for name, count in classes.items():
-            for i in range(count):
-                write_image(root / split / name / f"{i}.png", colour=(10 * i, 50, 90))
-    return root
 
 
 def warnings_of(caplog):
@@ -212,7 +198,7 @@ class FlakyChatServer(http.server.ThreadingHTTPServer):
         self.url = f"http://127.0.0.1:{self.server_address[1]}/v1"
 
 
-class FlakyChatHandler(http.server.BaseHTTPRequestHandler):
+class FlakyChatHandler(QuietHandler):
     def do_POST(self):
         self.rfile.read(int(self.headers["Content-Length"]))
         self.server.calls += 1
@@ -221,18 +207,8 @@ class FlakyChatHandler(http.server.BaseHTTPRequestHandler):
             self.close_connection = True
             return
         status, retry_after = failure if isinstance(failure, tuple) else (failure or 200, None)
-        payload = json.dumps({"choices": [{"message": {"content": " A calm scene. "}}]} if status == 200
-                             else {"error": {"message": "try later"}}).encode()  # fmt: skip
-        self.send_response(status)
-        if retry_after is not None:
-            self.send_header("Retry-After", retry_after)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(payload)))
-        self.end_headers()
-        self.wfile.write(payload)
-
-    def log_message(self, *args):
-        pass
+        self.reply(status, ANSWER if status == 200 else {"error": {"message": "try later"}},
+                   {"Retry-After": retry_after} if retry_after is not None else None)
 
 
 @pytest.fixture

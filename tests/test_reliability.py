@@ -18,6 +18,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+from http_fixtures import ANSWER, QuietHandler
 from PIL import Image
 
 from emovlm_kd.cli import main
@@ -342,21 +343,13 @@ class ChatServer(http.server.ThreadingHTTPServer):
         self.url = f"http://127.0.0.1:{self.server_address[1]}/v1"
 
 
-class ChatHandler(http.server.BaseHTTPRequestHandler):
+class ChatHandler(QuietHandler):
     def do_POST(self):  # noqa: N802
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
         ok = self.path == "/v1/chat/completions" and self.headers.get("Authorization") == f"Bearer {self.server.key}"
         ok = ok and body["messages"][0]["content"][0]["image_url"]["url"].startswith("data:image/jpeg;base64,")
         self.server.calls += 1
-        payload = json.dumps({"choices": [{"message": {"content": " A calm scene. "}}]}).encode()
-        self.send_response(200 if ok else 401)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(payload)))
-        self.end_headers()
-        self.wfile.write(payload)
-
-    def log_message(self, *args):
-        pass
+        self.reply(200 if ok else 401, ANSWER)
 
 
 @pytest.fixture

@@ -40,11 +40,13 @@ def run(args):
     except ValueError as error:
         raise UsageError(str(error))
     with hold_run_lock(cfg.output_dir):  # a second run on RUN is refused now, not after the training imports
+        from emovlm_kd.training.annotate import AnnotatorError
         from emovlm_kd.training.runner import format_results, run_training
 
         try:
             results = run_training(cfg)
-        except (ValueError, FileExistsError) as error:  # bad data or labels; a RUN/model holding the user's files
+        except (ValueError, FileExistsError, AnnotatorError) as error:  # bad data or labels; a RUN/model holding
+            # the user's files; an annotator endpoint that failed for good (answers so far are kept)
             logger.error("%s", error)
             raise UsageError(str(error))
     if is_main_process():
