@@ -4,18 +4,48 @@ the others follow; cached passes are split between the processes and gathered ba
 In one process every helper is a no-op (`PartialState` then describes a single, non-distributed process).
 """
 
+import os
+
 import torch
 from accelerate import PartialState
 from accelerate.utils import broadcast_object_list, gather_object
 from tqdm.auto import tqdm
+
+from emovlm_kd.errors import UsageError
 
 
 def state():
     """The process state; the first call joins the process group under torchrun (gloo on CPU, nccl on CUDA).
 
     `cpu=True` without CUDA: otherwise accelerate takes several CPU processes for a single one (and the state is
-    shared by every later `PartialState`, the Trainer's included)."""
+    shared by every later `PartialState`, the Trainer's included). Before joining, a launch with more processes on
+    this node than visible CUDA devices stops with a `UsageError` (`check_processes_per_device`)."""
+    if PartialState._shared_state == {}:  # not joined yet (accelerate's `initialized`): nothing has run
+        check_processes_per_device(local_processes(), visible_cuda_devices())
     return PartialState(cpu=not torch.cuda.is_available())
+
+
+def local_processes():
+    """How many processes the launcher started on this node (torchrun's and accelerate's `LOCAL_WORLD_SIZE`; 1 when
+    launched alone)."""
+    return int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)
+
+
+def visible_cuda_devices():
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def check_processes_per_device(processes, cuda_devices):
+    """Stop (`UsageError`) when `processes` on one node would share `cuda_devices` CUDA devices: NCCL, the backend
+    accelerate takes on CUDA, fails with 'invalid usage' when two processes use one GPU, and only after the models
+    are loaded. Without CUDA (gloo on the CPU) or with a device per process, nothing to say."""
+    if cuda_devices == 0 or processes <= cuda_devices:
+        return
+    raise UsageError(
+        f"{processes} processes were launched on this node but only {cuda_devices} CUDA device(s) are visible: "
+        f"each process needs its own GPU (NCCL). Launch at most {cuda_devices} (torchrun --nproc_per_node "
+        f"{cuda_devices}), or run the processes on the CPU with CUDA_VISIBLE_DEVICES= (gloo)"
+    )
 
 
 def is_main_process():

@@ -171,7 +171,11 @@ def test_final_model_loads_with_plain_transformers_and_matches_the_results(train
 
 
 def test_only_the_head_changed_in_stage3_and_the_backbone_is_the_merged_one(trained_run):
+    """The bundle holds the merged backbone as saved, and stage 3's head (trained and saved in float32) cast to the
+    run's dtype (float32 on the CPU, bfloat16 on CUDA)."""
     from safetensors.torch import load_file
+
+    from emovlm_kd.training.stage import resolve_dtype
 
     cfg, out, _ = trained_run
     bundle = load_file(out / "model" / "model.safetensors")
@@ -180,7 +184,9 @@ def test_only_the_head_changed_in_stage3_and_the_backbone_is_the_merged_one(trai
         assert torch.equal(bundle["vlm." + name], tensor), name
     head = load_file(out / "stage3_distill" / "head.safetensors")
     for name, tensor in head.items():
-        assert torch.equal(bundle["distill_head." + name], tensor)
+        assert tensor.dtype == torch.float32, name
+        assert bundle["distill_head." + name].dtype == resolve_dtype(cfg), name
+        assert torch.equal(bundle["distill_head." + name], tensor.to(resolve_dtype(cfg))), name
 
 
 def test_rerun_skips_every_finished_stage(trained_run, caplog):
@@ -269,7 +275,9 @@ def assert_same_weights(folder_a, folder_b, atol=1e-5):
 
 @pytest.mark.timeout(900)
 def test_two_processes_give_the_same_result_as_one(tiny_inputs, tmp_path):
-    """Every stage, caches included, under `torchrun --nproc_per_node 2` (gloo on the CPU) vs one process."""
+    """Every stage, caches included, under `torchrun --nproc_per_node 2` (gloo on the CPU) vs one process; pinned to
+    the CPU (CUDA_VISIBLE_DEVICES=) on a CUDA machine too: two processes on one GPU stop at once
+    (test_cuda_paths.py), and the tolerances are float32's."""
     import os
     import shutil
     import subprocess
@@ -280,7 +288,7 @@ def test_two_processes_give_the_same_result_as_one(tiny_inputs, tmp_path):
         pytest.skip("torchrun is not installed")
     single = tiny_settings(*tiny_inputs, tmp_path / "one", head_dropout=0.0, lora_dropout=0.0)
     double = tiny_settings(*tiny_inputs, tmp_path / "two", head_dropout=0.0, lora_dropout=0.0)
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     torchrun = ["torchrun", "--nproc_per_node", "2", "--master_port", "29517"]
     for cfg, launcher in [(single, None), (double, torchrun)]:
         result = subprocess.run(train_command(cfg, launcher), env=env, capture_output=True, text=True, timeout=600)
@@ -299,12 +307,14 @@ def test_two_processes_give_the_same_result_as_one(tiny_inputs, tmp_path):
 
 
 def test_qlora_stage_quantises_trains_and_merges_into_full_precision(tiny_inputs, tmp_path, caplog):
-    """Stage 1 with `quantize=4bit` on the CPU: 4-bit nf4 layers while training, a full-precision merged backbone."""
+    """Stage 1 with `quantize=4bit`: 4-bit nf4 layers while training, a merged backbone with no 4-bit tensor left,
+    in the run's dtype (float32 on the CPU, bfloat16 on CUDA; the merge itself is in float32: test_merge_precision)."""
     from safetensors.torch import load_file
     from transformers import BitsAndBytesConfig
 
-    from emovlm_kd.training import instructions, sft
     from emovlm_kd.data import load_image_dataset
+    from emovlm_kd.training import instructions, sft
+    from emovlm_kd.training.stage import resolve_dtype
 
     data, vlm, teacher = tiny_inputs
     cfg = tiny_settings(data, vlm, teacher, tmp_path / "run", quantize="4bit", sft_epochs=1.0)
@@ -323,9 +333,10 @@ def test_qlora_stage_quantises_trains_and_merges_into_full_precision(tiny_inputs
     assert any("4-bit nf4" in r.getMessage() for r in caplog.records)
     weights = load_file(merged / "model.safetensors")
     assert not [k for k in weights if "absmax" in k or "quant" in k]
-    assert weights["model.layers.0.self_attn.q_proj.weight"].dtype == torch.float32
-    base = load_file(Path(vlm) / "model.safetensors")
-    changed = [k for k in weights if not torch.equal(weights[k], base[k])]
+    dtype = resolve_dtype(cfg)
+    assert {tensor.dtype for tensor in weights.values()} == {dtype}
+    base = load_file(Path(vlm) / "model.safetensors")  # float32
+    changed = [k for k in weights if not torch.equal(weights[k], base[k].to(dtype))]
     assert changed and all(k.split(".")[-2] in ("q_proj", "k_proj", "v_proj") for k in changed)
 
 

@@ -12,6 +12,7 @@ with the run's own settings reproduces RUN/eval_results.json, and a rerun gives 
 the run's dataset (the caches hold none). A run that cannot be ablated raises `UsageError` naming `--run`.
 """
 
+import copy
 import dataclasses
 import logging
 import tempfile
@@ -21,6 +22,7 @@ from pathlib import Path
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from emovlm_kd.determinism import deterministic
 from emovlm_kd.errors import UsageError
 from emovlm_kd.evaluation.ablation_data import (  # noqa: F401  (RunTensors, load_settings: this module's API too)
     RunTensors,
@@ -29,6 +31,7 @@ from emovlm_kd.evaluation.ablation_data import (  # noqa: F401  (RunTensors, loa
     load_run_tensors,
     load_settings,
     run_results,
+    small_module_device,
 )
 from emovlm_kd.evaluation.ablation_tables import render_table
 from emovlm_kd.evaluation.paper import FIGURE3, TABLE3, TABLE4_FI
@@ -61,7 +64,8 @@ def run_ablation(name, run_dir, values, overrides=None, output_dir=None):
     run_cfg, cfg = load_settings(run_dir, overrides or {})
     data = load_run_tensors(run_dir, run_cfg)
     started = time.perf_counter()
-    table = ABLATIONS[name](run_dir, run_cfg, cfg, data, values)
+    with deterministic():  # as the run trained (emovlm_kd.determinism)
+        table = ABLATIONS[name](run_dir, run_cfg, cfg, data, values)
     logger.info("%s ablation: %d settings in %.1f s", name, len(values), time.perf_counter() - started)
     output_dir = Path(output_dir) if output_dir else run_dir / "ablations"
     markdown = render_table(table)
@@ -78,14 +82,22 @@ def run_ablation(name, run_dir, values, overrides=None, output_dir=None):
 
 
 def fit_head(cfg, data):
-    """Train a head with cfg's head settings (as stage 3 does); its logits per split, evaluated as the run does."""
+    """Train a head with cfg's head settings as stage 3 does: created in float32 on the run's device
+    (`small_module_device`), where its seeded initialisation draws. Returns the trained head (float32, on the CPU:
+    what stage 3 saves) and its logits per split, evaluated as the run does (`as_evaluated`)."""
     head = EmoVLMKDDistillationHead(data.features["train"].shape[-1], cfg.head_hidden_sizes, len(data.names),
-                                    cfg.head_dropout)
+                                    cfg.head_dropout).float().to(small_module_device())
     with tempfile.TemporaryDirectory(prefix="emovlm-kd-ablation-") as tmp:
         heads.train_head(cfg, head, data.features["train"], data.teacher_logits["train"], data.labels["train"], tmp,
                          **QUIET)
-    head.requires_grad_(False).to(resolve_dtype(cfg))
-    return head, {s: heads.head_outputs(head, data.features[s]) for s in data.splits}
+    evaluated = as_evaluated(head, cfg)
+    return head.requires_grad_(False).cpu(), {s: heads.head_outputs(evaluated, data.features[s]) for s in data.splits}
+
+
+def as_evaluated(module, cfg):
+    """A frozen copy of a trained head or gate as the run evaluated it: in the run's dtype, on its device (stages 3
+    and 4 cast the trained float32 module to the run's dtype before computing what the next stage reads)."""
+    return copy.deepcopy(module).requires_grad_(False).to(small_module_device(), resolve_dtype(cfg))
 
 
 def gate_data_of(cfg, data, head_logits):
@@ -105,13 +117,15 @@ def gate_data_of(cfg, data, head_logits):
 
 
 def fit_gate(cfg, data, head_logits, num_experts=3):
-    """Train cfg's gate type on cfg's gate data and these head outputs (as stage 4 does); its test logits."""
-    gate = GATE_CLASSES[cfg.gate_type](len(data.names), num_experts=num_experts)
+    """Train cfg's gate type on cfg's gate data and these head outputs as stage 4 does (created in float32 on the
+    run's device, see `fit_head`). Returns the trained gate (float32, on the CPU: what stage 4 saves) and its test
+    logits, evaluated as the run does."""
+    gate = GATE_CLASSES[cfg.gate_type](len(data.names), num_experts=num_experts).float().to(small_module_device())
     (vlm_scores, head_probs, labels), test_vectors = gate_data_of(cfg, data, head_logits)
     with tempfile.TemporaryDirectory(prefix="emovlm-kd-ablation-") as tmp:
         heads.train_gate(cfg, gate, vlm_scores, head_probs, labels, tmp, **QUIET)
-    gate.requires_grad_(False).to(resolve_dtype(cfg))
-    return gate, heads.gate_outputs(gate, test_vectors, head_logits["test"].softmax(-1))
+    test_logits = heads.gate_outputs(as_evaluated(gate, cfg), test_vectors, head_logits["test"].softmax(-1))
+    return gate.requires_grad_(False).cpu(), test_logits
 
 
 def kl_teacher_head(teacher_logits, head_logits, temperature=1.0):

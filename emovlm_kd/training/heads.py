@@ -116,12 +116,15 @@ def gate_outputs(gate, vlm_scores, head_probs):
 
 
 def reset_module(module, seed):
-    """Re-initialise a small module deterministically (so a rerun trains from the same start)."""
+    """Re-initialise a small module deterministically (so a rerun trains from the same start): weights drawn from the
+    CPU generator seeded with `seed` and copied to the module's device, so the start is the same on a CPU and a GPU
+    (a CUDA tensor's own `normal_` would draw from the CUDA generator)."""
     torch.manual_seed(seed)
-    for layer in module.modules():
-        if isinstance(layer, (torch.nn.Linear, torch.nn.Bilinear)):
-            torch.nn.init.normal_(layer.weight, std=0.02)
-            torch.nn.init.zeros_(layer.bias)
+    with torch.no_grad():
+        for layer in module.modules():
+            if isinstance(layer, (torch.nn.Linear, torch.nn.Bilinear)):
+                layer.weight.copy_(torch.empty(layer.weight.shape).normal_(0.0, 0.02))
+                layer.bias.zero_()
 
 
 def save_module(module, path):

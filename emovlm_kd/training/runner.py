@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from emovlm_kd.determinism import deterministic
 from emovlm_kd.distributed import barrier, is_main_process, main_process_decides, state
 from emovlm_kd.evaluation.options import dataset_options
 from emovlm_kd.logs import tidy_transformers_bars
@@ -109,13 +110,14 @@ def accuracy(predictions, labels):
 
 
 def run_training(cfg):
-    """Run every stage, holding RUN/.lock throughout (`RunFolderBusy`, a `UsageError`, when another run holds it);
-    returns the test-split results written to RUN/eval_results.json."""
+    """Run every stage, holding RUN/.lock throughout (`RunFolderBusy`, a `UsageError`, when another run holds it),
+    with deterministic algorithms where torch has them (`emovlm_kd.determinism`); returns the test-split results
+    written to RUN/eval_results.json."""
     state()  # joins the process group under torchrun before any collective
     tidy_transformers_bars()
     torch.manual_seed(cfg.seed)
     check_instruction_sources(cfg)  # the paper's mix needs conversation/reasoning answers: stop before any work
-    with hold_run_lock(cfg.output_dir):  # before anything is written in RUN
+    with hold_run_lock(cfg.output_dir), deterministic():  # the lock before anything is written in RUN
         results = run_stages(cfg)
         if is_main_process():
             respect_umask(*owned_folders(Path(cfg.output_dir)), only_private=True)
