@@ -2,8 +2,10 @@
 
 Run from the repository root (the `benchmarks` package is part of the source tree, not installed):
 
-    python -m benchmarks.bench [--config small|tiny] [--batch-sizes 1,8] [--output bench.json]
+    python -m benchmarks.bench [--config small|tiny|7b] [--batch-sizes 1,8] [--output bench.json]
     python -m benchmarks.bench --config tiny                                   # the test-suite model, seconds
+    python -m benchmarks.bench --config 7b --output bench-7b.json              # Qwen2-VL-7B's shape, random, CUDA
+    python -m benchmarks.bench --config 7b --train --output train-7b.json      # stage 1 QLoRA at 7B widths, CUDA
     python -m benchmarks.bench --model Qwen/Qwen2-VL-7B-Instruct --device cuda --batch-sizes 1,8,32 --output 7b.json
     python -m benchmarks.bench --model path/to/emovlm-kd-bundle --device cuda --output bench-bundle.json
 
@@ -50,7 +52,22 @@ this process may run on).
 Configs: `small` (default) is Qwen2-VL-7B's shape scaled down: widths / 8 (text 448, MLP 2368, vision 160), depths / 4
 (7 text layers, 8 vision blocks), text heads 7 query : 1 key-value (7B: 28 : 4) of dim 64, vision heads of dim 80 (as in
 7B), a 32768-row vocabulary, a 224x224 image (256 patches, 64 LLM tokens), the FI prompt and labels (Mikels 8), a
-[128] head (1024 / 8): 58M parameters, float32. `tiny` is the test-suite model (seconds).
+[128] head (1024 / 8): 58M parameters, float32. `tiny` is the test-suite model (seconds). `7b` is Qwen2-VL-7B's
+exact shape (8,291,375,616 parameters; the tiny offline tokenizer, its ids inside the 7B vocabulary) with the paper's
+[1024] head, random weights built directly on the GPU in bfloat16 (nothing downloaded; `--device cuda` and
+`--dtype bfloat16` by default, so it stops at once where CUDA is missing), 448 x 448 images (256 image tokens),
+batch sizes 1, 8 and 32, and its own targets (the issue's GPU ones: `predict_ms` <= 25, `per_image_ms` at batch 32
+<= 10; `targets_apply` on CUDA). Its JSON holds `predict_ms`, `reference_ms` (the paper's protocol),
+`lower_bound_ms` (the floor), `per_image_ms["32"]` and, in `memory`, the peak of each (`predict`, `reference`,
+`lower_bound`, `predict_batch_32`).
+
+`--train` measures stage 1 instead: the base saved as safetensors and loaded as `emovlm_kd.training.sft` loads it
+(`quantization_config`: 4-bit nf4, double quantisation on CUDA; LoRA r 8 on the LLM's q, k, v from `lora_config`;
+gradient checkpointing with 4-bit), TRL's `SFTTrainer` on prompt / completion rows over random images,
+`--train-warmup-steps` untimed steps then `--train-steps` timed ones of `--train-batch-size` images: `stage1` in the
+JSON holds `steps_per_s`, `s_per_step`, the peak memory of the whole `train()` call and a label saying what was
+built. With `--config 7b` the model has 7B widths but 4 text layers and 4 vision blocks (2,147,020,288 parameters);
+`s_per_step_scaled_to_full_depth` scales the step time by 28 / 4 (a rough estimate, labelled as such).
 
 On a GPU with a real checkpoint, `--model` takes a Qwen2-VL checkpoint (Hub name or folder; a random head and gate
 are added, which does not change their cost) or an EmoVLM-KD bundle folder; the dtype defaults to bfloat16 there.
@@ -82,13 +99,15 @@ class BenchArguments:
     config: str = field(default="small", metadata={"help": "random model to build", "choices": sorted(CONFIGS)})
     model: str | None = field(default=None, metadata={
         "help": "a Qwen2-VL checkpoint or EmoVLM-KD bundle (name or folder)"})
-    device: str | None = field(default=None, metadata={"help": "cpu, cuda, cuda:1 ... (default: cpu)"})
-    dtype: str | None = field(default=None, metadata={"choices": ["float32", "bfloat16", "float16"],
-                                                      "help": "default: bfloat16 for --model on CUDA, else float32"})
-    image_size: int | None = field(default=None, metadata={"help": "square image side (default 224; tiny 56)"})
+    device: str | None = field(default=None, metadata={"help": "cpu, cuda, cuda:1 ... (default: cpu; 7b: cuda)"})
+    dtype: str | None = field(default=None, metadata={
+        "choices": ["float32", "bfloat16", "float16"],
+        "help": "default: bfloat16 for 7b and for --model on CUDA, else float32"})
+    image_size: int | None = field(default=None, metadata={"help": "square image side (default 224; 7b 448; tiny 56)"})
     seed: int = 0
     # -- Timing
-    batch_sizes: str = field(default="1,8", metadata={"help": "comma-separated batch sizes for per-image time"})
+    batch_sizes: str | None = field(default=None, metadata={
+        "help": "comma-separated batch sizes for per-image time (default 1,8; 7b 1,8,32)"})
     runs: int | None = field(default=None, metadata={"help": "timed rounds (median reported; default 15, tiny 5)"})
     warmup: int | None = field(default=None, metadata={"help": "untimed rounds first"})
     threads: int | None = field(default=None, metadata={"help": "torch intra-op threads (default: CPUs available)"})
@@ -101,20 +120,28 @@ class BenchArguments:
     distill_epochs: int = DISTILL_EPOCHS
     reference_gate_epochs: int | None = field(default=None, metadata={
         "help": "reference gate-stage epochs actually measured (scaled to --gate-epochs); default: small 2, tiny all"})
+    # -- Stage 1 (--train)
+    train: bool = field(default=False, metadata={
+        "help": "instead of the inference figures: stage 1 (QLoRA, LoRA on the LLM's q, k, v) steps per second and "
+                "peak memory; with --config 7b at 7B widths and 4 text layers, 4 vision blocks (needs CUDA)"})
+    train_steps: int = field(default=10, metadata={"help": "--train: timed optimizer steps"})
+    train_warmup_steps: int = field(default=2, metadata={"help": "--train: untimed steps first"})
+    train_batch_size: int = field(default=4, metadata={"help": "--train: images per step"})
     # -- Output
     output: str | None = field(default=None, metadata={"help": "write the JSON report here"})
     log_level: str = field(default="INFO", metadata={"help": "DEBUG, INFO, WARNING ..."})
     sizes: list = field(init=False, default=None)  # --batch-sizes as sorted integers
 
     def __post_init__(self):
-        self.sizes = _parse_batch_sizes(self.batch_sizes)
         self._apply_preset()
+        self.sizes = _parse_batch_sizes(self.batch_sizes)
         for name in ("runs", "stage_images", "image_size", "gate_epochs", "distill_epochs", "reference_gate_epochs",
-                     "threads"):
+                     "threads", "train_steps", "train_batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
-        if self.warmup < 0:
-            raise ValueError(f"--warmup must be >= 0, got {self.warmup}")
+        if self.warmup < 0 or self.train_warmup_steps < 0:
+            raise ValueError(f"--warmup and --train-warmup-steps must be >= 0, got {self.warmup}, "
+                             f"{self.train_warmup_steps}")
         if not 0.0 <= self.max_other_load <= 1.0:
             raise ValueError(f"--max-other-load must be in [0, 1], got {self.max_other_load}")
         if self.image_size < 28:
@@ -123,11 +150,13 @@ class BenchArguments:
             import torch
 
             if not torch.cuda.is_available():
-                raise ValueError(f"--device {self.device}: CUDA is not available")
+                preset = " (the default of --config 7b: Qwen2-VL-7B's shape in bfloat16, 8.3 B parameters)" if (
+                    self.config == "7b") else ""
+                raise ValueError(f"--device {self.device}{preset}: CUDA is not available")
 
     def _apply_preset(self):
         preset = CONFIGS[self.config]
-        for name in ("runs", "warmup", "stage_images", "image_size"):
+        for name in ("runs", "warmup", "stage_images", "image_size", "batch_sizes", "device", "dtype"):
             if getattr(self, name) is None:
                 setattr(self, name, preset[name])
         if self.reference_gate_epochs is None:
@@ -170,11 +199,11 @@ def main(argv=None):
     from transformers.utils import logging as hf_logging
 
     from .report import format_table, write_json
-    from .runner import run_benchmark
+    from .runner import run_benchmark, run_train_benchmark
 
     hf_logging.set_verbosity_warning()
     started = time.perf_counter()
-    report = run_benchmark(args)
+    report = run_train_benchmark(args) if args.train else run_benchmark(args)
     report["bench_wall_s"] = round(time.perf_counter() - started, 1)
     print(format_table(report))
     if args.output:

@@ -1,7 +1,8 @@
-"""What the benchmark measures: the random `small` / `tiny` models (or a real checkpoint), random images as model
-inputs, the slow brute-force score the fast path is checked against, and parameter / weight counts (Qwen2-VL-7B's
+"""What the benchmark measures: the random `7b` / `small` / `tiny` models (or a real checkpoint), random images as
+model inputs, the slow brute-force score the fast path is checked against, and parameter / weight counts (Qwen2-VL-7B's
 from its config on the `meta` device)."""
 
+import contextlib
 import copy
 
 import numpy as np
@@ -41,7 +42,39 @@ QWEN2_VL_7B = {
 }
 PAPER_HEAD_HIDDEN = [1024]
 
+# Qwen2-VL-7B's exact shape as `emovlm_kd.tiny.build_tiny_vlm` widths (8,291,375,616 parameters; the tokenizer is the
+# tiny offline one, its ids inside the 7B vocabulary)
+QWEN2_VL_7B_WIDTHS = {
+    "hidden_size": 3584,
+    "num_layers": 28,
+    "num_heads": 28,
+    "vision_dim": 1280,
+    "vision_depth": 32,
+    "text": {
+        "vocab_size": 152064,
+        "intermediate_size": 18944,
+        "num_key_value_heads": 4,
+        "rope_theta": 1e6,
+        "rope_scaling": {"type": "mrope", "mrope_section": [16, 24, 24]},
+    },
+    "vision": {"num_heads": 16, "mlp_ratio": 4},
+}
+# `--train`: stage 1 at 7B widths with reduced depth (2.15 B parameters), labelled as such in the report
+TRAIN_7B_DEPTH = {"num_layers": 4, "vision_depth": 4}
+
 CONFIGS = {
+    "7b": {
+        "widths": QWEN2_VL_7B_WIDTHS,
+        "head_hidden_sizes": PAPER_HEAD_HIDDEN,
+        "image_size": 448,  # 32 x 32 patches -> 256 LLM tokens
+        "batch_sizes": "1,8,32",
+        "device": "cuda",  # built directly there in bfloat16: an 8 B float32 initialisation on the CPU takes minutes
+        "dtype": "bfloat16",
+        "stage_images": 32,
+        "runs": 15,
+        "warmup": 3,
+        "reference_gate_epochs": 1,
+    },
     "small": {
         "widths": {
             "hidden_size": 448,  # 3584 / 8
@@ -59,6 +92,9 @@ CONFIGS = {
         },
         "head_hidden_sizes": [128],  # 1024 / 8
         "image_size": 224,
+        "batch_sizes": "1,8",
+        "device": None,
+        "dtype": None,
         "stage_images": 192,
         "runs": 15,
         "warmup": 2,
@@ -68,6 +104,9 @@ CONFIGS = {
         "widths": {},
         "head_hidden_sizes": [64],
         "image_size": 56,
+        "batch_sizes": "1,8",
+        "device": None,
+        "dtype": None,
         "stage_images": 8,
         "runs": 5,
         "warmup": 1,
@@ -81,8 +120,10 @@ CONFIGS = {
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def build_random_model(config_name, seed=0, image_size=None):
-    """(model, processor): a randomly initialised EmoVLM-KD bundle over the FI labels, built offline."""
+def build_random_model(config_name, seed=0, image_size=None, device=None, dtype=None, depth=None):
+    """(model, processor): a randomly initialised EmoVLM-KD bundle over the FI labels, built offline, its weights
+    created directly on `device` (e.g. "cuda", or "meta" for a construction without memory) in `dtype` (default
+    float32). `depth` overrides the preset's `num_layers` / `vision_depth` (e.g. `TRAIN_7B_DEPTH`)."""
     from emovlm_kd.labels import MIKELS8
     from emovlm_kd.tiny import (
         build_tiny_processor,
@@ -96,14 +137,28 @@ def build_random_model(config_name, seed=0, image_size=None):
     tokenizer = build_tiny_tokenizer()
     if config_name == "tiny":
         processor = build_tiny_processor(tokenizer)
-    else:  # the image keeps its size: 224 x 224 -> 16 x 16 patches -> 64 LLM tokens
+    else:  # the image keeps its size: 224 x 224 -> 16 x 16 patches -> 64 LLM tokens (448 x 448 -> 256)
         processor = build_tiny_processor(tokenizer, min_pixels=side * side, max_pixels=side * side)
-    vlm = build_tiny_vlm(processor.tokenizer, seed=seed, **copy.deepcopy(preset["widths"]))
-    torch.manual_seed(seed + 1)
-    model = EmoVLMKDForImageClassification.from_vlm(
-        vlm, MIKELS8, processor=processor, head_hidden_sizes=preset["head_hidden_sizes"]
-    )
+    widths = {**copy.deepcopy(preset["widths"]), **(depth or {})}
+    with default_dtype(dtype), torch.device(device or "cpu"):
+        vlm = build_tiny_vlm(processor.tokenizer, seed=seed, **widths)
+        torch.manual_seed(seed + 1)
+        model = EmoVLMKDForImageClassification.from_vlm(
+            vlm, MIKELS8, processor=processor, head_hidden_sizes=preset["head_hidden_sizes"]
+        )
     return model.eval(), processor
+
+
+@contextlib.contextmanager
+def default_dtype(dtype):
+    """Tensors created inside are of `dtype` (None: unchanged); the previous default comes back after."""
+    previous = torch.get_default_dtype()
+    if dtype is not None:
+        torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
 
 
 def load_model(name_or_path, dtype=None):

@@ -15,6 +15,7 @@ from modeling_emovlm_kd import PromptPrefixCache
 
 from .meters import MemoryMeter, interleaved_medians, median_ms
 from .models import (
+    CONFIGS,
     brute_force_log_likelihoods,
     build_random_model,
     load_model,
@@ -27,8 +28,8 @@ from .models import (
     weights_mb,
 )
 from .reference import ReferenceProtocol, lower_bound
-from .report import evaluate_targets
-from .stages import time_stages
+from .report import evaluate_targets, targets_apply
+from .stages import time_stage1, time_stages
 
 logger = logging.getLogger(__name__)
 
@@ -84,8 +85,23 @@ def _run(args, device, dtype):
     report.update(model_sizes(work.model))
     report["checks"] = checks
     report["targets"] = evaluate_targets(report)
-    report["targets_apply"] = bool(args.config == "small" and not args.model and device.type == "cpu")
+    report["targets_apply"] = targets_apply(report)
     report["environment"] = environment(work.model, device)
+    return report
+
+
+def run_train_benchmark(args):
+    """`--train`: stage 1's QLoRA steps per second and peak memory (`stages.time_stage1`); the JSON-ready report."""
+    device = torch.device(args.device or "cpu")
+    dtype = getattr(torch, args.dtype) if args.dtype else torch.float32
+    previous_threads = torch.get_num_threads()
+    torch.set_num_threads(args.threads)
+    try:
+        report = {"config": args.config, "device": str(device), "dtype": str(dtype).replace("torch.", ""),
+                  "threads": args.threads, "stage1": time_stage1(args, device, dtype)}
+    finally:
+        torch.set_num_threads(previous_threads)
+    report["environment"] = environment(None, device)
     return report
 
 
@@ -94,6 +110,9 @@ def prepare(args, device, dtype):
     logger.info("building the model (%s)", args.model or args.config)
     if args.model:
         model, processor = load_model(args.model, dtype=dtype)
+    elif CONFIGS[args.config]["device"]:  # 7b: built directly on the device in its dtype
+        model, processor = build_random_model(args.config, seed=args.seed, image_size=args.image_size,
+                                              device=device, dtype=dtype)
     else:
         model, processor = build_random_model(args.config, seed=args.seed, image_size=args.image_size)
     model.to(device=device, dtype=dtype).eval()
@@ -241,6 +260,7 @@ def environment(model, device):
         "machine": platform.machine(),
         "cpu_count": os.cpu_count(),
         "cuda_device": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
-        "attn_implementation": model.vlm.config._attn_implementation,
-        "modeling_file": getattr(sys.modules.get(type(model).__module__), "__file__", None),
+        "attn_implementation": model.vlm.config._attn_implementation if model is not None else None,
+        "modeling_file": getattr(sys.modules.get(type(model).__module__), "__file__", None) if model is not None
+        else None,
     }

@@ -1,4 +1,5 @@
-"""The distillation and gate stages, timed both ways on the same random images and teacher logits.
+"""The distillation and gate stages, timed both ways on the same random images and teacher logits; and stage 1
+(`--train`): QLoRA steps per second and peak memory (`time_stage1`).
 
 Ours is the training code itself: one batched pass caches what the stage needs (pooled encoder features for the head;
 the VLM branch's vector and the head's probabilities for the gate), then `emovlm_kd.training.heads.train_head` /
@@ -11,15 +12,25 @@ teacher's cost is left out of both).
 import copy
 import logging
 import tempfile
+import time
 from dataclasses import dataclass
 
 import torch
+from transformers import TrainerCallback
 
+from emovlm_kd.logs import quiet_libraries, route_trainer_logs
 from emovlm_kd.training import heads
 from emovlm_kd.training.config import TrainConfig
 
-from .meters import OtherLoad, Stopwatch
-from .models import make_inputs, random_images
+from .meters import MemoryMeter, OtherLoad, Stopwatch, sync
+from .models import (
+    CONFIGS,
+    TRAIN_7B_DEPTH,
+    build_random_model,
+    count_params,
+    make_inputs,
+    random_images,
+)
 from .reference import LR, train_gate_per_image, train_head_per_image
 
 logger = logging.getLogger(__name__)
@@ -203,4 +214,141 @@ def time_stages(model, processor, reference, args):
         "gate_stage": gate,
         "distill_stage_speedup": round(distill_speedup, 3),
         "gate_stage_speedup": round(gate_speedup, 3),
+    }
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Stage 1 (--train): QLoRA steps per second and peak memory
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def time_stage1(args, device, dtype):
+    """Stage 1's training step as `emovlm_kd.training.sft.run_stage1` sets it up (the base loaded from safetensors
+    with `sft.quantization_config`: 4-bit nf4 double quantisation on CUDA; LoRA from `sft.lora_config` on the LLM's
+    q, k, v; gradient checkpointing with 4-bit; TRL's `SFTTrainer` on prompt / completion rows), on a random
+    model: `7b` at 7B widths with `TRAIN_7B_DEPTH` (4 text layers, 4 vision blocks), labelled as such.
+    `--train-warmup-steps` untimed steps, then `--train-steps` timed ones; the peak memory is that of the whole
+    `train()` call (`MemoryMeter`). The report entry, JSON-ready."""
+    from emovlm_kd.training import sft
+
+    quiet_libraries()  # no weight-loading bars or expected deprecation warnings in the output
+    depth = TRAIN_7B_DEPTH if args.config == "7b" else None
+    cfg = TrainConfig(quantize="4bit" if device.type == "cuda" else "none", seed=args.seed)
+    with tempfile.TemporaryDirectory(prefix="emovlm-kd-bench-sft-") as tmp:
+        base, label, params = _save_random_base(args, device, dtype, depth, tmp)
+        trainer, clock = _stage1_trainer(args, cfg, base, device, dtype, tmp)
+        route_trainer_logs(trainer)  # the Trainer's metric dicts stay off stdout (the table is the output)
+        memory = MemoryMeter(device).measure(trainer.train)
+        vlm = trainer.model
+        entry = _stage1_entry(args, cfg, clock, memory, label, sft.quantization_config(cfg), depth)
+        entry.update(params=params, trainable_params=sum(p.numel() for p in vlm.parameters() if p.requires_grad))
+        del trainer, vlm
+    return entry
+
+
+def _save_random_base(args, device, dtype, depth, folder):
+    """(folder, label, parameters): the random backbone of `args.config` (at `depth`) saved as a Qwen2-VL checkpoint with its
+    processor, built directly on `device` in `dtype` for the presets that say so (7b)."""
+    direct = CONFIGS[args.config]["device"] is not None
+    model, processor = build_random_model(args.config, seed=args.seed, image_size=args.image_size,
+                                          device=device if direct else None, dtype=dtype if direct else None,
+                                          depth=depth)
+    path = f"{folder}/base"
+    model.vlm.to(dtype).save_pretrained(path)
+    processor.save_pretrained(path)
+    text, vision = model.vlm.config.text_config, model.vlm.config.vision_config
+    params = count_params(model.vlm)
+    label = (f"random {args.config}: hidden {text.hidden_size}, MLP {text.intermediate_size}, vocabulary "
+             f"{text.vocab_size}, vision width {vision.embed_dim}; {text.num_hidden_layers} text layers, "
+             f"{vision.depth} vision blocks; {params:,} parameters")
+    if depth:
+        full = CONFIGS[args.config]["widths"]
+        label += (f" (reduced depth: Qwen2-VL-7B has {full['num_layers']} text layers and {full['vision_depth']} "
+                  "vision blocks)")
+    del model
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return path, label, params
+
+
+class _StepClock(TrainerCallback):
+    """The time at the start of training and at the end of every step (device synced)."""
+
+    def __init__(self, device):
+        self.device, self.times = device, []
+
+    def on_train_begin(self, *args, **kwargs):
+        sync(self.device)
+        self.times = [time.perf_counter()]
+
+    def on_step_end(self, *args, **kwargs):
+        sync(self.device)
+        self.times.append(time.perf_counter())
+
+
+def _stage1_trainer(args, cfg, base, device, dtype, folder):
+    """(SFTTrainer, its _StepClock): stage 1's settings for `warmup + steps` optimizer steps on random images."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+    from trl import SFTConfig, SFTTrainer
+
+    from emovlm_kd.training import sft
+
+    quant = sft.quantization_config(cfg)
+    vlm = AutoModelForImageTextToText.from_pretrained(base, dtype=dtype, quantization_config=quant,
+                                                      use_safetensors=True)
+    processor = AutoProcessor.from_pretrained(base)
+    steps = args.train_warmup_steps + args.train_steps
+    config = SFTConfig(
+        output_dir=f"{folder}/out", max_steps=steps, per_device_train_batch_size=args.train_batch_size,
+        learning_rate=cfg.sft_lr, lr_scheduler_type="constant", max_grad_norm=0.3, max_length=None,
+        bf16=dtype == torch.bfloat16, gradient_checkpointing=quant is not None, use_cpu=device.type != "cuda",
+        report_to=[], seed=args.seed, data_seed=args.seed, dataloader_num_workers=0, **QUIET,
+    )
+    clock = _StepClock(device)
+    trainer = SFTTrainer(model=vlm, args=config, processing_class=processor, peft_config=sft.lora_config(cfg),
+                         train_dataset=_stage1_rows(steps * args.train_batch_size, args.image_size, args.seed),
+                         callbacks=[clock])
+    return trainer, clock
+
+
+def _stage1_rows(count, side, seed):
+    """`count` prompt / completion rows (TRL's vision format) over random images: the FI instruction, a label's
+    answer."""
+    from datasets import Dataset
+
+    from configuration_emovlm_kd import EmoVLMKDConfig
+    from emovlm_kd.labels import MIKELS8
+
+    config = EmoVLMKDConfig(id2label=dict(enumerate(MIKELS8)), label2id={x: i for i, x in enumerate(MIKELS8)})
+    question = config.classification_prompt()
+    answers = [config.answer_for(MIKELS8[i % len(MIKELS8)]) for i in range(count)]
+    return Dataset.from_dict({
+        "images": [[image] for image in random_images(count, side, seed=seed + 2)],
+        "prompt": [[{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]] * count,
+        "completion": [[{"role": "assistant", "content": [{"type": "text", "text": a}]}] for a in answers],
+    })
+
+
+def _stage1_entry(args, cfg, clock, memory, label, quant, depth):
+    timed = clock.times[args.train_warmup_steps :]
+    measured = len(timed) - 1
+    seconds = (timed[-1] - timed[0]) / measured if measured > 0 else None
+    full_layers = CONFIGS[args.config]["widths"].get("num_layers")
+    scale = full_layers / depth["num_layers"] if depth else None
+    return {
+        "label": label,
+        "quantization": "4-bit nf4, double quantisation (QLoRA)" if quant is not None else "none (LoRA)",
+        "lora": {"r": cfg.lora_r, "alpha": cfg.lora_alpha, "dropout": cfg.lora_dropout, "targets": cfg.lora_targets},
+        "batch_size": args.train_batch_size,
+        "image_size": [args.image_size, args.image_size],
+        "image_tokens": (args.image_size // 28) ** 2,
+        "warmup_steps": args.train_warmup_steps,
+        "steps_measured": measured,
+        "s_per_step": None if seconds is None else round(seconds, 4),
+        "steps_per_s": None if not seconds else round(1.0 / seconds, 3),
+        "s_per_step_scaled_to_full_depth": None if seconds is None or scale is None else round(seconds * scale, 3),
+        "scaling": None if scale is None else (
+            f"measured x {full_layers}/{depth['num_layers']} text layers: linear in depth, the embedding, LM head "
+            "and vision blocks scaled alike (a rough estimate, not a measurement)"),
+        "memory": memory,
     }

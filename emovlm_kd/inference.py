@@ -1,4 +1,5 @@
-"""Batched inference shared by `predict`, `evaluate` and the training stages."""
+"""Batched inference shared by `predict`, `evaluate` and the training stages, and its sharding over the processes of
+a `torchrun` / `accelerate launch` (`sharded_batches` + `gather_in_order`; in one process both are plain loops)."""
 
 import logging
 
@@ -7,7 +8,8 @@ import torch
 from modeling_emovlm_kd import PromptPrefixCache
 from pipeline_emovlm_kd import prepare_image, prepare_inputs
 
-__all__ = ["PromptPrefixCache", "describe", "limit_images", "run_batch"]
+__all__ = ["PromptPrefixCache", "describe", "gather_in_order", "limit_images", "process_device", "run_batch",
+           "sharded_batches"]
 
 logger = logging.getLogger(__name__)
 
@@ -74,3 +76,45 @@ def describe(output, index, id2label):
     if output.get("generated_text") is not None:
         record["vlm"]["answer"] = output.generated_text[index]
     return record
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Several processes
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def process_device():
+    """This process's default device: its own GPU under torchrun (`cuda:LOCAL_RANK`), `cuda` in one process with
+    CUDA, else `cpu`."""
+    if not torch.cuda.is_available():
+        return "cpu"
+    from emovlm_kd import distributed
+
+    return str(distributed.state().device)
+
+
+def sharded_batches(items, batch_size):
+    """Yield, round by round, this process's share of the next `batch_size * processes` of `items`: a contiguous
+    slice of at most `batch_size` (accelerate's `split_between_processes`, no padding; possibly empty in the last
+    round). Every process yields the same number of rounds, so a collective per round (`gather_in_order`) is safe;
+    the shares of one round, in rank order, are that round's items in order. In one process: `items` in batches."""
+    from emovlm_kd import distributed
+
+    state = distributed.state()
+    items = list(items)
+    step = batch_size * state.num_processes
+    for start in range(0, len(items), step):
+        with state.split_between_processes(items[start : start + step]) as mine:
+            yield list(mine)
+
+
+def gather_in_order(local):
+    """Every process's list `local` of one round of `sharded_batches`, concatenated in rank order (the round's input
+    order), on every process (`accelerate.utils.gather_object`); in one process `local` itself."""
+    from emovlm_kd import distributed
+
+    if distributed.world_size() == 1:
+        return list(local)
+    from accelerate.utils import gather_object
+
+    return gather_object(list(local))

@@ -188,3 +188,80 @@ def test_stages_time_the_training_code_itself(monkeypatch):
     assert distill["ours_s"] == pytest.approx(distill["ours_cache_s"] + distill["ours_train_s"], abs=2e-3)
     assert gate["reference_extrapolated"] and gate["reference_epochs_measured"] == 1
     assert distill_speedup > 0 and gate_speedup > 0
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# --config 7b and --train: built on `meta` here (the figures themselves need CUDA)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def test_7b_preset_is_qwen2_vl_7b_exactly_built_on_meta():
+    """Qwen2-VL-7B's exact shape, built without memory; a 448 x 448 image is 256 image tokens; the default dtype is
+    restored after a bfloat16 build."""
+    from pipeline_emovlm_kd import prepare_inputs
+
+    model, processor = models.build_random_model("7b", device="meta", dtype=torch.bfloat16)
+    assert torch.get_default_dtype() == torch.float32
+    assert model.device.type == "meta" and model.vlm.dtype == torch.bfloat16
+    assert models.count_params(model.vlm) == 8_291_375_616  # Qwen2-VL-7B-Instruct
+    assert models.count_params(model.distill_head) == 3_679_240  # the paper's [1024] head
+    text = model.vlm.config.text_config
+    assert (text.hidden_size, text.intermediate_size, text.num_hidden_layers, text.vocab_size) == (3584, 18944, 28,
+                                                                                                    152064)
+    side = models.CONFIGS["7b"]["image_size"]
+    assert side == 448
+    inputs = prepare_inputs(processor, model.config, models.random_images(2, side))
+    image_token = model.vlm.config.image_token_id
+    assert (inputs["input_ids"] == image_token).sum(-1).tolist() == [256, 256]
+
+
+def test_7b_train_preset_keeps_the_widths_at_reduced_depth_on_meta():
+    model, _ = models.build_random_model("7b", device="meta", depth=models.TRAIN_7B_DEPTH)
+    full, _ = models.build_random_model("7b", device="meta")
+    text, vision = model.vlm.config.text_config, model.vlm.config.vision_config
+    assert (text.num_hidden_layers, vision.depth) == (4, 4)
+    full_text = full.vlm.config.text_config
+    for name in ("hidden_size", "intermediate_size", "vocab_size", "num_attention_heads", "num_key_value_heads"):
+        assert getattr(text, name) == getattr(full_text, name), name
+    assert vision.embed_dim == full.vlm.config.vision_config.embed_dim == 1280
+    assert models.count_params(model.vlm) == 2_147_020_288  # 2.15 B
+
+
+def test_7b_preset_defaults_and_no_cuda_refusal():
+    args = bench.parse_args(["--config", "7b", "--device", "cpu"])  # resolved without building anything
+    assert (args.image_size, args.sizes, args.dtype) == (448, [1, 8, 32], "bfloat16")
+    assert bench.parse_args(["--config", "tiny"]).sizes == [1, 8]
+    if not torch.cuda.is_available():  # a CPU fact: the 7B preset's default device is CUDA
+        with pytest.raises(SystemExit) as error:
+            bench.main(["--config", "7b"])
+        assert error.value.code == 2
+
+
+def test_7b_report_carries_the_gpu_targets():
+    from benchmarks.report import TARGETS_7B_GPU, evaluate_targets, targets_apply
+
+    report = {"config": "7b", "model": None, "device": "cuda", "predict_ms": 24.0, "per_image_ms": {"1": 24.0,
+              "8": 12.0, "32": 10.5}, "predict_vs_reference": 0.2, "predict_vs_lower_bound": 1.1,
+              "batched_per_image_vs_batch_1": 0.44, "visual_encoders": {"ours": 1},
+              "params_qwen2_vl_7b": {"head_gate_share": 0.00044}}
+    targets = evaluate_targets(report)
+    assert set(targets) == set(TARGETS_7B_GPU)
+    assert targets["predict_ms"]["met"] is True and targets["per_image_ms_batch_32"]["met"] is False
+    assert targets_apply(report) and not targets_apply({**report, "device": "cpu"})
+    assert targets_apply({**report, "config": "small", "device": "cpu"})
+
+
+def test_bench_train_times_stage1_steps_and_memory(tmp_path):
+    """`--train` on the tiny model on the CPU (LoRA; QLoRA's 4-bit needs CUDA here): the stage's trainer runs the
+    warm-up and timed steps and the JSON holds steps per second and peak memory."""
+    out = tmp_path / "train.json"
+    argv = ["--config", "tiny", "--train", "--train-steps", "2", "--train-warmup-steps", "1", "--train-batch-size",
+            "2", "--device", "cpu", "--output", str(out)]
+    assert bench.main(argv) == 0
+    stage1 = json.loads(out.read_text())["stage1"]
+    assert stage1["steps_measured"] == 2 and stage1["warmup_steps"] == 1
+    assert stage1["steps_per_s"] == pytest.approx(1 / stage1["s_per_step"], rel=1e-2)
+    assert stage1["memory"]["peak_mb"] > 0
+    assert 0 < stage1["trainable_params"] < stage1["params"] == 364_416  # the tiny backbone
+    assert stage1["lora"]["targets"] == "q_proj,k_proj,v_proj"
+    assert stage1["quantization"] == "none (LoRA)" and stage1["s_per_step_scaled_to_full_depth"] is None

@@ -9,6 +9,11 @@ Writes `report.json` (accuracy and macro-F1 per part, complementarity, the gate 
 nothing: the set replaces `--output-dir` as a whole, so a folder holding other files is refused before any work.
 A bare Qwen2-VL checkpoint gives the zero-shot baseline: the VLM branch alone.
 
+    torchrun --nproc_per_node 4 -m emovlm_kd.cli evaluate --model runs/fi/model --dataset data/FI --output-dir results/fi
+
+shards the inference between the processes (each on its own GPU, or the CPU); the main process alone writes the
+report, the same as one process's (up to float rounding).
+
 An EmoVLM-KD bundle loads with the installed classes, checked before any work (exit status 3 and one line naming
 the file when it cannot be used); no code from a model folder runs unless `--trust-remote-code` (for checkpoints
 that are not EmoVLM-KD bundles: a zero-shot VLM or a teacher that ship their own code).
@@ -74,6 +79,10 @@ def run(args):
                                 batch_size=args.batch_size, vlm_mode=args.vlm_mode, meta=meta)
     except FileExistsError as error:  # a file put into --output-dir while the run went on
         raise UsageError(f"--output-dir: {error}")
+    from emovlm_kd import distributed
+
+    if not distributed.is_main_process():  # under torchrun the main process wrote the report and prints it
+        return 0
     kind = "zero-shot VLM" if zero_shot else "EmoVLM-KD"
     print(f"{kind} on {args.dataset} ({args.split}, {report['num_samples']} samples):")
     print(accuracy_table(report))

@@ -3,6 +3,11 @@
     emovlm-kd predict --model runs/demo/model photos/ > predictions.jsonl
     emovlm-kd predict --model runs/demo/model photos/ --output predictions.jsonl
     emovlm-kd predict --model runs/demo/model photos/ --output predictions.jsonl --resume     # after a kill
+    torchrun --nproc_per_node 4 -m emovlm_kd.cli predict --model runs/demo/model photos/ --output predictions.jsonl
+
+Under torchrun (or `accelerate launch`) each round of `--batch-size` x processes inputs is split between the
+processes (each on its own GPU, or the CPU), and the main process alone writes the gathered lines, in input order:
+the same file as one process gives (scores equal up to float rounding), with the same `.part` and `--resume`.
 
 `--output FILE` is written all or nothing: the lines go to `FILE.part`, renamed to FILE once every input is done
 (an older FILE stays as it was until then). `--resume` keeps the lines of an existing `FILE.part` (a last line cut
@@ -45,17 +50,18 @@ def add_arguments(parser):
 
 def run(args):
     _check_arguments(args)
+    from emovlm_kd import distributed
     from emovlm_kd.images import iter_image_files
 
     paths = list(iter_image_files(args.inputs))
     if not paths:
         raise UsageError("no input images found in " + " ".join(args.inputs))
     model, processor = _load_model(args)  # checked before any output is opened
-    output = _open_output(args)
-    done = {record["path"] for record in output.records}
-    todo = [path for path in paths if str(path) not in done]
-    if output.records:
-        logger.info("resuming %s: %d input(s) already written, %d to go", output.part, len(done), len(todo))
+    main = distributed.is_main_process()
+    output, todo = _plan_on_main(args, paths) if main else (DiscardLines(), None)
+    todo = distributed.main_process_decides(lambda: todo)  # every process: the same inputs (or the same error)
+    if isinstance(todo, UsageError):
+        raise todo
     try:
         predicted, skipped = _predict_all(model, processor, todo, output, args)
     except BaseException:
@@ -64,8 +70,24 @@ def run(args):
     output.finish()
     predicted += sum("error" not in record for record in output.records)
     skipped += sum("error" in record for record in output.records)
-    print(f"predicted {predicted}, skipped {skipped}", file=sys.stderr)
-    return 1 if skipped else 0
+    if main:
+        print(f"predicted {predicted}, skipped {skipped}", file=sys.stderr)
+    return 1 if distributed.main_process_decides(lambda: skipped) else 0
+
+
+def _plan_on_main(args, paths):
+    """`(output, inputs to predict)` on the main process: the output opened (for `--resume`, with the lines kept),
+    the inputs none of them names; or `(DiscardLines(), UsageError)` when the output cannot be opened (raised on
+    every process, after the decision is shared)."""
+    try:
+        output = _open_output(args)
+    except UsageError as error:
+        return DiscardLines(), error
+    done = {record["path"] for record in output.records}
+    todo = [path for path in paths if str(path) not in done]
+    if output.records:
+        logger.info("resuming %s: %d input(s) already written, %d to go", output.part, len(done), len(todo))
+    return output, todo
 
 
 def _check_arguments(args):
@@ -87,8 +109,9 @@ def _load_model(args):
     import torch
 
     from emovlm_kd.hub import load_bundle
+    from emovlm_kd.inference import process_device
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = args.device or process_device()
     dtype = getattr(torch, args.dtype) if args.dtype else None
     try:
         return load_bundle(args.model, dtype=dtype, device=device, trust_remote_code=args.trust_remote_code)
@@ -97,22 +120,28 @@ def _load_model(args):
 
 
 def _predict_all(model, processor, paths, output, args):
-    """Predict `paths` batch by batch, each batch's lines written (and flushed) before the next: (predicted,
-    skipped)."""
+    """Predict `paths` round by round, each round's lines written (and flushed) in input order before the next:
+    (predicted, skipped). Under torchrun each process predicts its share of a round (`sharded_batches`, at most
+    `--batch-size` images) and the main process writes the gathered lines (`gather_in_order`)."""
     from tqdm.auto import tqdm
 
-    from emovlm_kd.inference import PromptPrefixCache
+    from emovlm_kd import distributed
+    from emovlm_kd.inference import PromptPrefixCache, gather_in_order, sharded_batches
 
     prompt_cache = PromptPrefixCache()  # the model stays frozen for the whole run: its prompt prefix is encoded once
     predicted = skipped = 0
-    with tqdm(total=len(paths), desc="predict", unit="img", file=sys.stderr, disable=None) as bar:
-        for start in range(0, len(paths), args.batch_size):
-            chunk = paths[start : start + args.batch_size]
-            records = _predict_batch(model, processor, chunk, args.vlm_mode, prompt_cache)
+    main, mine_total = distributed.is_main_process(), 0
+    with tqdm(total=len(paths), desc="predict", unit="img", file=sys.stderr, disable=None if main else True) as bar:
+        for mine in sharded_batches(paths, args.batch_size):
+            mine_total += len(mine)
+            records = gather_in_order(_predict_batch(model, processor, mine, args.vlm_mode, prompt_cache))
             output.write(json.dumps(record, ensure_ascii=False) + "\n" for record in records)
             skipped += sum("error" in record for record in records)
             predicted += len(records) - sum("error" in record for record in records)
-            bar.update(len(chunk))
+            bar.update(len(records))
+    if distributed.world_size() > 1:
+        state = distributed.state()
+        logger.info("process %d of %d predicted %d input(s)", state.process_index + 1, state.num_processes, mine_total)
     return predicted, skipped
 
 
@@ -151,6 +180,22 @@ def _open_output(args):
         raise UsageError(f"--output: cannot write {args.output!r}: {error}")
     except ValueError as error:
         raise UsageError(f"--resume: {error}")
+
+
+class DiscardLines:
+    """What a process other than the main one writes under torchrun: nothing (the main process writes every line)."""
+
+    records = ()
+    part = None
+
+    def write(self, lines):
+        pass
+
+    def finish(self):
+        pass
+
+    def abandon(self):
+        pass
 
 
 class StdoutLines:

@@ -92,7 +92,10 @@ def align_labels(source_labels, target_labels, what="model"):
 
 
 def default_device(device=None):
-    return device or ("cuda" if torch.cuda.is_available() else "cpu")
+    """`device`, else this process's own: its GPU under torchrun, `cuda` with CUDA, `cpu` without."""
+    from emovlm_kd.inference import process_device
+
+    return device or process_device()
 
 
 def torch_dtype(name):
@@ -288,46 +291,80 @@ def predict_split(model, processor, dataset, *, label_perm=None, teacher=None, t
     and `final_probs_uncalibrated`, `distill_probs_uncalibrated`: the same before temperature scaling (the model's
     logits times the config's `gate_calibration_temperature` / `head_calibration_temperature`). The model sees each
     image with its long side limited to `config.max_image_side`; the teacher sees it as its training cache did.
+
+    Under torchrun each round of `batch_size` x processes rows is split between the processes
+    (`emovlm_kd.inference.sharded_batches`) and gathered back in order on every process: the same arrays as one
+    process gives, up to float rounding (sampled answers in `generate` mode with `config.vlm_do_sample` excepted).
     """
     from tqdm.auto import tqdm
 
-    from emovlm_kd.inference import PromptPrefixCache, run_batch
+    from emovlm_kd import distributed
+    from emovlm_kd.inference import gather_in_order, sharded_batches
 
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     torch.manual_seed(seed)  # generate mode may sample (config.vlm_do_sample): the same numbers on a rerun
     num_labels = len(dataset_label_names(dataset))
     perm = torch.as_tensor(label_perm if label_perm is not None else range(num_labels), dtype=torch.long)
-    keys = ("final_probs", "distill_probs", "vlm_scores", "vlm_found", "teacher_probs", "final_probs_uncalibrated",
-            "distill_probs_uncalibrated")
-    temperatures = {"final_probs": model.config.gate_calibration_temperature,
-                    "distill_probs": model.config.head_calibration_temperature}
-    chunks = {key: [] for key in keys}
-    references, ids, paths, answers = [], [], [], []
-    has_ids = "id" in dataset.column_names
-    prompt_cache = PromptPrefixCache()  # the model is frozen for the whole pass: its prompt prefix is encoded once
-    with tqdm(total=len(dataset), desc=desc, unit="img", file=sys.stderr, disable=None) as bar:
-        for start, batch in enumerate(dataset.iter(batch_size=batch_size)):
-            raw = batch["image"]
-            paths += [getattr(image, "filename", None) or None for image in raw]
-            images = _prepare_images(raw, model.config.max_image_side)
-            output = run_batch(model, processor, images, vlm_mode=vlm_mode, prompt_cache=prompt_cache)
-            for key, logits in (("final_probs", output.logits), ("distill_probs", output.distill_logits)):
-                chunks[key].append(logits.softmax(-1)[:, perm])
-                chunks[f"{key}_uncalibrated"].append((logits * temperatures[key]).softmax(-1)[:, perm])
-            chunks["vlm_scores"].append(output.vlm_scores[:, perm])
-            chunks["vlm_found"].append(output.vlm_answer_found.bool())
-            texts = output.get("generated_text")
-            answers += list(texts) if texts is not None else [None] * len(images)
-            if teacher is not None:
-                probs = _teacher_probs(teacher, teacher_processor, _prepare_images(raw))
-                chunks["teacher_probs"].append(probs[:, teacher_perm] if teacher_perm is not None else probs)
-            references += [int(label) for label in batch["label"]]
-            first = start * batch_size
-            ids += [str(i) for i in batch["id"]] if has_ids else [str(first + i) for i in range(len(images))]
-            bar.update(len(images))
-    result = {key: torch.cat(value).numpy() if value else None for key, value in chunks.items()}
-    result.update(references=np.asarray(references, dtype=np.int64), ids=ids, paths=paths,
+    step = _RowPredictor(model, processor, perm, teacher, teacher_processor, teacher_perm, vlm_mode,
+                         has_ids="id" in dataset.column_names)
+    parts = []
+    disable = None if distributed.is_main_process() else True
+    with tqdm(total=len(dataset), desc=desc, unit="img", file=sys.stderr, disable=disable) as bar:
+        for mine in sharded_batches(range(len(dataset)), batch_size):
+            local = [step(dataset.select(mine)[:], mine)] if mine else []
+            gathered = gather_in_order(local)
+            parts += gathered
+            bar.update(sum(len(part["references"]) for part in gathered))
+    return _merge_parts(parts)
+
+
+class _RowPredictor:
+    """One batch of dataset rows -> its per-sample values (`predict_split`'s keys), for one pass over a frozen model
+    (its prompt prefix encoded once: one `PromptPrefixCache` per pass)."""
+
+    def __init__(self, model, processor, perm, teacher, teacher_processor, teacher_perm, vlm_mode, has_ids):
+        from emovlm_kd.inference import PromptPrefixCache
+
+        self.model, self.processor, self.perm, self.vlm_mode, self.has_ids = model, processor, perm, vlm_mode, has_ids
+        self.teacher, self.teacher_processor, self.teacher_perm = teacher, teacher_processor, teacher_perm
+        self.temperatures = {"final_probs": model.config.gate_calibration_temperature,
+                             "distill_probs": model.config.head_calibration_temperature}
+        self.prompt_cache = PromptPrefixCache()
+
+    def __call__(self, batch, indices):
+        from emovlm_kd.inference import run_batch
+
+        raw, perm = batch["image"], self.perm
+        images = _prepare_images(raw, self.model.config.max_image_side)
+        output = run_batch(self.model, self.processor, images, vlm_mode=self.vlm_mode, prompt_cache=self.prompt_cache)
+        part = {"paths": [getattr(image, "filename", None) or None for image in raw]}
+        for key, logits in (("final_probs", output.logits), ("distill_probs", output.distill_logits)):
+            part[key] = logits.softmax(-1)[:, perm]
+            part[f"{key}_uncalibrated"] = (logits * self.temperatures[key]).softmax(-1)[:, perm]
+        part["vlm_scores"] = output.vlm_scores[:, perm]
+        part["vlm_found"] = output.vlm_answer_found.bool()
+        texts = output.get("generated_text")
+        part["vlm_answers"] = list(texts) if texts is not None else [None] * len(images)
+        if self.teacher is not None:
+            probs = _teacher_probs(self.teacher, self.teacher_processor, _prepare_images(raw))
+            part["teacher_probs"] = probs[:, self.teacher_perm] if self.teacher_perm is not None else probs
+        part["references"] = [int(label) for label in batch["label"]]
+        part["ids"] = [str(i) for i in batch["id"]] if self.has_ids else [str(i) for i in indices]
+        return part
+
+
+_TENSOR_KEYS = ("final_probs", "distill_probs", "vlm_scores", "vlm_found", "teacher_probs", "final_probs_uncalibrated",
+                "distill_probs_uncalibrated")
+
+
+def _merge_parts(parts):
+    """`predict_split`'s dict from the per-batch parts, in order."""
+    result = {key: torch.cat([p[key] for p in parts]).numpy() if parts and key in parts[0] else None
+              for key in _TENSOR_KEYS}
+    answers = [a for p in parts for a in p["vlm_answers"]]
+    result.update(references=np.asarray([r for p in parts for r in p["references"]], dtype=np.int64),
+                  ids=[i for p in parts for i in p["ids"]], paths=[x for p in parts for x in p["paths"]],
                   vlm_answers=answers if any(a is not None for a in answers) else None)
     return result
 
@@ -371,7 +408,8 @@ def evaluate_model(model, processor, dataset, output_dir=None, *, zero_shot=Fals
 
     `model` is an `EmoVLMKDForImageClassification` (for zero-shot, one from `bind_labels`); `label_perm` and
     `teacher_perm` reorder model and teacher outputs into the dataset's label order (see `align_labels`).
-    Returns the report dict (also `report.json`).
+    Returns the report dict (also `report.json`). Under torchrun the inference is sharded (`predict_split`) and
+    only the main process writes the files.
     """
     labels = dataset_label_names(dataset)
     started = time.perf_counter()
@@ -389,9 +427,15 @@ def evaluate_model(model, processor, dataset, output_dir=None, *, zero_shot=Fals
     report = build_report(labels, arrays["references"], predictions, probabilities, meta=meta,
                           parameters=part_parameters(model, zero_shot, teacher), n_bins=n_bins,
                           temperatures=temperatures, uncalibrated_probabilities=uncalibrated)
-    if output_dir is not None:
+    if output_dir is not None and _is_main_process():  # under torchrun every process holds the report; one writes
         write_outputs(report, arrays, predictions, probabilities, output_dir, plots=plots)
     return report
+
+
+def _is_main_process():
+    from emovlm_kd import distributed
+
+    return distributed.is_main_process()
 
 
 def report_folder_conflicts(output_dir):
