@@ -14,6 +14,7 @@ from transformers import AutoModelForImageClassification
 from transformers.pipelines import PIPELINE_REGISTRY
 
 from configuration_emovlm_kd import EmoVLMKDConfig
+from emovlm_kd.folders import replace_folder
 from modeling_emovlm_kd import EmoVLMKDForImageClassification
 from pipeline_emovlm_kd import EmoVLMKDImageClassificationPipeline
 
@@ -95,7 +96,7 @@ def save_bundle(model, processor, output_dir, model_card=None, extra_files=None,
     for name, source in (extra_files or {}).items():
         shutil.copyfile(source, tmp / name)
     respect_umask(tmp)  # safetensors writes model.safetensors 0600; every file gets the umask's mode (0644 under 022)
-    _replace_folder(tmp, output_dir)
+    replace_folder(tmp, output_dir)
     logger.info("saved EmoVLM-KD bundle to %s", output_dir)
     return output_dir
 
@@ -107,19 +108,6 @@ def reset_tokenizer_call_state(processor):
     if backend is not None:
         backend.no_padding()
         backend.no_truncation()
-
-
-def _replace_folder(new, target):
-    """Put folder `new` at `target`, the old `target` moved aside first and removed once the new one is in place."""
-    if target.exists():
-        old = target.with_name(target.name + ".old")
-        if old.exists():
-            shutil.rmtree(old)
-        target.rename(old)
-        new.rename(target)
-        shutil.rmtree(old)
-    else:
-        new.rename(target)
 
 
 # what a bundle needs from the Hub: weights, configs, tokenizer and processor files; never the code files

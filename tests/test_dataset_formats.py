@@ -27,20 +27,12 @@ from PIL import Image as PILImage  # noqa: E402
 from emovlm_kd.data import DATASET_FORMATS, load_image_dataset  # noqa: E402
 from emovlm_kd.data.emoset import emoset_emotions  # noqa: E402
 from emovlm_kd.data.readers import find_reader  # noqa: E402
+from emovlm_kd.data.splitfile import labelled_ids  # noqa: E402
 from emovlm_kd.labels import EKMAN6, MIKELS8, SENTIMENT2  # noqa: E402
 
 
 def sizes(data):
     return {split: part.num_rows for split, part in data.items()}
-
-
-def labels_by_id(data):
-    """{id: label name} over every split."""
-    result = {}
-    for part in data.values():
-        names = part.features["label"].names
-        result.update({row_id: names[label] for row_id, label in zip(part["id"], part["label"])})
-    return result
 
 
 def class_counts(part):
@@ -69,7 +61,7 @@ def test_fi_is_detected_and_split_80_5_15_stratified(tmp_path):
         assert class_counts(data[split]) == dict.fromkeys(MIKELS8, per_class)
     ids = [row_id for part in data.values() for row_id in part["id"]]
     assert len(ids) == len(set(ids)) == 160 and "amusement/amusement_0001.jpg" in ids
-    assert all(label == row_id.split("/")[0] for row_id, label in labels_by_id(data).items())
+    assert all(label == row_id.split("/")[0] for row_id, label in labelled_ids(data).items())
 
 
 def test_fi_split_is_seeded_and_its_ratios_configurable(tmp_path):
@@ -138,7 +130,7 @@ def test_emoset_rows_of_three_or_four_items(tmp_path, row_items):
     assert sizes(data) == {"train": 24, "val": 8, "test": 16}  # its own split, kept
     assert data["train"].features["label"].names == list(MIKELS8)
     assert data["val"]["id"][0] == "image/amusement/amusement_4.jpg"
-    assert all(label == row_id.split("/")[1] for row_id, label in labels_by_id(data).items())
+    assert all(label == row_id.split("/")[1] for row_id, label in labelled_ids(data).items())
     assert load_image_dataset(root, split_ratios=(0.5, 0.25, 0.25))["test"].num_rows == 16  # not re-split
 
 
@@ -165,7 +157,7 @@ def test_emotion6_labels_are_the_folders_by_default(tmp_path):
     assert same_split(data, load_image_dataset(root, dataset_format="emotion6", emotion6_labels="folder"))
     assert sizes(data) == {"train": 24, "val": 6, "test": 6}  # 80 / 10 / 10
     assert data["train"].features["label"].names == list(EKMAN6)
-    labels = labels_by_id(data)
+    labels = labelled_ids(data)
     assert len(labels) == 36 and labels["images/anger/1.jpg"] == "anger"
     assert all(label == row_id.split("/")[1] for row_id, label in labels.items())
 
@@ -175,7 +167,7 @@ def test_emotion6_argmax_ignores_neutral_and_drops_ties(tmp_path, caplog):
     root = write_emotion6(tmp_path / "Emotion6", per_class=6, probabilities=rows)
     with caplog.at_level(logging.INFO, logger="emovlm_kd.data"):
         data = load_image_dataset(root, emotion6_labels="argmax")
-    labels = labels_by_id(data)
+    labels = labelled_ids(data)
     assert len(labels) == 34 and labels["images/anger/1.jpg"] == "joy"
     assert "images/anger/2.jpg" not in labels and "images/disgust/1.jpg" not in labels
     assert "2 row(s) of ground_truth.txt dropped" in caplog.text
@@ -210,7 +202,7 @@ def test_sentiment_sets_are_detected_and_labelled_by_majority(tmp_path, caplog, 
     assert data["train"].features["label"].names == list(SENTIMENT2)
     assert sizes(data) == {"train": 8, "val": 2, "test": 2}  # 80 / 5 / 15 of 12 labelled ids
     expected = {f"images/{i}.jpg": label for i, label in expected_votes(root).items() if label is not None}
-    assert labels_by_id(data) == expected
+    assert labelled_ids(data) == expected
     assert f"the paper: {paper}" in caplog.text and "3 dropped as neutral or disputed" in caplog.text
 
 
@@ -244,7 +236,7 @@ def test_missing_images_are_counted_in_one_warning_and_dropped(tmp_path, caplog)
     assert len(warnings) == 1 and "3 of 12 labelled ids have no image file" in warnings[0].getMessage()
     assert sum(sizes(data).values()) == 9
     on_disk = {f"images/{path.name}" for path in (root / "images").iterdir()}
-    assert set(labels_by_id(data)) <= on_disk
+    assert set(labelled_ids(data)) <= on_disk
 
 
 def test_one_vote_file_and_spaces_after_commas(tmp_path):
@@ -254,7 +246,7 @@ def test_one_vote_file_and_spaces_after_commas(tmp_path):
         file.write_text(file.read_text().replace(",", ", "))
     assert same_split(whole, load_image_dataset(root))
     batch = load_image_dataset(root / "flickr1_icassp2016_dataset.csv", split_ratios=(0.5, 0.0, 0.5))
-    assert set(labels_by_id(batch)) < set(labels_by_id(whole))
+    assert set(labelled_ids(batch)) < set(labelled_ids(whole))
     shutil.copy(root / "flickr2_icassp2016_dataset.csv", root / "votes.csv")
     renamed = load_image_dataset(root / "votes.csv", dataset_format="flickr", split_ratios=(0.5, 0.0, 0.5))
     assert sum(sizes(renamed).values()) == 4

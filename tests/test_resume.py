@@ -222,7 +222,7 @@ def test_a_done_marker_cut_short_means_the_stage_is_not_done(tmp_path):
 
 STAGE_FOLDERS = {"stage0_instructions": "stage 0", "stage1_sft": "stage 1", "stage2_teacher": "stage 2",
                  "cache": "caches", "stage3_distill": "stage 3", "stage4_gate": "stage 4",
-                 "stage5_export": "export", "model.tmp": "export", "model": "export", "model.old": "export",
+                 "stage5_export": "export", "model.tmp": "export", "model": "export", ".model.old": "export",
                  "eval_results.json": "export", ".eval_results.json.PID.tmp": "export"}
 STAGES = ("stage 0", "stage 1", "stage 2", "caches", "stage 3", "stage 4", "export")
 

@@ -20,6 +20,7 @@ import torch
 from emovlm_kd.data import load_image_dataset
 from emovlm_kd.data.splitfile import SPLITS_FILE, SplitMismatchError, apply_splits, read_splits
 from emovlm_kd.errors import UsageError
+from emovlm_kd.folders import replace_folder
 from emovlm_kd.modelcheck import BUNDLE_MODEL_TYPE
 
 from .report import (
@@ -28,7 +29,6 @@ from .report import (
     build_report,
     prediction_records,
     render_markdown,
-    replace_folder,
     write_json,
     write_jsonl,
     write_text,
@@ -468,7 +468,7 @@ def check_report_folder(output_dir):
 def write_outputs(report, arrays, predictions, probabilities, output_dir, plots=True):
     """The report's files written all or nothing: report.json, predictions.jsonl, report.md and the figures
     (`REPORT_FILES`) go into a temporary sibling folder (`.NAME.tmp`, one a killed run left is removed), which then
-    replaces `output_dir` by renames (`emovlm_kd.evaluation.report.replace_folder`): `output_dir` holds the old set
+    replaces `output_dir` by renames (`emovlm_kd.folders.replace_folder`): `output_dir` holds the old set
     or the new one, never a mix. A folder holding anything else raises `FileExistsError` before a file is written
     (`check_report_folder`)."""
     output_dir = Path(output_dir).resolve()
