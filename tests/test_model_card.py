@@ -82,3 +82,15 @@ def test_backbone_tags(model_type, tag):
 def test_hub_ids_are_recognised_and_paths_that_exist_are_not_ids(tmp_path):
     assert hub_id_of("Qwen/Qwen2-VL-7B-Instruct") == "Qwen/Qwen2-VL-7B-Instruct"
     assert hub_id_of(str(local_base(tmp_path, None))) is None
+
+
+def test_a_hub_base_model_without_network_is_not_asked_for_its_card(tmp_path, monkeypatch):
+    """One connection probe, no download attempt (and its retries) when the Hub is unreachable."""
+    import huggingface_hub
+
+    monkeypatch.setattr("huggingface_hub.constants.ENDPOINT", "http://127.0.0.1:9")
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", False)
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    monkeypatch.setattr(huggingface_hub.ModelCard, "load", classmethod(lambda *a, **k: pytest.fail("downloaded")))
+    card = card_of(settings(vlm="Qwen/Qwen2-VL-7B-Instruct"), "Qwen/Qwen2-VL-7B-Instruct")
+    assert card.data.license is None and card.data.base_model == "Qwen/Qwen2-VL-7B-Instruct"

@@ -107,11 +107,25 @@ def inherited_license(name_or_path):
     path = Path(str(name_or_path)).expanduser()
     card = local_card(path) if path.is_dir() else None
     if card is None and not path.exists() and HUB_ID.match(str(name_or_path)):
-        try:
-            card = ModelCard.load(str(name_or_path))
-        except Exception as error:  # offline, gated or missing: the license stays unknown
-            logger.debug("could not read the card of %s: %s", name_or_path, error)
+        card = hub_card(str(name_or_path))
     return getattr(card.data, "license", None) if card else None
+
+
+def hub_card(repo_id):
+    """The Hub card of `repo_id`: from the Hub cache, else from the Hub when one probe finds it reachable (no
+    download retries at the end of a run without network); None when it cannot be read."""
+    from huggingface_hub import try_to_load_from_cache
+
+    from emovlm_kd.training.preflight import HubAccess
+
+    cached = try_to_load_from_cache(repo_id, "README.md")
+    if not isinstance(cached, str) and not HubAccess().reachable:
+        return None
+    try:
+        return ModelCard.load(cached if isinstance(cached, str) else repo_id)
+    except Exception as error:  # gated or missing: the license stays unknown
+        logger.debug("could not read the card of %s: %s", repo_id, error)
+        return None
 
 
 def backbone_tag(model_type):
