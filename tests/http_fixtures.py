@@ -3,6 +3,8 @@
 import http.server
 import json
 
+# The reply body of `POST /v1/chat/completions` as the OpenAI API reference gives it ("The chat completion object":
+# `choices[].message.content`), cut to the fields the annotator reads.
 ANSWER = {"choices": [{"message": {"content": " A calm scene. "}}]}
 
 
