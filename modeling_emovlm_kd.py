@@ -27,6 +27,10 @@ except ImportError:  # imported as a plain module (not from a Hub folder)
 
 logger = logging.get_logger(__name__)
 
+# The paper's reasoning instruction (stage 1 tunes the VLM on it): what `explain` asks about each image.
+EXPLANATION_QUESTION = "Observe the image and describe the process of inferring the emotions conveyed in the image."
+EXPLANATION_MAX_NEW_TOKENS = 128
+
 
 @dataclass
 class EmoVLMKDOutput(ModelOutput):
@@ -44,6 +48,8 @@ class EmoVLMKDOutput(ModelOutput):
     image_embeds (`torch.FloatTensor` of shape `(batch_size, hidden_size)`): mean-pooled visual tokens per image.
     generated_ids (`torch.LongTensor` of shape `(batch_size, new_tokens)`, *optional*): `generate_labels`' answers.
     generated_text (`list[str]`, *optional*): `generate_labels`' decoded answers (when given a tokenizer).
+    explanation_ids (`torch.LongTensor` of shape `(batch_size, new_tokens)`, *optional*): `explain`'s generated tokens.
+    explanations (`list[str]`, *optional*): `explain`'s decoded reasoning, one per image.
     """
 
     loss: torch.FloatTensor | None = None
@@ -55,6 +61,8 @@ class EmoVLMKDOutput(ModelOutput):
     image_embeds: torch.FloatTensor | None = None
     generated_ids: torch.LongTensor | None = None
     generated_text: list | None = None
+    explanation_ids: torch.LongTensor | None = None
+    explanations: list | None = None
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -740,14 +748,24 @@ class EmoVLMKDForImageClassification(EmoVLMKDPreTrainedModel):
         text, image_embeds, distill_logits = self._encode(
             input_ids, attention_mask, pixel_values, image_grid_thw, mm_token_type_ids
         )
+        vlm_scores, found, fields = self._score_branch(text, prompt_cache)
+        return self._combine(vlm_scores, found, image_embeds, distill_logits, labels, **fields)
+
+    def _score_branch(self, text, prompt_cache=None):
+        """The VLM branch in score mode on `_encode`'s text inputs: `(vlm_scores, found, {"vlm_log_likelihoods"})`."""
         log_likelihoods = self.score_labels(**text, prompt_cache=prompt_cache)
         vlm_scores = log_likelihoods.softmax(-1)
         if self.config.vlm_vector == "onehot":
             vlm_scores = F.one_hot(vlm_scores.argmax(-1), vlm_scores.shape[-1]).to(vlm_scores.dtype)
         found = torch.ones(vlm_scores.shape[0], dtype=torch.bool, device=vlm_scores.device)
-        return self._combine(
-            vlm_scores, found, image_embeds, distill_logits, labels, vlm_log_likelihoods=log_likelihoods
-        )
+        return vlm_scores, found, {"vlm_log_likelihoods": log_likelihoods}
+
+    def _generate_branch(self, text, tokenizer=None, generation_kwargs=None):
+        """The VLM branch in generate mode (the paper's protocol): `(vlm_scores, found, {generated_ids, text})`."""
+        with torch.no_grad():
+            generated_ids = self.generate_answers(**text, **(generation_kwargs or {}))
+        vlm_scores, found, texts = self.answers_to_vectors(generated_ids, tokenizer or self.answer_tokenizer())
+        return vlm_scores, found, {"generated_ids": generated_ids, "generated_text": texts}
 
     def generate_labels(
         self,
@@ -775,18 +793,96 @@ class EmoVLMKDForImageClassification(EmoVLMKDPreTrainedModel):
         text, image_embeds, distill_logits = self._encode(
             input_ids, attention_mask, pixel_values, image_grid_thw, mm_token_type_ids
         )
-        with torch.no_grad():
-            generated_ids = self.generate_answers(**text, **(generation_kwargs or {}))
-        vlm_scores, found, texts = self.answers_to_vectors(generated_ids, tokenizer or self.answer_tokenizer())
-        return self._combine(
-            vlm_scores, found, image_embeds, distill_logits, labels, generated_ids=generated_ids, generated_text=texts
+        vlm_scores, found, fields = self._generate_branch(text, tokenizer, generation_kwargs)
+        return self._combine(vlm_scores, found, image_embeds, distill_logits, labels, **fields)
+
+    @torch.no_grad()
+    def explain(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        pixel_values=None,
+        image_grid_thw=None,
+        mm_token_type_ids=None,
+        processor=None,
+        question=None,
+        vlm_mode=None,
+        generation_kwargs=None,
+        seed=None,
+        streamer=None,
+        prompt_cache=None,
+    ):
+        r"""
+        Classify the images and say why: everything `forward` (or `generate_labels`, with `vlm_mode="generate"`)
+        returns, plus `explanations`, the model's answer to the paper's reasoning instruction
+        (`EXPLANATION_QUESTION`, which stage 1 tunes it on) for the same images. The visual features of the one
+        encoder pass feed the head, the classification prompt and the reasoning prompt: no image is encoded twice.
+        Inputs as for `forward` (the classification prompt, e.g. from `build_inputs`).
+
+        processor: the model's processor (its chat template and tokenizer write the reasoning prompt and decode it).
+        question (`str`, *optional*): another instruction to answer instead of `EXPLANATION_QUESTION`.
+        generation_kwargs (`dict`, *optional*): for `generate`: greedy by default (`max_new_tokens` defaults to
+            `EXPLANATION_MAX_NEW_TOKENS`); `{"do_sample": True, "temperature": 0.7}` samples.
+        seed (`int`, *optional*): seeds the sampling (a forked RNG: the global random state is left as it was).
+        streamer (*optional*): a `transformers` streamer (e.g. `TextIteratorStreamer`) that receives the explanation's
+            tokens as they are generated (one image at a time).
+        """
+        if processor is None:
+            raise ValueError("`explain` needs the model's `processor`: it writes the reasoning prompt and decodes it")
+        text, image_embeds, distill_logits = self._encode(
+            input_ids, attention_mask, pixel_values, image_grid_thw, mm_token_type_ids
         )
+        if (vlm_mode or self.config.vlm_mode) == "generate":
+            vlm_scores, found, fields = self._generate_branch(text, processor)
+        else:
+            vlm_scores, found, fields = self._score_branch(text, prompt_cache)
+        output = self._combine(vlm_scores, found, image_embeds, distill_logits, None, **fields)
+        reasoning = explanation_inputs(processor, self.config, text, question)
+        options = {"max_new_tokens": EXPLANATION_MAX_NEW_TOKENS, "do_sample": False, **(generation_kwargs or {})}
+        if streamer is not None:
+            options["streamer"] = streamer
+        devices = [text["input_ids"].device] if text["input_ids"].device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices, enabled=seed is not None):
+            if seed is not None:
+                torch.manual_seed(seed)
+            ids = self.generate_answers(**reasoning, image_outputs=text["image_outputs"], **options)
+        tokenizer = getattr(processor, "tokenizer", processor)
+        output["explanation_ids"] = ids
+        output["explanations"] = [answer.strip() for answer in tokenizer.batch_decode(ids, skip_special_tokens=True)]
+        return output
 
 
 def build_prompt_text(processor, config):
     """The chat-formatted classification prompt (one image placeholder) ending with the assistant's turn."""
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": config.classification_prompt()}]}]
     return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+
+def explanation_inputs(processor, config, text, question=None):
+    """The reasoning prompt for the images of `text` (`_encode`'s left-padded classification inputs): input ids,
+    attention mask, `mm_token_type_ids` and grid, each row holding as many image tokens as its classification row
+    (so the encoded images fit it as they are). The image placeholder is expanded here as the processor expands it."""
+    tokenizer = getattr(processor, "tokenizer", processor)
+    image_token_id = config.vlm_config.image_token_id
+    image_token = tokenizer.convert_ids_to_tokens(image_token_id)
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question or EXPLANATION_QUESTION}]}]
+    prompt = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    if prompt.count(image_token) != 1:
+        raise ValueError(f"the chat template should write one {image_token!r} per image, got: {prompt!r}")
+    counts = (text["input_ids"] == image_token_id).sum(-1).tolist()
+    rows = [prompt.replace(image_token, image_token * count) for count in counts]
+    side, tokenizer.padding_side = tokenizer.padding_side, "left"
+    try:
+        encoded = tokenizer(rows, padding=True, add_special_tokens=False, return_tensors="pt")
+    finally:
+        tokenizer.padding_side = side
+    input_ids = encoded["input_ids"].to(text["input_ids"].device)
+    if (input_ids == image_token_id).sum(-1).tolist() != counts:
+        raise ValueError("the tokenizer does not keep the image placeholder tokens as they are")
+    types = text["mm_token_type_ids"]
+    mm_token_type_ids = (input_ids == image_token_id).to(types.dtype if types is not None else torch.int)
+    return {"input_ids": input_ids, "attention_mask": encoded["attention_mask"].to(input_ids.device),
+            "image_grid_thw": text["image_grid_thw"], "mm_token_type_ids": mm_token_type_ids}  # fmt: skip
 
 
 def prepare_inputs(processor, config, images):
@@ -807,9 +903,11 @@ __all__ = [
     "EmoVLMKDModel",
     "EmoVLMKDOutput",
     "EmoVLMKDPreTrainedModel",
+    "EXPLANATION_QUESTION",
     "LabelScoringPlan",
     "PromptPrefixCache",
     "build_prompt_text",
+    "explanation_inputs",
     "parse_answer",
     "prepare_inputs",
 ]

@@ -3,6 +3,7 @@
     from transformers import pipeline
     classify = pipeline(model="path/or/repo", trust_remote_code=True)
     classify("photo.jpg", top_k=3)  # [{"label": "awe", "score": 0.61}, ...]
+    classify("photo.jpg", explain=True)  # each entry also has "explanation": why (one encoder pass per image)
 
 This file travels to the Hub with the model: it imports only torch, transformers, the model's own files and the
 standard library (Pillow is reached as transformers' image backend, `transformers.image_utils.PIL`).
@@ -199,7 +200,12 @@ def scores_to_predictions(probs, id2label, top_k=None):
 
 
 class EmoVLMKDImageClassificationPipeline(Pipeline):
-    """Which emotion an image evokes: `[{"label", "score"}]`, scores summing to 1 over all labels."""
+    """Which emotion an image evokes: `[{"label", "score"}]`, scores summing to 1 over all labels.
+
+    `explain=True` also asks the model why (`model.explain`: the paper's reasoning instruction, answered from the same
+    encoded image) and adds the answer as `explanation` to each entry; `max_new_tokens` (default 128), `do_sample`
+    (greedy by default), `temperature` and `seed` (seeds the sampling) shape it.
+    """
 
     _load_processor = True
     _load_image_processor = False
@@ -215,9 +221,16 @@ class EmoVLMKDImageClassificationPipeline(Pipeline):
         finally:
             self._prompt_cache = None
 
-    def _sanitize_parameters(self, top_k=None, vlm_mode=None, timeout=None, **kwargs):
+    def _sanitize_parameters(self, top_k=None, vlm_mode=None, timeout=None, explain=None, max_new_tokens=None,
+                             do_sample=None, temperature=None, seed=None, **kwargs):
         preprocess_kwargs = {"timeout": timeout} if timeout is not None else {}
         forward_kwargs = {"vlm_mode": vlm_mode} if vlm_mode is not None else {}
+        generation = {"max_new_tokens": max_new_tokens, "do_sample": do_sample, "temperature": temperature}
+        generation = {key: value for key, value in generation.items() if value is not None}
+        if explain:
+            forward_kwargs.update(explain=True, generation_kwargs=generation, seed=seed)
+        elif generation or seed is not None:
+            raise ValueError("max_new_tokens, do_sample, temperature and seed shape the explanation: pass explain=True")
         postprocess_kwargs = {"top_k": top_k} if top_k is not None else {}
         return preprocess_kwargs, forward_kwargs, postprocess_kwargs
 
@@ -225,17 +238,25 @@ class EmoVLMKDImageClassificationPipeline(Pipeline):
         image = prepare_image(image, timeout=timeout, max_side=self.model.config.max_image_side)
         return prepare_inputs(self.processor, self.model.config, [image])
 
-    def _forward(self, model_inputs, vlm_mode=None):
+    def _forward(self, model_inputs, vlm_mode=None, explain=False, generation_kwargs=None, seed=None):
+        cache = None if self.model.training else self._prompt_cache
+        if explain:
+            output = self.model.explain(**model_inputs, processor=self.processor, vlm_mode=vlm_mode,
+                                        generation_kwargs=generation_kwargs, seed=seed, prompt_cache=cache)
+            return {"logits": output.logits, "explanation": output.explanations[0]}
         if (vlm_mode or self.model.config.vlm_mode) == "generate":
             output = self.model.generate_labels(**model_inputs, tokenizer=self.processor.tokenizer)
         else:
-            cache = None if self.model.training else self._prompt_cache
             output = self.model(**model_inputs, vlm_mode="score", prompt_cache=cache)
         return {"logits": output.logits}
 
     def postprocess(self, model_outputs, top_k=None):
         probs = model_outputs["logits"][0].float().softmax(-1)
-        return scores_to_predictions(probs, self.model.config.id2label, top_k or len(probs))
+        predictions = scores_to_predictions(probs, self.model.config.id2label, top_k or len(probs))
+        if "explanation" in model_outputs:
+            for prediction in predictions:
+                prediction["explanation"] = model_outputs["explanation"]
+        return predictions
 
 
 __all__ = [

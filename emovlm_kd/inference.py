@@ -27,20 +27,25 @@ def limit_images(images, max_side):
 
 
 @torch.inference_mode()
-def run_batch(model, processor, images, vlm_mode=None, prompt_cache=None):
+def run_batch(model, processor, images, vlm_mode=None, prompt_cache=None, explain=False, generation_kwargs=None,
+              seed=None):
     """Model outputs for a list of prepared RGB PIL images (one prompt each), moved to the CPU as float32.
 
     `vlm_mode` (default `model.config.vlm_mode`): `score` runs `model(...)`; `generate` runs `model.generate_labels`
     with the processor's tokenizer (answers decoded into `generated_text`). `prompt_cache`: a `PromptPrefixCache`
     that a loop over a frozen model creates once and passes to every call (score mode), so that the prompt's shared
     text prefix is encoded once per run. Images longer than `model.config.max_image_side` are scaled down first
-    (`limit_images`).
+    (`limit_images`). `explain`: `model.explain` instead (the same outputs plus `explanations`, generated with
+    `generation_kwargs` and `seed`, from the same encoded images).
     """
     images = limit_images(images, getattr(model.config, "max_image_side", None))
     inputs = prepare_inputs(processor, model.config, images).to(model.device)
     if "pixel_values" in inputs:
         inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
-    if (vlm_mode or model.config.vlm_mode) == "generate":
+    if explain:
+        output = model.explain(**inputs, processor=processor, vlm_mode=vlm_mode, generation_kwargs=generation_kwargs,
+                               seed=seed, prompt_cache=prompt_cache)
+    elif (vlm_mode or model.config.vlm_mode) == "generate":
         output = model.generate_labels(**inputs, tokenizer=processor.tokenizer)
     else:
         output = model(**inputs, vlm_mode="score", prompt_cache=prompt_cache)
@@ -75,6 +80,8 @@ def describe(output, index, id2label):
     }
     if output.get("generated_text") is not None:
         record["vlm"]["answer"] = output.generated_text[index]
+    if output.get("explanations") is not None:
+        record["explanation"] = output.explanations[index]
     return record
 
 

@@ -3,6 +3,7 @@
     emovlm-kd predict --model runs/demo/model photos/ > predictions.jsonl
     emovlm-kd predict --model runs/demo/model photos/ --output predictions.jsonl
     emovlm-kd predict --model runs/demo/model photos/ --output predictions.jsonl --resume     # after a kill
+    emovlm-kd predict --model runs/demo/model photo.jpg --explain     # + "explanation": why, from the same encoder pass
     torchrun --nproc_per_node 4 -m emovlm_kd.cli predict --model runs/demo/model photos/ --output predictions.jsonl
 
 Under torchrun (or `accelerate launch`) each round of `--batch-size` x processes inputs is split between the
@@ -43,6 +44,15 @@ def add_arguments(parser):
     parser.add_argument("--vlm-mode", choices=["score", "generate"], default=None)
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
+    explain = parser.add_argument_group("explanations")
+    explain.add_argument("--explain", action="store_true",
+                         help="add an 'explanation' per line: the model's answer to the paper's reasoning instruction "
+                              "for the same image (one visual-encoder pass per image)")
+    explain.add_argument("--max-new-tokens", type=int, default=None,
+                         help="length limit of an explanation in tokens (default 128)")
+    explain.add_argument("--do-sample", action="store_true", help="sample the explanation instead of greedy decoding")
+    explain.add_argument("--temperature", type=float, default=None, help="sampling temperature (with --do-sample)")
+    explain.add_argument("--seed", type=int, default=0, help="seed of the sampling (with --do-sample; default 0)")
     parser.add_argument("--trust-remote-code", action="store_true",
                         help="run the code of a model that is not an EmoVLM-KD bundle; bundles always load with the "
                              "installed classes")
@@ -98,6 +108,12 @@ def _check_arguments(args):
         raise UsageError(f"--batch-size must be >= 1, got {args.batch_size}")
     if args.resume and not args.output:
         raise UsageError("--resume continues an --output FILE: give --output")
+    if not args.explain and (args.max_new_tokens is not None or args.do_sample or args.temperature is not None):
+        raise UsageError("--max-new-tokens, --do-sample and --temperature shape the explanation: add --explain")
+    if args.max_new_tokens is not None and args.max_new_tokens < 1:
+        raise UsageError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    if args.temperature is not None and (args.temperature <= 0 or not args.do_sample):
+        raise UsageError("--temperature must be > 0 and goes with --do-sample")
     try:
         local_model_folder(args.model)
     except OSError as error:
@@ -134,7 +150,7 @@ def _predict_all(model, processor, paths, output, args):
     with tqdm(total=len(paths), desc="predict", unit="img", file=sys.stderr, disable=None if main else True) as bar:
         for mine in sharded_batches(paths, args.batch_size):
             mine_total += len(mine)
-            records = gather_in_order(_predict_batch(model, processor, mine, args.vlm_mode, prompt_cache))
+            records = gather_in_order(_predict_batch(model, processor, mine, args, prompt_cache))
             output.write(json.dumps(record, ensure_ascii=False) + "\n" for record in records)
             skipped += sum("error" in record for record in records)
             predicted += len(records) - sum("error" in record for record in records)
@@ -145,7 +161,7 @@ def _predict_all(model, processor, paths, output, args):
     return predicted, skipped
 
 
-def _predict_batch(model, processor, paths, vlm_mode, prompt_cache):
+def _predict_batch(model, processor, paths, args, prompt_cache):
     """One record per path, in order: the prediction, or `error` for a file that is not a readable image."""
     from emovlm_kd.images import ImageLoadError, load_image_file
     from emovlm_kd.inference import describe, run_batch
@@ -160,10 +176,23 @@ def _predict_batch(model, processor, paths, vlm_mode, prompt_cache):
             logger.warning("skipping %s: %s", path, error)
             records.append({"path": str(path), "error": str(error)})
     if images:
-        output = run_batch(model, processor, images, vlm_mode=vlm_mode, prompt_cache=prompt_cache)
+        output = run_batch(model, processor, images, vlm_mode=args.vlm_mode, prompt_cache=prompt_cache,
+                           **_explanation_options(args))
         for i, slot in enumerate(slots):
             records[slot].update(describe(output, i, model.config.id2label))
     return records
+
+
+def _explanation_options(args):
+    """`run_batch`'s explanation arguments from the flags: greedy unless `--do-sample` (then seeded by `--seed`)."""
+    if not args.explain:
+        return {}
+    generation = {"do_sample": args.do_sample}
+    if args.max_new_tokens is not None:
+        generation["max_new_tokens"] = args.max_new_tokens
+    if args.temperature is not None:
+        generation["temperature"] = args.temperature
+    return {"explain": True, "generation_kwargs": generation, "seed": args.seed if args.do_sample else None}
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -34,11 +34,12 @@ from emovlm_kd.training.config import (
     check_instruction_sources,
 )
 from emovlm_kd.training.stage import Stage
+from modeling_emovlm_kd import EXPLANATION_QUESTION
 
 logger = logging.getLogger(__name__)
 
 CONVERSATION_QUESTION = "Observe the image and describe key elements of the image."
-REASONING_QUESTION = "Observe the image and describe the process of inferring the emotions conveyed in the image."
+REASONING_QUESTION = EXPLANATION_QUESTION  # the paper's reasoning instruction; `model.explain` asks it too
 QUESTIONS = {"conversation": CONVERSATION_QUESTION, "reasoning": REASONING_QUESTION}
 
 
