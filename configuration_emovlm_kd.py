@@ -1,4 +1,5 @@
-"""Configuration of EmoVLM-KD: a Qwen2-VL backbone, a distillation head on its visual encoder and a gate.
+"""Configuration of EmoVLM-KD: a Qwen-VL backbone (Qwen2-VL, Qwen2.5-VL or Qwen3-VL), a distillation head on its visual
+encoder and a gate.
 
 This file travels to the Hub with the model: it imports only `transformers` (and the standard library).
 """
@@ -17,6 +18,11 @@ DEFAULT_PROMPT = (
 DEFAULT_ANSWER_TEMPLATE = "{{'emotion': '{label}'}}"
 DEFAULT_MAX_IMAGE_SIDE = 1024  # the official code's `resize_image`: the long side at most 1024 px
 MIN_IMAGE_SIDE = 28  # Qwen2-VL's patch size x merge size: no side can be smaller
+# (Qwen3-VL's is 32 = 16 x 2: its processor rounds a side of 28 px to one 32 px unit, `smart_resize`, so 28 serves all)
+# The backbones tested with this model: `model_type`s of the nested `vlm_config` (transformers' own classes, loaded
+# through `AutoModelForImageTextToText`). Qwen2.5-VL's windowed vision attention and Qwen3-VL's deepstack features
+# stay inside the backbone: the head pools the merger tokens that replace the image placeholders in every case.
+SUPPORTED_BACKBONES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
 
 
 def format_label_list(labels):
@@ -35,8 +41,8 @@ class EmoVLMKDConfig(PretrainedConfig):
 
     Args:
         vlm_config (`dict` or `PretrainedConfig`, *optional*):
-            Config of the vision-language backbone (a Qwen2-VL config; any `model_type` registered in transformers
-            whose model has the Qwen2-VL layout works).
+            Config of the vision-language backbone: a Qwen2-VL, Qwen2.5-VL or Qwen3-VL config (`model_type`
+            `qwen2_vl`, `qwen2_5_vl`, `qwen3_vl`, as in `SUPPORTED_BACKBONES`), or its dict; defaults to Qwen2-VL.
         head_hidden_sizes (`list[int]`, *optional*, defaults to `[1024]`):
             Hidden widths of the distillation head (Linear -> GELU -> Dropout per entry, then Linear -> labels).
             The paper's Table 3 compares `[1024]` to deeper heads such as `[1024, 512, 256, 128, 64]`.
@@ -93,7 +99,13 @@ class EmoVLMKDConfig(PretrainedConfig):
             vlm_config = CONFIG_MAPPING["qwen2_vl"]()
         elif isinstance(vlm_config, dict):
             vlm_config = dict(vlm_config)
-            vlm_config = CONFIG_MAPPING[vlm_config.pop("model_type", "qwen2_vl")](**vlm_config)
+            vlm_type = vlm_config.pop("model_type", "qwen2_vl")
+            if vlm_type not in CONFIG_MAPPING:
+                raise ValueError(
+                    f"vlm_config has model_type {vlm_type!r}, which this transformers does not know; EmoVLM-KD "
+                    f"backbones: {', '.join(SUPPORTED_BACKBONES)}"
+                )
+            vlm_config = CONFIG_MAPPING[vlm_type](**vlm_config)
         self.vlm_config = vlm_config
         self.head_hidden_sizes = [int(h) for h in head_hidden_sizes]
         self.head_dropout = float(head_dropout)
@@ -158,4 +170,7 @@ class EmoVLMKDConfig(PretrainedConfig):
         return output
 
 
-__all__ = ["DEFAULT_MAX_IMAGE_SIDE", "GATE_TYPES", "MIN_IMAGE_SIDE", "VLM_MODES", "VLM_VECTORS", "EmoVLMKDConfig"]
+__all__ = [
+    "DEFAULT_MAX_IMAGE_SIDE", "GATE_TYPES", "MIN_IMAGE_SIDE", "SUPPORTED_BACKBONES", "VLM_MODES", "VLM_VECTORS",
+    "EmoVLMKDConfig",
+]

@@ -1,4 +1,5 @@
-"""EmoVLM-KD: a Qwen2-VL backbone, a distillation head on its visual encoder and a gate, as one `PreTrainedModel`.
+"""EmoVLM-KD: a Qwen-VL backbone (Qwen2-VL, Qwen2.5-VL or Qwen3-VL), a distillation head on its visual encoder and a
+gate, as one `PreTrainedModel`.
 
 One pass through the visual encoder per image: its merger tokens feed the language model (the VLM branch) and,
 mean-pooled per image, the distillation head. The gate combines the VLM branch's per-label vector with the head's
@@ -21,9 +22,9 @@ from transformers import AutoModelForImageTextToText, DynamicCache, PreTrainedMo
 from transformers.utils import ModelOutput, logging
 
 try:
-    from .configuration_emovlm_kd import EmoVLMKDConfig
+    from .configuration_emovlm_kd import SUPPORTED_BACKBONES, EmoVLMKDConfig
 except ImportError:  # imported as a plain module (not from a Hub folder)
-    from configuration_emovlm_kd import EmoVLMKDConfig
+    from configuration_emovlm_kd import SUPPORTED_BACKBONES, EmoVLMKDConfig
 
 logger = logging.get_logger(__name__)
 
@@ -324,7 +325,9 @@ class PromptPrefixCache:
         entry = self._entry
         if entry is not None and entry[0] == key:
             return entry[1]
-        # text positions 0 .. L-1 in each of the three rotary sections: the prompt starts the row
+        # text positions 0 .. L-1 in each of the three rotary sections: the prompt starts the row. Every backbone's
+        # text model takes (3, B, L) M-RoPE positions (a 4th leading row would be read as text positions, e.g.
+        # modeling_qwen3_vl.Qwen3VLTextModel.forward); no image token here, so Qwen3-VL adds no deepstack feature
         positions = torch.arange(len(prefix_ids), device=prefix_ids.device).view(1, 1, -1).expand(3, 1, -1)
         states = DynamicCache(config=language_model.config)
         language_model(input_ids=prefix_ids[None], position_ids=positions, cache=states, use_cache=True)
@@ -422,6 +425,30 @@ def choices_to_vectors(choices, num_labels, device=None):
     return vectors, found
 
 
+def check_backbone(vlm):
+    """Raise a `ValueError` unless `vlm` has the Qwen-VL layout this model drives; warn for a `model_type` outside
+    `SUPPORTED_BACKBONES`. Qwen2-VL, Qwen2.5-VL and Qwen3-VL (transformers 5.x, `modeling_qwen2_vl.py`,
+    `modeling_qwen2_5_vl.py`, `modeling_qwen3_vl.py`) share it: `vlm.model.visual` (the encoder; its
+    `spatial_merge_size`), `vlm.model.get_image_features` (per-image merger tokens as `pooler_output`, plus Qwen3-VL's
+    `deepstack_features`), `vlm.model.get_rope_index(input_ids, mm_token_type_ids, image_grid_thw, ...)` (3-D M-RoPE
+    positions and `rope_deltas`), `vlm.model.language_model` (the text decoder) and a forward that takes
+    `mm_encoder_outputs={"image": ...}`."""
+    model_type = getattr(vlm.config, "model_type", None)
+    inner = getattr(vlm, "model", None)
+    missing = [name for name in ("visual", "language_model", "get_image_features", "get_rope_index")
+               if not hasattr(inner, name)]  # fmt: skip
+    if missing:
+        raise ValueError(
+            f"EmoVLM-KD needs a Qwen-VL backbone ({', '.join(SUPPORTED_BACKBONES)}); a {type(vlm).__name__} "
+            f"(model_type {model_type!r}) has no `model.{'`, `model.'.join(missing)}`"
+        )
+    if model_type not in SUPPORTED_BACKBONES:
+        logger.warning(
+            "backbone model_type %r has the Qwen-VL layout but is not one EmoVLM-KD was tested with (%s)",
+            model_type, ", ".join(SUPPORTED_BACKBONES),
+        )  # fmt: skip
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Models
 # ----------------------------------------------------------------------------------------------------------------
@@ -434,7 +461,9 @@ class EmoVLMKDPreTrainedModel(PreTrainedModel):
     main_input_name = "input_ids"
     input_modalities = ("image", "text")
     supports_gradient_checkpointing = True
-    _no_split_modules = ["Qwen2VLDecoderLayer", "Qwen2VLVisionBlock", "Qwen2_5_VLDecoderLayer"]
+    # `post_init` adds the backbone's own (`Qwen3VLTextDecoderLayer`, `Qwen2_5_VLVisionBlock`...): transformers'
+    # `PreTrainedModel.post_init` gathers every child's `_no_split_modules` (modeling_utils.py, 5.24)
+    _no_split_modules = []
     _supports_sdpa = True
     _supports_flash_attn = True
 
@@ -447,13 +476,15 @@ class EmoVLMKDPreTrainedModel(PreTrainedModel):
 
 
 class EmoVLMKDForImageClassification(EmoVLMKDPreTrainedModel):
-    """Qwen2-VL + distillation head + gate. `forward` takes what the Qwen2-VL processor returns and computes tensors
-    (`score` mode); `generate_labels` runs the paper's generate-and-parse protocol on the same inputs."""
+    """A Qwen-VL backbone (Qwen2-VL, Qwen2.5-VL or Qwen3-VL) + distillation head + gate. `forward` takes what the
+    backbone's processor returns and computes tensors (`score` mode); `generate_labels` runs the paper's
+    generate-and-parse protocol on the same inputs."""
 
     def __init__(self, config: EmoVLMKDConfig, vlm=None):
         super().__init__(config)
         self.vlm = vlm if vlm is not None else AutoModelForImageTextToText.from_config(config.vlm_config)
-        hidden = config.vlm_config.get_text_config().hidden_size
+        check_backbone(self.vlm)
+        hidden = config.vlm_config.get_text_config().hidden_size  # the merger's output width, the LM's embedding
         self.distill_head = EmoVLMKDDistillationHead(
             hidden, config.head_hidden_sizes, config.num_labels, config.head_dropout
         )
@@ -466,7 +497,8 @@ class EmoVLMKDForImageClassification(EmoVLMKDPreTrainedModel):
 
     @classmethod
     def from_vlm(cls, vlm, labels, processor=None, **config_kwargs):
-        """Wrap a Qwen2-VL model (an instance, or a name/path loaded with `from_pretrained`) into a new bundle."""
+        """Wrap a Qwen2-VL, Qwen2.5-VL or Qwen3-VL model (an instance, or a name/path loaded with
+        `AutoModelForImageTextToText.from_pretrained`, `vlm_kwargs` passed on) into a new bundle."""
         if isinstance(vlm, str):
             vlm = AutoModelForImageTextToText.from_pretrained(vlm, **config_kwargs.pop("vlm_kwargs", {}))
         labels = list(labels)
@@ -530,12 +562,20 @@ class EmoVLMKDForImageClassification(EmoVLMKDPreTrainedModel):
         return self.vlm.model.visual.spatial_merge_size
 
     def encode_images(self, pixel_values, image_grid_thw):
-        """The single visual-encoder pass: per-image merger tokens (a tuple, one (n_i, H) tensor per image)."""
+        """The single visual-encoder pass: the backbone's `get_image_features` output, whose `pooler_output` holds the
+        per-image merger tokens (a tuple, one (n_i, H) tensor per image). The whole output goes to the language model
+        as `mm_encoder_outputs`, so Qwen3-VL's `deepstack_features` (mergers after early vision blocks, added to the
+        image positions' hidden states in the first language-model layers) reach it as they would from pixels."""
         return self.vlm.model.get_image_features(pixel_values, image_grid_thw, return_dict=True)
 
     @staticmethod
     def pool_image_features(image_tokens):
-        """Mean over each image's own tokens (never across the batch): tuple of (n_i, H) -> (B, H)."""
+        """Mean over each image's own tokens (never across the batch): tuple of (n_i, H) -> (B, H).
+
+        The tokens are what replaces the image placeholders in the language model's input, for every backbone:
+        Qwen2-VL's merger output; Qwen2.5-VL's, after its windowed blocks and put back in raster order (a mean does
+        not depend on the order anyway); Qwen3-VL's final merger output, not its deepstack features (these are added
+        inside the language model's first layers, not fed as input tokens)."""
         return torch.stack([tokens.mean(0) for tokens in image_tokens])
 
     def forward_head(self, image_embeds):
@@ -579,6 +619,7 @@ class EmoVLMKDForImageClassification(EmoVLMKDPreTrainedModel):
         head = torch.cat([input_ids, prefix], dim=1)  # prompt + common prefix, attended causally
         head_mask = torch.cat([attention_mask, torch.ones_like(prefix, dtype=attention_mask.dtype)], dim=1)
         head_types = torch.cat([mm_token_type_ids, torch.zeros_like(prefix, dtype=mm_token_type_ids.dtype)], dim=1)
+        # the same signature in qwen2_vl, qwen2_5_vl and qwen3_vl (an image needs none of the video timing arguments)
         position_ids, rope_deltas = self.vlm.model.get_rope_index(
             head, image_grid_thw=image_grid_thw, video_grid_thw=None, attention_mask=head_mask,
             mm_token_type_ids=head_types,

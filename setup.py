@@ -39,6 +39,9 @@ setup(
         "matplotlib",
         "tqdm",
     ],
-    extras_require={"dev": ["pytest", "pytest-timeout"]},
+    extras_require={
+        "demo": ["gradio>=5"],  # emovlm-kd demo, app.py
+        "dev": ["pytest", "pytest-timeout", "gradio>=5", "gradio_client", "selenium>=4.10"],  # + Debian chromium
+    },
     entry_points={"console_scripts": ["emovlm-kd=emovlm_kd.cli:main"]},
 )

@@ -6,6 +6,7 @@ Run from the repository root (the `benchmarks` package is part of the source tre
     python -m benchmarks.bench --config tiny                                   # the test-suite model, seconds
     python -m benchmarks.bench --config 7b --output bench-7b.json              # Qwen2-VL-7B's shape, random, CUDA
     python -m benchmarks.bench --config 7b --train --output train-7b.json      # stage 1 QLoRA at 7B widths, CUDA
+    python -m benchmarks.bench --config 7b --backbone qwen2_5_vl               # Qwen2.5-VL-7B's shape (qwen3_vl: 8B)
     python -m benchmarks.bench --model Qwen/Qwen2-VL-7B-Instruct --device cuda --batch-sizes 1,8,32 --output 7b.json
     python -m benchmarks.bench --model path/to/emovlm-kd-bundle --device cuda --output bench-bundle.json
 
@@ -44,7 +45,8 @@ this process may run on).
   second visual encoder).
 - `params`: backbone, visual encoder, head and gate of the measured model; `params_qwen2_vl_7b`: the same at
   Qwen2-VL-7B's real size with the paper's [1024] head and Concat & Linear gate over 8 labels, the backbone counted
-  from its config on the `meta` device (nothing downloaded).
+  from its config on the `meta` device (nothing downloaded); `params_real_size`: the same for the `--backbone`'s real
+  model (Qwen2-VL-7B, Qwen2.5-VL-7B or Qwen3-VL-8B), named in it.
 - `checks`: the fast score path against a brute-force per-label log-likelihood (one full forward per label, with the
   VLM's own encoder pass), and batched answers against one-at-a-time answers.
 - `targets`: the issue's targets, which are set for the CPU and the `small` config (`targets_apply`).
@@ -84,7 +86,7 @@ import time
 from dataclasses import dataclass, field
 
 from .meters import available_cpus
-from .models import CONFIGS
+from .models import CONFIGS, REAL_SIZES
 
 logger = logging.getLogger(__name__)
 
@@ -97,6 +99,9 @@ class BenchArguments:
 
     # -- Model
     config: str = field(default="small", metadata={"help": "random model to build", "choices": sorted(CONFIGS)})
+    backbone: str = field(default="qwen2_vl", metadata={
+        "help": "the random model's backbone model_type (7b: Qwen2-VL-7B's, Qwen2.5-VL-7B's or Qwen3-VL-8B's shape; "
+                "small: qwen2_vl only)", "choices": list(REAL_SIZES)})
     model: str | None = field(default=None, metadata={
         "help": "a Qwen2-VL checkpoint or EmoVLM-KD bundle (name or folder)"})
     device: str | None = field(default=None, metadata={"help": "cpu, cuda, cuda:1 ... (default: cpu; 7b: cuda)"})
@@ -134,6 +139,9 @@ class BenchArguments:
 
     def __post_init__(self):
         self._apply_preset()
+        if self.backbone != "qwen2_vl" and (self.model or self.config == "small"):
+            raise ValueError(f"--backbone {self.backbone} goes with --config 7b or tiny (--config small is Qwen2-VL's "
+                             "shape scaled down; --model brings its own backbone)")
         self.sizes = _parse_batch_sizes(self.batch_sizes)
         for name in ("runs", "stage_images", "image_size", "gate_epochs", "distill_epochs", "reference_gate_epochs",
                      "threads", "train_steps", "train_batch_size"):

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # What a user with a CUDA GPU runs to check this project there (issue 14): the test suite, the demo training run,
-# `predict` on its model, the 7B-shape benchmark (predict / protocol / floor / batch 32, peak memory) and stage 1's
-# QLoRA steps at 7B widths. Each step runs under `timeout`, its log in OUT/<step>.log, and one summary line per
+# `predict` on its model, the 7B-shape benchmark (predict / protocol / floor / batch 32, peak memory) on Qwen2-VL-7B's,
+# Qwen2.5-VL-7B's and Qwen3-VL-8B's shapes, and stage 1's QLoRA steps at 7B widths. Each step runs under `timeout`, its log in OUT/<step>.log, and one summary line per
 # step (exit status, seconds) in OUT/summary.txt, so one failing step does not hide the others.
 #
 #     bash benchmarks/gpu_check.sh [OUT]        # OUT defaults to gpu-check/; run from the project's root
@@ -36,5 +36,7 @@ step demo 900 "$PY" -m emovlm_kd.cli train --output-dir "$OUT/demo"
 step predict 300 "$PY" -m emovlm_kd.cli predict --model "$OUT/demo/model" "$OUT/demo/data/synthetic/test" \
     --output "$OUT/predictions.jsonl"
 step bench-7b 1200 "$PY" -m benchmarks.bench --config 7b --output "$OUT/bench-7b.json"
+step bench-7b-q25 1200 "$PY" -m benchmarks.bench --config 7b --backbone qwen2_5_vl --output "$OUT/bench-7b-qwen2_5_vl.json"
+step bench-8b-q3 1200 "$PY" -m benchmarks.bench --config 7b --backbone qwen3_vl --output "$OUT/bench-8b-qwen3_vl.json"
 step train-7b 1200 "$PY" -m benchmarks.bench --config 7b --train --output "$OUT/train-7b.json"
 echo "logs and JSON in $OUT/ (summary: $OUT/summary.txt)"

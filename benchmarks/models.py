@@ -1,6 +1,9 @@
 """What the benchmark measures: the random `7b` / `small` / `tiny` models (or a real checkpoint), random images as
-model inputs, the slow brute-force score the fast path is checked against, and parameter / weight counts (Qwen2-VL-7B's
-from its config on the `meta` device)."""
+model inputs, the slow brute-force score the fast path is checked against, and parameter / weight counts (Qwen2-VL-7B's,
+Qwen2.5-VL-7B's and Qwen3-VL-8B's from their configs on the `meta` device).
+
+`--backbone` picks the backbone `model_type` of the `7b` and `tiny` presets: `7b` is then Qwen2-VL-7B-Instruct's,
+Qwen2.5-VL-7B-Instruct's or Qwen3-VL-8B-Instruct's exact shape (random weights, the tiny offline tokenizer)."""
 
 import contextlib
 import copy
@@ -42,6 +45,71 @@ QWEN2_VL_7B = {
 }
 PAPER_HEAD_HIDDEN = [1024]
 
+# Qwen2.5-VL-7B-Instruct's config.json (written down: nothing is downloaded): the text model is Qwen2-VL-7B's; the
+# vision tower has SwiGLU MLPs, RMSNorm and windowed attention (112 px windows, full attention in blocks 7, 15, 23,
+# 31). Source: the Hub repo's config.json as reproduced in public code (e.g. Qwen-Image text-encoder loaders, whose
+# encoder is Qwen2.5-VL-7B-Instruct); 8,292,166,656 parameters (the Hub's `numParameters`, the safetensors total).
+QWEN2_5_VL_7B = {
+    "text_config": {**QWEN2_VL_7B["text_config"], "max_position_embeddings": 128000},
+    "vision_config": {
+        "depth": 32,
+        "hidden_act": "silu",
+        "hidden_size": 1280,
+        "intermediate_size": 3420,
+        "num_heads": 16,
+        "in_channels": 3,
+        "out_hidden_size": 3584,
+        "patch_size": 14,
+        "spatial_merge_size": 2,
+        "temporal_patch_size": 2,
+        "window_size": 112,
+        "fullatt_block_indexes": [7, 15, 23, 31],
+        "tokens_per_second": 2,
+    },
+    **{key: QWEN2_VL_7B[key] for key in ("image_token_id", "video_token_id", "vision_start_token_id",
+                                         "vision_end_token_id", "tie_word_embeddings")},
+}
+# Qwen3-VL-8B-Instruct's config.json: head_dim 128, interleaved M-RoPE [24, 20, 20], rope_theta 5e6; a 27-block vision
+# tower with 16 px patches, a 48 x 48 learnt position grid and deepstack mergers after blocks 8, 16, 24. Source: the
+# Hub repo's config.json, as reproduced in NVIDIA TensorRT-LLM's Qwen3-VL model test (QWEN3_VL_8B_CONFIG);
+# 8,767,123,696 parameters (the Hub API's safetensors total, revision 0c351dd).
+QWEN3_VL_8B = {
+    "text_config": {
+        "vocab_size": 151936,
+        "hidden_size": 4096,
+        "intermediate_size": 12288,
+        "num_hidden_layers": 36,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 8,
+        "head_dim": 128,
+        "max_position_embeddings": 262144,
+        "rope_parameters": {"rope_type": "default", "rope_theta": 5000000.0, "mrope_section": [24, 20, 20],
+                            "mrope_interleaved": True},
+    },
+    "vision_config": {
+        "depth": 27,
+        "hidden_act": "gelu_pytorch_tanh",
+        "hidden_size": 1152,
+        "intermediate_size": 4304,
+        "num_heads": 16,
+        "in_channels": 3,
+        "num_position_embeddings": 2304,
+        "out_hidden_size": 4096,
+        "patch_size": 16,
+        "spatial_merge_size": 2,
+        "temporal_patch_size": 2,
+        "deepstack_visual_indexes": [8, 16, 24],
+    },
+    **{key: QWEN2_VL_7B[key] for key in ("image_token_id", "video_token_id", "vision_start_token_id",
+                                         "vision_end_token_id", "tie_word_embeddings")},
+}
+# the real model of each backbone that the `7b` preset copies: (Hub name, config.json's fields)
+REAL_SIZES = {
+    "qwen2_vl": ("Qwen/Qwen2-VL-7B-Instruct", QWEN2_VL_7B),
+    "qwen2_5_vl": ("Qwen/Qwen2.5-VL-7B-Instruct", QWEN2_5_VL_7B),
+    "qwen3_vl": ("Qwen/Qwen3-VL-8B-Instruct", QWEN3_VL_8B),
+}
+
 # Qwen2-VL-7B's exact shape as `emovlm_kd.tiny.build_tiny_vlm` widths (8,291,375,616 parameters; the tokenizer is the
 # tiny offline one, its ids inside the 7B vocabulary)
 QWEN2_VL_7B_WIDTHS = {
@@ -59,6 +127,29 @@ QWEN2_VL_7B_WIDTHS = {
     },
     "vision": {"num_heads": 16, "mlp_ratio": 4},
 }
+# The same shapes for the other backbones (8,292,166,656 and 8,767,123,696 parameters)
+QWEN2_5_VL_7B_WIDTHS = {
+    "hidden_size": 3584,
+    "num_layers": 28,
+    "num_heads": 28,
+    "vision_dim": 1280,
+    "vision_depth": 32,
+    "text": dict(QWEN2_VL_7B_WIDTHS["text"]),
+    "vision": {"num_heads": 16, "intermediate_size": 3420, "window_size": 112, "fullatt_block_indexes": [7, 15, 23, 31],
+               "tokens_per_second": 2},
+}
+QWEN3_VL_8B_WIDTHS = {
+    "hidden_size": 4096,
+    "num_layers": 36,
+    "num_heads": 32,
+    "vision_dim": 1152,
+    "vision_depth": 27,
+    "text": {"vocab_size": 151936, "intermediate_size": 12288, "num_key_value_heads": 8,
+             "rope_parameters": dict(QWEN3_VL_8B["text_config"]["rope_parameters"])},
+    "vision": {"num_heads": 16, "intermediate_size": 4304, "num_position_embeddings": 2304,
+               "deepstack_visual_indexes": [8, 16, 24]},
+}
+SEVEN_B_WIDTHS = {"qwen2_vl": QWEN2_VL_7B_WIDTHS, "qwen2_5_vl": QWEN2_5_VL_7B_WIDTHS, "qwen3_vl": QWEN3_VL_8B_WIDTHS}
 # `--train`: stage 1 at 7B widths with reduced depth (2.15 B parameters), labelled as such in the report
 TRAIN_7B_DEPTH = {"num_layers": 4, "vision_depth": 4}
 
@@ -120,10 +211,23 @@ CONFIGS = {
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def build_random_model(config_name, seed=0, image_size=None, device=None, dtype=None, depth=None):
-    """(model, processor): a randomly initialised EmoVLM-KD bundle over the FI labels, built offline, its weights
-    created directly on `device` (e.g. "cuda", or "meta" for a construction without memory) in `dtype` (default
-    float32). `depth` overrides the preset's `num_layers` / `vision_depth` (e.g. `TRAIN_7B_DEPTH`)."""
+def preset_widths(config_name, backbone="qwen2_vl"):
+    """The `build_tiny_vlm` widths of a preset on a backbone; `small` exists for Qwen2-VL only."""
+    if backbone == "qwen2_vl":
+        return CONFIGS[config_name]["widths"]
+    if config_name == "7b":
+        return SEVEN_B_WIDTHS[backbone]
+    if config_name == "tiny":
+        return {}
+    raise ValueError(f"--config {config_name} is Qwen2-VL's; --backbone {backbone} goes with --config 7b or tiny")
+
+
+def build_random_model(config_name, seed=0, image_size=None, device=None, dtype=None, depth=None,
+                       backbone="qwen2_vl"):
+    """(model, processor): a randomly initialised EmoVLM-KD bundle over the FI labels on `backbone` (a model_type),
+    built offline, its weights created directly on `device` (e.g. "cuda", or "meta" for a construction without
+    memory) in `dtype` (default float32). `depth` overrides the preset's `num_layers` / `vision_depth` (e.g.
+    `TRAIN_7B_DEPTH`)."""
     from emovlm_kd.labels import MIKELS8
     from emovlm_kd.tiny import (
         build_tiny_processor,
@@ -136,12 +240,12 @@ def build_random_model(config_name, seed=0, image_size=None, device=None, dtype=
     side = image_size or preset["image_size"]
     tokenizer = build_tiny_tokenizer()
     if config_name == "tiny":
-        processor = build_tiny_processor(tokenizer)
-    else:  # the image keeps its size: 224 x 224 -> 16 x 16 patches -> 64 LLM tokens (448 x 448 -> 256)
-        processor = build_tiny_processor(tokenizer, min_pixels=side * side, max_pixels=side * side)
-    widths = {**copy.deepcopy(preset["widths"]), **(depth or {})}
+        processor = build_tiny_processor(tokenizer, backbone=backbone)
+    else:  # the image keeps its size: 224 x 224 -> 16 x 16 patches -> 64 LLM tokens (448 x 448 -> 256; Qwen3-VL: 196)
+        processor = build_tiny_processor(tokenizer, min_pixels=side * side, max_pixels=side * side, backbone=backbone)
+    widths = {**copy.deepcopy(preset_widths(config_name, backbone)), **(depth or {})}
     with default_dtype(dtype), torch.device(device or "cpu"):
-        vlm = build_tiny_vlm(processor.tokenizer, seed=seed, **widths)
+        vlm = build_tiny_vlm(processor.tokenizer, seed=seed, backbone=backbone, **widths)
         torch.manual_seed(seed + 1)
         model = EmoVLMKDForImageClassification.from_vlm(
             vlm, MIKELS8, processor=processor, head_hidden_sizes=preset["head_hidden_sizes"]
@@ -278,14 +382,21 @@ def param_counts(model):
 
 def qwen2_vl_7b_param_counts(num_labels=8, head_hidden_sizes=PAPER_HEAD_HIDDEN, gate_type="concat_linear"):
     """Parameter counts at Qwen2-VL-7B's real size: the backbone instantiated on the `meta` device from its config."""
-    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+    return real_size_param_counts("qwen2_vl", num_labels, head_hidden_sizes, gate_type)
+
+
+def real_size_param_counts(backbone, num_labels=8, head_hidden_sizes=PAPER_HEAD_HIDDEN, gate_type="concat_linear"):
+    """Parameter counts at the real size of `backbone`'s model in `REAL_SIZES` (Qwen2-VL-7B, Qwen2.5-VL-7B,
+    Qwen3-VL-8B): the backbone instantiated on the `meta` device from its config."""
+    from transformers import AutoModelForImageTextToText
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
     from configuration_emovlm_kd import EmoVLMKDConfig
     from modeling_emovlm_kd import EmoVLMKDDistillationHead, build_gate
 
-    config = Qwen2VLConfig(**copy.deepcopy(QWEN2_VL_7B))
+    config = CONFIG_MAPPING[backbone](**copy.deepcopy(REAL_SIZES[backbone][1]))
     with torch.device("meta"):
-        vlm = Qwen2VLForConditionalGeneration(config)
+        vlm = AutoModelForImageTextToText._model_mapping[type(config)](config)
     labels = [str(i) for i in range(num_labels)]
     emo_config = EmoVLMKDConfig(
         vlm_config=config, id2label=dict(enumerate(labels)), label2id={l: i for i, l in enumerate(labels)},

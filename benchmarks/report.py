@@ -65,7 +65,7 @@ def evaluate_targets(report):
 
 def _inference_rows(report):
     rows = [
-        ("model", report["model"] or f"random {report['config']}"),
+        ("model", report["model"] or f"random {report['config']} ({report.get('backbone', 'qwen2_vl')})"),
         ("device / dtype / threads", f"{report['device']} / {report['dtype']} / {report['threads']}"),
         ("prompt tokens (image tokens)", f"{report['prompt_tokens']} ({report['image_tokens']})"),
         ("predict, batch 1 (ms)", report["predict_ms"]),
@@ -109,6 +109,9 @@ def _size_rows(report):
         ("params backbone / head / gate", f"{p['backbone']:,} / {p['head']:,} / {p['gate']:,}"),
         ("head + gate share (this model)", f"{100 * p['head_gate_share']:.3f}%"),
         ("head + gate share (Qwen2-VL-7B)", f"{100 * p7['head_gate_share']:.4f}% of {p7['total']:,}"),
+        *[(f"head + gate share ({real['model'].split('/')[-1]})",
+           f"{100 * real['head_gate_share']:.4f}% of {real['total']:,}")
+          for real in [report.get("params_real_size")] if real and real["model"] != "Qwen/Qwen2-VL-7B-Instruct"],
         ("visual encoders ours / reference", f"{encoders['ours']} / {encoders['reference']}"),
         ("check: score vs brute force (max |diff|)", f"{c['score_vs_brute_force_max_abs_diff']:.2e}"),
         ("check: batch vs single (max |diff| logits)", f"{c['batch_vs_single_logits_max_abs_diff']:.2e}"),

@@ -16,12 +16,14 @@ from modeling_emovlm_kd import PromptPrefixCache
 from .meters import MemoryMeter, interleaved_medians, median_ms
 from .models import (
     CONFIGS,
+    REAL_SIZES,
     brute_force_log_likelihoods,
     build_random_model,
     load_model,
     make_inputs,
     param_counts,
     qwen2_vl_7b_param_counts,
+    real_size_param_counts,
     random_images,
     split_inputs,
     visual_encoder_count,
@@ -97,7 +99,8 @@ def run_train_benchmark(args):
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(args.threads)
     try:
-        report = {"config": args.config, "device": str(device), "dtype": str(dtype).replace("torch.", ""),
+        report = {"config": args.config, "backbone": args.backbone, "device": str(device),
+                  "dtype": str(dtype).replace("torch.", ""),
                   "threads": args.threads, "stage1": time_stage1(args, device, dtype)}
     finally:
         torch.set_num_threads(previous_threads)
@@ -112,9 +115,10 @@ def prepare(args, device, dtype):
         model, processor = load_model(args.model, dtype=dtype)
     elif CONFIGS[args.config]["device"]:  # 7b: built directly on the device in its dtype
         model, processor = build_random_model(args.config, seed=args.seed, image_size=args.image_size,
-                                              device=device, dtype=dtype)
+                                              device=device, dtype=dtype, backbone=args.backbone)
     else:
-        model, processor = build_random_model(args.config, seed=args.seed, image_size=args.image_size)
+        model, processor = build_random_model(args.config, seed=args.seed, image_size=args.image_size,
+                                              backbone=args.backbone)
     model.to(device=device, dtype=dtype).eval()
     images = random_images(max(args.sizes), args.image_size, seed=args.seed)
     return Workload(
@@ -202,6 +206,7 @@ def describe_run(args, work, device, dtype, rounds):
     single = work.single
     return {
         "config": None if args.model else args.config,
+        "backbone": work.model.config.vlm_config.model_type,
         "model": args.model,
         "device": str(device),
         "dtype": str(dtype).replace("torch.", ""),
@@ -243,11 +248,16 @@ def inference_figures(work, times):
 
 
 def model_sizes(model):
-    """Parameter counts of this model and at Qwen2-VL-7B's size, and the visual encoders each protocol holds."""
+    """Parameter counts of this model, at Qwen2-VL-7B's size and at its own backbone's real size (Qwen2.5-VL-7B,
+    Qwen3-VL-8B), and the visual encoders each protocol holds."""
     encoders = visual_encoder_count(model)
+    backbone = model.config.vlm_config.model_type
+    real = {"model": REAL_SIZES[backbone][0], **real_size_param_counts(backbone, len(model.config.labels))} \
+        if backbone in REAL_SIZES else None
     return {
         "params": param_counts(model),
         "params_qwen2_vl_7b": qwen2_vl_7b_param_counts(len(model.config.labels)),
+        "params_real_size": real,
         "visual_encoders": {"ours": encoders, "reference": encoders + 1},
     }
 

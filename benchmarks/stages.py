@@ -25,10 +25,12 @@ from emovlm_kd.training.config import TrainConfig
 from .meters import MemoryMeter, OtherLoad, Stopwatch, sync
 from .models import (
     CONFIGS,
+    REAL_SIZES,
     TRAIN_7B_DEPTH,
     build_random_model,
     count_params,
     make_inputs,
+    preset_widths,
     random_images,
 )
 from .reference import LR, train_gate_per_image, train_head_per_image
@@ -252,19 +254,20 @@ def _save_random_base(args, device, dtype, depth, folder):
     direct = CONFIGS[args.config]["device"] is not None
     model, processor = build_random_model(args.config, seed=args.seed, image_size=args.image_size,
                                           device=device if direct else None, dtype=dtype if direct else None,
-                                          depth=depth)
+                                          depth=depth, backbone=args.backbone)
     path = f"{folder}/base"
     model.vlm.to(dtype).save_pretrained(path)
     processor.save_pretrained(path)
     text, vision = model.vlm.config.text_config, model.vlm.config.vision_config
     params = count_params(model.vlm)
-    label = (f"random {args.config}: hidden {text.hidden_size}, MLP {text.intermediate_size}, vocabulary "
-             f"{text.vocab_size}, vision width {vision.embed_dim}; {text.num_hidden_layers} text layers, "
+    vision_width = getattr(vision, "embed_dim", None) or vision.hidden_size  # Qwen2-VL's name, the others'
+    label = (f"random {args.config} {args.backbone}: hidden {text.hidden_size}, MLP {text.intermediate_size}, "
+             f"vocabulary {text.vocab_size}, vision width {vision_width}; {text.num_hidden_layers} text layers, "
              f"{vision.depth} vision blocks; {params:,} parameters")
     if depth:
-        full = CONFIGS[args.config]["widths"]
-        label += (f" (reduced depth: Qwen2-VL-7B has {full['num_layers']} text layers and {full['vision_depth']} "
-                  "vision blocks)")
+        full = preset_widths(args.config, args.backbone)
+        label += (f" (reduced depth: {REAL_SIZES[args.backbone][0].split('/')[-1]} has {full['num_layers']} text "
+                  f"layers and {full['vision_depth']} vision blocks)")
     del model
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -333,7 +336,7 @@ def _stage1_entry(args, cfg, clock, memory, label, quant, depth):
     timed = clock.times[args.train_warmup_steps :]
     measured = len(timed) - 1
     seconds = (timed[-1] - timed[0]) / measured if measured > 0 else None
-    full_layers = CONFIGS[args.config]["widths"].get("num_layers")
+    full_layers = preset_widths(args.config, args.backbone).get("num_layers")
     scale = full_layers / depth["num_layers"] if depth else None
     return {
         "label": label,
@@ -341,7 +344,7 @@ def _stage1_entry(args, cfg, clock, memory, label, quant, depth):
         "lora": {"r": cfg.lora_r, "alpha": cfg.lora_alpha, "dropout": cfg.lora_dropout, "targets": cfg.lora_targets},
         "batch_size": args.train_batch_size,
         "image_size": [args.image_size, args.image_size],
-        "image_tokens": (args.image_size // 28) ** 2,
+        "image_tokens": (args.image_size // (16 * 2 if args.backbone == "qwen3_vl" else 14 * 2)) ** 2,
         "warmup_steps": args.train_warmup_steps,
         "steps_measured": measured,
         "s_per_step": None if seconds is None else round(seconds, 4),

@@ -2,6 +2,7 @@
 
     emovlm-kd tiny OUT                                   a tiny random bundle, built offline (smoke tests, CI)
     emovlm-kd predict --model DIR IMAGE_OR_FOLDER...     one JSON line per image
+    emovlm-kd demo --model DIR                           the Gradio demo in the browser (upload, explain, batch)
     emovlm-kd train [--config FILE.yaml] [...]           every stage; no --config runs the offline demo
     emovlm-kd split DATASET --output splits.json         a split file to share (reused with --splits FILE)
     emovlm-kd evaluate --model DIR --dataset ...         benchmark report (accuracy, F1, complementarity, ECE)
@@ -21,7 +22,7 @@ import argparse
 import os
 import sys
 
-from emovlm_kd.commands import ablate, evaluate, predict, split, table1, tiny, train
+from emovlm_kd.commands import ablate, demo, evaluate, predict, split, table1, tiny, train
 from emovlm_kd.errors import ModelCheckError, UsageError
 from emovlm_kd.logs import setup_logging
 
@@ -41,6 +42,7 @@ SUBCOMMANDS = {
     "evaluate": (evaluate, "evaluate a model on a dataset split and write a report"),
     "ablate": (ablate, "head-depth, alpha, gate and gate-data ablations from a run's caches"),
     "table1": (table1, "the paper's Table 1 over several datasets"),
+    "demo": (demo, "try a model in the browser: a Gradio app (needs the demo extra: gradio)"),
 }
 
 

@@ -47,6 +47,7 @@ BUNDLE_FILES = {
     "processor_config.json", "video_preprocessor_config.json", "tokenizer.json", "tokenizer_config.json",
     "special_tokens_map.json", "added_tokens.json", "vocab.json", "merges.txt", "chat_template.jinja",
     "chat_template.json", "README.md", "splits.json",
+    "examples",  # the example images (examples/*.png) of the model card's widget and the demo
 }
 
 
@@ -94,6 +95,7 @@ def save_bundle(model, processor, output_dir, model_card=None, extra_files=None,
     if model_card is not None:
         (tmp / "README.md").write_text(str(model_card), encoding="utf-8")
     for name, source in (extra_files or {}).items():
+        (tmp / name).parent.mkdir(parents=True, exist_ok=True)  # e.g. examples/<label>.png
         shutil.copyfile(source, tmp / name)
     respect_umask(tmp)  # safetensors writes model.safetensors 0600; every file gets the umask's mode (0644 under 022)
     replace_folder(tmp, output_dir)
@@ -111,7 +113,7 @@ def reset_tokenizer_call_state(processor):
 
 
 # what a bundle needs from the Hub: weights, configs, tokenizer and processor files; never the code files
-BUNDLE_DOWNLOAD_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "*.txt", "*.model"]
+BUNDLE_DOWNLOAD_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "*.txt", "*.model", "examples/*.png"]
 
 
 def checkpoint_model_type(model_id):

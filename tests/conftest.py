@@ -20,14 +20,19 @@ def _seed():
 
 
 class CallCounter:
-    """Counts the calls of a module through a forward hook (e.g. the visual encoder, the language model)."""
+    """Counts the calls of a module through a forward hook (e.g. the visual encoder, the language model) and, for a
+    visual encoder (called with `grid_thw`, one row per image), the images it encoded over all calls."""
 
     def __init__(self, module):
         self.calls = 0
-        self.handle = module.register_forward_hook(self._hook)
+        self.images = 0
+        self.handle = module.register_forward_hook(self._hook, with_kwargs=True)
 
-    def _hook(self, module, args, output):
+    def _hook(self, module, args, kwargs, output):
         self.calls += 1
+        grid_thw = kwargs.get("grid_thw", args[1] if len(args) > 1 else None)
+        if grid_thw is not None:
+            self.images += grid_thw.shape[0]
 
     def __enter__(self):
         return self
@@ -74,6 +79,34 @@ def tiny_bundle_dir(tmp_path_factory, tiny_bundle):
 
     model, processor = tiny_bundle
     return save_bundle(model, processor, tmp_path_factory.mktemp("bundle") / "model")
+
+
+BACKBONES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")  # configuration_emovlm_kd.SUPPORTED_BACKBONES (test_backbones checks)
+
+
+@pytest.fixture(scope="session", params=BACKBONES)
+def backbone(request):
+    """Each backbone `model_type` the model supports, in turn (tests that take it run once per backbone)."""
+    return request.param
+
+
+@pytest.fixture(scope="session")
+def backbone_bundle(request, backbone):
+    """(model, processor): `tiny_bundle` itself for Qwen2-VL, the same tiny bundle on Qwen2.5-VL / Qwen3-VL."""
+    from emovlm_kd.tiny import build_tiny_bundle
+
+    return request.getfixturevalue("tiny_bundle") if backbone == "qwen2_vl" else build_tiny_bundle(backbone=backbone)
+
+
+@pytest.fixture(scope="session")
+def backbone_bundle_dir(request, tmp_path_factory, backbone, backbone_bundle):
+    """`backbone_bundle` saved as a Hub folder (`tiny_bundle_dir` for Qwen2-VL)."""
+    from emovlm_kd.hub import save_bundle
+
+    if backbone == "qwen2_vl":
+        return request.getfixturevalue("tiny_bundle_dir")
+    model, processor = backbone_bundle
+    return save_bundle(model, processor, tmp_path_factory.mktemp(f"bundle-{backbone}") / "model")
 
 
 @pytest.fixture

@@ -93,8 +93,10 @@ def test_fast_score_equals_brute_force(deep_bundle, images, grad):
     torch.testing.assert_close(fast, slow, atol=1e-4, rtol=0)
 
 
-def test_fast_score_equals_brute_force_with_eager_attention(images):
-    model, processor = build_tiny_bundle(labels=DEEP_TRIE_LABELS, seed=4)
+def test_fast_score_equals_brute_force_with_eager_attention(images, backbone):
+    """Eager attention (an additive float mask) and a trie several levels deep, on every backbone."""
+    model, processor = build_tiny_bundle(labels=DEEP_TRIE_LABELS, seed=4, backbone=backbone)
+    assert len(LabelScoringPlan(model.config.label_answer_token_ids).tree_tokens) > 1
     model.vlm.set_attn_implementation("eager")
     inputs = models.make_inputs(model, processor, images)
     with torch.inference_mode():
@@ -213,6 +215,62 @@ def test_7b_preset_is_qwen2_vl_7b_exactly_built_on_meta():
     inputs = prepare_inputs(processor, model.config, models.random_images(2, side))
     image_token = model.vlm.config.image_token_id
     assert (inputs["input_ids"] == image_token).sum(-1).tolist() == [256, 256]
+
+
+# the published parameter counts of the real checkpoints (the Hub's safetensors totals; sources in benchmarks/models.py)
+REAL_PARAMS = {"qwen2_5_vl": 8_292_166_656, "qwen3_vl": 8_767_123_696}
+
+
+@pytest.mark.parametrize("backbone, image_tokens", [("qwen2_5_vl", 256), ("qwen3_vl", 196)])
+def test_7b_preset_on_qwen2_5_vl_and_qwen3_vl_is_the_real_shape_built_on_meta(backbone, image_tokens):
+    """`--config 7b --backbone B`: Qwen2.5-VL-7B-Instruct's / Qwen3-VL-8B-Instruct's exact shape (every parameter's
+    name and shape as the real config gives them, and the published count), built without memory; a 448 x 448 image
+    is 256 image tokens (Qwen3-VL's 16 px patches: 196)."""
+    from transformers import AutoModelForImageTextToText
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    from pipeline_emovlm_kd import prepare_inputs
+
+    model, processor = models.build_random_model("7b", device="meta", dtype=torch.bfloat16, backbone=backbone)
+    assert torch.get_default_dtype() == torch.float32
+    assert model.vlm.config.model_type == backbone and model.vlm.dtype == torch.bfloat16
+    assert models.count_params(model.vlm) == REAL_PARAMS[backbone]
+    assert models.real_size_param_counts(backbone)["backbone"] == REAL_PARAMS[backbone]
+    config = CONFIG_MAPPING[backbone](**models.REAL_SIZES[backbone][1])
+    with torch.device("meta"):
+        real = AutoModelForImageTextToText.from_config(config)
+    assert {k: v.shape for k, v in model.vlm.state_dict().items()} == {k: v.shape for k, v in real.state_dict().items()}
+    text, real_text = model.vlm.config.text_config, config.text_config
+    assert text.rope_parameters["mrope_section"] == real_text.rope_parameters["mrope_section"]
+    if backbone == "qwen3_vl":
+        assert model.vlm.config.vision_config.deepstack_visual_indexes == [8, 16, 24]
+        assert text.rope_parameters["mrope_interleaved"] and text.rope_parameters["rope_theta"] == 5e6
+    else:
+        assert model.vlm.config.vision_config.fullatt_block_indexes == [7, 15, 23, 31]
+        assert model.vlm.config.vision_config.window_size == 112
+    inputs = prepare_inputs(processor, model.config, models.random_images(2, 448))
+    assert (inputs["input_ids"] == model.vlm.config.image_token_id).sum(-1).tolist() == [image_tokens] * 2
+
+
+def test_backbone_flag_goes_with_7b_or_tiny():
+    assert bench.parse_args(["--config", "7b", "--device", "cpu", "--backbone", "qwen3_vl"]).backbone == "qwen3_vl"
+    assert bench.parse_args(["--config", "tiny"]).backbone == "qwen2_vl"
+    for argv in (["--config", "small", "--backbone", "qwen3_vl"], ["--config", "tiny", "--backbone", "llava"]):
+        with pytest.raises(SystemExit) as error:
+            bench.parse_args(argv)
+        assert error.value.code == 2
+
+
+def test_bench_tiny_on_qwen3_vl_reports_its_backbone(tmp_path):
+    out = tmp_path / "bench.json"
+    argv = ["--config", "tiny", "--backbone", "qwen3_vl", "--output", str(out), "--skip-stages", "--runs", "1",
+            "--warmup", "0", "--max-other-load", "1", "--batch-sizes", "1,2"]
+    assert bench.main(argv) == 0
+    report = json.loads(out.read_text())
+    assert report["backbone"] == "qwen3_vl" and report["visual_encoders"] == {"ours": 1, "reference": 2}
+    assert report["params_real_size"]["model"] == "Qwen/Qwen3-VL-8B-Instruct"
+    assert report["params_real_size"]["backbone"] == REAL_PARAMS["qwen3_vl"]
+    assert report["checks"]["score_vs_brute_force_max_abs_diff"] < 1e-4
 
 
 def test_7b_train_preset_keeps_the_widths_at_reduced_depth_on_meta():

@@ -18,12 +18,13 @@ def reasoning_inputs(processor, model, image, question=EXPLANATION_QUESTION):
     return processor(text=[prompt], images=[image], return_tensors="pt").to(model.device)
 
 
-def test_explain_classifies_as_forward_and_encodes_each_image_once(tiny_bundle, images):
-    model, processor = tiny_bundle
+def test_explain_classifies_as_forward_and_encodes_each_image_once(backbone_bundle, images):
+    model, processor = backbone_bundle
     inputs = model.build_inputs(processor, images)
     with CallCounter(model.vlm.model.visual) as encoder:
         output = model.explain(**inputs, processor=processor, generation_kwargs={"max_new_tokens": 6})
-    assert encoder.calls == 1  # one pass over the batch's three images, feeding the head, the scoring and the reasoning
+    # one pass over the batch's three images, feeding the head, the scoring and the reasoning
+    assert (encoder.calls, encoder.images) == (1, 3)
     with torch.no_grad():
         reference = model(**inputs)
     for key in ("logits", "distill_logits", "vlm_scores", "vlm_log_likelihoods"):
@@ -32,10 +33,10 @@ def test_explain_classifies_as_forward_and_encodes_each_image_once(tiny_bundle, 
     assert len(output.explanations) == 3 and all(isinstance(text, str) for text in output.explanations)
 
 
-def test_the_explanation_is_what_the_vlm_answers_from_the_pixels(tiny_bundle, images):
+def test_the_explanation_is_what_the_vlm_answers_from_the_pixels(backbone_bundle, images):
     """Reusing the encoded image changes nothing: the same tokens as a plain `generate` on the reasoning prompt with
-    the pixels (greedy), for an image alone and inside a batch."""
-    model, processor = tiny_bundle
+    the pixels (greedy), on each backbone."""
+    model, processor = backbone_bundle
     output = model.explain(**model.build_inputs(processor, images[:1]), processor=processor,
                            generation_kwargs={"max_new_tokens": 8})
     plain = reasoning_inputs(processor, model, images[0])

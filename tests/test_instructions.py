@@ -58,15 +58,43 @@ def test_a_source_the_mix_does_not_use_is_refused(fi_root, tmp_path, capsys):
     answers = tmp_path / "answers.jsonl"
     answers.write_text("")
     with pytest.raises(SystemExit):
-        main(["train", "--config", "demo", "--instructions", str(answers), "--output-dir", str(tmp_path / "run")])
+        main(["train", "--config", "demo", "--instructions", str(answers), "--instruction-kinds", "categorical",
+              "--output-dir", str(tmp_path / "run")])
     assert "--instruction-kinds categorical uses no conversation or reasoning answers" in capsys.readouterr().err
+
+
+def test_the_demos_reasoning_answers_go_with_the_demo_dataset_only(fi_root, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "--config", "demo", "--dataset", str(fi_root), "--output-dir", str(tmp_path / "run")])
+    assert exit_info.value.code == 2
+    assert "--instructions demo (the synthetic dataset's reasoning answers) goes with --dataset demo" in \
+        capsys.readouterr().err
+
+
+def test_the_synthetic_dataset_writes_a_reasoning_answer_per_train_image(tmp_path):
+    from emovlm_kd.data import make_synthetic_dataset
+    from emovlm_kd.data.synthetic import REASONING_FILE
+
+    root = make_synthetic_dataset(tmp_path / "data", labels=["calm", "joy", "fear"], per_class=(4, 1, 1))
+    rows = [json.loads(line) for line in (root / REASONING_FILE).read_text().splitlines()]
+    train = sorted(str(path.relative_to(root)) for path in (root / "train").glob("*/*.png"))
+    assert sorted(row["id"] for row in rows) == train and {row["kind"] for row in rows} == {"reasoning"}
+    for row in rows:  # the answer ends with the image's label (its folder), after what the image shows
+        label = row["id"].split("/")[1]
+        assert row["answer"].endswith(f"so it evokes {label}.") and " stripes" in row["answer"]
+    hues = {row["answer"].split()[3] for row in rows}
+    assert len(hues) == 3  # one hue a class (red, yellow-green, cyan... as drawn), so the answer describes the image
+    (root / REASONING_FILE).unlink()
+    assert make_synthetic_dataset(root, labels=["calm", "joy", "fear"], per_class=(4, 1, 1)) == root
+    assert len((root / REASONING_FILE).read_text().splitlines()) == len(rows)  # an incomplete dataset is rewritten
 
 
 def test_instruction_kinds_settings():
     from emovlm_kd.training.config import TrainConfig, parse_train_args
 
     assert TrainConfig().instruction_kinds == PAPER_MIX  # the paper's
-    assert parse_train_args(["--config", "demo"]).instruction_kinds == ["categorical"]  # demo.yaml: a string
+    demo = parse_train_args(["--config", "demo"])  # demo.yaml: a string
+    assert demo.instruction_kinds == ["categorical", "reasoning"] and demo.instructions == "demo"
     assert parse_train_args(["--instruction-kinds", "categorical", "reasoning"]).instruction_kinds == [
         "categorical", "reasoning"]
     for bad, why in ((["reasoning"], "must include categorical"), (["categorical", "poem"], "must be some of")):

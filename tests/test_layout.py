@@ -1,5 +1,7 @@
 """The house: one installed library (`emovlm_kd`) plus the three Hub files, no import cycles, nothing imported by a
-name in a string, and a wheel that ships the configs and the metric modules but no top-level `train` / `eval`."""
+name in a string, and a wheel that ships the configs and the metric modules but no top-level `train` / `eval`.
+`app.py` (the Hub Space entry point) stays in the source tree, follows the same import rules and does nothing when
+imported."""
 
 import ast
 import os
@@ -12,12 +14,13 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 HUB_MODULES = ("configuration_emovlm_kd", "modeling_emovlm_kd", "pipeline_emovlm_kd")
+SOURCE_TREE_SCRIPTS = ("app",)  # top-level scripts of the source tree, not installed
 
 
 def project_modules():
-    """Module name -> file, for the library (with its mapped configs and metrics packages), the Hub files and
-    the benchmark scripts."""
-    modules = {name: ROOT / f"{name}.py" for name in HUB_MODULES}
+    """Module name -> file, for the library (with its mapped configs and metrics packages), the Hub files, `app.py`
+    and the benchmark scripts."""
+    modules = {name: ROOT / f"{name}.py" for name in (*HUB_MODULES, *SOURCE_TREE_SCRIPTS)}
     folders = {"emovlm_kd": ROOT / "emovlm_kd", "emovlm_kd.configs": ROOT / "train" / "configs",
                "emovlm_kd.metrics": ROOT / "eval" / "metrics", "benchmarks": ROOT / "benchmarks"}
     for package, folder in folders.items():
@@ -90,6 +93,21 @@ def test_nothing_is_imported_by_a_name_in_a_string():
                 if called in dynamic:
                     offenders.append(f"{path.relative_to(ROOT)}:{node.lineno}: {called}")
     assert not offenders, offenders
+
+
+def test_top_level_python_files_are_the_hub_files_setup_and_app():
+    assert {p.stem for p in ROOT.glob("*.py")} == {*HUB_MODULES, *SOURCE_TREE_SCRIPTS, "setup"}
+
+
+def test_importing_app_does_nothing():
+    """A Space runs `python app.py`; importing it (as tools and tests do) loads no model and imports neither torch
+    nor gradio, even when the model it names does not exist."""
+    check = "import sys, app; print(sorted({'torch', 'gradio', 'transformers'} & set(sys.modules)))"
+    env = {**os.environ, "EMOVLM_KD_MODEL": str(ROOT / "no-such-model")}
+    result = subprocess.run([sys.executable, "-c", check], cwd=ROOT, env=env, capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip() == "[]"
 
 
 @pytest.fixture(scope="module")

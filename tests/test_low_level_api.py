@@ -7,9 +7,10 @@ from transformers import AutoModelForImageClassification, AutoProcessor
 from pipeline_emovlm_kd import prepare_image
 
 
-def test_build_inputs_then_forward_and_generate_labels_without_a_tokenizer_argument(tiny_bundle_dir, images):
-    model = AutoModelForImageClassification.from_pretrained(tiny_bundle_dir, trust_remote_code=True).eval()
-    processor = AutoProcessor.from_pretrained(tiny_bundle_dir)
+def test_build_inputs_then_forward_and_generate_labels_without_a_tokenizer_argument(backbone_bundle_dir, images):
+    """The README's snippet, on every backbone."""
+    model = AutoModelForImageClassification.from_pretrained(backbone_bundle_dir, trust_remote_code=True).eval()
+    processor = AutoProcessor.from_pretrained(backbone_bundle_dir)
     inputs = model.build_inputs(processor, [prepare_image(image, max_side=model.config.max_image_side)
                                             for image in images])
     with torch.inference_mode():

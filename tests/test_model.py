@@ -70,21 +70,22 @@ def test_gradients_reach_only_the_trained_module(tiny_bundle, images, part):
 
 
 @pytest.mark.parametrize("mode", ["score", "generate"])
-def test_one_encoder_call_per_forward(tiny_bundle, images, mode):
-    model, processor = tiny_bundle
+def test_one_encoder_call_per_forward(backbone_bundle, images, mode):
+    """One visual-encoder pass per batch, each image encoded once in it, on every backbone."""
+    model, processor = backbone_bundle
     inputs = _inputs(model, processor, images)
     with EncoderCounter(model) as counter, torch.no_grad():
         _run(model, inputs, mode, max_new_tokens=4)
-    assert counter.calls == 1
+    assert (counter.calls, counter.images) == (1, len(images))
 
 
-def test_one_encoder_call_per_pipeline_call(tiny_bundle_dir, images):
+def test_one_encoder_call_per_pipeline_call(backbone_bundle_dir, images):
     from transformers import pipeline
 
-    classify = pipeline(model=str(tiny_bundle_dir), trust_remote_code=True)
+    classify = pipeline(model=str(backbone_bundle_dir), trust_remote_code=True)
     with EncoderCounter(classify.model) as counter:
         result = classify(images[0], top_k=3)
-    assert counter.calls == 1
+    assert (counter.calls, counter.images) == (1, 1)
     assert len(result) == 3
     full = classify(images[0])
     assert sum(r["score"] for r in full) == pytest.approx(1.0, abs=1e-5)
@@ -138,9 +139,10 @@ def test_answers_to_vectors_parses_text_or_matches_tokens(tiny_bundle):
     assert parse_answer(texts[0], labels) == 2
 
 
-def test_encoder_features_feed_both_branches(tiny_bundle, images):
-    """Generation from precomputed features equals generation from pixels (same features reach the LLM)."""
-    model, processor = tiny_bundle
+def test_encoder_features_feed_both_branches(backbone_bundle, images):
+    """Generation from precomputed features equals generation from pixels (same features reach the LLM: Qwen3-VL's
+    deepstack features too)."""
+    model, processor = backbone_bundle
     inputs = _inputs(model, processor, images[:1])
     with torch.no_grad():
         ours = model.generate_labels(**inputs, generation_kwargs={"max_new_tokens": 6}).generated_ids
@@ -148,8 +150,8 @@ def test_encoder_features_feed_both_branches(tiny_bundle, images):
     assert torch.equal(ours, plain[:, inputs["input_ids"].shape[1] :])
 
 
-def test_score_mode_equals_brute_force(tiny_bundle, images):
-    model, processor = tiny_bundle
+def test_score_mode_equals_brute_force(backbone_bundle, images):
+    model, processor = backbone_bundle
     for image in images:
         inputs = _inputs(model, processor, [image])
         with torch.no_grad():
@@ -159,8 +161,8 @@ def test_score_mode_equals_brute_force(tiny_bundle, images):
 
 
 @pytest.mark.parametrize("mode", ["score", "generate"])
-def test_batch_equals_one_at_a_time(tiny_bundle, images, mode):
-    model, processor = tiny_bundle
+def test_batch_equals_one_at_a_time(backbone_bundle, images, mode):
+    model, processor = backbone_bundle
     with torch.no_grad():
         batch = _run(model, _inputs(model, processor, images), mode, max_new_tokens=5)
         for i, image in enumerate(images):
@@ -175,8 +177,8 @@ def test_batch_equals_one_at_a_time(tiny_bundle, images, mode):
                 )
 
 
-def test_right_padding_is_handled(tiny_bundle, images):
-    model, processor = tiny_bundle
+def test_right_padding_is_handled(backbone_bundle, images):
+    model, processor = backbone_bundle
     left = _inputs(model, processor, images)
     processor.tokenizer.padding_side = "right"
     try:
@@ -298,24 +300,25 @@ def test_save_load_in_fresh_process(tiny_bundle, tiny_bundle_dir, images, tmp_pa
     torch.testing.assert_close(torch.tensor([by_label[label] for label in labels]), expected, atol=1e-5, rtol=1e-4)
 
 
-def test_bfloat16_loading(tiny_bundle_dir, images):
+def test_bfloat16_loading(backbone_bundle_dir, images):
     from emovlm_kd.hub import load_bundle
     from emovlm_kd.inference import run_batch
 
-    model, processor = load_bundle(str(tiny_bundle_dir), dtype=torch.bfloat16)
+    model, processor = load_bundle(str(backbone_bundle_dir), dtype=torch.bfloat16)
     assert model.dtype == torch.bfloat16 and model.distill_head.classifier.weight.dtype == torch.bfloat16
+    assert {p.dtype for p in model.vlm.parameters()} == {torch.bfloat16}
     out = run_batch(model, processor, images)
     assert torch.isfinite(out.logits).all() and out.logits.shape == (3, 8)
 
 
-def test_from_vlm_wraps_a_model_instance():
+def test_from_vlm_wraps_a_model_instance(backbone):
     from emovlm_kd.tiny import build_tiny_processor, build_tiny_vlm
 
-    processor = build_tiny_processor()
-    vlm = build_tiny_vlm(processor.tokenizer)
+    processor = build_tiny_processor(backbone=backbone)
+    vlm = build_tiny_vlm(processor.tokenizer, backbone=backbone)
     model = EmoVLMKDForImageClassification.from_vlm(vlm, ["negative", "positive"], processor=processor)
-    assert model.vlm is vlm
+    assert model.vlm is vlm and model.config.vlm_config.model_type == backbone
     assert model.config.labels == ["negative", "positive"]
     assert len(model.config.label_answer_token_ids) == 2
-    encoders = [m for m in model.modules() if type(m).__name__.endswith("VisionTransformerPretrainedModel")]
+    encoders = [m for m in model.modules() if type(m) is type(vlm.model.visual)]
     assert len(encoders) == 1

@@ -5,8 +5,10 @@ from types import SimpleNamespace
 
 import pytest
 from huggingface_hub import ModelCard
+from PIL import Image
 
-from emovlm_kd.training.modelcard import backbone_tag, hub_id_of, model_card
+from emovlm_kd.training.modelcard import (backbone_tag, hub_id_of, model_card, widget_example_names,
+                                         write_widget_examples)
 
 RESULTS = {"split": "test", "num_samples": 8,
            "accuracy": {"vlm": 0.5, "distill": 0.625, "teacher": 0.75, "emovlm_kd": 0.875}}
@@ -94,3 +96,33 @@ def test_a_hub_base_model_without_network_is_not_asked_for_its_card(tmp_path, mo
     monkeypatch.setattr(huggingface_hub.ModelCard, "load", classmethod(lambda *a, **k: pytest.fail("downloaded")))
     card = card_of(settings(vlm="Qwen/Qwen2-VL-7B-Instruct"), "Qwen/Qwen2-VL-7B-Instruct")
     assert card.data.license is None and card.data.base_model == "Qwen/Qwen2-VL-7B-Instruct"
+
+
+def test_the_widget_lists_the_example_images_and_the_text_the_demo_command(tmp_path):
+    labels = ["amusement", "anger", "a/b", "don't care", "fear"]
+    names = widget_example_names(labels)  # the first NUM_WIDGET_EXAMPLES labels, safe file names
+    assert names == {"examples/amusement.png": "amusement", "examples/anger.png": "anger",
+                     "examples/a_b.png": "a/b", "examples/don_t_care.png": "don't care"}
+    written = write_widget_examples(tmp_path / "examples", labels)
+    assert list(written) == list(names)
+    for path in written.values():
+        with Image.open(path) as image:
+            assert image.format == "PNG" and min(image.size) >= 56
+    pushed = card_of(settings(push_to_hub="me/emovlm-kd-fi"), tmp_path / "demo-vlm", examples=names)
+    assert pushed.data.pipeline_tag == "image-classification"
+    assert pushed.data.widget[0] == {"src": "https://huggingface.co/me/emovlm-kd-fi/resolve/main/examples/amusement.png",
+                                     "example_title": "amusement"}
+    assert [entry["src"].rsplit("/main/", 1)[1] for entry in pushed.data.widget] == list(names)
+    assert [entry["example_title"] for entry in pushed.data.widget] == labels[:4]
+    assert "emovlm-kd demo --model me/emovlm-kd-fi" in pushed.text
+    local = card_of(settings(), tmp_path / "demo-vlm", examples=list(names))
+    assert [entry["src"] for entry in local.data.widget] == list(names)  # relative: no repo id to resolve
+    assert "emovlm-kd demo --model THIS_FOLDER_OR_REPO" in local.text
+    assert card_of(settings(), tmp_path / "demo-vlm").data.to_dict().get("widget") is None  # no examples, no widget
+
+
+def test_the_example_images_are_the_same_bytes_each_time(tmp_path):
+    first = write_widget_examples(tmp_path / "one", ["amusement", "anger"])
+    second = write_widget_examples(tmp_path / "two", ["amusement", "anger"])
+    assert [p.read_bytes() for p in first.values()] == [p.read_bytes() for p in second.values()]
+    assert first["examples/amusement.png"].read_bytes() != first["examples/anger.png"].read_bytes()

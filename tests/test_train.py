@@ -1,5 +1,6 @@
 """Training: the loss, the caches, each stage on tiny data, the final Hub model, skip and resume."""
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -106,11 +107,16 @@ def test_config_defaults_follow_the_paper_and_yaml_overrides(tmp_path):
 def test_shipped_configs_load():
     root = Path(__file__).resolve().parents[1] / "train" / "configs"
     names = {p.stem for p in root.glob("*.yaml")}
-    assert {"demo", "fi", "emoset", "emotion6", "flickr", "instagram"} <= names
+    paper = {"fi", "emoset", "emotion6", "flickr", "instagram"}
+    assert {"demo", *paper, *(f"{name}_qwen2_5_vl" for name in paper)} <= names
     for path in root.glob("*.yaml"):
         cfg = load_config(str(path))
-        if path.stem != "demo":
+        if path.stem in paper:
             assert cfg.vlm == "Qwen/Qwen2-VL-7B-Instruct" and cfg.teacher == "google/vit-base-patch16-384"
+        elif path.stem != "demo":  # the Qwen2.5-VL twin of a paper config: every other setting the same
+            twin = load_config(str(root / f"{path.stem.removesuffix('_qwen2_5_vl')}.yaml"))
+            assert cfg.vlm == "Qwen/Qwen2.5-VL-7B-Instruct" and cfg.output_dir == f"{twin.output_dir}_qwen2_5_vl"
+            assert dataclasses.replace(cfg, vlm=twin.vlm, output_dir=twin.output_dir) == twin
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -1,6 +1,10 @@
-"""`emovlm-kd tiny OUT`: a tiny randomly initialised bundle (model + processor, FI labels), offline and seeded."""
+"""`emovlm-kd tiny OUT [--backbone qwen2_vl|qwen2_5_vl|qwen3_vl]`: a tiny randomly initialised bundle (model +
+processor, FI labels) on the chosen backbone, offline and seeded."""
 
 from emovlm_kd.labels import KNOWN_LABEL_SETS
+
+# configuration_emovlm_kd.SUPPORTED_BACKBONES, spelt out so that `--help` imports no transformers (a test compares)
+BACKBONES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
 
 
 def add_arguments(parser):
@@ -9,6 +13,8 @@ def add_arguments(parser):
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--gate-type", default="concat_linear")
     parser.add_argument("--head-hidden-sizes", default="64", help="comma-separated widths, e.g. 64,32")
+    parser.add_argument("--backbone", default="qwen2_vl", choices=BACKBONES,
+                        help="the tiny VLM's model_type (default: %(default)s)")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace OUTPUT_DIR even when it holds files that are not a bundle's")
 
@@ -28,10 +34,12 @@ def run(args):
         hidden = [int(x) for x in args.head_hidden_sizes.split(",") if x.strip()]
     except ValueError:
         raise UsageError(f"--head-hidden-sizes must be comma-separated integers, got {args.head_hidden_sizes!r}")
-    model, processor = build_tiny_bundle(labels, seed=args.seed, head_hidden_sizes=hidden, gate_type=args.gate_type)
+    model, processor = build_tiny_bundle(labels, seed=args.seed, head_hidden_sizes=hidden, gate_type=args.gate_type,
+                                         backbone=args.backbone)
     try:
         out = save_bundle(model, processor, args.output_dir, overwrite=args.overwrite)
     except FileExistsError as error:
         raise UsageError(str(error))
-    print(f"wrote a tiny EmoVLM-KD bundle ({sum(p.numel() for p in model.parameters()):,} parameters) to {out}")
+    print(f"wrote a tiny EmoVLM-KD bundle ({args.backbone}, {sum(p.numel() for p in model.parameters()):,} "
+          f"parameters) to {out}")
     return 0

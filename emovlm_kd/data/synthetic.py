@@ -1,6 +1,8 @@
 """`make_synthetic_dataset`: a tiny, learnable, seeded image dataset in the official layout, for the demo and tests.
 
 Each class has its own dominant hue and stripe orientation/period, so a small head learns it from pooled features.
+Beside the images, `reasoning.jsonl` holds a reasoning answer per train image (what it shows, the emotion it is
+labelled with) in the format of `--instructions`: the offline stand-in for the paper's GPT-4 annotations.
 """
 
 import colorsys
@@ -19,7 +21,13 @@ from emovlm_kd.labels import MIKELS8
 
 logger = logging.getLogger(__name__)
 
-SYNTHETIC_FORMAT = 1
+SYNTHETIC_FORMAT = 2  # 2: with reasoning.jsonl
+REASONING_FILE = "reasoning.jsonl"
+# Names of hues (degrees) and stripe directions (degrees of the direction the shade varies along) for the answers.
+HUE_NAMES = ((0, "red"), (45, "orange"), (90, "yellow-green"), (135, "green"), (180, "cyan"), (225, "blue"),
+             (270, "violet"), (315, "pink"), (360, "red"))
+STRIPE_NAMES = ((0, "vertical"), (45, "diagonal"), (90, "horizontal"), (135, "diagonal"), (180, "vertical"))
+STRIPE_WIDTHS = ("narrow", "medium", "wide")
 
 
 def make_synthetic_dataset(root, labels=MIKELS8, per_class=(24, 6, 8), image_size=48, label_noise=0.05, seed=0):
@@ -37,14 +45,23 @@ def make_synthetic_dataset(root, labels=MIKELS8, per_class=(24, 6, 8), image_siz
     _clear_synthetic(root)
     rng = np.random.default_rng(seed)
     written = Counter()  # files per folder: the next file's index
+    reasoning = []
     for split, folders, classes in _synthetic_plan(args, rng):
         for folder_index, class_index in zip(folders, classes):
             folder = root / split / args["labels"][folder_index]
             folder.mkdir(parents=True, exist_ok=True)
             image = _synthetic_image(rng, class_index, len(args["labels"]), image_size)
-            image.save(folder / f"{folder.name}_{written[folder]}.png", format="PNG")
+            name = f"{folder.name}_{written[folder]}.png"
+            image.save(folder / name, format="PNG")
             written[folder] += 1
+            if split == "train":
+                answer = reasoning_answer(class_index, len(args["labels"]), folder.name, image_size)
+                reasoning.append({"id": f"{split}/{folder.name}/{name}", "kind": "reasoning", "answer": answer})
     count = sum(written.values())
+    lines = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in reasoning)
+    temporary = root / (REASONING_FILE + ".tmp")
+    temporary.write_text(lines, encoding="utf-8")
+    os.replace(temporary, root / REASONING_FILE)
     _write_json_atomically(root / "synthetic.json", {"format": SYNTHETIC_FORMAT, "args": args, "files": count})
     logger.info("Wrote %d synthetic images to %s", count, root)
     return root
@@ -74,17 +91,20 @@ def _synthetic_is_complete(root, args):
         return False
     if written.get("format") != SYNTHETIC_FORMAT or written.get("args") != args:
         return False
+    if not (root / REASONING_FILE).is_file():
+        return False
     return sum(1 for split in SPLITS for _ in (root / split).glob("*/*.png")) == written.get("files")
 
 
 def _clear_synthetic(root):
     """Remove an earlier (stale or partial) synthetic dataset; refuse to touch a folder holding anything else."""
-    ours = {*SPLITS, "synthetic.json", "synthetic.json.tmp"}
+    ours = {*SPLITS, "synthetic.json", "synthetic.json.tmp", REASONING_FILE, REASONING_FILE + ".tmp"}
     if root.is_dir():
         others = sorted(set(os.listdir(root)) - ours)
         if others:
             raise ValueError(f"{root} holds files that are not a synthetic dataset ({others[:5]}): use an empty folder")
         (root / "synthetic.json").unlink(missing_ok=True)
+        (root / REASONING_FILE).unlink(missing_ok=True)
         for split in SPLITS:
             shutil.rmtree(root / split, ignore_errors=True)
     root.mkdir(parents=True, exist_ok=True)
@@ -102,6 +122,20 @@ def _synthetic_plan(args, rng):
             folders[noisy] = (classes[noisy] + rng.integers(1, num_classes, size=len(noisy))) % num_classes
         plan.append((split, folders.tolist(), classes.tolist()))
     return plan
+
+
+def _nearest_name(degrees, names):
+    return min(names, key=lambda entry: abs(entry[0] - degrees))[1]
+
+
+def reasoning_answer(class_index, num_classes, label, image_size):
+    """A reasoning answer for an image of class `class_index` labelled `label`: its hue and stripes (as
+    `_synthetic_image` draws them for that class), then the emotion, in the paper's two steps (what the image shows,
+    what it evokes)."""
+    hue = _nearest_name(360 * class_index / num_classes, HUE_NAMES)
+    stripes = _nearest_name(180 * class_index / num_classes, STRIPE_NAMES)
+    width = STRIPE_WIDTHS[class_index % 3]
+    return f"The image is {hue} with {width} {stripes} stripes, so it evokes {label}."
 
 
 def _synthetic_image(rng, class_index, num_classes, image_size):

@@ -21,6 +21,7 @@ from emovlm_kd.data import load_image_dataset
 from emovlm_kd.data.splitfile import SPLITS_FILE, SplitMismatchError, apply_splits, read_splits
 from emovlm_kd.errors import UsageError
 from emovlm_kd.folders import replace_folder
+from configuration_emovlm_kd import SUPPORTED_BACKBONES
 from emovlm_kd.modelcheck import BUNDLE_MODEL_TYPE
 
 from .report import (
@@ -36,7 +37,7 @@ from .report import (
 
 logger = logging.getLogger(__name__)
 
-ZERO_SHOT_MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl")
+ZERO_SHOT_MODEL_TYPES = SUPPORTED_BACKBONES  # a bare Qwen2-VL, Qwen2.5-VL or Qwen3-VL (zero-shot rows)
 REPORT_FILES = ("report.json", "predictions.jsonl", "report.md", "confusion_matrix.png", "complementarity.png")
 
 

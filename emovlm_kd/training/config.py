@@ -16,11 +16,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from configuration_emovlm_kd import DEFAULT_MAX_IMAGE_SIDE, GATE_TYPES, MIN_IMAGE_SIDE
+from configuration_emovlm_kd import DEFAULT_MAX_IMAGE_SIDE, GATE_TYPES, MIN_IMAGE_SIDE, SUPPORTED_BACKBONES
 
 DEMO = "demo"
+DEMO_BACKBONE = "qwen2_vl"  # `--vlm demo` is `--vlm demo:qwen2_vl`
 INSTRUCTION_KINDS = ("categorical", "conversation", "reasoning")  # the paper's three kinds of stage 1 rows
 DEFAULT_CONFIG = "demo"
+
+
+def demo_backbone(vlm):
+    """The tiny backbone a `--vlm` value asks for: `demo` -> `qwen2_vl`, `demo:qwen3_vl` -> `qwen3_vl`; None for a
+    checkpoint (a folder or a Hub name)."""
+    vlm = str(vlm)
+    if vlm == DEMO:
+        return DEMO_BACKBONE
+    return vlm[len(DEMO) + 1 :] if vlm.startswith(DEMO + ":") else None
 
 
 def _help(text):
@@ -86,7 +96,9 @@ class DataArguments(_Checked):
 @dataclass
 class ModelArguments(_Checked):
     _argument_group_name = "Models and output"
-    vlm: str = field(default=DEMO, metadata={"help": "Qwen2-VL checkpoint (name or path), or 'demo' (tiny, offline)"})
+    vlm: str = field(default=DEMO, metadata={"help": "Qwen2-VL, Qwen2.5-VL or Qwen3-VL checkpoint (name or path), or "
+                                                     "'demo' (tiny Qwen2-VL, offline), 'demo:qwen2_5_vl', "
+                                                     "'demo:qwen3_vl'"})
     teacher: str = field(default=DEMO, metadata={"help": "teacher to fine-tune: any AutoModelForImageClassification"})
     teacher_trained: str | None = _help("an already fine-tuned teacher: skip stage 2")
     output_dir: str = field(default="runs/demo", metadata={"help": "run folder (RUN); RUN/model is the Hub model"})
@@ -105,12 +117,14 @@ class ModelArguments(_Checked):
         yield self.dtype in ("auto", "float32", "bfloat16", "float16"), "dtype", "must be auto/float32/bfloat16/float16"
         yield from _positive(self, "batch_size", strict=False)
         yield self.max_image_side >= MIN_IMAGE_SIDE, "max-image-side", f"must be >= {MIN_IMAGE_SIDE}"
+        yield demo_backbone(self.vlm) in (None, *SUPPORTED_BACKBONES), "vlm", \
+            f"names a tiny demo backbone: demo:{' or demo:'.join(SUPPORTED_BACKBONES)}"
 
 
 @dataclass
 class InstructionArguments(_Checked):
     _argument_group_name = "Stage 0: instruction data"
-    instructions: str | None = _help("JSONL of conversation/reasoning answers")
+    instructions: str | None = _help("JSONL of conversation/reasoning answers ('demo': the synthetic dataset's)")
     annotator: str | None = _help("'openai' (OpenAI-compatible URL) or a local VLM")
     annotator_url: str | None = _help("chat endpoint base URL (key: $EMOVLM_KD_API_KEY)")
     annotator_model: str | None = _help("model name at the endpoint")
@@ -246,7 +260,8 @@ class TrainConfig(GateArguments, DistillArguments, TeacherArguments, SFTArgument
 
     @property
     def is_demo(self):
-        return self.vlm == DEMO
+        """Whether the VLM is the demo's tiny one (`demo`, `demo:qwen2_5_vl`...), built offline under RUN/base."""
+        return demo_backbone(self.vlm) is not None
 
     def to_dict(self):
         return dataclasses.asdict(self)
@@ -318,7 +333,18 @@ def parse_train_args(argv):
         raise ValueError(f"--config {where}: not valid YAML: {error}") from None
     except ValueError as error:
         raise ValueError(f"--config {where}: {error}") if "config" in str(error).lower() else error from None
-    return TrainConfig.from_groups(*(part for part in parsed if dataclasses.is_dataclass(part)))
+    cfg = TrainConfig.from_groups(*(part for part in parsed if dataclasses.is_dataclass(part)))
+    shipped_demo = Path(where).resolve() == Path(str(resolve_config_path(DEFAULT_CONFIG))).resolve()
+    if shipped_demo and demo_backbone(cfg.vlm) not in (None, DEMO_BACKBONE) and not _given(argv, "output-dir"):
+        # the shipped demo on another backbone gets its own run folder (runs/demo-qwen3_vl), not the Qwen2-VL demo's
+        cfg = dataclasses.replace(cfg, output_dir=f"{cfg.output_dir}-{demo_backbone(cfg.vlm)}")
+    return cfg
+
+
+def _given(argv, flag):
+    """Whether `--flag` (or `--flag_with_underscores`, as HfArgumentParser also takes it) is among `argv`."""
+    spellings = {f"--{flag}", f"--{flag.replace('-', '_')}"}
+    return any(word.split("=", 1)[0] in spellings for word in argv)
 
 
 def load_config(path=None, overrides=None):
@@ -347,5 +373,7 @@ def check_instruction_sources(cfg):
         raise ValueError(f"{' and '.join(given)} given, but --instruction-kinds categorical uses no conversation or "
                          "reasoning answers: drop it, or add the kinds (--instruction-kinds categorical conversation "
                          "reasoning)")
-    if cfg.instructions and not Path(cfg.instructions).is_file():
+    if cfg.instructions == DEMO and cfg.dataset != DEMO:
+        raise ValueError("--instructions demo (the synthetic dataset's reasoning answers) goes with --dataset demo")
+    if cfg.instructions and cfg.instructions != DEMO and not Path(cfg.instructions).is_file():
         raise ValueError(f"--instructions {cfg.instructions}: no such file")

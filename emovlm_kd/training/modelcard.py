@@ -8,21 +8,36 @@ What the metadata says about the base model and the data holds Hub ids only (a l
   card when the Hub is reachable); left out, with a warning, when it cannot be read.
 - `tags`: the backbone's `model_type` (qwen2_vl -> `qwen2-vl`, qwen2_5_vl -> `qwen2.5-vl`, ...).
 - `datasets`: the dataset's Hub id when `--dataset` is one (not an existing local path).
+- `pipeline_tag: image-classification` and `widget:`, the Hub's inference widget: one entry per example image the
+  export writes into the bundle (`write_widget_examples`: `examples/<label>.png` for the first labels, pictures of the demo
+  data's generator, not the dataset's, whose licence may not allow sharing them), each `{src, example_title}` as the
+  Hub's widget metadata takes them (https://huggingface.co/docs/hub/models-widgets, "Example inputs"; huggingface.js
+  `packages/tasks/src/widget-example.ts`, `WidgetExampleAssetInput.src`): `src` is the file's
+  `https://huggingface.co/REPO/resolve/main/examples/...` URL when the repo id is known, the relative path otherwise.
+
+The text shows the `pipeline` snippet and the demo command (`emovlm-kd demo --model REPO`).
 """
 
 import logging
 import re
+import shutil
+import tempfile
 from pathlib import Path
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
+from emovlm_kd.training.config import demo_backbone
+
 logger = logging.getLogger(__name__)
 
+EXAMPLES_FOLDER = "examples"  # inside the bundle; `emovlm_kd.demo` offers the same files as its examples
+NUM_WIDGET_EXAMPLES = 4
+HUB_URL = "https://huggingface.co"
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 SNAPSHOT = re.compile(r"models--(?P<org>[^/]+?)--(?P<name>[^/]+)/snapshots/[^/]+/?$")
 
 PART_NAMES = {
-    "vlm": "VLM branch (instruction-tuned Qwen2-VL)",
+    "vlm": "VLM branch (instruction-tuned Qwen-VL)",
     "distill": "distillation head",
     "teacher": "teacher (not part of the model)",
     "emovlm_kd": "EmoVLM-KD (gate)",
@@ -35,7 +50,7 @@ TEMPLATE = """---
 # EmoVLM-KD
 
 Visual emotion analysis: which emotion an image evokes, among {{ labels }}.
-An instruction-tuned Qwen2-VL (base: {{ base }}), a head distilled from a vision teacher on the VLM's own visual
+An instruction-tuned Qwen-VL (base: {{ base }}), a head distilled from a vision teacher on the VLM's own visual
 encoder, and a `{{ cfg.gate_type }}` gate that combines the VLM's answer with the head's probabilities.
 Trained on {{ dataset }}.
 
@@ -46,6 +61,16 @@ from transformers import pipeline
 
 classify = pipeline(model="{{ repo_id }}", trust_remote_code=True)
 classify("photo.jpg", top_k=3)
+```
+
+## Demo
+
+Try it in the browser (a Gradio app: the label distribution, what each branch said, the model's explanation, a
+batch tab with a CSV):
+
+```bash
+pip install "emovlm-kd[demo]"
+emovlm-kd demo --model {{ repo_id }}
 ```
 
 ## Results ({{ results.split }} split, {{ results.num_samples }} images)
@@ -141,14 +166,64 @@ def dataset_hub_id(dataset):
 def card_license(cfg, base_model):
     """--license, else the base model's; a warning when neither is known (not for the offline demo)."""
     chosen = getattr(cfg, "license", None) or inherited_license(base_model)
-    if chosen is None and cfg.vlm != "demo":
+    if chosen is None and demo_backbone(cfg.vlm) is None:
         logger.warning("the model card has no license: the base model's card (%s) could not be read; set --license",
                        base_model)
     return chosen
 
 
-def card_data(cfg, results, base_model, backbone_type="qwen2_vl"):
-    """The card's YAML metadata; `eval_results` only for the model's own parts (not the teacher)."""
+def widget_example_names(labels, count=NUM_WIDGET_EXAMPLES):
+    """`{bundle-relative file name: label}` of the example images for the first `count` labels:
+    `examples/<label>.png`, the label made a safe file name (any text can be a label)."""
+    names = {}
+    for index, label in enumerate(str(label) for label in list(labels)[:count]):
+        name = f"{EXAMPLES_FOLDER}/{safe_file_name(label)}.png"
+        names[name if name not in names else f"{EXAMPLES_FOLDER}/{safe_file_name(label)}-{index}.png"] = label
+    return names
+
+
+def write_widget_examples(folder, labels, count=NUM_WIDGET_EXAMPLES, seed=0):
+    """Example images for the card's widget and the demo: the synthetic generator's picture of each of the first
+    `count` labels (`widget_example_names`), written into `folder` (created). Returns `{bundle-relative name: path}`,
+    ready for `save_bundle(extra_files=...)`. Same labels and seed, same bytes."""
+    from emovlm_kd.data import make_synthetic_dataset
+
+    labels = [str(label) for label in labels]
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    written = {}
+    with tempfile.TemporaryDirectory() as tmp:  # class folders by index: a label may be any text ("a/b" too)
+        classes = [f"class_{i}" for i in range(len(labels))]
+        root = make_synthetic_dataset(Path(tmp) / "synthetic", labels=classes, per_class=(1, 0, 0), image_size=96,
+                                      label_noise=0.0, seed=seed)
+        for index, name in enumerate(widget_example_names(labels, count)):
+            target = folder / Path(name).name
+            shutil.copyfile(next((root / "train" / classes[index]).glob("*.png")), target)
+            written[name] = target
+    return written
+
+
+def safe_file_name(label):
+    """A file name for a label (any text): word characters, '.' and '-' kept, the rest '_'."""
+    return re.sub(r"[^\w.-]+", "_", label).strip("._") or "label"
+
+
+def widget_examples(examples, repo_id=None):
+    """The `widget:` metadata for bundle-relative example files (a list, or `{name: title}` as
+    `widget_example_names` gives): `[{"src", "example_title"}]`, `src` the Hub's `resolve/main` URL of the file
+    when `repo_id` is known, else the relative path; the title the label (else the file's name)."""
+    titles = examples if isinstance(examples, dict) else {name: Path(name).stem for name in examples}
+    entries = []
+    for name, title in titles.items():
+        name = Path(name).as_posix()
+        src = f"{HUB_URL}/{repo_id}/resolve/main/{name}" if repo_id else name
+        entries.append({"src": src, "example_title": title})
+    return entries
+
+
+def card_data(cfg, results, base_model, backbone_type="qwen2_vl", examples=(), repo_id=None):
+    """The card's YAML metadata; `eval_results` only for the model's own parts (not the teacher); `widget` for the
+    `examples` (bundle-relative file names)."""
     dataset = dataset_hub_id(cfg.dataset)
     shown = "synthetic demo data" if cfg.dataset == "demo" else (dataset or Path(str(cfg.dataset)).name)
     evals = [
@@ -161,23 +236,26 @@ def card_data(cfg, results, base_model, backbone_type="qwen2_vl"):
         library_name="transformers",
         pipeline_tag="image-classification",
         license=card_license(cfg, base_model),
-        base_model=hub_id_of(base_model) if cfg.vlm != "demo" else None,
+        base_model=hub_id_of(base_model) if demo_backbone(cfg.vlm) is None else None,
         datasets=[dataset] if dataset else None,
         metrics=["accuracy"],
         tags=["emovlm-kd", "visual-emotion-analysis", backbone_tag(backbone_type), "knowledge-distillation"],
         model_name="EmoVLM-KD",
         eval_results=evals,
+        widget=widget_examples(examples, repo_id) or None,
     )
 
 
-def model_card(cfg, labels, results, base_model, backbone_type="qwen2_vl", repo_id=None):
-    """The `ModelCard` written as RUN/model/README.md; the usage snippet names `repo_id` (the `--push-to-hub`
-    repo) when given."""
-    base = "local demo model" if cfg.vlm == "demo" else (hub_id_of(base_model) or str(cfg.vlm))
+def model_card(cfg, labels, results, base_model, backbone_type="qwen2_vl", repo_id=None, examples=()):
+    """The `ModelCard` written as RUN/model/README.md; the usage snippet and the demo command name `repo_id` (the
+    `--push-to-hub` repo) when given. `examples`: the bundle-relative names of the example images the export writes
+    (`widget_example_names`: `{name: label}`, or a list of names), listed as the widget's inputs."""
+    repo_id = repo_id or getattr(cfg, "push_to_hub", None)
+    base = "local demo model" if demo_backbone(cfg.vlm) is not None else (hub_id_of(base_model) or str(cfg.vlm))
     dataset = "synthetic demo data" if cfg.dataset == "demo" else (dataset_hub_id(cfg.dataset) or
                                                                    Path(str(cfg.dataset)).name)
     return ModelCard.from_template(
-        card_data(cfg, results, base_model, backbone_type), template_str=TEMPLATE, labels=", ".join(labels),
-        base=base, dataset=dataset, cfg=cfg, results=results, part_names=PART_NAMES,
-        repo_id=repo_id or getattr(cfg, "push_to_hub", None) or "THIS_FOLDER_OR_REPO",
+        card_data(cfg, results, base_model, backbone_type, examples=examples, repo_id=repo_id),
+        template_str=TEMPLATE, labels=", ".join(labels), base=base, dataset=dataset, cfg=cfg, results=results,
+        part_names=PART_NAMES, repo_id=repo_id or "THIS_FOLDER_OR_REPO",
     )

@@ -4,6 +4,8 @@
 - `--dataset`, `--vlm`, `--teacher` / `--teacher-trained`, a local-VLM `--annotator`: a local folder must exist (a
   path-looking name that does not exist is "no such folder", never a Hub request) and hold a `config.json` (models);
   a Hub name must be in the local cache or, when the Hub is reachable, exist there (one request, no retries);
+- `--vlm`: a folder's or cached Hub model's config.json has a backbone `model_type` (qwen2_vl, qwen2_5_vl,
+  qwen3_vl);
 - `--annotator openai`: its endpoint accepts a connection;
 - `--push-to-hub`: a valid repo id, a token, and a reachable Hub whose `whoami` accepts the token;
 - `--instructions`: an existing file;
@@ -111,6 +113,29 @@ def check_model_reference(flag, name, hub):
     return hub.check_model(flag, name)
 
 
+def check_vlm_backbone(name):
+    """One problem line when a local or cached `--vlm` is not a supported backbone (its config.json's `model_type`),
+    or None; a Hub name not in the cache is not downloaded for this (stage 1 then says what it loaded)."""
+    import json
+
+    from huggingface_hub import try_to_load_from_cache
+
+    from configuration_emovlm_kd import SUPPORTED_BACKBONES
+
+    path = Path(name).expanduser()
+    config = path / "config.json" if path.is_dir() else try_to_load_from_cache(name, "config.json")
+    if not isinstance(config, (str, Path)) or not Path(config).is_file():
+        return None
+    try:
+        model_type = json.loads(Path(config).read_text(encoding="utf-8")).get("model_type")
+    except (OSError, ValueError, AttributeError):
+        return f"--vlm {name}: config.json is not a JSON object"
+    if model_type not in SUPPORTED_BACKBONES:
+        return (f"--vlm {name}: model_type {model_type!r} is not a backbone EmoVLM-KD drives "
+                f"({', '.join(SUPPORTED_BACKBONES)}: Qwen2-VL, Qwen2.5-VL, Qwen3-VL)")
+    return None
+
+
 def check_dataset_reference(name, hub):
     path = Path(name).expanduser()
     if path.exists():
@@ -171,13 +196,13 @@ def problems(cfg):
     found = []
     if cfg.dataset != DEMO:
         found.append(check_dataset_reference(cfg.dataset, hub))
-    if cfg.vlm != DEMO:
-        found.append(check_model_reference("--vlm", cfg.vlm, hub))
+    if not cfg.is_demo:
+        found.append(check_model_reference("--vlm", cfg.vlm, hub) or check_vlm_backbone(cfg.vlm))
     if cfg.teacher_trained:
         found.append(check_model_reference("--teacher-trained", cfg.teacher_trained, hub))
     elif cfg.teacher != DEMO:
         found.append(check_model_reference("--teacher", cfg.teacher, hub))
-    if cfg.instructions and not Path(cfg.instructions).is_file():
+    if cfg.instructions and cfg.instructions != DEMO and not Path(cfg.instructions).is_file():
         found.append(f"--instructions {cfg.instructions}: no such file")
     found.append(check_annotator(cfg, hub))
     if cfg.push_to_hub:

@@ -32,7 +32,7 @@ from emovlm_kd.training.cache import (
     with_files_fingerprint,
 )
 from emovlm_kd.training.calibration import calibrate_bundle
-from emovlm_kd.training.config import DEMO, check_instruction_sources
+from emovlm_kd.training.config import DEMO, DEMO_BACKBONE, check_instruction_sources, demo_backbone
 from emovlm_kd.training.demo import prepare_demo_inputs
 from emovlm_kd.training.gatedata import (
     gate_data_summary,
@@ -47,7 +47,7 @@ from emovlm_kd.training.heads import (
     vlm_vectors,
 )
 from emovlm_kd.training.instructions import instruction_mix, run_stage0
-from emovlm_kd.training.modelcard import model_card
+from emovlm_kd.training.modelcard import model_card, widget_example_names, write_widget_examples
 from emovlm_kd.training.passes import vlm_pass_cache
 from emovlm_kd.training.runlock import hold_run_lock
 from emovlm_kd.training.sft import run_stage1
@@ -136,6 +136,10 @@ def run_stages(cfg):
 
     run_dir = start_run(cfg)
     data_source, vlm_path, teacher_path = resolve_inputs(cfg, run_dir)
+    if cfg.instructions == DEMO:  # the synthetic dataset's reasoning answers, written beside its images
+        from emovlm_kd.data.synthetic import REASONING_FILE
+
+        cfg.instructions = str(Path(data_source) / REASONING_FILE)
 
     logger.info("== Data: %s", data_source)
     dataset = load_data(cfg, data_source)
@@ -162,7 +166,8 @@ def run_stages(cfg):
     calibrate_bundle(cfg, bundle, passes, outputs)
     results = test_results(passes["test"], outputs)
     results.update(instruction_mix=mix, gate_data=gate_data_summary(cfg, passes))
-    card = model_card(cfg, names, results, vlm_path, backbone_type=bundle.config.vlm_config.model_type)
+    card = model_card(cfg, names, results, vlm_path, backbone_type=bundle.config.vlm_config.model_type,
+                      examples=widget_example_names(names))
     export(cfg, run_dir, bundle, processor, card, results, split_file)
     return results
 
@@ -194,10 +199,11 @@ def remove_partial_writes(run_dir):
 def resolve_inputs(cfg, run_dir):
     """(dataset, VLM, teacher) locations: the user's, or the demo's built under RUN/ where a setting is `demo`."""
     data_source, vlm_path, teacher_path = cfg.dataset, cfg.vlm, cfg.teacher
-    if DEMO in (cfg.dataset, cfg.vlm, cfg.teacher):
-        demo_data, demo_vlm, demo_teacher = prepare_demo_inputs(run_dir, cfg.seed)
+    if cfg.is_demo or DEMO in (cfg.dataset, cfg.teacher):
+        demo_data, demo_vlm, demo_teacher = prepare_demo_inputs(run_dir, cfg.seed,
+                                                                backbone=demo_backbone(cfg.vlm) or DEMO_BACKBONE)
         data_source = demo_data if cfg.dataset == DEMO else data_source
-        vlm_path = demo_vlm if cfg.vlm == DEMO else vlm_path
+        vlm_path = demo_vlm if cfg.is_demo else vlm_path
         teacher_path = demo_teacher if cfg.teacher == DEMO else teacher_path
     return data_source, vlm_path, teacher_path
 
@@ -301,8 +307,10 @@ def export(cfg, run_dir, bundle, processor, card, results, split_file):
         if damage:
             logger.warning("[export] %s: rebuilding RUN/model and eval_results.json", damage)
         if is_main_process():
+            labels = [bundle.config.id2label[i] for i in range(len(bundle.config.id2label))]
+            examples = write_widget_examples(run_dir / "examples", labels)
             save_bundle(bundle, processor, run_dir / "model", model_card=card,
-                        extra_files={SPLITS_FILE: run_dir / SPLITS_FILE})
+                        extra_files={SPLITS_FILE: run_dir / SPLITS_FILE, **examples})
             atomic_write_text(run_dir / "eval_results.json", json.dumps(results, indent=2))
             record_export(run_dir, done.dir)
         done.finish(model=str(run_dir / "model"))

@@ -1,0 +1,63 @@
+"""`emovlm-kd demo --model DIR_OR_REPO`: the Gradio demo in the browser (needs the `demo` extra: gradio).
+
+    emovlm-kd demo --model runs/demo/model                       # http://127.0.0.1:7860
+    emovlm-kd demo --model runs/demo/model --port 7861
+    emovlm-kd demo --model you/emovlm-kd-fi --host 0.0.0.0       # reachable from other machines
+    emovlm-kd demo --model runs/demo/model --share               # a temporary public link through gradio.live
+
+The page: upload, paste or pick an example image; the final label distribution, the VLM branch's and the
+distillation head's side by side, which branch the gate followed; Explain streams the model's reasoning; the Batch
+tab turns several files into a CSV. The same model loading and checks as `predict` (exit status 3 for a model that
+cannot be loaded); the server runs until interrupted (Ctrl-C). `app.py` at the repository root runs the same app
+as a Hugging Face Space does.
+"""
+
+import logging
+import os
+
+from emovlm_kd.errors import UsageError
+
+logger = logging.getLogger(__name__)
+
+
+def add_arguments(parser):
+    parser.add_argument("--model", required=True, help="bundle folder or Hub id")
+    parser.add_argument("--host", default="127.0.0.1",
+                        help="address to listen on (default 127.0.0.1, this machine only; 0.0.0.0 for every interface)")
+    parser.add_argument("--port", type=int, default=7860, help="port to listen on (default 7860)")
+    parser.add_argument("--share", action="store_true",
+                        help="also open a temporary public link through gradio's share servers (needs the internet)")
+    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
+
+
+def run(args):
+    from emovlm_kd.modelcheck import local_model_folder
+
+    if not 0 < args.port < 65536:
+        raise UsageError(f"--port must be between 1 and 65535, got {args.port}")
+    try:
+        local_model_folder(args.model)
+    except OSError as error:
+        raise UsageError(f"--model: {error}")
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # read by gradio (gradio/analytics.py); before import
+    from emovlm_kd.demo import build_demo, launch, load_model, require_gradio
+
+    try:
+        require_gradio()
+    except ImportError as error:
+        raise UsageError(str(error))
+    import torch
+
+    try:
+        model, processor = load_model(args.model, device=args.device,
+                                      dtype=getattr(torch, args.dtype) if args.dtype else None)
+    except (OSError, ValueError) as error:  # ModelCheckError propagates: exit status 3, one line
+        raise UsageError(f"--model: cannot load {args.model!r}: {error}")
+    demo = build_demo(model, processor)
+    logger.info("serving %s on http://%s:%d (Ctrl-C to stop)", args.model, args.host, args.port)
+    try:
+        launch(demo, host=args.host, port=args.port, share=args.share)
+    except OSError as error:  # gradio: "Cannot find empty port in range: ..." (gradio/http_server.py)
+        raise UsageError(f"cannot serve on {args.host}:{args.port}: {error}")
+    return 0
