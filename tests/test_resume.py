@@ -374,8 +374,9 @@ def assert_same_outputs(run_dir, reference_dir):
     (JSON files without the fields of `NOT_THE_MODEL`)."""
     assert json.loads((run_dir / "eval_results.json").read_text()) == \
         json.loads((reference_dir / "eval_results.json").read_text())
-    files = sorted(p.name for p in (reference_dir / "model").iterdir())
-    assert sorted(p.name for p in (run_dir / "model").iterdir()) == files
+    files = sorted(str(p.relative_to(reference_dir / "model")) for p in (reference_dir / "model").rglob("*")
+                   if p.is_file())  # examples/*.png too
+    assert sorted(str(p.relative_to(run_dir / "model")) for p in (run_dir / "model").rglob("*") if p.is_file()) == files
     got = load_file(run_dir / "model" / "model.safetensors")
     want = load_file(reference_dir / "model" / "model.safetensors")
     assert got.keys() == want.keys()
