@@ -65,6 +65,8 @@ def quiet_libraries():
             library_logger.addFilter(DropMessage(start))
     for category, message in EXPECTED_WARNINGS:
         warnings.filterwarnings("ignore", message=message, category=category)
+    for name in ("httpx", "httpcore"):  # a line per HTTP request (the demo's own startup checks, gradio_client)
+        logging.getLogger(name).setLevel(max(logging.WARNING, logging.getLogger(name).getEffectiveLevel()))
     if "transformers" in sys.modules:
         from transformers.utils import logging as hf_logging
 
