@@ -893,10 +893,15 @@ class EmoVLMKDForImageClassification(EmoVLMKDPreTrainedModel):
         return output
 
 
+def chat_prompt(processor, instruction):
+    """One user turn of an image placeholder and `instruction`, chat-formatted, ending with the assistant's turn."""
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": instruction}]}]
+    return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+
 def build_prompt_text(processor, config):
     """The chat-formatted classification prompt (one image placeholder) ending with the assistant's turn."""
-    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": config.classification_prompt()}]}]
-    return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    return chat_prompt(processor, config.classification_prompt())
 
 
 def explanation_inputs(processor, config, text, question=None):
@@ -906,17 +911,12 @@ def explanation_inputs(processor, config, text, question=None):
     tokenizer = getattr(processor, "tokenizer", processor)
     image_token_id = config.vlm_config.image_token_id
     image_token = tokenizer.convert_ids_to_tokens(image_token_id)
-    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question or EXPLANATION_QUESTION}]}]
-    prompt = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    prompt = chat_prompt(processor, question or EXPLANATION_QUESTION)
     if prompt.count(image_token) != 1:
         raise ValueError(f"the chat template should write one {image_token!r} per image, got: {prompt!r}")
     counts = (text["input_ids"] == image_token_id).sum(-1).tolist()
     rows = [prompt.replace(image_token, image_token * count) for count in counts]
-    side, tokenizer.padding_side = tokenizer.padding_side, "left"
-    try:
-        encoded = tokenizer(rows, padding=True, add_special_tokens=False, return_tensors="pt")
-    finally:
-        tokenizer.padding_side = side
+    encoded = tokenizer(rows, padding=True, padding_side="left", add_special_tokens=False, return_tensors="pt")
     input_ids = encoded["input_ids"].to(text["input_ids"].device)
     if (input_ids == image_token_id).sum(-1).tolist() != counts:
         raise ValueError("the tokenizer does not keep the image placeholder tokens as they are")
@@ -929,12 +929,8 @@ def explanation_inputs(processor, config, text, question=None):
 def prepare_inputs(processor, config, images):
     """Processor outputs for a batch of RGB images, each with the classification prompt (left padded)."""
     prompt = build_prompt_text(processor, config)
-    tokenizer = processor.tokenizer
-    side, tokenizer.padding_side = tokenizer.padding_side, "left"
-    try:
-        return processor(text=[prompt] * len(images), images=list(images), padding=True, return_tensors="pt")
-    finally:
-        tokenizer.padding_side = side
+    return processor(text=[prompt] * len(images), images=list(images), padding=True, padding_side="left",
+                     return_tensors="pt")  # the tokenizer's own `padding_side` is left as it is
 
 
 EmoVLMKDModel = EmoVLMKDForImageClassification
@@ -948,6 +944,7 @@ __all__ = [
     "LabelScoringPlan",
     "PromptPrefixCache",
     "build_prompt_text",
+    "chat_prompt",
     "explanation_inputs",
     "parse_answer",
     "prepare_inputs",

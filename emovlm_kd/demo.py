@@ -31,8 +31,6 @@ from pathlib import Path
 
 logger = logging.getLogger(__name__)
 
-EXAMPLES_FOLDER = "examples"  # example images inside a bundle folder (the model card's widget uses them too)
-NUM_GENERATED_EXAMPLES = 4
 CSV_NAME = "emovlm_kd_predictions.csv"
 MODEL_QUEUE = "model"  # every event that runs the model shares one queue of concurrency 1 (gradio's concurrency_id)
 
@@ -98,19 +96,17 @@ def write_csv(rows, folder):
 
 
 def example_files(model, folder=None):
-    """Example images for the page: the bundle's own `examples/*.png` when its folder has some, else a few seeded
-    synthetic images (one per label, the demo dataset's generator) written into `folder` (default: a new temporary
-    folder)."""
+    """Example images for the page: the bundle's own `examples/*.png` when its folder has some, else the same seeded
+    synthetic images the export ships (`modelcard.write_widget_examples`: one per label, the demo dataset's
+    generator) written into `folder` (default: a new temporary folder)."""
+    from emovlm_kd.training.modelcard import EXAMPLES_FOLDER, write_widget_examples
+
     source = Path(model.name_or_path or "") / EXAMPLES_FOLDER
     shipped = sorted(source.glob("*.png")) if model.name_or_path and source.is_dir() else []
     if shipped:
         return shipped
-    from emovlm_kd.data import make_synthetic_dataset
-
-    labels = [model.config.id2label[i] for i in range(len(model.config.id2label))]
-    root = make_synthetic_dataset(Path(folder or tempfile.mkdtemp(prefix="emovlm_kd_examples_")) / "synthetic",
-                                  labels=labels, per_class=(1, 0, 0), image_size=96, label_noise=0.0)
-    return sorted((root / "train").glob("*/*.png"))[:NUM_GENERATED_EXAMPLES]
+    folder = Path(folder or tempfile.mkdtemp(prefix="emovlm_kd_examples_"))
+    return list(write_widget_examples(folder, model.config.labels).values())
 
 
 class DemoModel:
@@ -119,7 +115,7 @@ class DemoModel:
 
     def __init__(self, model, processor):
         self.model, self.processor = model, processor
-        self.labels = [model.config.id2label[i] for i in range(len(model.config.id2label))]
+        self.labels = model.config.labels
 
     def load(self, path):
         """The prepared image of a file (or a `data:` URL): `ImageLoadError` saying what is wrong otherwise."""
@@ -143,22 +139,10 @@ class DemoModel:
 
     def classify_files(self, paths):
         """One record per path, in order, with `file` (its name): the prediction, or `error`."""
-        from emovlm_kd.images import ImageLoadError
-        from emovlm_kd.inference import PromptPrefixCache, describe, run_batch
+        from emovlm_kd.inference import PromptPrefixCache, predict_files
 
-        records, images, slots = [], [], []
-        for path in paths:
-            try:
-                images.append(self.load(path))
-                slots.append(len(records))
-                records.append({"file": Path(path).name})
-            except ImageLoadError as error:
-                records.append({"file": Path(path).name, "error": str(error)})
-        if images:
-            output = run_batch(self.model, self.processor, images, prompt_cache=PromptPrefixCache())
-            for i, slot in enumerate(slots):
-                records[slot].update(describe(output, i, self.model.config.id2label))
-        return records
+        found = predict_files(self.model, self.processor, paths, self.load, prompt_cache=PromptPrefixCache())
+        return [{"file": Path(path).name, **record} for path, record in zip(paths, found)]
 
     def explain_stream(self, path, generation_kwargs=None):
         """Yield the explanation of the image at `path` as it grows (`model.explain` in a thread, its tokens through a
@@ -166,10 +150,10 @@ class DemoModel:
         explanation, stripped as `explain` returns it."""
         from transformers import TextIteratorStreamer
 
+        from emovlm_kd.inference import model_inputs
+
         image = self.load(path)
-        inputs = self.model.build_inputs(self.processor, [image])
-        if "pixel_values" in inputs:
-            inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)
+        inputs = model_inputs(self.model, self.processor, [image])  # as `run_batch` prepares them
         streamer = TextIteratorStreamer(self.processor.tokenizer, skip_prompt=True, skip_special_tokens=True)
         result = {}
 

@@ -8,8 +8,8 @@ import torch
 from modeling_emovlm_kd import PromptPrefixCache
 from pipeline_emovlm_kd import prepare_image, prepare_inputs
 
-__all__ = ["PromptPrefixCache", "describe", "gather_in_order", "limit_images", "process_device", "run_batch",
-           "sharded_batches"]
+__all__ = ["PromptPrefixCache", "describe", "gather_in_order", "limit_images", "model_inputs", "predict_files",
+           "process_device", "run_batch", "sharded_batches"]
 
 logger = logging.getLogger(__name__)
 
@@ -26,6 +26,17 @@ def limit_images(images, max_side):
     return [prepare_image(image, max_side=max_side) if i in over else image for i, image in enumerate(images)]
 
 
+def model_inputs(model, processor, images):
+    """The model's inputs for prepared RGB images: the classification prompt and the images through the processor
+    (left padded; images over `max_image_side` scaled down, `limit_images`), on the model's device, pixels in its
+    dtype."""
+    images = limit_images(images, getattr(model.config, "max_image_side", None))
+    inputs = prepare_inputs(processor, model.config, images).to(model.device)
+    if "pixel_values" in inputs:
+        inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
+    return inputs
+
+
 @torch.inference_mode()
 def run_batch(model, processor, images, vlm_mode=None, prompt_cache=None, explain=False, generation_kwargs=None,
               seed=None):
@@ -38,10 +49,7 @@ def run_batch(model, processor, images, vlm_mode=None, prompt_cache=None, explai
     (`limit_images`). `explain`: `model.explain` instead (the same outputs plus `explanations`, generated with
     `generation_kwargs` and `seed`, from the same encoded images).
     """
-    images = limit_images(images, getattr(model.config, "max_image_side", None))
-    inputs = prepare_inputs(processor, model.config, images).to(model.device)
-    if "pixel_values" in inputs:
-        inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
+    inputs = model_inputs(model, processor, images)
     if explain:
         output = model.explain(**inputs, processor=processor, vlm_mode=vlm_mode, generation_kwargs=generation_kwargs,
                                seed=seed, prompt_cache=prompt_cache)
@@ -83,6 +91,28 @@ def describe(output, index, id2label):
     if output.get("explanations") is not None:
         record["explanation"] = output.explanations[index]
     return record
+
+
+def predict_files(model, processor, sources, load, prompt_cache=None, **options):
+    """One record per source, in order: `describe`'s prediction of the image `load(source)` gives, or `{"error":
+    message}` where `load` raises `ImageLoadError` (the other images of the batch are predicted all the same). One
+    `run_batch` for the readable images, with `prompt_cache` and `options` (`vlm_mode`, `explain`...). What `predict`
+    writes per file and the demo's batch tab shows."""
+    from emovlm_kd.images import ImageLoadError
+
+    records, images, slots = [], [], []
+    for source in sources:
+        try:
+            images.append(load(source))
+            slots.append(len(records))
+            records.append({})
+        except ImageLoadError as error:
+            records.append({"error": str(error)})
+    if images:
+        output = run_batch(model, processor, images, prompt_cache=prompt_cache, **options)
+        for i, slot in enumerate(slots):
+            records[slot] = describe(output, i, model.config.id2label)
+    return records
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -8,13 +8,12 @@ import torch
 from conftest import CallCounter, random_image
 
 import modeling_emovlm_kd
-from modeling_emovlm_kd import EXPLANATION_QUESTION, build_prompt_text
+from modeling_emovlm_kd import EXPLANATION_QUESTION, build_prompt_text, chat_prompt
 
 
 def reasoning_inputs(processor, model, image, question=EXPLANATION_QUESTION):
     """The reasoning prompt and the image through the processor itself (the plain Qwen2-VL way)."""
-    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
-    prompt = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    prompt = chat_prompt(processor, question)
     return processor(text=[prompt], images=[image], return_tensors="pt").to(model.device)
 
 

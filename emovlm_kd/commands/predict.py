@@ -163,23 +163,18 @@ def _predict_all(model, processor, paths, output, args):
 
 def _predict_batch(model, processor, paths, args, prompt_cache):
     """One record per path, in order: the prediction, or `error` for a file that is not a readable image."""
-    from emovlm_kd.images import ImageLoadError, load_image_file
-    from emovlm_kd.inference import describe, run_batch
+    from functools import partial
 
-    records, images, slots = [], [], []
-    for path in paths:
-        try:
-            images.append(load_image_file(path, max_side=model.config.max_image_side))
-            slots.append(len(records))
-            records.append({"path": str(path)})
-        except ImageLoadError as error:
-            logger.warning("skipping %s: %s", path, error)
-            records.append({"path": str(path), "error": str(error)})
-    if images:
-        output = run_batch(model, processor, images, vlm_mode=args.vlm_mode, prompt_cache=prompt_cache,
-                           **_explanation_options(args))
-        for i, slot in enumerate(slots):
-            records[slot].update(describe(output, i, model.config.id2label))
+    from emovlm_kd.images import load_image_file
+    from emovlm_kd.inference import predict_files
+
+    load = partial(load_image_file, max_side=model.config.max_image_side)
+    found = predict_files(model, processor, paths, load, prompt_cache=prompt_cache, vlm_mode=args.vlm_mode,
+                          **_explanation_options(args))
+    records = [{"path": str(path), **record} for path, record in zip(paths, found)]
+    for record in records:
+        if "error" in record:
+            logger.warning("skipping %s: %s", record["path"], record["error"])
     return records
 
 

@@ -58,11 +58,9 @@ def make_synthetic_dataset(root, labels=MIKELS8, per_class=(24, 6, 8), image_siz
                 answer = reasoning_answer(class_index, len(args["labels"]), folder.name, image_size)
                 reasoning.append({"id": f"{split}/{folder.name}/{name}", "kind": "reasoning", "answer": answer})
     count = sum(written.values())
-    lines = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in reasoning)
-    temporary = root / (REASONING_FILE + ".tmp")
-    temporary.write_text(lines, encoding="utf-8")
-    os.replace(temporary, root / REASONING_FILE)
-    _write_json_atomically(root / "synthetic.json", {"format": SYNTHETIC_FORMAT, "args": args, "files": count})
+    _write_atomically(root / REASONING_FILE, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in reasoning))
+    payload = {"format": SYNTHETIC_FORMAT, "args": args, "files": count}
+    _write_atomically(root / "synthetic.json", json.dumps(payload, indent=2) + "\n")  # last: the dataset is complete
     logger.info("Wrote %d synthetic images to %s", count, root)
     return root
 
@@ -155,8 +153,8 @@ def _synthetic_image(rng, class_index, num_classes, image_size):
     return PILImage.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
 
 
-def _write_json_atomically(path, payload):
-    """Write `payload` as JSON to `path` via a temporary file and `os.replace`."""
+def _write_atomically(path, text):
+    """Write `text` to `path` via a temporary file (`NAME.tmp`) and `os.replace`."""
     temporary = path.with_name(path.name + ".tmp")
-    temporary.write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
+    temporary.write_text(text, encoding="utf-8")
     os.replace(temporary, path)

@@ -30,7 +30,7 @@ from emovlm_kd.training.config import demo_backbone
 
 logger = logging.getLogger(__name__)
 
-EXAMPLES_FOLDER = "examples"  # inside the bundle; `emovlm_kd.demo` offers the same files as its examples
+EXAMPLES_FOLDER = "examples"  # inside the bundle; `emovlm_kd.demo.example_files` offers the same files
 NUM_WIDGET_EXAMPLES = 4
 HUB_URL = "https://huggingface.co"
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")

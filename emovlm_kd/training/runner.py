@@ -307,8 +307,7 @@ def export(cfg, run_dir, bundle, processor, card, results, split_file):
         if damage:
             logger.warning("[export] %s: rebuilding RUN/model and eval_results.json", damage)
         if is_main_process():
-            labels = [bundle.config.id2label[i] for i in range(len(bundle.config.id2label))]
-            examples = write_widget_examples(run_dir / "examples", labels)
+            examples = write_widget_examples(run_dir / "examples", bundle.config.labels)
             save_bundle(bundle, processor, run_dir / "model", model_card=card,
                         extra_files={SPLITS_FILE: run_dir / SPLITS_FILE, **examples})
             atomic_write_text(run_dir / "eval_results.json", json.dumps(results, indent=2))
