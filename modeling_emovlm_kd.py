@@ -545,12 +545,14 @@ class EmoVLMKDForImageClassification(EmoVLMKDPreTrainedModel):
 
     def answer_tokenizer(self):
         """The tokenizer saved beside the weights (loaded once, from `name_or_path`), which `generate_labels`
-        decodes its answers with when it is given none; None when there is none to load."""
+        decodes its answers with when it is given none; None when there is none to load. The tokenizer's class comes
+        from its own files and the backbone's config: the bundle's config (custom code) is not read again, so no
+        `trust_remote_code` question is asked."""
         if self._answer_tokenizer is None and self.name_or_path:
             from transformers import AutoTokenizer
 
             try:
-                self._answer_tokenizer = AutoTokenizer.from_pretrained(self.name_or_path)
+                self._answer_tokenizer = AutoTokenizer.from_pretrained(self.name_or_path, config=self.config.vlm_config)
             except (OSError, ValueError):  # no tokenizer files there (a bundle built in memory): token matching
                 self._answer_tokenizer = False
         return self._answer_tokenizer or None

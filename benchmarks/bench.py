@@ -199,11 +199,10 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    logging.basicConfig(
-        level=getattr(logging, args.log_level.upper(), logging.INFO),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    from emovlm_kd.logs import setup_logging
+
+    setup_logging(args.log_level)  # the CLI's: our format on stderr, the libraries' expected notices (bitsandbytes'
+    # optional CPU kernel, imported with PEFT) dropped where they are emitted
     from transformers.utils import logging as hf_logging
 
     from .report import format_table, write_json

@@ -13,19 +13,25 @@ Each subcommand is a module of `emovlm_kd.commands` with `add_arguments(parser)`
 modules import their heavy dependencies inside `run`, so `--help` is fast. The speed benchmark is a script of the
 source tree: `python -m benchmarks.bench`.
 
-Exit status: what `run` returns (0 done; `predict`: 1 some images skipped); 2 a usage error (`UsageError`);
+Exit status: what `run` returns (0 done; `predict`: 1 some images skipped); 1 an OS error (a full disk, no
+permission: one line naming the file and the errno; `emovlm_kd.folders.WriteError` for our writes, which leave
+nothing half-written); 2 a usage error (`UsageError`);
 3 the model could not be loaded (`ModelCheckError`: one line naming the file and what is wrong); 130 interrupted;
 141 stdout closed by its reader (`emovlm-kd predict ... | head -1`), quietly, as a process ended by SIGPIPE.
 """
 
 import argparse
+import logging
 import os
 import sys
 
 from emovlm_kd.commands import ablate, demo, evaluate, predict, split, table1, tiny, train
 from emovlm_kd.errors import ModelCheckError, UsageError
+from emovlm_kd.folders import describe_os_error
+from emovlm_kd.helptext import HelpFormatter, parsers_of
 from emovlm_kd.logs import setup_logging
 
+EXIT_OS_ERROR = 1  # a full disk, no permission, ...: one line naming the file and the errno
 EXIT_MODEL = 3  # the model could not be loaded
 EXIT_INTERRUPTED = 130
 EXIT_STDOUT_CLOSED = 141  # 128 + SIGPIPE: what a shell reports for a writer whose reader went away
@@ -57,6 +63,8 @@ def build_parser():
                                     parents=[output_options(argparse.SUPPRESS)])
         sub_parser.set_defaults(_run=module.run, _own_arguments=own)
         module.add_arguments(sub_parser)
+    for each in parsers_of(parser):
+        each.formatter_class = HelpFormatter
     return parser
 
 
@@ -95,6 +103,13 @@ def main(argv=None):
             raise  # another pipe or socket: a real error
         silence_stdout()
         return EXIT_STDOUT_CLOSED
+    except Exception as error:  # an OS error (or safetensors' error carrying one: "... (os error 28)")
+        line = describe_os_error(error)
+        if line is None:
+            raise
+        logging.getLogger(__name__).debug("the OS error's traceback", exc_info=True)
+        print(f"{parser.prog}: {line}", file=sys.stderr)
+        return EXIT_OS_ERROR
 
 
 def stdout_closed():

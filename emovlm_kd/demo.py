@@ -25,6 +25,7 @@ and server-side rendering (a Node server) is off. gradio is the `demo` extra: `p
 
 import csv
 import logging
+import sys
 import tempfile
 import threading
 from pathlib import Path
@@ -293,9 +294,21 @@ def build_demo(model, processor, examples=None, title="EmoVLM-KD"):
     return demo
 
 
-def launch(demo, host=None, port=None, share=False, prevent_thread_lock=False, **kwargs):
+def launch(demo, host=None, port=None, share=False, prevent_thread_lock=False, share_hint=None, quiet=False,
+           **kwargs):
     """`demo.launch` with the project's settings: no server-side rendering (no Node server) and a share link only
     when asked. `host` / `port` None: gradio's own defaults ($GRADIO_SERVER_NAME or 127.0.0.1, $GRADIO_SERVER_PORT
-    or the first free port from 7860; a Space sets both). Returns what `launch` returns: (app, local URL, share URL)."""
-    return demo.launch(server_name=host, server_port=port, share=share, ssr_mode=False,
-                       prevent_thread_lock=prevent_thread_lock, **kwargs)
+    or the first free port from 7860; a Space sets both). Returns what `launch` returns: (app, local URL, share URL).
+
+    Gradio's own lines are replaced by ours: the local URL, and `share_hint` (the CLI's: "add --share") where
+    gradio would tell a user of the CLI to "set `share=True` in `launch()`"; `quiet` prints neither."""
+    result = demo.launch(server_name=host, server_port=port, share=share, ssr_mode=False, quiet=True,
+                         prevent_thread_lock=True, **kwargs)
+    if not quiet:
+        _, local_url, share_url = result
+        print(f"* Running on local URL:  {local_url}", flush=True)
+        if share_hint and not share_url:
+            print(share_hint, flush=True)
+    if not prevent_thread_lock and not getattr(sys, "ps1", sys.flags.interactive):
+        demo.block_thread()  # what gradio's launch does in a script (not in a Python shell): serve until Ctrl-C
+    return result

@@ -1,26 +1,345 @@
-"""Replacing a whole folder at once: `replace_folder`, shared by the Hub export (`hub.save_bundle`) and the
-evaluation report (`evaluation.runner.write_outputs`)."""
+"""Every write of this project that must be all or nothing, and the one temp-name pattern they share.
 
+    atomic_write(path, write, mode="w")        a file written through `write(handle)`, put in place by one rename
+    atomic_write_text(path, text)
+    with staged_file(path) as tmp: ...         a file that another library writes by name (safetensors' save_file)
+    with staged_folder(target) as tmp: ...     a folder written whole (save_pretrained), then put in place of target
+    replace_folder(new, target)                the renames that put a finished folder in place of another
+
+Names. A temp file or folder is `.NAME.emovlm-kd-PID-TOKEN.tmp` beside NAME; a folder moved aside while its new
+version takes its place is `.NAME.emovlm-kd-PID-TOKEN.old` (PID the writer's process id, TOKEN 8 random hex
+digits). `PARTIAL_WRITE` matches both, and no name a user picks by chance. A leftover (its writer was killed) is
+removed only when its name matches and its process is gone (`is_leftover`): by the next write of the same NAME
+(`remove_leftovers`) and at a run's start (`remove_partial_writes`). Nothing else is ever removed or replaced here:
+a folder is replaced as a whole only after its caller checked that it holds nothing but its own files
+(`bundle_conflicts`, `folder_conflicts`).
+
+Errors. An OS error while writing (disk full, no permission, a read-only file system) is raised as `WriteError`:
+an `OSError` whose `str()` is one line naming the final path and the errno (the command line prints it and exits
+with status 1). The temp file or folder is removed and the final name keeps what it held before. safetensors'
+error that carries an OS error ("... (os error 28)") becomes a `WriteError` too.
+"""
+
+import contextlib
+import errno
+import os
+import re
+import secrets
 import shutil
 from pathlib import Path
 
+TEMP_TAG = "emovlm-kd"
+# `.NAME.emovlm-kd-PID-TOKEN.tmp` (a file or folder being written) and `.NAME.emovlm-kd-PID-TOKEN.old` (a folder
+# moved aside while its new version takes its place)
+PARTIAL_WRITE = re.compile(r"^\.(?P<name>.+)\." + TEMP_TAG
+                           + r"-(?P<pid>\d+)-(?P<token>[0-9a-f]{8})\.(?P<kind>tmp|old)$")
+OS_ERROR_IN_TEXT = re.compile(r"\(os error (\d+)\)")  # how safetensors (Rust) reports an OS error
+# how torch.save's zip writer reports a failed write (no errno): "unexpected pos 23680 vs 23572" (a full disk),
+# "PytorchStreamWriter failed writing file data/0: file write failed"
+TORCH_WRITE_FAILED = re.compile(r"unexpected pos \d+ vs \d+|PytorchStreamWriter failed writing")
+NEARLY_FULL = 16 << 20  # bytes free under which a write failure without an errno is taken for a full disk
+
+
+class WriteError(OSError):
+    """An OS error while writing `filename` (the final name, never the temp file's); `str()` is one line."""
+
+    def __str__(self):
+        return f"cannot write {self.filename}: {self.strerror} ({errno_name(self.errno)})"
+
+
+def errno_name(number):
+    """'errno 28, ENOSPC'."""
+    return f"errno {number}, {errno.errorcode.get(number, '?')}"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Temp names and leftovers
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def temp_path(path, kind="tmp"):
+    """A fresh `.NAME.emovlm-kd-PID-TOKEN.<kind>` beside `path` (kind "tmp" or "old")."""
+    path = Path(path)
+    return path.with_name(f".{path.name}.{TEMP_TAG}-{os.getpid()}-{secrets.token_hex(4)}.{kind}")
+
+
+def is_partial_write(name):
+    """Whether `name` (a file or folder name) is one of our temp or backup names."""
+    return PARTIAL_WRITE.match(str(name)) is not None
+
+
+def is_leftover(name):
+    """Whether `name` is our temp or backup name and the process that made it is gone (killed mid-write)."""
+    match = PARTIAL_WRITE.match(str(name))
+    return match is not None and process_gone(int(match["pid"]))
+
+
+def process_gone(pid):
+    """Whether no process `pid` runs (on this host); False for this process and where it cannot be told."""
+    if pid == os.getpid() or os.name == "nt":  # Windows: os.kill would end the process
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except OSError:  # EPERM: it runs, as another user
+        return False
+    return False
+
+
+def remove(path):
+    """Remove a file, a link or a folder of ours."""
+    path = Path(path)
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def remove_leftovers(path):
+    """Remove the leftovers of killed writes of `path` beside it (`.NAME.emovlm-kd-PID-TOKEN.tmp/.old` of a process
+    that is gone); the names removed."""
+    path = Path(path)
+    if not path.parent.is_dir():
+        return []
+    removed = []
+    for entry in path.parent.glob(f".*.{TEMP_TAG}-*"):
+        match = PARTIAL_WRITE.match(entry.name)
+        if match and match["name"] == path.name and process_gone(int(match["pid"])):
+            remove(entry)
+            removed.append(entry.name)
+    return removed
+
+
+def remove_partial_writes(folder):
+    """Remove every leftover of a killed write under `folder` (files and folders named by `PARTIAL_WRITE` whose
+    process is gone; a cache's can be gigabytes); the paths removed. Nothing else is touched."""
+    removed = []
+    for root, dirs, files in os.walk(folder):
+        for name in [*dirs, *files]:
+            if is_leftover(name):
+                remove(Path(root) / name)
+                removed.append(Path(root) / name)
+        dirs[:] = [name for name in dirs if not is_partial_write(name)]
+    return removed
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Errors
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def os_error_in(error):
+    """`(errno, strerror)` of the OS error that `error` is or carries (safetensors: "... (os error 28)"), or None."""
+    if isinstance(error, OSError) and error.errno:
+        return error.errno, error.strerror or os.strerror(error.errno)
+    match = OS_ERROR_IN_TEXT.search(str(error))
+    if match and not isinstance(error, OSError):
+        number = int(match[1])
+        return number, os.strerror(number)
+    return None
+
+
+def describe_os_error(error):
+    """One line for an OS error that reached the command line: `WriteError`'s own, else the file, what went wrong
+    and the errno; None when `error` neither is nor carries one."""
+    if isinstance(error, WriteError):
+        return str(error)
+    found = os_error_in(error)
+    if found is None:
+        return None
+    number, strerror = found
+    files = [f for f in (getattr(error, "filename", None), getattr(error, "filename2", None)) if f is not None]
+    where = f"{' -> '.join(map(str, files))}: " if files else "a file operation failed: "
+    return f"{where}{strerror} ({errno_name(number)})"
+
+
+def _failed_torch_write(error, path):
+    """`(errno, strerror)` for torch.save's failed write (it gives no errno): ENOSPC when the disk of `path` is
+    (nearly) full, else EIO. None for any other error."""
+    if not isinstance(error, RuntimeError) or not TORCH_WRITE_FAILED.search(str(error)):
+        return None
+    folder = Path(path).absolute()
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    try:
+        full = shutil.disk_usage(folder).free < NEARLY_FULL
+    except OSError:
+        full = False
+    number = errno.ENOSPC if full else errno.EIO
+    return number, os.strerror(number) + ("" if full else f" (torch.save: {str(error).strip()[:120]})")
+
+
+def _within(file, paths):
+    file = os.path.abspath(os.fsdecode(file))
+    return any(file == str(p) or file.startswith(str(p) + os.sep) for p in map(os.path.abspath, paths))
+
+
+@contextlib.contextmanager
+def writing(path, *own):
+    """OS errors of the block become `WriteError` naming `path`: those without a file name (a full disk as
+    `write()` reports it, safetensors' errors) and those about `path` or one of `own` (its temp file or folder,
+    files written inside it included: the user hears of the folder, not of our temp names). An OS error about
+    another file (a source being copied) is left as it is."""
+    try:
+        yield
+    except Exception as error:
+        found = os_error_in(error) or _failed_torch_write(error, path)
+        if found is None:
+            raise
+        files = [f for f in (getattr(error, "filename", None), getattr(error, "filename2", None)) if f is not None]
+        if isinstance(error, WriteError):  # from a writer inside the block: renamed when it names our temp path
+            files = [error.filename]
+            if not _within(error.filename, own):
+                raise
+        elif files and not all(_within(f, [path, *own]) for f in files):
+            raise
+        raise WriteError(*found, str(path)) from error
+
+
+def refuse_folder(path):
+    """`WriteError` (EISDIR) when `path`, a file to write, is a folder (the user's: never replaced)."""
+    path = Path(path)
+    if path.is_dir():
+        raise WriteError(errno.EISDIR, "it is a folder, not a file (move it or choose another name)", str(path))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Files
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def default_file_mode():
+    """The mode `open()` gives a new file under this process's umask: 0o644 under umask 022."""
+    mask = os.umask(0o022)  # reading the umask means setting it: put it straight back
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+def atomic_write(path, write, mode="w"):
+    """Write `path` through `write(handle)` into a temp file beside it, then `os.replace` it into place: `path`
+    holds its old bytes or the new ones, never a part. `WriteError` on an OS error (nothing left behind) or when
+    `path` is a folder."""
+    path = Path(path)
+    tmp = temp_path(path)
+    with writing(path, tmp):
+        refuse_folder(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            with open(tmp, mode, **({"encoding": "utf-8"} if "b" not in mode else {})) as handle:
+                write(handle)
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+    return path
+
+
+def atomic_write_text(path, text):
+    """`text` (UTF-8) written to `path` all or nothing (`atomic_write`)."""
+    return atomic_write(path, lambda handle: handle.write(text))
+
+
+@contextlib.contextmanager
+def staged_file(path):
+    """A temp path beside `path` for a library that writes a file by name; when the block ends the file gets the
+    umask's mode (safetensors creates 0600) and replaces `path`. On an error it is removed (`WriteError` for an OS
+    error); `path` keeps its old bytes."""
+    path = Path(path)
+    tmp = temp_path(path)
+    with writing(path, tmp):
+        refuse_folder(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            yield tmp
+            os.chmod(tmp, default_file_mode())
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Folders
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def staged_folder(target):
+    """A new, empty temp folder beside `target` to write into; when the block ends it replaces `target`
+    (`replace_folder`). On an error it is removed (`WriteError` for an OS error) and `target` is left as it was.
+    Leftovers of killed writes of `target` are removed first. The caller checks that `target` may be replaced."""
+    target = Path(target)
+    tmp = temp_path(target)
+    with writing(target, tmp):
+        target.parent.mkdir(parents=True, exist_ok=True)
+        remove_leftovers(target)
+        tmp.mkdir()
+        try:
+            yield tmp
+            replace_folder(tmp, target)
+        except BaseException:
+            remove(tmp)
+            raise
+
 
 def replace_folder(new, target):
-    """Put folder `new` at `target` by renames on one file system: an old `target` is first moved aside to
-    `.NAME.old` (one a killed run left is removed) and removed once `new` is in place. `target` thus holds the old
-    files or the new ones, never a mix; a kill between the two renames leaves it absent, the old set in
-    `.NAME.old`; a failed second rename puts the old set back."""
+    """Put folder `new` at `target` by renames on one file system: an old `target` is first moved aside (to
+    `.NAME.emovlm-kd-PID-TOKEN.old`) and removed once `new` is in place. `target` thus holds the old files or the
+    new ones, never a mix; a kill between the two renames leaves it absent and the old set aside (removed as a
+    leftover later); a failed second rename puts the old set back."""
     new, target = Path(new), Path(target)
-    old = target.with_name(f".{target.name}.old")
-    if old.exists():
-        shutil.rmtree(old)
-    if target.exists():
+    old = temp_path(target, "old") if target.exists() or target.is_symlink() else None
+    if old is not None:
         target.rename(old)
     try:
         new.rename(target)
     except BaseException:
-        if old.exists() and not target.exists():
+        if old is not None and not target.exists():
             old.rename(target)
         raise
-    shutil.rmtree(old, ignore_errors=True)
+    if old is not None:
+        remove(old)
     return target
+
+
+def folder_conflicts(folder, files=(), folders=None):
+    """What in `folder` a writer that replaces it as a whole did not write, sorted ([] for a missing folder; the
+    folder's own name when it is a file). `files`: the names it writes as files (one that is a folder is the
+    user's); `folders`: {name: predicate(path) -> bool} for its subfolders, true for a file it writes there.
+    Leftovers of our killed writes (`PARTIAL_WRITE`) are ours."""
+    folder, folders = Path(folder), folders or {}
+    if not folder.is_dir():
+        return [folder.name] if folder.exists() or folder.is_symlink() else []
+    conflicts = []
+    for entry in folder.iterdir():
+        name, is_dir = entry.name, entry.is_dir() and not entry.is_symlink()
+        if name in folders:
+            conflicts += [name] if not is_dir else [f"{name}/{p.name}" for p in entry.iterdir()
+                                                    if p.is_dir() or not folders[name](p)]
+        elif name in files or is_partial_write(name):
+            conflicts += [f"{name}/ (a folder)"] if is_dir else []
+        else:
+            conflicts.append(name)
+    return sorted(conflicts)
+
+
+# what `hub.save_bundle` writes: a folder holding anything else is the user's and is never replaced without
+# `overwrite`
+BUNDLE_FILES = {
+    "config.json", "generation_config.json", "model.safetensors", "model.safetensors.index.json",
+    "configuration_emovlm_kd.py", "modeling_emovlm_kd.py", "pipeline_emovlm_kd.py", "preprocessor_config.json",
+    "processor_config.json", "video_preprocessor_config.json", "tokenizer.json", "tokenizer_config.json",
+    "special_tokens_map.json", "added_tokens.json", "vocab.json", "merges.txt", "chat_template.jinja",
+    "chat_template.json", "README.md", "splits.json",
+}
+BUNDLE_FOLDERS = {"examples": lambda path: path.suffix == ".png"}  # the widget's and the demo's example images
+SHARD = re.compile(r"^model-\d+-of-\d+\.safetensors$")
+
+
+def bundle_conflicts(folder):
+    """Names in `folder` that a bundle does not consist of (`folder_conflicts` with the bundle's files, weight
+    shards and `examples/*.png`; [] for a missing or empty folder)."""
+    folder = Path(folder)
+    shards = {p.name for p in folder.glob("model-*.safetensors")} if folder.is_dir() else set()
+    return folder_conflicts(folder, BUNDLE_FILES | {s for s in shards if SHARD.match(s)}, BUNDLE_FOLDERS)

@@ -14,7 +14,7 @@ from transformers import AutoModelForImageClassification
 from transformers.pipelines import PIPELINE_REGISTRY
 
 from configuration_emovlm_kd import EmoVLMKDConfig
-from emovlm_kd.folders import replace_folder
+from emovlm_kd.folders import BUNDLE_FILES, bundle_conflicts, staged_folder  # noqa: F401 (BUNDLE_FILES: re-exported)
 from modeling_emovlm_kd import EmoVLMKDForImageClassification
 from pipeline_emovlm_kd import EmoVLMKDImageClassificationPipeline
 
@@ -40,24 +40,10 @@ def registered_pipeline():
             PIPELINE_REGISTRY.supported_tasks[TASK] = previous
 
 
-# what `save_bundle` writes: a folder holding anything else is the user's and is never replaced without `overwrite`
-BUNDLE_FILES = {
-    "config.json", "generation_config.json", "model.safetensors", "model.safetensors.index.json",
-    "configuration_emovlm_kd.py", "modeling_emovlm_kd.py", "pipeline_emovlm_kd.py", "preprocessor_config.json",
-    "processor_config.json", "video_preprocessor_config.json", "tokenizer.json", "tokenizer_config.json",
-    "special_tokens_map.json", "added_tokens.json", "vocab.json", "merges.txt", "chat_template.jinja",
-    "chat_template.json", "README.md", "splits.json",
-    "examples",  # the example images (examples/*.png) of the model card's widget and the demo
-}
-
-
 def foreign_files(folder):
-    """Names in `folder` that a bundle does not consist of (sorted; [] for a missing or empty folder)."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        return [folder.name] if folder.exists() else []
-    return sorted(p.name for p in folder.iterdir()
-                  if p.name not in BUNDLE_FILES and not (p.name.startswith("model-") and p.suffix == ".safetensors"))
+    """Names in `folder` that a bundle does not consist of (sorted; [] for a missing or empty folder); see
+    `emovlm_kd.folders.bundle_conflicts`."""
+    return bundle_conflicts(folder)
 
 
 def save_bundle(model, processor, output_dir, model_card=None, extra_files=None, overwrite=False):
@@ -67,9 +53,11 @@ def save_bundle(model, processor, output_dir, model_card=None, extra_files=None,
     AutoModelForImageClassification and `pipeline(model=output_dir, trust_remote_code=True)`. `model_card` is a
     `huggingface_hub.ModelCard` (or its text), written as README.md; `extra_files` ({name: source path}) are
     copied in (e.g. the split the model was trained on). A folder that holds files a bundle does not consist of is
-    the user's: `FileExistsError` names them, unless `overwrite`. Every file gets the mode the umask gives new
-    files (0644 under umask 022). The same model and processor give the same bytes, whatever the processor was
-    last called with (see `reset_tokenizer_call_state`).
+    the user's: `FileExistsError` names them, unless `overwrite`. The bundle is written into a temp folder beside
+    `output_dir` (`emovlm_kd.folders.staged_folder`: a name no user folder has) that then replaces it; an OS error
+    (a full disk) is `emovlm_kd.folders.WriteError` naming `output_dir`, with `output_dir` left as it was. Every
+    file gets the mode the umask gives new files (0644 under umask 022). The same model and processor give the
+    same bytes, whatever the processor was last called with (see `reset_tokenizer_call_state`).
     """
     from emovlm_kd.training.cache import respect_umask
 
@@ -79,26 +67,23 @@ def save_bundle(model, processor, output_dir, model_card=None, extra_files=None,
         shown = ", ".join(foreign[:5]) + (" ..." if len(foreign) > 5 else "")
         raise FileExistsError(f"{output_dir} holds files this project did not write ({shown}): choose another "
                               "folder, or overwrite it on purpose (--overwrite)")
-    tmp = output_dir.with_name(output_dir.name + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
     EmoVLMKDConfig.register_for_auto_class()
     EmoVLMKDForImageClassification.register_for_auto_class("AutoModelForImageClassification")
     model.config.auto_map = dict(EXTRA_AUTO_MAP)
     model.config.architectures = [type(model).__name__]
     model.config.vlm_config._name_or_path = ""  # where the backbone was loaded from: a local path, not published
     reset_tokenizer_call_state(processor)
-    with registered_pipeline():
-        pipe = EmoVLMKDImageClassificationPipeline(model=model, processor=processor, device=model.device)
-        pipe.save_pretrained(tmp)  # the model, its code files, auto_map and custom_pipelines
-    processor.save_pretrained(tmp)  # the whole processor (the pipeline writes only its parts)
-    if model_card is not None:
-        (tmp / "README.md").write_text(str(model_card), encoding="utf-8")
-    for name, source in (extra_files or {}).items():
-        (tmp / name).parent.mkdir(parents=True, exist_ok=True)  # e.g. examples/<label>.png
-        shutil.copyfile(source, tmp / name)
-    respect_umask(tmp)  # safetensors writes model.safetensors 0600; every file gets the umask's mode (0644 under 022)
-    replace_folder(tmp, output_dir)
+    with staged_folder(output_dir) as tmp:  # `.NAME.emovlm-kd-PID-TOKEN.tmp`, then it replaces output_dir
+        with registered_pipeline():
+            pipe = EmoVLMKDImageClassificationPipeline(model=model, processor=processor, device=model.device)
+            pipe.save_pretrained(tmp)  # the model, its code files, auto_map and custom_pipelines
+        processor.save_pretrained(tmp)  # the whole processor (the pipeline writes only its parts)
+        if model_card is not None:
+            (tmp / "README.md").write_text(str(model_card), encoding="utf-8")
+        for name, source in (extra_files or {}).items():
+            (tmp / name).parent.mkdir(parents=True, exist_ok=True)  # e.g. examples/<label>.png
+            shutil.copyfile(source, tmp / name)
+        respect_umask(tmp)  # safetensors writes model.safetensors 0600; every file gets the umask's mode
     logger.info("saved EmoVLM-KD bundle to %s", output_dir)
     return output_dir
 

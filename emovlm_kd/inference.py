@@ -8,8 +8,8 @@ import torch
 from modeling_emovlm_kd import PromptPrefixCache
 from pipeline_emovlm_kd import prepare_image, prepare_inputs
 
-__all__ = ["PromptPrefixCache", "describe", "gather_in_order", "limit_images", "model_inputs", "predict_files",
-           "process_device", "run_batch", "sharded_batches"]
+__all__ = ["NON_FINITE_ERROR", "PromptPrefixCache", "describe", "finite_rows", "gather_in_order", "limit_images",
+           "model_inputs", "predict_files", "process_device", "run_batch", "sharded_batches"]
 
 logger = logging.getLogger(__name__)
 
@@ -110,9 +110,24 @@ def predict_files(model, processor, sources, load, prompt_cache=None, **options)
             records.append({"error": str(error)})
     if images:
         output = run_batch(model, processor, images, prompt_cache=prompt_cache, **options)
+        finite = finite_rows(output)
         for i, slot in enumerate(slots):
-            records[slot] = describe(output, i, model.config.id2label)
+            records[slot] = (describe(output, i, model.config.id2label) if finite[i] else
+                             {"error": NON_FINITE_ERROR})
     return records
+
+
+NON_FINITE_ERROR = "the model gave non-finite scores (NaN or infinity) for this image"
+
+
+def finite_rows(output):
+    """Per image of `run_batch`'s output: whether its gate logits, head logits and VLM scores are all finite (a
+    record with a NaN would be neither a prediction nor valid JSON)."""
+    finite = torch.ones(output.logits.shape[0], dtype=torch.bool)
+    for key in ("logits", "distill_logits", "vlm_scores"):
+        if output.get(key) is not None:
+            finite &= torch.isfinite(output[key]).reshape(output[key].shape[0], -1).all(-1)
+    return finite.tolist()
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -3,7 +3,8 @@ terminal, and the libraries' expected warnings dropped where they are emitted.
 
 - `setup_logging(level, quiet)`: the CLI's logging (`--quiet` = warnings and errors only).
 - `quiet_libraries()`: transformers / datasets / huggingface_hub progress bars off unless stderr is a terminal
-  (no `\\r` spam in a log file); the expected messages and warnings filtered out where they are emitted.
+  (no `\\r` spam in a log file); the expected messages and warnings filtered out where they are emitted (the
+  libraries' expected log messages are demoted to DEBUG: `--log-level DEBUG` still shows them).
 - `trainer_log_file(path)`: a `TrainerCallback` appending every Trainer log dict to a JSON-lines file (RUN/logs/STAGE.jsonl);
   `route_trainer_logs(trainer, path)` puts it in place of the callbacks that print those dicts to stdout.
 """
@@ -15,10 +16,16 @@ import sys
 import warnings
 from pathlib import Path
 
-# what the libraries say on every run although nothing is wrong: (logger, message start)
+# what the libraries say on every run although nothing is wrong and nothing is for the user to do:
+# (logger, message start)
 EXPECTED_LOG_MESSAGES = (
     ("transformers.trainer_utils", "mtime may not be reliable"),  # checkpoint rotation on a fast filesystem
     ("transformers.distributed.tensor_parallel", "The following layers were not sharded"),  # no tensor parallelism
+    # bitsandbytes, when imported (by PEFT / TRL, in every train, ablate and benchmark run) on a CPU with AVX512-BF16,
+    # tries an optional CPU 4-bit kernel from the Hub through the `kernels` package and falls back to its own, which
+    # is what runs anyway (our 4-bit training is on CUDA): the failure and its "pip install kernels" advice are noise
+    ("bitsandbytes.backends.cpu.ops", "Failed to load CPU gemm_4bit_forward"),
+    ("kernels._internals.hf_hub", "Skipping publisher trust check"),  # the same kernel look-up with HF_HUB_OFFLINE=1
 )
 EXPECTED_WARNINGS = (
     (FutureWarning, r"`gradient_checkpointing` is deprecated"),  # TRL's SFTConfig field, renamed in transformers 5
@@ -35,12 +42,18 @@ def interactive():
 
 
 class DropMessage(logging.Filter):
+    """On a library's logger: its records that start with `start` are demoted to DEBUG, and dropped unless that
+    logger is enabled for DEBUG (`--log-level DEBUG`)."""
+
     def __init__(self, start):
         super().__init__()
         self.start = start
 
     def filter(self, record):
-        return not record.getMessage().startswith(self.start)
+        if not record.getMessage().startswith(self.start):
+            return True
+        record.levelno, record.levelname = logging.DEBUG, logging.getLevelName(logging.DEBUG)
+        return logging.getLogger(record.name).isEnabledFor(logging.DEBUG)
 
 
 def setup_logging(level="INFO", quiet=False):

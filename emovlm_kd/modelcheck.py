@@ -3,17 +3,23 @@
 `load_checked_bundle(folder)` loads an EmoVLM-KD bundle with the installed classes and raises
 `ModelCheckError(file, problem)` (one line) at the first of these that fails:
 
-1. `config.json`: readable JSON; `id2label` present, its ids the integers 0..N-1 without a gap, N >= 2 distinct
-   non-empty names (compared case-insensitively); `label2id`, when present, its inverse; the config's own field
-   checks (`EmoVLMKDConfig.validate`); `label_answer_token_ids`: one non-empty list of integer token ids per
-   label, every id inside the text model's vocabulary (`vocab_size`), no answer a prefix of another.
+1. `config.json`, as it is, before any object is built from it: readable JSON; `id2label` present, its ids the
+   integers 0..N-1 without a gap, N >= 2 distinct non-empty names (compared case-insensitively, in linear time);
+   `label2id`, when present, its inverse; `vlm_config` and each of its sub-configs present, objects of the right
+   `model_type` (a missing one would be filled with a full-size default); no count of layers, blocks or experts
+   above the number of tensors the weight files hold. Then the config's own field checks
+   (`EmoVLMKDConfig.validate`); `label_answer_token_ids`: one non-empty list of integer token ids per label, every
+   id inside the text model's vocabulary (`vocab_size`), no answer a prefix of another.
 2. the weight files (`model.safetensors`, or every shard `model.safetensors.index.json` names): present, header
-   readable and data complete (an empty or truncated file fails here, before any tensor is read); then, loaded,
-   no tensor of another shape than the config gives (a head or gate for another number of labels), none of the
-   model's tensors missing (tied ones excepted, as transformers ties them), none left over.
+   readable and data complete (an empty or truncated file fails here, before any tensor is read); the tensors
+   their headers declare exactly those of the config's model, built on the meta device (no memory): none of
+   another shape (a head or gate for another number of labels, a backbone of other sizes), none missing (tied ones
+   excepted, as transformers ties them), none left over. So what a load allocates is what the files hold. Then,
+   loaded, the same from transformers' loading info, and every tensor finite (no NaN, no infinity).
 3. the processor (`AutoProcessor`, no remote code): it loads and has a tokenizer and an image processor; the
-   tokenizer's tokens fit the embedding; its image token is the config's; `label_answer_token_ids` are exactly
-   what it writes for each label's answer after the prompt (`set_answer_tokens`).
+   tokenizer's tokens fit the embedding; its image token is the config's; its chat template renders the
+   classification and the reasoning prompt; `label_answer_token_ids` are exactly what it writes for each label's
+   answer after the prompt (`set_answer_tokens`).
 
 `looks_like_path` and `local_model_folder` import nothing heavy: a `--model` path that does not exist is reported
 at once ("no such folder"), never sent to the Hub.
@@ -22,6 +28,7 @@ at once ("no such folder"), never sent to the Hub.
 import contextlib
 import json
 import os
+import re
 from pathlib import Path
 
 from emovlm_kd.errors import ModelCheckError
@@ -78,7 +85,10 @@ def read_config(folder):
     a JSON object: `ModelCheckError`."""
     path = Path(folder) / CONFIG_FILE
     if not path.is_file():
-        raise FileNotFoundError(f"{folder} holds no {CONFIG_FILE}: not a model folder")
+        run_model = Path(folder) / "model"  # a training run's folder (RUN) given for its model (RUN/model)
+        hint = f"; it is a training run's folder: its model is {run_model}"
+        raise FileNotFoundError(f"{folder} holds no {CONFIG_FILE}: not a model folder"
+                                + (hint if (run_model / CONFIG_FILE).is_file() else ""))
     try:
         config = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as error:
@@ -122,8 +132,13 @@ def check_labels(config, file):
     labels = [names[i] for i in range(len(names))]
     if len(labels) < 2:
         raise ModelCheckError(file, f"id2label holds one label ({labels[0]!r}); a classifier needs two or more")
-    folded = [label.strip().lower() for label in labels]
-    repeated = sorted({label for label in labels if folded.count(label.strip().lower()) > 1})
+    seen, repeated = {}, set()  # linear in the number of labels (a config may hold hundreds of thousands)
+    for label in labels:
+        folded = label.strip().lower()
+        if folded in seen:
+            repeated.update((seen[folded], label))
+        seen.setdefault(folded, label)
+    repeated = sorted(repeated)
     if repeated:
         raise ModelCheckError(file, f"id2label names a label twice: {_few(repeated)}")
     _check_label2id(config.get("label2id"), labels, file)
@@ -135,8 +150,9 @@ def _check_label2id(label2id, labels, file):
         return
     if not isinstance(label2id, dict):
         raise ModelCheckError(file, "label2id is not a mapping of label names to ids")
+    known = set(labels)
     wrong = [label for i, label in enumerate(labels) if str(label2id.get(label)) != str(i)]
-    wrong += [label for label in label2id if label not in labels]
+    wrong += [label for label in label2id if label not in known]
     if wrong:
         raise ModelCheckError(file, f"label2id does not match id2label for {_few(wrong)}")
 
@@ -167,16 +183,81 @@ def check_answer_token_ids(config, file):
         raise ModelCheckError(file, f"label_answer_token_ids: {error}") from None
 
 
+def check_sub_configs(config, file):
+    """`ModelCheckError` naming `file` unless a config dict's `vlm_config` is an object naming a backbone
+    `model_type` this transformers knows, with each sub-config its class declares (a Qwen-VL's `text_config` and
+    `vision_config`) an object of that sub-config's own `model_type`. A sub-config left out (or `null`) would be
+    filled with transformers' defaults: a full-size backbone (tens of GB) built before any weight is read."""
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    vlm = config.get("vlm_config")
+    if not isinstance(vlm, dict):
+        raise ModelCheckError(file, f"vlm_config is {_kind(vlm)}, not the backbone's config (an object with its "
+                                    "model_type, text_config and vision_config): the config is incomplete")
+    vlm_type = vlm.get("model_type")
+    if not isinstance(vlm_type, str) or vlm_type not in CONFIG_MAPPING:
+        raise ModelCheckError(file, f"vlm_config.model_type {vlm_type!r} is not a backbone this transformers knows "
+                                    "(EmoVLM-KD's: qwen2_vl, qwen2_5_vl, qwen3_vl)")
+    for name, sub_class in getattr(CONFIG_MAPPING[vlm_type], "sub_configs", {}).items():
+        sub = vlm.get(name)
+        if not isinstance(sub, dict):
+            raise ModelCheckError(file, f"vlm_config.{name} is {_kind(sub)}, not a {vlm_type} {name}: the config "
+                                        "is incomplete")
+        wanted = getattr(sub_class, "model_type", "")
+        if wanted and sub.get("model_type", wanted) != wanted:
+            raise ModelCheckError(file, f"vlm_config.{name} has model_type {sub.get('model_type')!r}, not "
+                                        f"{wanted!r} as a {vlm_type} backbone's")
+
+
+def _kind(value):
+    return "missing (null)" if value is None else f"a {type(value).__name__}"
+
+
+# integer fields that make the model build that many modules (layers, vision blocks, experts); `max_...` are bounds
+COUNT_FIELD = re.compile(r"(layers|depth|experts)$")
+
+
+def count_fields(config):
+    """`(dotted name, value)` of every integer field of a config dict (nested objects included) that counts
+    modules the model would build: names ending in `layers`, `depth` or `experts`, not starting with `max_`."""
+    stack = [("", config)]
+    while stack:
+        prefix, tree = stack.pop()
+        for key, value in tree.items():
+            if isinstance(value, dict) and key not in ("id2label", "label2id"):
+                stack.append((f"{prefix}{key}.", value))
+            elif (type(value) is int and isinstance(key, str) and COUNT_FIELD.search(key)
+                  and not key.startswith("max_")):
+                yield f"{prefix}{key}", value
+
+
+def check_counts(config, tensor_count, file):
+    """`ModelCheckError` naming `file` when a config dict counts more layers, blocks or experts (`count_fields`)
+    than the weight files hold tensors in all: each of them holds at least one, so such a config cannot describe
+    these weights, and is refused before any object it would build (a config, a model on the meta device) exists."""
+    for name, value in count_fields(config):
+        if value > tensor_count:
+            raise ModelCheckError(file, f"{name} is {value:,}, but the weights hold {tensor_count:,} tensors in all: "
+                                        "the config does not describe these weights")
+
+
 def load_checked_config(folder):
-    """The bundle's `EmoVLMKDConfig`, after `check_labels` and before `check_answer_token_ids`."""
+    """The bundle's `EmoVLMKDConfig`, checked against its weight files' headers before any tensor exists:
+    `check_labels`, `check_sub_configs` and `check_counts` on config.json as it is, before any object is built from
+    it; then `check_weights_fit_config` (a model on the meta device) and `check_answer_token_ids`."""
     from configuration_emovlm_kd import EmoVLMKDConfig
 
     file = Path(folder) / CONFIG_FILE
-    check_labels(read_config(folder), file)
+    raw = read_config(folder)
+    check_labels(raw, file)
+    check_sub_configs(raw, file)
+    shapes = weight_shapes(weight_files(folder))
+    check_counts(raw, len(shapes), file)
     try:
         config = EmoVLMKDConfig.from_pretrained(folder)
     except (OSError, ValueError, KeyError, TypeError) as error:
         raise ModelCheckError(file, _first_line(error)) from None
+    check_weights_fit_config(config, shapes, _weights_name(folder))
     check_answer_token_ids(config, file)
     return config
 
@@ -223,6 +304,99 @@ def check_safetensors_file(path):
         size = Path(path).stat().st_size
         raise ModelCheckError(path, f"not a complete safetensors file ({_first_line(error)}; {size:,} bytes): "
                                     "truncated or damaged, copy or export it again") from None
+
+
+def weight_shapes(files):
+    """`{name: (shape, file)}` of every tensor the safetensors `files` declare, read from their headers only (no
+    tensor data is read); a name in two files is a `ModelCheckError`."""
+    from safetensors import safe_open
+
+    shapes = {}
+    for path in files:
+        with safe_open(str(path), framework="pt") as handle:
+            for name in handle.keys():
+                if name in shapes:
+                    raise ModelCheckError(path, f"tensor {name} is also in {Path(shapes[name][1]).name}")
+                shapes[name] = (tuple(handle.get_slice(name).get_shape()), path)
+    return shapes
+
+
+def build_on_meta(config, file):
+    """`EmoVLMKDForImageClassification(config)` on the meta device: every tensor's shape, no memory for any. A config
+    that does not build is a `ModelCheckError` naming `file`."""
+    import torch
+
+    from modeling_emovlm_kd import EmoVLMKDForImageClassification
+
+    try:
+        with torch.device("meta"):
+            return EmoVLMKDForImageClassification(config)
+    except Exception as error:  # noqa: BLE001 (a backbone's constructor fails in many ways: one problem)
+        raise ModelCheckError(file, f"the model does not build from this config ({type(error).__name__}: "
+                                    f"{_first_line(error)})") from None
+
+
+def checkpoint_names(model, names):
+    """`{file name: model name}`: the tensor names of a weights file as `from_pretrained` renames them for `model`
+    (transformers' conversion mapping, e.g. Qwen2-VL's `model.layers.*` -> `model.language_model.layers.*`). Names
+    a converter would merge or split (none in the supported backbones) map to None."""
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
+    except ImportError:  # another transformers: the names as they are (a mismatch then shows as missing tensors)
+        return {name: name for name in names}
+    conversions = get_model_conversion_mapping(model)
+    renamings = [c for c in conversions if isinstance(c, WeightRenaming)]
+    converters = [c for c in conversions if isinstance(c, WeightConverter)]
+    meta = model.state_dict()
+    renamed = {}
+    for name in names:
+        target, converted = rename_source_key(name, renamings, converters, model.base_model_prefix, meta)
+        renamed[name] = None if converted is not None else target
+    return renamed
+
+
+def check_weights_fit_config(config, shapes, file):
+    """`ModelCheckError` naming `file` unless the tensors the weight headers declare (`weight_shapes`) are those the
+    config's model has, each of its shape (tied tensors may be left out, as transformers ties them): what
+    `check_loading_info` says after a load, said before one, from a model built on the meta device."""
+    model = build_on_meta(config, Path(file).parent / CONFIG_FILE)
+    expected = {name: tuple(tensor.shape) for name, tensor in model.state_dict().items()}
+    tied = set(getattr(model, "all_tied_weights_keys", None) or {})
+    renamed = checkpoint_names(model, shapes)
+    found, unexpected, mismatched = set(), [], []
+    for source, target in renamed.items():
+        if target is None:  # merged or split on load: its shape is not the model's; the load's own check sees it
+            continue
+        if target not in expected:
+            unexpected.append(source)
+            continue
+        found.add(target)
+        if shapes[source][0] != expected[target]:
+            mismatched.append((target, shapes[source][0], expected[target]))
+    converted = any(target is None for target in renamed.values())
+    missing = [] if converted else [name for name in expected if name not in found and name not in tied]
+    check_loading_info({"mismatched_keys": mismatched, "missing_keys": missing, "unexpected_keys": unexpected},
+                       file, len(config.labels))
+
+
+def check_finite(model, file, chunk=1 << 24):
+    """`ModelCheckError` naming `file` and the tensor when a floating-point tensor of `model` holds a NaN or an
+    infinity (weights overwritten, or a training run that diverged). Screened by each tensor's sum (a NaN or an
+    infinity makes it non-finite; one pass, no copy: about 0.6 s per 8e9 values on 2 CPU cores), then counted in
+    chunks of `chunk` values where the sum is not finite (a sum that overflowed is not an error)."""
+    import torch
+
+    with torch.no_grad():
+        for name, tensor in model.state_dict().items():
+            if not tensor.is_floating_point() or bool(torch.isfinite(tensor.sum())):
+                continue
+            flat = tensor.reshape(-1)
+            bad = sum(int((~torch.isfinite(flat[i : i + chunk])).sum()) for i in range(0, flat.numel(), chunk))
+            if bad:
+                raise ModelCheckError(file, f"tensor {name} holds {bad:,} NaN or infinite value(s) of "
+                                            f"{flat.numel():,}: the weights are damaged (overwritten, or a training "
+                                            "run that diverged); copy or export them again")
 
 
 @contextlib.contextmanager
@@ -337,7 +511,30 @@ def check_processor_fits(model, processor, folder):
     if image_token is not None and expected is not None and image_token != expected:
         raise ModelCheckError(folder / CONFIG_FILE, f"the image token is id {expected} here but {image_token} for "
                                                     "the tokenizer")
+    check_chat_template(processor, model.config, folder)
     _check_answers_match_tokenizer(model, processor, folder / CONFIG_FILE)
+
+
+# where a processor's chat template is saved, in the order transformers reads them
+CHAT_TEMPLATE_FILES = ("chat_template.jinja", "chat_template.json", "processor_config.json", "tokenizer_config.json")
+
+
+def check_chat_template(processor, config, folder):
+    """`ModelCheckError` naming the template's file when the processor's chat template does not render the two
+    prompts the model is asked (the classification prompt and the reasoning instruction, one image each): a template
+    that raises (a sandbox violation, an undefined name, a syntax error) is refused here, not at the first image."""
+    from modeling_emovlm_kd import EXPLANATION_QUESTION, chat_prompt
+
+    folder = Path(folder)
+    file = next((folder / name for name in CHAT_TEMPLATE_FILES if (folder / name).is_file()), folder)
+    for instruction in (config.classification_prompt(), EXPLANATION_QUESTION):
+        try:
+            prompt = chat_prompt(processor, instruction)
+        except Exception as error:  # noqa: BLE001 (jinja2's errors, or a template calling what fails: one problem)
+            raise ModelCheckError(file, f"the chat template does not render the prompt ({type(error).__name__}: "
+                                        f"{_first_line(error)})") from None
+        if not isinstance(prompt, str):
+            raise ModelCheckError(file, f"the chat template renders a {type(prompt).__name__}, not text")
 
 
 def _check_answers_match_tokenizer(model, processor, file):
@@ -355,6 +552,42 @@ def _check_answers_match_tokenizer(model, processor, file):
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# Which model it is
+# ----------------------------------------------------------------------------------------------------------------
+
+FINGERPRINT_SAMPLE = 1 << 20  # bytes of tensor data read from each end of a weights file
+SAFETENSORS_HEADER_LIMIT = 100 << 20  # safetensors refuses longer headers
+
+
+def model_fingerprint(folder):
+    """A SHA-256 (hex) of what a model folder predicts with, read in well under a second whatever its size:
+    config.json's bytes, and per weights file its name, size, header (every tensor's name, dtype, shape and offsets)
+    and the first and last `FINGERPRINT_SAMPLE` bytes of its data (all of a file up to about 100 MB). The same folder
+    copied anywhere gives the same value; another training run, another export or a damaged copy gives another
+    (`predict --resume` compares it)."""
+    import hashlib
+
+    folder = Path(folder)
+    digest = hashlib.sha256((folder / CONFIG_FILE).read_bytes())
+    index = folder / WEIGHTS_INDEX_FILE
+    files = [index] if index.is_file() else []
+    files += sorted(folder.glob("*.safetensors"))
+    for path in files:
+        size = path.stat().st_size
+        digest.update(f"\0{path.name}\0{size}\0".encode())
+        with open(path, "rb") as handle:
+            if path == index or size <= 2 * FINGERPRINT_SAMPLE + SAFETENSORS_HEADER_LIMIT:
+                digest.update(handle.read())
+                continue
+            prefix = handle.read(8)
+            header = min(int.from_bytes(prefix, "little"), SAFETENSORS_HEADER_LIMIT)
+            digest.update(prefix + handle.read(header + FINGERPRINT_SAMPLE))
+            handle.seek(-FINGERPRINT_SAMPLE, os.SEEK_END)
+            digest.update(handle.read())
+    return digest.hexdigest()
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # All of it
 # ----------------------------------------------------------------------------------------------------------------
 
@@ -363,9 +596,9 @@ def load_checked_bundle(folder, dtype=None):
     """`(model, processor)` of the EmoVLM-KD bundle in local `folder`, every check of this module passed (the
     config and the weight files before any tensor is read), with the installed classes only. The model is in
     eval mode, on the CPU."""
-    config = load_checked_config(folder)
-    weight_files(folder)
+    config = load_checked_config(folder)  # the weight files' headers included: nothing allocated before it passes
     model = load_checked_weights(folder, config, dtype)
+    check_finite(model, _weights_name(folder))
     processor = load_checked_processor(folder)
     check_processor_fits(model, processor, folder)
     return model.eval(), processor
@@ -374,17 +607,24 @@ def load_checked_bundle(folder, dtype=None):
 __all__ = [
     "BUNDLE_MODEL_TYPE",
     "check_answer_token_ids",
+    "check_chat_template",
+    "check_counts",
+    "check_finite",
     "check_labels",
     "check_loading_info",
     "check_processor_fits",
     "check_safetensors_file",
+    "check_sub_configs",
+    "check_weights_fit_config",
     "load_checked_bundle",
     "load_checked_config",
     "load_checked_processor",
     "load_checked_weights",
     "local_model_folder",
+    "model_fingerprint",
     "looks_like_path",
     "read_config",
     "register_auto_classes",
     "weight_files",
+    "weight_shapes",
 ]

@@ -28,6 +28,7 @@ from transformers import (
 
 from configuration_emovlm_kd import SUPPORTED_BACKBONES
 
+from .folders import staged_folder
 from .labels import EKMAN6, MIKELS8, SENTIMENT2
 
 logger = logging.getLogger(__name__)
@@ -246,7 +247,8 @@ def build_tiny_teacher(folder, seed):
     config = ViTConfig(image_size=48, patch_size=8, hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
                        intermediate_size=128, num_labels=2)
     folder = Path(folder)
-    tmp = folder.with_name(folder.name + ".tmp")
-    ViTForImageClassification(config).save_pretrained(str(tmp))
-    ViTImageProcessor(size={"height": 48, "width": 48}).save_pretrained(str(tmp))
-    tmp.rename(folder)
+    if folder.is_dir() and any(folder.iterdir()):
+        raise FileExistsError(f"{folder} is not empty: the tiny teacher goes into a new or empty folder")
+    with staged_folder(folder) as tmp:  # `.NAME.emovlm-kd-PID-TOKEN.tmp`, renamed into place when complete
+        ViTForImageClassification(config).save_pretrained(str(tmp))
+        ViTImageProcessor(size={"height": 48, "width": 48}).save_pretrained(str(tmp))

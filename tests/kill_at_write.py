@@ -16,8 +16,9 @@ forks it from a `multiprocessing` forkserver that has imported `PRELOAD`, so a r
 Events, each recorded after its operation: "write" (a file closed after writing through `open`, written by
 `torch.save` or by safetensors), "mkdir", "rename" (`os.rename` / `os.replace`: the destination) and "delete"
 (`os.unlink` / `os.remove` / `os.rmdir`, `shutil.rmtree` included). Paths are relative to the run folder, with
-16-hex-digit fingerprints written `KEY` and process ids in temp names `PID` (`normalise`), so the same point of
-two runs has the same name.
+16-hex-digit fingerprints written `KEY` and the process id and random token of our temp names
+(`.NAME.emovlm-kd-PID-TOKEN.tmp`, `emovlm_kd.folders`) written `PID` (`normalise`), so the same point of two runs has
+the same name.
 """
 
 import builtins
@@ -30,10 +31,11 @@ import sys
 
 
 def normalise(path, run_dir):
-    """`path` relative to `run_dir`, fingerprints as KEY and temp names' process ids as PID."""
+    """`path` relative to `run_dir`, fingerprints as KEY and temp names' process ids and tokens as PID
+    (`.model.emovlm-kd-123-0a1b2c3d.tmp/config.json` -> `.model.emovlm-kd-PID.tmp/config.json`)."""
     relative = os.path.relpath(path, run_dir)
     relative = re.sub(r"(?<=-)[0-9a-f]{16}(?=\b|_)", "KEY", relative)
-    return re.sub(r"\.\d+\.tmp$", ".PID.tmp", relative)
+    return re.sub(r"\.emovlm-kd-\d+-[0-9a-f]{8}\.(tmp|old)(?=/|$)", r".emovlm-kd-PID.\1", relative)
 
 
 class Recorder:

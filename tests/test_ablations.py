@@ -63,7 +63,8 @@ def ablate(run_dir, out_dir, *args):
 
 
 def files_of(run_dir):
-    return {str(p.relative_to(run_dir)): p.stat().st_mtime_ns for p in run_dir.rglob("*")}
+    """{RUN-relative path: mtime} of the run's files, but RUN/.lock (ablate holds the run lock: its holder line)."""
+    return {str(p.relative_to(run_dir)): p.stat().st_mtime_ns for p in run_dir.rglob("*") if p.name != ".lock"}
 
 
 # ---------------------------------------------------------------------------------------------------------------

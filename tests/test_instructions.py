@@ -149,6 +149,76 @@ def test_the_official_annotation_json_imports_directly(fi_root, tmp_path, caplog
     assert "carry another label" in caplog.text and "have no '1. key elements'" in caplog.text
 
 
+# Bad instruction files (issue 22 item 4), each as a hostile user wrote it: rows of our JSONL format (README
+# "Instruction data") or of the official generate_instruction.py JSON (`official_annotations` above).
+def jsonl_with(bad_line, at, train_ids):
+    """A JSONL of good reasoning rows (one per train image, cycled) with `bad_line` as line `at`."""
+    lines = [json.dumps({"id": train_ids[i % len(train_ids)], "kind": "reasoning", "answer": f"calm {i}"})
+             for i in range(max(at, 3))]
+    lines[at - 1] = bad_line
+    return "\n".join(lines) + "\n"
+
+
+BAD_FILES = {  # name: (write(path, dataset), where, what the line says)
+    "array-line": (lambda path, d: path.write_text(jsonl_with("[1,2,3]", 2, d["train"]["id"])),
+                   ":2:", "a list, not an object"),
+    "id-list": (lambda path, d: path.write_text(jsonl_with(json.dumps({"id": ["x"], "kind": "reasoning",
+                                                                        "answer": "a"}), 1, d["train"]["id"])),
+                ":1:", '"id" must be'),
+    "garbage-line-385": (lambda path, d: path.write_text(jsonl_with("<<<garbage>>>", 385, d["train"]["id"])),
+                         ":385:", "not JSON"),
+    "answer-number": (lambda path, d: path.write_text(jsonl_with(json.dumps({"id": d["train"]["id"][0],
+                                                                             "kind": "conversation",
+                                                                             "answer": 12345}), 3, d["train"]["id"])),
+                      ":3:", '"answer" must be a non-empty string, got a number'),
+    "official-response-number": (
+        lambda path, d: path.write_text(json.dumps([*official_annotations(d)[:2],
+                                                    dict(official_annotations(d)[2], gpt_response=5)], indent=4)),
+        ": entry [2]:", '"gpt_response" must be'),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_FILES))
+def test_a_bad_instruction_file_is_one_line_naming_the_file_and_the_line(fi_root, tmp_path, case):
+    from emovlm_kd.data import load_image_dataset
+
+    dataset = load_image_dataset(str(fi_root))
+    write, where, what = BAD_FILES[case]
+    path = tmp_path / ("answers.json" if case.startswith("official") else "answers.jsonl")
+    write(path, dataset)
+    with pytest.raises(ValueError) as error:
+        instructions.read_instruction_file(path, dataset["train"])
+    message = str(error.value)
+    assert message.startswith(f"{path}{where}") and what in message and "\n" not in message
+    assert instructions.instruction_file_problem(path) == message
+
+
+@pytest.mark.parametrize("case", ["array-line", "official-response-number"])
+def test_train_refuses_a_bad_instruction_file_before_any_work(fi_root, tmp_path, capsys, case):
+    from emovlm_kd.data import load_image_dataset
+
+    write, where, _ = BAD_FILES[case]
+    path = tmp_path / ("answers.json" if case.startswith("official") else "answers.jsonl")
+    write(path, load_image_dataset(str(fi_root)))
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "--config", "configs/fi.yaml", "--dataset", str(fi_root), "--instructions", str(path),
+              "--output-dir", str(out), *SMALL])
+    assert exit_info.value.code == 2
+    assert f"--instructions {path}{where}" in capsys.readouterr().err
+    assert not out.exists()  # refused before anything was written
+
+
+def test_the_annotators_resume_file_skips_rows_of_another_shape(tmp_path):
+    """A hand-edited annotations.jsonl: rows that are not {"id", "response"} objects are asked again, not a crash."""
+    path = tmp_path / "annotations.jsonl"
+    path.write_text('[1, 2]\n{"id": ["x"], "response": "r"}\n{"id": "a.jpg", "response": 5}\n'
+                    '{"id": "b.jpg", "label": "awe", "response": "ok"}\n{"id": "c.jpg", "res')
+    _, rows = annotate._read_answers(path, ("id", "response"))
+    assert [row["id"] for row in rows] == ["b.jpg"]
+    assert annotate.parse_annotation(5) is None
+
+
 def test_image_paths_match_the_longest_id_tail():
     index = instructions.tail_index(["awe/awe_1.jpg", "fear/awe_1.jpg", "train/awe/awe_2.jpg"])
     assert instructions.match_image("/data/images/FI/train/awe/awe_1.jpg", index) == "awe/awe_1.jpg"

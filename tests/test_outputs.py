@@ -86,13 +86,36 @@ def test_a_killed_predict_leaves_its_part_and_resume_gives_the_uninterrupted_fil
     assert out.read_bytes() == reference and not part.exists()
 
 
+def interrupt_after(model, inputs, output, batches, monkeypatch, *extra):
+    """`predict --output` stopped by Ctrl-C when its batch `batches + 1` starts: `FILE.part` (the first `batches`
+    batches' lines) and `FILE.part.json` (what they were written for) are left for `--resume`."""
+    import emovlm_kd.inference
+
+    real, calls = emovlm_kd.inference.run_batch, []
+
+    def interrupted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) > batches:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(emovlm_kd.inference, "run_batch", interrupted)
+    assert predict(model, inputs, output, *extra) == 130
+    monkeypatch.setattr(emovlm_kd.inference, "run_batch", real)
+    assert Path(f"{output}.part.json").is_file()
+    return Path(f"{output}.part")
+
+
 def test_resume_drops_a_line_cut_short_and_predicts_only_what_is_missing(tiny_bundle_dir, image_dir, reference,
                                                                          tmp_path, monkeypatch):
     import emovlm_kd.inference
 
     lines = reference.splitlines(keepends=True)
     out = tmp_path / "predictions.jsonl"
-    Path(f"{out}.part").write_bytes(b"".join(lines[:4]) + lines[4][:25])  # a kill in the middle of line 5
+    part = interrupt_after(tiny_bundle_dir, image_dir, out, 2, monkeypatch)
+    assert part.read_bytes() == b"".join(lines[:4])
+    with open(part, "ab") as handle:
+        handle.write(lines[4][:25])  # a kill in the middle of line 5
     real, images_seen = emovlm_kd.inference.run_batch, []
 
     def counting(model, processor, images, **kwargs):
@@ -103,6 +126,115 @@ def test_resume_drops_a_line_cut_short_and_predicts_only_what_is_missing(tiny_bu
     assert predict(tiny_bundle_dir, image_dir, out, "--resume") == 1
     assert out.read_bytes() == reference
     assert sum(images_seen) == len(lines) - 4 - 1  # lines 5.. again, the broken file's line without a model call
+    assert not part.exists() and not Path(f"{out}.part.json").exists()
+
+
+def other_model(bundle, tmp_path):
+    """A copy of the bundle that predicts otherwise (another calibration temperature)."""
+    import shutil
+
+    copy = Path(shutil.copytree(bundle, tmp_path / "other_model"))
+    config = json.loads((copy / "config.json").read_text())
+    config["gate_calibration_temperature"] = 2.0
+    (copy / "config.json").write_text(json.dumps(config))
+    return copy
+
+
+def repeat_line_2(part):
+    lines = part.read_text().splitlines(keepends=True)
+    part.write_text("".join(lines[:3] + lines[1:2] + lines[3:]))
+
+
+RESUME_REFUSED = {  # what differs at --resume, what the one line says
+    "other inputs": (None, lambda images, model, tmp: ([images / "0.png", images / "1.png"], model, []),
+                     "was written for other inputs than this run's"),
+    "another model": (None, lambda images, model, tmp: ([images], other_model(model, tmp), []),
+                      "was written for another model than this run's"),
+    "other settings": (None, lambda images, model, tmp: ([images], model, ["--vlm-mode", "generate"]),
+                       "was written for other settings than this run's"),
+    "a repeated line": (repeat_line_2, lambda images, model, tmp: ([images], model, []),
+                        "line 4 repeats"),
+    "no record beside it": (lambda part: Path(f"{part}.json").unlink(),
+                            lambda images, model, tmp: ([images], model, []),
+                            "has no readable predictions.jsonl.part.json saying what it was written for"),
+}
+
+
+@pytest.mark.parametrize("case", list(RESUME_REFUSED))
+def test_resume_refuses_a_part_written_for_another_run(case, tiny_bundle_dir, image_dir, tmp_path, capsys,
+                                                       monkeypatch):
+    """A `.part` is continued only for the inputs, model and settings it was written for (issue 22: a `.part` of
+    other inputs gave "5 input(s) already written, 2 to go" and 7 lines for 2 inputs; duplicates 33 lines for 30)."""
+    damage, run, says = RESUME_REFUSED[case]
+    out = tmp_path / "predictions.jsonl"
+    part = interrupt_after(tiny_bundle_dir, image_dir, out, 2, monkeypatch)
+    if damage:
+        damage(part)
+    before = part.read_bytes()
+    inputs, model, extra = run(image_dir, tiny_bundle_dir, tmp_path)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        main(["predict", "--model", str(model), "--device", "cpu", "--output", str(out), "--resume",
+              *map(str, inputs), *extra])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert f"--resume: {part}" in err and says in err, err[-2000:]
+    assert "Traceback" not in err and "already written" not in err
+    assert part.read_bytes() == before and not out.exists()
+
+
+def test_a_non_finite_score_is_an_error_for_its_input_never_nan_in_json(tiny_bundle_dir, image_dir, tmp_path,
+                                                                        monkeypatch, capsys):
+    """A NaN in the model's output for one image: that input's line says so (counted skipped), the file stays JSON."""
+    import emovlm_kd.inference
+
+    real = emovlm_kd.inference.run_batch
+
+    def nan_for_the_first(*args, **kwargs):
+        output = real(*args, **kwargs)
+        output["logits"] = output["logits"].clone()  # an inference tensor: changed on a copy
+        output["logits"][0, 2] = float("nan")
+        return output
+
+    monkeypatch.setattr(emovlm_kd.inference, "run_batch", nan_for_the_first)
+    out = tmp_path / "predictions.jsonl"
+    assert predict(tiny_bundle_dir, image_dir, out) == 1
+
+    def no_constants(name):
+        raise ValueError(f"{name} is not JSON")
+
+    records = [json.loads(line, parse_constant=no_constants) for line in out.read_text().splitlines()]
+    errors = {Path(r["path"]).name: r["error"] for r in records if "error" in r}
+    assert sorted(errors) == ["0.png", "2.png", "4.png", "broken.png"]  # the first of each batch of two, and broken
+    assert "non-finite scores" in errors["0.png"]
+    assert "predicted 3, skipped 4" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("case", ["output is a folder", "output's folder is missing", "an input is missing"])
+def test_predict_refuses_before_loading_the_model(case, tiny_bundle_dir, image_dir, tmp_path, capsys, monkeypatch):
+    """`--output adir` (a folder) and a missing input are usage errors found before any model loading or inference
+    (issue 22: all inference, then IsADirectoryError and `adir.part` left; issue 21: "predicted 0, skipped 1")."""
+    import emovlm_kd.hub
+
+    def never(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(emovlm_kd.hub, "load_bundle", never)
+    (tmp_path / "adir").mkdir()
+    argv, says = {
+        "output is a folder": (["--output", str(tmp_path / "adir"), str(image_dir)],
+                               f"--output: {tmp_path / 'adir'} is a folder; give a file name"),
+        "output's folder is missing": (["--output", str(tmp_path / "nope" / "p.jsonl"), str(image_dir)],
+                                       f"--output: no such folder: {tmp_path / 'nope'}"),
+        "an input is missing": ([str(image_dir), str(tmp_path / "missing_folder") + "/", str(tmp_path / "x.png")],
+                                f"no such file or folder: {tmp_path / 'missing_folder'}/, {tmp_path / 'x.png'}"),
+    }[case]
+    with pytest.raises(SystemExit) as exit_info:
+        main(["predict", "--model", str(tiny_bundle_dir), "--device", "cpu", *argv])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert says in err and "Traceback" not in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adir"] and not any((tmp_path / "adir").iterdir())
 
 
 def test_without_resume_a_part_file_is_started_afresh(tiny_bundle_dir, image_dir, reference, tmp_path):

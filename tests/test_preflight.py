@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from emovlm_kd.training import preflight as preflight_module
+from emovlm_kd import hubaccess
 from emovlm_kd.training.config import TrainConfig
 from emovlm_kd.training.preflight import PreflightError, looks_like_path, preflight, problems
 
@@ -40,7 +40,7 @@ def test_the_demo_needs_nothing(tmp_path, no_hub):
 def test_a_missing_local_folder_says_no_such_folder_without_asking_the_hub(tmp_path, no_hub, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "runs").mkdir()
-    monkeypatch.setattr(preflight_module, "connectable", lambda *a, **k: pytest.fail("the Hub was asked"))
+    monkeypatch.setattr(hubaccess, "connectable", lambda *a, **k: pytest.fail("the Hub was asked"))
     cfg = settings(tmp_path, vlm="runs/nope", teacher=str(tmp_path / "teacher"), dataset="./data/FI")
     assert problems(cfg) == ["--dataset ./data/FI: no such folder or file", "--vlm runs/nope: no such folder",
                              f"--teacher {tmp_path / 'teacher'}: no such folder"]
@@ -55,8 +55,8 @@ def test_a_folder_that_is_not_a_model_is_named(tmp_path, no_hub):
 def test_without_network_hub_names_fail_once_with_the_way_out(tmp_path, no_hub, monkeypatch):
     """One connection attempt for both names (no retries), and each line says how to use a local copy."""
     probes = []
-    real = preflight_module.connectable
-    monkeypatch.setattr(preflight_module, "connectable", lambda url, **kw: probes.append(url) or real(url, **kw))
+    real = hubaccess.connectable
+    monkeypatch.setattr(hubaccess, "connectable", lambda url, **kw: probes.append(url) or real(url, **kw))
     cfg = settings(tmp_path, vlm="Qwen/Qwen2-VL-7B-Instruct", teacher="google/vit-base-patch16-384")
     with pytest.raises(PreflightError) as error:
         preflight(cfg)
@@ -101,7 +101,8 @@ def test_train_with_an_unreachable_teacher_stops_before_any_work_and_leaves_noth
                              "--teacher", "google/vit-base-patch16-384"], env=env, capture_output=True, text=True,
                             timeout=120)
     assert result.returncode == 2, result.stderr[-2000:]
-    assert "--teacher google/vit-base-patch16-384: not in the local Hub cache and HF_HUB_OFFLINE is set" in result.stderr
+    assert ("--teacher google/vit-base-patch16-384: no such folder, and not in the local Hub cache and HF_HUB_OFFLINE "
+            "is set") in result.stderr
     assert "Stage" not in result.stderr and "Traceback" not in result.stderr
     assert not out.exists()  # no train_config.json, no lock, no demo inputs: nothing of a run that did not start
 
@@ -118,7 +119,7 @@ def test_help_shows_the_defaults_that_apply_with_that_config(capsys, config, epo
     text = " ".join(capsys.readouterr().out.split())
 
     def shown(flag):
-        return re.search(rf"--{flag} \S+ (?:(?!--).)*?default: (\S+)", text).group(1)  # within its own entry
+        return re.search(rf"--{flag} \S+ (?:(?!--).)*?default: ([^\s)]+)", text).group(1)  # within its own entry
 
     assert (shown("sft-epochs"), shown("sft-lr")) == (epochs, lr)
-    assert text.split("--head-hidden-sizes")[1].split("default: ")[1].startswith(head)
+    assert text.split("--head-hidden-sizes")[-1].split("default: ")[1].startswith(head)  # its entry, after the usage

@@ -220,10 +220,12 @@ def test_a_done_marker_cut_short_means_the_stage_is_not_done(tmp_path):
 # Kill anywhere
 # ---------------------------------------------------------------------------------------------------------------
 
+EXPORT_STAGING = ".model.emovlm-kd-PID.tmp"  # the export's temp folder (emovlm_kd.folders), as `normalise` writes it
 STAGE_FOLDERS = {"stage0_instructions": "stage 0", "stage1_sft": "stage 1", "stage2_teacher": "stage 2",
                  "cache": "caches", "stage3_distill": "stage 3", "stage4_gate": "stage 4",
-                 "stage5_export": "export", "model.tmp": "export", "model": "export", ".model.old": "export",
-                 "eval_results.json": "export", ".eval_results.json.PID.tmp": "export"}
+                 "stage5_export": "export", EXPORT_STAGING: "export", "model": "export",
+                 ".model.emovlm-kd-PID.old": "export", "eval_results.json": "export",
+                 ".eval_results.json.emovlm-kd-PID.tmp": "export"}
 STAGES = ("stage 0", "stage 1", "stage 2", "caches", "stage 3", "stage 4", "export")
 
 
@@ -330,7 +332,8 @@ def kill_plan(events, seed, per_stage=1):
         later = [e for e in pool if e["kind"] == "write" and checkpoint_of(e) not in (None, first.get(stage))]
         must = [rng.choice(later)] if later else []
         if stage == "export":
-            must = [rng.choice([e for e in pool if e["kind"] == "write" and e["path"].startswith("model.tmp/")]),
+            staged = [e for e in pool if e["kind"] == "write" and e["path"].startswith(EXPORT_STAGING + "/")]
+            must = [rng.choice(staged),
                     next(e for e in pool if e["kind"] == "rename" and e["path"] == "model")]
         rest = [e for e in pool if e not in must]
         chosen += must + rng.sample(rest, max(0, min(len(rest), per_stage - len(must))))
@@ -405,7 +408,8 @@ def assert_kills_cover_every_stage(kills):
            for k in kills]
     assert {stage for stage, *_ in hit} >= set(STAGES), hit
     assert any(kind == "write" and mode == "half" and "/checkpoint-" in path for _, kind, mode, path in hit), hit
-    assert any(kind == "write" and mode == "half" and path.startswith("model.tmp/") for _, kind, mode, path in hit)
+    assert any(kind == "write" and mode == "half" and path.startswith(EXPORT_STAGING + "/")
+               for _, kind, mode, path in hit), hit
     assert any(kind == "rename" and path == "model" for _, kind, _, path in hit), hit
 
 

@@ -409,12 +409,26 @@ def test_a_cache_file_has_the_umask_mode_as_soon_as_it_is_written(tmp_path):
 
 
 def test_temp_files_of_killed_writes_are_removed_at_the_start_and_nothing_else(tmp_path):
+    """Our temp names (`.NAME.emovlm-kd-PID-TOKEN.tmp`, `.old`: files, and folders such as a killed export's) of a
+    process that is gone; never a live writer's, never a name of the user's (`NAME.tmp`, `.NAME.PID.tmp`)."""
     from emovlm_kd.training.runner import remove_partial_writes
 
-    left = [tmp_path / "cache" / ".vlm_pass-train-abc.safetensors.4242.tmp", tmp_path / ".train_config.json.7.tmp"]
-    kept = [tmp_path / "data" / "synthetic.json.tmp", tmp_path / "notes.tmp", tmp_path / "cache" / ".keep.tmp"]
+    child = subprocess.Popen([sys.executable, "-c", ""])
+    child.wait()
+    gone, alive = child.pid, os.getppid()
+    left = [tmp_path / "cache" / f".vlm_pass-train-abc.safetensors.emovlm-kd-{gone}-0123abcd.tmp",
+            tmp_path / f".train_config.json.emovlm-kd-{gone}-4567cdef.tmp",
+            tmp_path / f".model.emovlm-kd-{gone}-89abcdef.tmp" / "model.safetensors",
+            tmp_path / f".model.emovlm-kd-{gone}-01234567.old" / "examples" / "a.png",
+            tmp_path / "stage1_sft" / f".merged.emovlm-kd-{gone}-fedcba98.tmp" / "config.json"]
+    kept = [tmp_path / "data" / "synthetic.json.tmp", tmp_path / "notes.tmp", tmp_path / "cache" / ".keep.tmp",
+            tmp_path / ".train_config.json.7.tmp", tmp_path / "model.tmp" / "thesis.txt",
+            tmp_path / ".model.old" / "notes.txt", tmp_path / f".eval.emovlm-kd-{alive}-0123abcd.tmp" / "report.json",
+            tmp_path / f".model.emovlm-kd-{gone}-xyz.tmp"]
     for path in left + kept:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text("x")
     remove_partial_writes(tmp_path)
-    assert [p.exists() for p in left] == [False, False] and all(p.exists() for p in kept)
+    assert [p.exists() for p in left] == [False] * len(left) and all(p.exists() for p in kept)
+    assert sorted(p.name for p in tmp_path.iterdir() if "emovlm-kd" in p.name) == [
+        f".eval.emovlm-kd-{alive}-0123abcd.tmp", f".model.emovlm-kd-{gone}-xyz.tmp"]  # the folders went too

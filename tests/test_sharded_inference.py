@@ -105,11 +105,28 @@ def test_two_processes_predict_the_same_lines_in_the_same_order(tiny_bundle_dir,
     assert "process 2 of 2 predicted 3 input(s)" in result.stderr
 
 
-def test_two_processes_resume_a_part_file(tiny_bundle_dir, image_dir, one_process_lines, tmp_path):
-    """A `.part` holding the first 3 lines and a 4th cut short: the two processes predict only the other 4."""
+def test_two_processes_resume_a_part_file(tiny_bundle_dir, image_dir, one_process_lines, tmp_path, monkeypatch):
+    """A `.part` holding the first 3 lines (one process, stopped by Ctrl-C) and a 4th cut short: the two processes
+    predict only the other 4."""
+    import emovlm_kd.inference
+
     out = tmp_path / "predictions.jsonl"
-    kept = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in one_process_lines[:3])
-    (tmp_path / "predictions.jsonl.part").write_text(kept + '{"path": "cut', encoding="utf-8")
+    real = emovlm_kd.inference.run_batch
+    calls = []
+
+    def interrupted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) > 1:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(emovlm_kd.inference, "run_batch", interrupted)
+    assert main(["predict", "--model", str(tiny_bundle_dir), str(image_dir), "--output", str(out), "--batch-size",
+                 "3", "--device", "cpu"]) == 130  # FILE.part (3 lines) and FILE.part.json (what they were for)
+    kept = (tmp_path / "predictions.jsonl.part").read_text(encoding="utf-8")
+    assert len(kept.splitlines()) == 3
+    with open(tmp_path / "predictions.jsonl.part", "a", encoding="utf-8") as handle:
+        handle.write('{"path": "cut')
     result = _torchrun("predict", "--model", str(tiny_bundle_dir), str(image_dir), "--output", str(out),
                        "--batch-size", BATCH, "--device", "cpu", "--resume")
     assert result.returncode == 0, result.stderr[-3000:]

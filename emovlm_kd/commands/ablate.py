@@ -8,10 +8,12 @@
 
 The head and the gate retrain on RUN/cache/ with the run's settings (RUN/train_config.json; flags override), never
 loading the VLM or the teacher (see `emovlm_kd.evaluation.ablations`). Each ablation writes `<output-dir>/<name>.json`
-and `<name>.md` (default RUN/ablations) and prints the Markdown table.
+and `<name>.md` (default RUN/ablations) and prints the Markdown table. It holds the run folder's lock (RUN/.lock)
+meanwhile: with a training run writing in RUN it stops at once, with the message `train` gives.
 """
 
 import argparse
+from pathlib import Path
 
 from emovlm_kd.errors import UsageError
 from emovlm_kd.evaluation.paper import GATE_TITLES
@@ -29,13 +31,13 @@ def add_arguments(parser):
     common.add_argument("--run", required=True, help="a finished `emovlm-kd train` run folder (RUN)")
     common.add_argument("--output-dir", default=None, help="where the tables go (default: RUN/ablations)")
     common.add_argument("--seed", type=int, default=None, help="seed of initialisation and training (default: run's)")
-    common.add_argument("--gate-epochs", type=float, default=None, help="default: the run's")
-    common.add_argument("--gate-lr", type=float, default=None, help="default: the run's")
+    common.add_argument("--gate-epochs", type=float, default=None, help="gate epochs (default: the run's)")
+    common.add_argument("--gate-lr", type=float, default=None, help="gate learning rate (default: the run's)")
     head = argparse.ArgumentParser(add_help=False)
     head.add_argument("--tau", type=float, default=None, help="distillation temperature (default: the run's)")
-    head.add_argument("--head-dropout", type=float, default=None, help="default: the run's")
-    head.add_argument("--distill-epochs", type=float, default=None, help="default: the run's")
-    head.add_argument("--distill-lr", type=float, default=None, help="default: the run's")
+    head.add_argument("--head-dropout", type=float, default=None, help="head dropout (default: the run's)")
+    head.add_argument("--distill-epochs", type=float, default=None, help="distillation epochs (default: the run's)")
+    head.add_argument("--distill-lr", type=float, default=None, help="distillation learning rate (default: the run's)")
     head.add_argument("--gate-type", default=None, help="the gate trained on each head (default: the run's)")
 
     sub = parser.add_subparsers(dest="ablation", required=True, metavar="ABLATION")
@@ -57,14 +59,12 @@ def add_arguments(parser):
                                       "val answers, deterministic train answers")
     data.add_argument("--protocols", default=",".join(GATE_DATA),
                       help=f"comma-separated (default: {','.join(GATE_DATA)})")
-    data.add_argument("--gate-type", default=None, help="default: the run's")
+    data.add_argument("--gate-type", default=None, help="the gate trained on each protocol (default: the run's)")
     data.add_argument("--gate-samples", type=int, default=None,
                       help="sampled answers per image, at most the run's (default: the run's)")
 
 
 def run(args):
-    from emovlm_kd.evaluation.ablations import run_ablation
-
     name, values = {
         "head-depth": lambda: ("head_depth", parse_depths(args.depths)),
         "alpha": lambda: ("alpha", parse_alphas(args.alphas)),
@@ -72,9 +72,27 @@ def run(args):
         "gate-data": lambda: ("gate_data", parse_protocols(args.protocols)),
     }[args.ablation]()
     overrides = {flag: getattr(args, flag, None) for flag in OVERRIDABLE}
-    _, markdown, output_dir = run_ablation(name, args.run, values, overrides, args.output_dir)
+    output_dir = Path(args.output_dir) if args.output_dir else Path(args.run) / "ablations"
+    check_outputs(output_dir, name)
+    from emovlm_kd.training.runlock import hold_run_locks_of
+
+    with hold_run_locks_of(args.run, output_dir, purpose="emovlm-kd ablate"):  # a training run there: refused now
+        from emovlm_kd.evaluation.ablations import run_ablation
+
+        _, markdown, output_dir = run_ablation(name, args.run, values, overrides, output_dir)
     print(markdown + f"\ntables: {output_dir / name}.json, {output_dir / name}.md")
     return 0
+
+
+def check_outputs(output_dir, name):
+    """`UsageError` when a file the ablation writes (`<name>.json`, `<name>.md`) is a folder, or `--output-dir` a
+    file: the user's, never replaced."""
+    if output_dir.exists() and not output_dir.is_dir():
+        raise UsageError(f"--output-dir: {output_dir} is a file, not a folder")
+    for path in (output_dir / f"{name}.json", output_dir / f"{name}.md"):
+        if path.is_dir():
+            raise UsageError(f"--output-dir: {path} is a folder, and the ablation writes a file of that name: "
+                             "move it or choose another --output-dir")
 
 
 def _unique(values, flag):

@@ -28,7 +28,8 @@ def add_arguments(parser):
     parser.add_argument("--share", action="store_true",
                         help="also open a temporary public link through gradio's share servers (needs the internet)")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
-    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
+    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
+                        help="weights dtype (default: as saved)")
 
 
 def run(args):
@@ -57,7 +58,8 @@ def run(args):
     demo = build_demo(model, processor)
     logger.info("serving %s on http://%s:%d (Ctrl-C to stop)", args.model, args.host, args.port)
     try:
-        launch(demo, host=args.host, port=args.port, share=args.share)
+        launch(demo, host=args.host, port=args.port, share=args.share,
+               share_hint="* To create a public link, add --share.")
     except OSError as error:  # gradio: "Cannot find empty port in range: ..." (gradio/http_server.py)
         raise UsageError(f"cannot serve on {args.host}:{args.port}: {error}")
     return 0

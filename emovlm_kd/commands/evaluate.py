@@ -52,6 +52,13 @@ def add_arguments(parser):
 def run(args):
     check_common_arguments(args)
     _check_paths(args)
+    from emovlm_kd.training.runlock import hold_run_locks_of
+
+    with hold_run_locks_of(args.output_dir, purpose="emovlm-kd evaluate"):  # a report into a run folder: one writer
+        return _evaluate(args)
+
+
+def _evaluate(args):
     from emovlm_kd.data.loading import dataset_format_of
     from emovlm_kd.evaluation.report import accuracy_table
     from emovlm_kd.evaluation.runner import (
@@ -91,20 +98,39 @@ def run(args):
 
 
 def _check_paths(args):
-    """`UsageError` at once, before anything heavy is imported: a `--model` path that does not exist, an
-    `--output-dir` the report may not replace."""
+    """`UsageError` listing every problem with the inputs at once, before anything heavy is imported or loaded: a
+    `--model`/`--teacher` that is neither a model folder here nor a Hub model in the cache or on a reachable Hub (one
+    probe; a training run's folder is pointed to its model/), a `--dataset` that is neither here nor on the Hub, a
+    missing `--splits` file, an `--output-dir` the report may not replace."""
+    from emovlm_kd.hubaccess import HubAccess
     from emovlm_kd.modelcheck import local_model_folder
 
+    hub, found = HubAccess(), []
+    for flag, name in (("--model", args.model), ("--teacher", args.teacher)):
+        if not name:
+            continue
+        try:
+            local_model_folder(name)
+        except OSError as error:  # a path-looking name that does not exist: never sent to the Hub
+            found.append(f"{flag}: {error}")
+            continue
+        problem = hub.model_problem(name)
+        if problem:
+            found.append(f"{flag} {name}: {problem}")
+    problem = hub.dataset_problem(args.dataset)
+    if problem:
+        found.append(f"--dataset {args.dataset}: {problem}")
+    if args.splits and not Path(args.splits).is_file():
+        found.append(f"--splits {args.splits}: no such file")
     try:
-        local_model_folder(args.model)
-    except OSError as error:
-        raise UsageError(f"--model: {error}")
-    from emovlm_kd.evaluation.runner import check_report_folder
+        if Path(args.output_dir).exists():  # nothing to check in a folder not made yet (and torch not imported)
+            from emovlm_kd.evaluation.runner import check_report_folder
 
-    try:
-        check_report_folder(args.output_dir)
+            check_report_folder(args.output_dir)
     except FileExistsError as error:
-        raise UsageError(f"--output-dir: {error}")
+        found.append(f"--output-dir: {error}")
+    if found:
+        raise UsageError(found[0] if len(found) == 1 else "cannot evaluate:\n  " + "\n  ".join(found))
 
 
 def _load_model(args, labels, device, dtype):

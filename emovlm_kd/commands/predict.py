@@ -11,9 +11,13 @@ processes (each on its own GPU, or the CPU), and the main process alone writes t
 the same file as one process gives (scores equal up to float rounding), with the same `.part` and `--resume`.
 
 `--output FILE` is written all or nothing: the lines go to `FILE.part`, renamed to FILE once every input is done
-(an older FILE stays as it was until then). `--resume` keeps the lines of an existing `FILE.part` (a last line cut
-by the kill is dropped) and predicts only the inputs none of them names (by `path`), so the finished FILE equals an
-uninterrupted run's; without `--resume`, an existing `FILE.part` is started afresh.
+(an older FILE stays as it was until then); `FILE.part.json` beside it records what they are written for (the
+inputs, the model's fingerprint, the flags that change a line). `--resume` keeps the lines of an existing
+`FILE.part` (a last line cut by the kill is dropped) and predicts only the inputs none of them names (by `path`), so
+the finished FILE equals an uninterrupted run's; it refuses (exit 2, one line) a `FILE.part` written for other
+inputs, another model or other flags, or holding a line twice. Without `--resume`, an existing `FILE.part` is started
+afresh. A score that is not finite is an `error` line for its input (skipped), never a NaN in the file. A missing
+input, or an `--output` that is a folder, is a usage error found before the model is loaded.
 
 The model is checked before the output is opened, and no code from its folder runs (`emovlm_kd.hub.load_bundle`;
 `--trust-remote-code` only for a model that is not an EmoVLM-KD bundle).
@@ -23,6 +27,7 @@ could not be loaded (one line naming the file at fault); 141 the reader of stdou
 interrupted (`FILE.part` kept for `--resume`).
 """
 
+import hashlib
 import json
 import logging
 import os
@@ -40,10 +45,12 @@ def add_arguments(parser):
     parser.add_argument("--output", help="write JSON lines here instead of stdout (to FILE.part, renamed at the end)")
     parser.add_argument("--resume", action="store_true",
                         help="continue FILE.part of an interrupted --output FILE, skipping the inputs it holds")
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--vlm-mode", choices=["score", "generate"], default=None)
+    parser.add_argument("--batch-size", type=int, default=8, help="images per forward pass")
+    parser.add_argument("--vlm-mode", choices=["score", "generate"], default=None,
+                        help="how the VLM branch answers (default: the model's config)")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
-    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
+    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
+                        help="weights dtype (default: as saved)")
     explain = parser.add_argument_group("explanations")
     explain.add_argument("--explain", action="store_true",
                          help="add an 'explanation' per line: the model's answer to the paper's reasoning instruction "
@@ -68,7 +75,7 @@ def run(args):
         raise UsageError("no input images found in " + " ".join(args.inputs))
     model, processor = _load_model(args)  # checked before any output is opened
     main = distributed.is_main_process()
-    output, todo = _plan_on_main(args, paths) if main else (DiscardLines(), None)
+    output, todo = _plan_on_main(args, paths, model) if main else (DiscardLines(), None)
     todo = distributed.main_process_decides(lambda: todo)  # every process: the same inputs (or the same error)
     if isinstance(todo, UsageError):
         raise todo
@@ -85,12 +92,13 @@ def run(args):
     return 1 if distributed.main_process_decides(lambda: skipped) else 0
 
 
-def _plan_on_main(args, paths):
-    """`(output, inputs to predict)` on the main process: the output opened (for `--resume`, with the lines kept),
-    the inputs none of them names; or `(DiscardLines(), UsageError)` when the output cannot be opened (raised on
-    every process, after the decision is shared)."""
+def _plan_on_main(args, paths, model):
+    """`(output, inputs to predict)` on the main process: the output opened (for `--resume`, with the lines kept,
+    after checking that they were written for these inputs, this model and these settings), the inputs none of
+    them names; or `(DiscardLines(), UsageError)` when the output cannot be opened (raised on every process, after
+    the decision is shared)."""
     try:
-        output = _open_output(args)
+        output = _open_output(args, paths, model)
     except UsageError as error:
         return DiscardLines(), error
     done = {record["path"] for record in output.records}
@@ -114,10 +122,36 @@ def _check_arguments(args):
         raise UsageError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     if args.temperature is not None and (args.temperature <= 0 or not args.do_sample):
         raise UsageError("--temperature must be > 0 and goes with --do-sample")
+    problems = _missing_inputs(args.inputs) + _output_problems(args.output)
     try:
         local_model_folder(args.model)
     except OSError as error:
-        raise UsageError(f"--model: {error}")
+        problems.insert(0, f"--model: {error}")
+    if problems:
+        raise UsageError("; ".join(problems))
+
+
+def _missing_inputs(inputs):
+    """One problem naming every input that does not exist (found before the model is loaded), or none."""
+    missing = [item for item in inputs if not os.path.lexists(item)]
+    if not missing:
+        return []
+    shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+    return [f"no such file or folder: {shown}"]
+
+
+def _output_problems(output):
+    """What makes `--output FILE` unwritable, found before the model is loaded: FILE (or `FILE.part`) an existing
+    folder, or a parent folder that does not exist."""
+    if not output:
+        return []
+    path = Path(output)
+    for taken in (path, Path(f"{output}.part"), Path(f"{output}{RECORD_SUFFIX}")):
+        if taken.is_dir():
+            return [f"--output: {taken} is a folder; give a file name (e.g. {path / 'predictions.jsonl'})"]
+    if not path.absolute().parent.is_dir():
+        return [f"--output: no such folder: {path.absolute().parent}"]
+    return []
 
 
 def _load_model(args):
@@ -151,7 +185,7 @@ def _predict_all(model, processor, paths, output, args):
         for mine in sharded_batches(paths, args.batch_size):
             mine_total += len(mine)
             records = gather_in_order(_predict_batch(model, processor, mine, args, prompt_cache))
-            output.write(json.dumps(record, ensure_ascii=False) + "\n" for record in records)
+            output.write(json.dumps(record, ensure_ascii=False, allow_nan=False) + "\n" for record in records)
             skipped += sum("error" in record for record in records)
             predicted += len(records) - sum("error" in record for record in records)
             bar.update(len(records))
@@ -195,11 +229,11 @@ def _explanation_options(args):
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _open_output(args):
+def _open_output(args, paths, model):
     if not args.output:
         return StdoutLines()
     try:
-        return PartFileLines(args.output, resume=args.resume)
+        return PartFileLines(args.output, resume=args.resume, record=run_record(paths, model, args))
     except OSError as error:
         raise UsageError(f"--output: cannot write {args.output!r}: {error}")
     except ValueError as error:
@@ -239,21 +273,47 @@ class StdoutLines:
         pass
 
 
+RECORD_SUFFIX = ".part.json"  # beside FILE.part: what its lines were written for (`run_record`)
+
+
+def run_record(paths, model, args):
+    """What a `.part` file's lines depend on, recorded beside it (`FILE.part.json`) and compared by `--resume`: the
+    inputs (their number and a digest of their paths in order), the model (`emovlm_kd.modelcheck.model_fingerprint`
+    of its folder) and the settings that change a line (`--vlm-mode` as resolved, `--dtype`, the explanation's
+    flags). The batch size, the device and the number of processes may change between a run and its resume."""
+    from emovlm_kd.hub import model_folder
+    from emovlm_kd.modelcheck import model_fingerprint
+
+    digest = hashlib.sha256("\0".join(str(path) for path in paths).encode("utf-8", "surrogateescape")).hexdigest()
+    settings = {"vlm_mode": args.vlm_mode or model.config.vlm_mode, "dtype": args.dtype, "explain": args.explain,
+                **({"max_new_tokens": args.max_new_tokens, "do_sample": args.do_sample,
+                    "temperature": args.temperature, "seed": args.seed} if args.explain else {})}
+    return {"inputs": {"count": len(paths), "sha256": digest}, "model": model_fingerprint(model_folder(args.model)),
+            "settings": settings}
+
+
 class PartFileLines:
     """Lines to `FILE.part`, renamed to FILE by `finish()` (`os.replace`, after an fsync); `abandon()` closes it and
-    keeps it for `--resume`. With `resume`, an existing `FILE.part`'s complete lines are kept (`records`) and the
-    file is cut after the last of them; otherwise it is started afresh."""
+    keeps it for `--resume`. `record` (`run_record`) is written beside it, to `FILE.part.json`, when it is started.
+    With `resume`, an existing `FILE.part` is continued only when its `FILE.part.json` equals `record` and each of its
+    lines names a different one of the inputs (`ValueError` otherwise): its complete lines are kept (`records`) and
+    the file is cut after the last of them. Otherwise it is started afresh."""
 
-    def __init__(self, path, resume=False):
+    def __init__(self, path, resume=False, record=None):
         self.path = Path(path)
         self.part = Path(f"{path}.part")
+        self.record_file = Path(f"{path}{RECORD_SUFFIX}")
         self.records = []
         if resume and self.part.is_file():
             self.records, end = read_part_lines(self.part)
+            if self.records:  # no line yet: nothing to trust or to refuse (killed before its first batch)
+                check_part_record(self.part, self.record_file, record, self.records)
             os.truncate(self.part, end)
         elif resume:
             logger.info("no %s to resume: starting afresh", self.part)
         self.handle = open(self.part, "a" if resume else "w", encoding="utf-8")  # noqa: SIM115 (kept for the run)
+        if not self.records:  # the lines (none yet) are cut first: a kill now leaves no line under another record
+            self.record_file.write_text(json.dumps(record, sort_keys=True) + "\n", encoding="utf-8")
 
     def write(self, lines):
         self.handle.write("".join(lines))
@@ -264,11 +324,37 @@ class PartFileLines:
         os.fsync(self.handle.fileno())
         self.handle.close()
         os.replace(self.part, self.path)
+        self.record_file.unlink(missing_ok=True)
         logger.info("wrote %s", self.path)
 
     def abandon(self):
         self.handle.close()
         logger.warning("stopped: the lines written so far are in %s; rerun with --resume to continue", self.part)
+
+
+def check_part_record(part, record_file, record, records):
+    """`ValueError` (one line) unless `part` was written for the inputs, model and settings of `record`: its
+    `record_file` equals it, and its `records` name distinct paths."""
+    try:
+        written = json.loads(record_file.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        written = None
+    if not isinstance(written, dict):
+        raise ValueError(f"{part} has no readable {record_file.name} saying what it was written for; remove it or "
+                         "run without --resume")
+    differs = [what for what, name in (("other inputs", "inputs"), ("another model", "model"),
+                                        ("other settings", "settings")) if written.get(name) != record.get(name)]
+    if differs:
+        raise ValueError(f"{part} was written for {' and '.join(differs)} than this run's; rerun with the same "
+                         "inputs, model and flags, or without --resume")
+    seen = set()
+    for number, line in enumerate(records, 1):
+        if line["path"] in seen:
+            raise ValueError(f"{part} line {number} repeats {line['path']}; remove the file or run without --resume")
+        seen.add(line["path"])
+    if len(seen) > record["inputs"]["count"]:
+        raise ValueError(f"{part} holds {len(seen)} lines for {record['inputs']['count']} inputs; remove it or run "
+                         "without --resume")
 
 
 def read_part_lines(part):

@@ -26,13 +26,32 @@ def add_arguments(parser):
     add_dataset_arguments(parser)
 
 
+def check_splits_usable(dataset):
+    """`ValueError` for a split without train or test: `--splits` (train, evaluate, table1) reads only files with
+    both, so such a file is refused now, before it is written."""
+    missing = [name for name in ("train", "test") if name not in dataset]
+    if missing:
+        raise ValueError(
+            f"the dataset yields no {' and no '.join(missing)} split (it has {', '.join(dataset) or 'none'}): a split "
+            "file needs train and test (--splits reads no other). The dataset brings its own split without it: add "
+            "a test/ folder (a `split` column, a Hub split), or give the images without a split (<root>/<class>/*, a "
+            "manifest without `split`) to have train/val/test drawn by --split-ratios"
+        )
+
+
 def run(args):
+    from emovlm_kd.hubaccess import HubAccess
+
+    problem = HubAccess().dataset_problem(args.dataset)  # in seconds, before `datasets` is imported: one Hub probe
+    if problem:
+        raise UsageError(f"--dataset {args.dataset}: {problem}")
     from emovlm_kd.data import load_image_dataset
     from emovlm_kd.data.splitfile import check_leakage, split_record, write_splits
 
     options = dataset_options(args)
     try:
         dataset = load_image_dataset(args.dataset, **options)
+        check_splits_usable(dataset)
         check_leakage(dataset, strict=args.leakage == "error")
     except (ValueError, OSError) as error:
         raise UsageError(f"--dataset {args.dataset}: {error}")

@@ -1,13 +1,16 @@
 """`emovlm-kd train`: every stage from a dataset and a Qwen2-VL checkpoint to one Hub model.
 
     emovlm-kd train                                      # the embedded demo: synthetic data, tiny models, CPU
+    emovlm-kd train --dataset mydata                     # your class folders (mydata/<class>/*.jpg), tiny models
     emovlm-kd train --config fi --dataset /data/FI --output-dir runs/fi
     emovlm-kd train --config fi --help                   # every flag, with the values that config gives it
     torchrun --nproc_per_node 4 -m emovlm_kd.cli train --config fi --dataset /data/FI
 
 The settings are `emovlm_kd.training.config`'s dataclasses, parsed by TRL's `TrlParser`: a flag overrides the
 `--config` YAML (a path, or a shipped config by name: demo, fi, emoset, emotion6, flickr, instagram), which
-overrides the defaults (the paper's settings).
+overrides the defaults (the paper's settings). Without `--config`, a `--dataset` of your own keeps the demo's tiny
+models and training settings but not its synthetic data's: the categorical instructions alone (one log line says so
+and how to add answers), RUN = runs/<dataset name>, nothing synthetic written.
 """
 
 import logging
@@ -25,7 +28,7 @@ def add_arguments(parser):
 
 def run(args):
     from emovlm_kd.distributed import is_main_process
-    from emovlm_kd.training.config import check_instruction_sources, parse_train_args
+    from emovlm_kd.training.config import parse_train_args
     from emovlm_kd.training.preflight import preflight
     from emovlm_kd.training.runlock import hold_run_lock
 
@@ -34,9 +37,8 @@ def run(args):
     except (ValueError, OSError) as error:
         raise UsageError(str(error))
 
-    try:  # before the training code is imported (seconds) or anything is written: every input resolved
-        check_instruction_sources(cfg)
-        preflight(cfg)
+    try:  # before the training code is imported or anything is written: every input resolved, every problem at once
+        dataset = preflight(cfg)  # a local dataset, read (its labels and splits checked); None: the demo's or the Hub's
     except ValueError as error:
         raise UsageError(str(error))
     with hold_run_lock(cfg.output_dir):  # a second run on RUN is refused now, not after the training imports
@@ -44,7 +46,7 @@ def run(args):
         from emovlm_kd.training.runner import format_results, run_training
 
         try:
-            results = run_training(cfg)
+            results = run_training(cfg, dataset)
         except (ValueError, FileExistsError, AnnotatorError) as error:  # bad data or labels; a RUN/model holding
             # the user's files; an annotator endpoint that failed for good (answers so far are kept)
             logger.error("%s", error)

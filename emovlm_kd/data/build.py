@@ -6,7 +6,7 @@ from collections import Counter
 
 from datasets import ClassLabel, Dataset, DatasetDict, Features, Image, Value
 
-from emovlm_kd.data.checks import check_not_empty, check_split_classes, drop_unreadable
+from emovlm_kd.data.checks import check_not_empty, check_split_classes, check_train_classes, drop_unreadable
 from emovlm_kd.data.records import SPLITS, UNSPLIT, normalise_label
 from emovlm_kd.data.splits import derive_splits
 from emovlm_kd.labels import canonical_label_order
@@ -42,6 +42,8 @@ def from_listing(listing, label_names, val_fraction, seed, wanted=None, split_ra
         if missing:
             raise ValueError(f"the dataset has no split {missing[0]!r}; it has {', '.join(sorted(derived))}")
         splits = drop_unreadable({split: derived[split] for split in wanted})
+    if "train" in splits:
+        check_train_classes([record.label for record in splits["train"]])
     features = Features({"image": Image(), "label": ClassLabel(names=names), "id": Value("string")})
     return DatasetDict(
         {

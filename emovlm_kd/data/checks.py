@@ -43,6 +43,18 @@ def check_split_classes(splits):
             )
 
 
+def check_train_classes(labels):
+    """`ValueError` when a train split (`labels`: its label names, one per image) has images of fewer than two
+    classes: no classifier learns from one. A dataset without a train split (evaluation data alone) is not checked."""
+    present = sorted(set(labels))
+    if len(present) < 2:
+        found = f"only the class {present[0]!r}" if present else "no class"
+        raise ValueError(
+            f"the train split has {found}: a classifier needs images of at least two classes (one class folder, "
+            "label value or emotion per class)"
+        )
+
+
 def check_class_names_distinct(names, where):
     """`ValueError` when two class names of `names` (folder names in `where`) give one label (`Happy`, `happy`)."""
     spellings = defaultdict(list)

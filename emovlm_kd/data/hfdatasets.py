@@ -7,8 +7,8 @@ from pathlib import Path
 from datasets import ClassLabel, Dataset, DatasetDict, Image, Value, load_dataset, load_from_disk
 
 from emovlm_kd.data.build import from_listing, resolve_label_names
-from emovlm_kd.data.checks import check_not_empty
-from emovlm_kd.data.readers import READERS
+from emovlm_kd.data.checks import check_not_empty, check_train_classes
+from emovlm_kd.data.readers import LABELLED_LAYOUTS, READERS
 from emovlm_kd.data.records import SPLIT_ALIASES, SPLITS, Listing, Record, normalise_label
 from emovlm_kd.data.splits import stratified_split
 
@@ -72,6 +72,8 @@ def from_datasets(splits, root, label_names, label_column, image_column, val_fra
         split: _standardise(dataset, image_col, [index[label] for label in labels[split]], name, names)
         for split, (name, dataset) in splits.items()
     }
+    if "train" in result:
+        check_train_classes([names[label] for label in result["train"]["label"]])
     if "train" in result and "val" not in result and val_fraction:
         keep, val = stratified_split(list(result["train"]["label"]), val_fraction, seed)
         result["train"], result["val"] = result["train"].select(keep), result["train"].select(val)
@@ -97,7 +99,10 @@ def _find_label_column(features, requested, image_col):
     """`requested`, else a column named label/labels/emotion, else the first `ClassLabel`."""
     if requested is not None:
         if requested not in features:
-            raise ValueError(f"label_column {requested!r} is not a column: {list(features)}")
+            raise ValueError(f"label column {requested!r} (--label-column) is not a column of the dataset, whose "
+                             f"columns are {list(features)}")  # fmt: skip
+        if requested == image_col:
+            raise ValueError(f"label column {requested!r} (--label-column) is the image column")
         return requested
     for name in LABEL_COLUMNS:
         if name in features and name != image_col:
@@ -105,7 +110,12 @@ def _find_label_column(features, requested, image_col):
     for name, feature in features.items():
         if isinstance(feature, ClassLabel):
             return name
-    raise ValueError(f"no label column among {list(features)}: pass label_column=")
+    others = [name for name in features if name != image_col]
+    if not others:
+        raise ValueError(f"the dataset has images but no labels (its only column is {image_col!r}); labels come "
+                         f"with {LABELLED_LAYOUTS}")  # fmt: skip
+    raise ValueError(f"no label column among {list(features)} (none named {', '.join(LABEL_COLUMNS)}, no ClassLabel): "
+                     "name it with --label-column NAME (label_column= in Python)")  # fmt: skip
 
 
 def _label_strings(dataset, column, split_name):

@@ -13,9 +13,18 @@ by position; two other projects read `flickr1_icassp2016_dataset.csv` by these h
     <root>/flickr3_icassp2016_dataset.csv
     <root>/instagram{1,2,3}_icassp2016_dataset.csv   the same for Instagram (file names by analogy: unverified)
 
-The images are not distributed: the user fetches them by id; any image file under `<root>` whose name is
-`<ImageID>.<ext>` (e.g. `<root>/images/10002040436.jpg`) is used. Ids without an image are dropped with one warning
-that counts them. Fields may carry spaces after the commas (one public loader splits on `\\s*,\\s*`).
+The images are not distributed: the user fetches them by id, and crawlers save them in different ways: A. Ortis's
+crawler writes `images2/<ImageID>` with no extension (its `+".jpg"` is commented out), others `<ImageID>.jpg`, or
+`<sentiment>/<ImageID>.jpg` (a public ImageSentimentAnalysis script moves them into `training_set/<sentiment>/`).
+Any file under `<root>`, in any sub-folder, named `<ImageID>` or `<ImageID>.<image extension>` is used; a file
+without an image extension is taken when its first bytes are an image format's signature (JPEG, PNG, GIF, WebP,
+BMP, TIFF: nothing is decoded here). Ids without an image are dropped with one warning that counts them. Fields may
+carry spaces after the commas (one public loader splits on `\\s*,\\s*`).
+
+Already split, without vote files: the EmoVLM-KD authors' own code for the paper's datasets (github sange1104/OSANet,
+`data/README.md` and `dataloader.py`) reads `flickr/{train,val,test}/{positive,negative}/<label>_<n>.jpg` (and
+`instagram/...`), labels from the folders; `--dataset-format flickr|instagram` reads that layout (its split kept),
+as it reads unsplit `positive/` and `negative/` class folders (split 80/5/15). Detection reads both as class folders.
 
 The binary label comes from the votes by `vote_rule`:
 - "majority" (default): positive when more than half of the votes are positive (2 of 3), negative likewise;
@@ -29,10 +38,13 @@ seeded 80 / 5 / 15 split by default, the protocol of the large sets (`split_rati
 
 import csv
 import logging
+import os
+from pathlib import Path
 
+from emovlm_kd.data.folders import is_imagefolder, read_imagefolder
 from emovlm_kd.data.records import UNSPLIT, Listing, Record
 from emovlm_kd.data.splits import LARGE_SET_RATIOS
-from emovlm_kd.images import iter_image_files
+from emovlm_kd.images import IMAGE_EXTENSIONS
 from emovlm_kd.labels import SENTIMENT2
 
 logger = logging.getLogger(__name__)
@@ -43,6 +55,10 @@ SITES = {  # name: (batch file pattern, images in the EmoVLM-KD paper)
     "instagram": ("instagram*_icassp2016_dataset.csv", 42_832),
 }
 MAX_NAMED = 10
+IMAGE_SIGNATURES = (  # (offset, bytes) of the formats a crawler gets from Flickr/Instagram and Pillow reads
+    (0, b"\xff\xd8\xff"), (0, b"\x89PNG\r\n\x1a\n"), (0, b"GIF87a"), (0, b"GIF89a"), (8, b"WEBP"), (0, b"BM"),
+    (0, b"II*\x00"), (0, b"MM\x00*"),
+)  # fmt: skip
 
 
 def _majority(positive, neutral, negative):
@@ -96,6 +112,12 @@ def accepts_votes_file(path):
     return path.is_file() and path.suffix.lower() == ".csv"
 
 
+def accepts_sentiment_folders(path):
+    """What an explicit `flickr`/`instagram` format reads without vote files: `{train,val,test}/{positive,negative}/`
+    (the authors' OSANet layout) or unsplit `positive/` and `negative/` class folders."""
+    return path.is_dir() and is_imagefolder(path)
+
+
 def read_flickr(path, options=None):
     return read_votes("flickr", path, options)
 
@@ -110,13 +132,15 @@ def read_votes(site, path, options=None):
     rule = resolve_vote_rule(rule_name)
     root = path.parent if path.is_file() else path
     files = batch_files(site, path)
+    if not files and accepts_sentiment_folders(path):
+        return read_sentiment_folders(site, path)
     votes = {}
     for file in files:
         for image_id, counts in _read_vote_file(file):
             votes.setdefault(image_id, counts)  # an id repeated across batches keeps its first votes
     labels = {image_id: _checked_label(rule(*counts), image_id) for image_id, counts in votes.items()}
     labelled = {image_id: label for image_id, label in labels.items() if label is not None}
-    images = _images_by_id(root)
+    images = _images_by_id(root, labelled)
     missing = [image_id for image_id in labelled if image_id not in images]
     records = [Record(images[i], label, images[i].relative_to(root).as_posix())
                for i, label in labelled.items() if i in images]  # fmt: skip
@@ -124,7 +148,7 @@ def read_votes(site, path, options=None):
     if not records:
         raise ValueError(
             f"{root}: none of the {len(labelled)} labelled {site} ids has an image file under it "
-            "(the images are fetched separately and named <ImageID>.jpg)"
+            "(the images are fetched separately and named <ImageID> or <ImageID>.jpg, in any sub-folder)"
         )
     return Listing({UNSPLIT: records}, list(SENTIMENT2), LARGE_SET_RATIOS)
 
@@ -158,16 +182,49 @@ def _read_vote_file(file):
     return result
 
 
-def _images_by_id(root):
-    """`{file stem: path}` of the image files under `root`; one id with two files is an error."""
+def read_sentiment_folders(site, root):
+    """Flickr/Instagram as positive/negative class folders (split or not): labels from the folders."""
+    listing = read_imagefolder(root)
+    strays = sorted({record.label for records in listing.splits.values() for record in records} - set(SENTIMENT2))
+    if strays:
+        raise ValueError(f"{root}: {site} class folders must be {' and '.join(SENTIMENT2)}, found {strays}")
+    count = sum(len(records) for records in listing.splits.values())
+    logger.info("%s: %d images in positive/negative folders of %s (the paper: %s)", site.capitalize(), count, root,
+                f"{SITES[site][1]:,}")  # fmt: skip
+    return Listing(listing.splits, list(SENTIMENT2), LARGE_SET_RATIOS if UNSPLIT in listing.splits else None)
+
+
+def _images_by_id(root, ids):
+    """`{image id: path}` of the files under `root` named `<id>` or `<id>.<image extension>` for an id of `ids`; a
+    file without an image extension counts when its first bytes are an image signature. Hidden files and folders
+    are skipped; one id with two files is an error."""
     images, doubles = {}, []
-    for file in iter_image_files([root]):
-        if file.stem in images:
-            doubles.append(file.stem)
-        images.setdefault(file.stem, file)
+    for top, dirs, names in os.walk(root):
+        dirs[:] = sorted(d for d in dirs if not d.startswith((".", "__")))
+        for name in sorted(names):
+            path = Path(top) / name
+            suffix = path.suffix.lower()
+            image_id = path.stem if suffix in IMAGE_EXTENSIONS else name
+            if image_id not in ids or name.startswith("."):
+                continue
+            if suffix not in IMAGE_EXTENSIONS and not looks_like_image(path):
+                continue
+            if image_id in images:
+                doubles.append(image_id)
+            images.setdefault(image_id, path)
     if doubles:
         raise ValueError(f"{root}: image id(s) with more than one file: {sorted(set(doubles))[:MAX_NAMED]}")
     return images
+
+
+def looks_like_image(path):
+    """Whether the first bytes of `path` are an image format's signature (read 16 bytes, decode nothing)."""
+    try:
+        with open(path, "rb") as file:
+            head = file.read(16)
+    except OSError:
+        return False
+    return any(head[offset : offset + len(magic)] == magic for offset, magic in IMAGE_SIGNATURES)
 
 
 def _log_counts(site, rule_name, file_count, votes, labelled, missing, root):

@@ -8,9 +8,10 @@ from emovlm_kd.data.build import from_listing
 from emovlm_kd.data.emotion6 import EMOTION6_LABELS
 from emovlm_kd.data.hfdatasets import from_datasets, load_datasets
 from emovlm_kd.data.katsurai import resolve_vote_rule
-from emovlm_kd.data.readers import DATASET_FORMATS, HUB, MANIFEST_SUFFIXES, find_reader, named_reader
+from emovlm_kd.data.readers import DATASET_FORMATS, HUB, MANIFEST_SUFFIXES, resolve_local
 from emovlm_kd.data.records import ReadOptions
 from emovlm_kd.data.splits import check_split_ratios
+from emovlm_kd.hubaccess import HubAccess
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
@@ -50,10 +51,19 @@ def load_image_dataset(
     local = isinstance(location, Path)
     if not local and dataset_format not in (None, HUB):
         raise ValueError(f"dataset root not found: {Path(source).expanduser().absolute()}")
+    if not local:  # not here: tried on the Hub once (no retries without network), else both causes named
+        problem = HubAccess().hub_dataset_problem(source)
+        if problem:
+            raise ValueError(f"{source}: {problem}")
     if dataset_format == HUB or not local:
         reader = None
     else:
-        reader = find_reader(location) if dataset_format is None else named_reader(dataset_format, location)
+        reader, location = resolve_local(location, dataset_format)
+    if reader is not None and (label_column is not None or image_column is not None):
+        raise ValueError(
+            f"label_column/image_column (--label-column) name columns of save_to_disk, Hub or parquet datasets; "
+            f"{location} is read as {reader.name}: {reader.description}, whose labels come with its files"
+        )
     if reader is not None:
         listing = reader.read(location, ReadOptions(emotion6_labels=emotion6_labels, vote_rule=vote_rule))
         return from_listing(listing, label_names, val_fraction, seed, splits, split_ratios)
@@ -70,9 +80,9 @@ def dataset_format_of(source, dataset_format=None):
         return dataset_format
     try:
         location = _locate(source)
+        reader = resolve_local(location)[0] if isinstance(location, Path) else None
     except ValueError:
         return None
-    reader = find_reader(location) if isinstance(location, Path) else None
     return reader.name if reader is not None else HUB
 
 

@@ -11,11 +11,11 @@ split, so a dataset whose files were removed or relabelled no longer matches it.
 import hashlib
 import json
 import logging
-import os
 from collections import defaultdict
 from pathlib import Path
 
 from emovlm_kd.data.records import SPLITS
+from emovlm_kd.folders import atomic_write_text
 
 logger = logging.getLogger(__name__)
 
@@ -58,12 +58,7 @@ def split_record(dataset, source, **settings):
 
 
 def write_splits(path, record):
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(record, indent=1, ensure_ascii=False), encoding="utf-8")
-    os.replace(tmp, path)
-    return path
+    return atomic_write_text(path, json.dumps(record, indent=1, ensure_ascii=False))
 
 
 def read_splits(path):
@@ -71,11 +66,23 @@ def read_splits(path):
     path = Path(path)
     try:
         record = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as error:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
         raise ValueError(f"--splits {path}: cannot read it: {error}") from None
-    names = [k for k in record if k != "dataset"] if isinstance(record, dict) else []
+    if not isinstance(record, dict):
+        raise ValueError(f"--splits {path}: expected a JSON object of id lists (train, val, test), got a "
+                         f"{type(record).__name__}")  # fmt: skip
+    names = [k for k in record if k != "dataset"]
     if set(names) - set(SPLITS) or not {"train", "test"} <= set(names):
         raise ValueError(f"--splits {path}: expected lists of ids under train, test (and val), got {names}")
+    for name in names:
+        ids = record[name]
+        if not isinstance(ids, list):
+            raise ValueError(f"--splits {path}: {name!r} must be a list of ids, got a {type(ids).__name__}")
+        strays = [row_id for row_id in ids if not isinstance(row_id, str)]
+        if strays:
+            raise ValueError(f"--splits {path}: {name!r} must hold ids as strings, got {strays[0]!r}")
+    if not isinstance(record.get("dataset", {}), dict):
+        raise ValueError(f"--splits {path}: 'dataset' must be an object (source, fingerprint, ...)")
     seen = {}
     for name in names:
         for row_id in record[name]:

@@ -17,6 +17,7 @@ import numpy as np
 from PIL import Image as PILImage
 
 from emovlm_kd.data.records import SPLITS
+from emovlm_kd.folders import atomic_write_text, is_partial_write
 from emovlm_kd.labels import MIKELS8
 
 logger = logging.getLogger(__name__)
@@ -98,7 +99,7 @@ def _clear_synthetic(root):
     """Remove an earlier (stale or partial) synthetic dataset; refuse to touch a folder holding anything else."""
     ours = {*SPLITS, "synthetic.json", "synthetic.json.tmp", REASONING_FILE, REASONING_FILE + ".tmp"}
     if root.is_dir():
-        others = sorted(set(os.listdir(root)) - ours)
+        others = sorted(name for name in set(os.listdir(root)) - ours if not is_partial_write(name))
         if others:
             raise ValueError(f"{root} holds files that are not a synthetic dataset ({others[:5]}): use an empty folder")
         (root / "synthetic.json").unlink(missing_ok=True)
@@ -154,7 +155,5 @@ def _synthetic_image(rng, class_index, num_classes, image_size):
 
 
 def _write_atomically(path, text):
-    """Write `text` to `path` via a temporary file (`NAME.tmp`) and `os.replace`."""
-    temporary = path.with_name(path.name + ".tmp")
-    temporary.write_text(text, encoding="utf-8")
-    os.replace(temporary, path)
+    """Write `text` to `path` via a temp file and `os.replace` (`emovlm_kd.folders.atomic_write_text`)."""
+    atomic_write_text(path, text)

@@ -11,7 +11,7 @@ def add_common_arguments(parser):
     parser.add_argument("--split", default="test", help="dataset split to evaluate (default: test)")
     parser.add_argument("--vlm-mode", choices=["score", "generate"], default=None,
                         help="how the VLM branch answers (default: the model's config; the paper generates)")
-    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--batch-size", type=int, default=8, help="images per forward pass")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     parser.add_argument("--dtype", choices=DTYPES, default=None, help="weights dtype (default: as saved)")
     parser.add_argument("--limit", type=int, default=None,
@@ -38,9 +38,13 @@ def add_dataset_arguments(parser):
                         help="Emotion6 labels: the class folder (default, the paper's) or the argmax of ground_truth.txt")
     parser.add_argument("--vote-rule", choices=["majority", "unanimous", "plurality"], default=None,
                         help="Flickr/Instagram: the votes that make a label (default: majority, 2 of 3)")
+    parser.add_argument("--label-column", default=None, metavar="NAME",
+                        help="save_to_disk/Hub/parquet datasets: the column holding the labels (default: label, "
+                             "labels, emotion or the first ClassLabel)")
 
 
-DATASET_OPTIONS = ("val_fraction", "seed", "dataset_format", "split_ratios", "emotion6_labels", "vote_rule")
+DATASET_OPTIONS = ("val_fraction", "seed", "dataset_format", "split_ratios", "emotion6_labels", "vote_rule",
+                   "label_column")
 
 
 def dataset_options(settings):

@@ -7,13 +7,12 @@ and percentages in the Markdown.
 
 import functools
 import json
-import os
-from pathlib import Path
 
 import numpy as np
 
 from emovlm_kd.metrics import load_metric
 from emovlm_kd.evaluation.paper import TABLE2_FI
+from emovlm_kd.folders import atomic_write  # the writer of every report file (all or nothing)
 
 PARTS = ("vlm", "distill", "teacher", "emovlm_kd")  # the order of the paper's Table 2
 PART_TITLES = {"vlm": "VLM", "distill": "Distill head", "emovlm_kd": "EmoVLM-KD", "teacher": "ViT teacher"}
@@ -213,21 +212,6 @@ def accuracies_from_records(records):
 # ----------------------------------------------------------------------------------------------------------------
 # Writing
 # ----------------------------------------------------------------------------------------------------------------
-
-
-def atomic_write(path, write, mode="w"):
-    """Write `path` through `write(file)` into a temporary file beside it, then `os.replace` it into place."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.part")
-    try:
-        with open(tmp, mode, **({"encoding": "utf-8"} if "b" not in mode else {})) as handle:
-            write(handle)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
 
 
 def write_json(path, data):

@@ -8,8 +8,6 @@ dataset split, aggregate with `emovlm_kd.evaluation.report` and write the report
 """
 
 import logging
-import re
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -20,7 +18,7 @@ import torch
 from emovlm_kd.data import load_image_dataset
 from emovlm_kd.data.splitfile import SPLITS_FILE, SplitMismatchError, apply_splits, read_splits
 from emovlm_kd.errors import UsageError
-from emovlm_kd.folders import replace_folder
+from emovlm_kd.folders import folder_conflicts, staged_folder
 from configuration_emovlm_kd import SUPPORTED_BACKBONES
 from emovlm_kd.modelcheck import BUNDLE_MODEL_TYPE
 
@@ -245,7 +243,7 @@ def load_split(source, split, limit=None, *, splits=None, model=None, **options)
     except SplitMismatchError as error:
         raise UsageError(f"--dataset {source}: {error}") from None
     except ValueError as error:
-        if "no split" in str(error):
+        if "has no split" in str(error):  # the loader's "the dataset has no split 'test'" (not a layout's "no split")
             raise UsageError(f"--split: {error}")
         raise UsageError(f"--dataset: cannot load {source!r}: {error}")
     except OSError as error:
@@ -440,13 +438,13 @@ def _is_main_process():
 
 
 def report_folder_conflicts(output_dir):
-    """Names in folder `output_dir` that are not report files (`REPORT_FILES`, or a `.NAME.PID.part` file an
-    earlier, killed writer of ours left): a folder holding any is the user's, never replaced. `[]` when absent."""
+    """What in folder `output_dir` a report did not write: names other than `REPORT_FILES` (and the temp files of
+    our killed writes), and report names that are folders (e.g. a `report.json/` of the user's). A folder holding
+    any is the user's, never replaced. `[]` when absent."""
     folder = Path(output_dir)
     if not folder.is_dir():
         return []
-    ours = re.compile(r"\.(" + "|".join(re.escape(name) for name in REPORT_FILES) + r")\.\d+\.part")
-    return sorted(p.name for p in folder.iterdir() if p.name not in REPORT_FILES and not ours.fullmatch(p.name))
+    return folder_conflicts(folder, REPORT_FILES)
 
 
 def check_report_folder(output_dir):
@@ -468,29 +466,23 @@ def check_report_folder(output_dir):
 
 def write_outputs(report, arrays, predictions, probabilities, output_dir, plots=True):
     """The report's files written all or nothing: report.json, predictions.jsonl, report.md and the figures
-    (`REPORT_FILES`) go into a temporary sibling folder (`.NAME.tmp`, one a killed run left is removed), which then
-    replaces `output_dir` by renames (`emovlm_kd.folders.replace_folder`): `output_dir` holds the old set
-    or the new one, never a mix. A folder holding anything else raises `FileExistsError` before a file is written
-    (`check_report_folder`)."""
+    (`REPORT_FILES`) go into a temp folder beside `output_dir` (`emovlm_kd.folders.staged_folder`: a
+    `.NAME.emovlm-kd-PID-TOKEN.tmp` no user folder is named), which then replaces `output_dir` by renames:
+    `output_dir` holds the old set or the new one, never a mix. A folder holding anything else raises
+    `FileExistsError` before a file is written (`check_report_folder`); an OS error (a full disk) raises
+    `emovlm_kd.folders.WriteError` naming `output_dir`, left as it was."""
     output_dir = Path(output_dir).resolve()
     check_report_folder(output_dir)
-    staging = output_dir.with_name(f".{output_dir.name}.tmp")
-    if staging.exists():
-        shutil.rmtree(staging)
-    try:
+    with staged_folder(output_dir) as staging:
         images = _write_report_files(report, arrays, predictions, probabilities, staging, plots)
-        replace_folder(staging, output_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     logger.info("wrote %s", ", ".join(str(output_dir / name) for name in ["report.json", "predictions.jsonl",
                                                                          "report.md", *images]))
     return output_dir
 
 
 def _write_report_files(report, arrays, predictions, probabilities, folder, plots):
-    """Every report file into `folder` (created); the names of the figures written."""
-    folder.mkdir(parents=True)
+    """Every report file into `folder` (created if missing); the names of the figures written."""
+    folder.mkdir(parents=True, exist_ok=True)
     records = prediction_records(report["labels"], arrays["references"], predictions, probabilities,
                                  ids=arrays["ids"], paths=arrays["paths"], extra={"vlm_answer": arrays["vlm_answers"]})
     write_jsonl(folder / "predictions.jsonl", records)

@@ -87,8 +87,9 @@ def annotation_prompt(label, labels):
 
 
 def parse_annotation(text):
-    """`(key_elements, reasoning)` from an annotator's response, or None when it lacks either section."""
-    match = _SECTIONS.search(text or "")
+    """`(key_elements, reasoning)` from an annotator's response, or None when it lacks either section (or is not
+    text)."""
+    match = _SECTIONS.search(text) if isinstance(text, str) else None
     if not match:
         return None
     key, reasoning = match.group("key").strip(), match.group("reasoning").strip()
@@ -273,15 +274,18 @@ def build_annotator(cfg):
     return LocalVLMAnnotator(cfg.annotator)
 
 
-def _read_answers(out_path):
-    """(the file's text, its complete JSON lines); a line cut by a crash is left out (it is asked again)."""
-    text = out_path.read_text(encoding="utf-8") if out_path.exists() else ""
+def _read_answers(out_path, fields):
+    """(the file's text, its complete rows): JSON objects whose `fields` are strings; a line cut by a crash, or one
+    edited into another shape, is left out (its image is asked again)."""
+    text = out_path.read_text(encoding="utf-8", errors="replace") if out_path.exists() else ""
     rows = []
     for line in text.splitlines():
         try:
-            rows.append(json.loads(line))
+            row = json.loads(line)
         except json.JSONDecodeError:
             continue
+        if isinstance(row, dict) and all(isinstance(row.get(field), str) for field in fields):
+            rows.append(row)
     return text, rows
 
 
@@ -302,8 +306,8 @@ def annotate_images(cfg, split, out_path, annotator=None):
     `out_path` (lines `{"id", "label", "response"}`). Split a response with `parse_annotation`."""
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    text, rows = _read_answers(out_path)
-    done = {row["id"]: row["response"] for row in rows if "response" in row}
+    text, rows = _read_answers(out_path, ("id", "response"))
+    done = {row["id"]: row["response"] for row in rows}
     ids, names = list(split["id"]), split.features["label"].names
     todo = [i for i in range(len(split)) if ids[i] not in done]
     annotator = annotator or build_annotator(cfg)
@@ -325,7 +329,7 @@ def annotate_split(cfg, split, out_path, questions, annotator=None):
     conversation question and `questions[1]` the reasoning one); resumes from `out_path`."""
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    text, rows = _read_answers(out_path)
+    text, rows = _read_answers(out_path, ("id", "kind", "question", "answer"))
     done = {(row["id"], row["question"]): row for row in rows}
     annotator = annotator or build_annotator(cfg)
     names = split.features["label"].names

@@ -1,7 +1,8 @@
 """Frozen outputs computed once, kept on disk as safetensors under a fingerprint of model + data.
 
 A cache file is named by the fingerprint of everything that produced it; a changed model, dataset, prompt or
-setting gives another name, so a stale cache is never read. Files are written to a temp name and renamed.
+setting gives another name, so a stale cache is never read. Files are written to a temp name and renamed
+(`emovlm_kd.folders`).
 
 What a key sees of the data: a split's ids and labels, its `datasets` fingerprint and, once the run has passed
 the split through `with_files_fingerprint`, each image file's size and modification time (`stat`) or size and
@@ -18,6 +19,8 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
+
+from emovlm_kd.folders import atomic_write_text, default_file_mode, staged_file  # noqa: F401 (re-exported)
 
 logger = logging.getLogger(__name__)
 
@@ -141,21 +144,6 @@ def fingerprint(*parts):
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
-def atomic_write_text(path, text):
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
-def default_file_mode():
-    """The mode `open()` gives a new file under this process's umask: 0o644 under umask 022."""
-    mask = os.umask(0o022)  # reading the umask means setting it: put it straight back
-    os.umask(mask)
-    return 0o666 & ~mask
-
-
 def respect_umask(*paths, only_private=False):
     """Give every file in `paths` (files, or folders searched recursively; symlinks left alone) the mode a new file
     gets under the umask. safetensors (0.8) writes through a temporary file, created 0600, and renames it into
@@ -193,12 +181,9 @@ class TensorCache:
 
     def put(self, name, key, tensors, metadata=None):
         path = self.path(name, key)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-        save_file(tensors, str(tmp), metadata={k: str(v) for k, v in (metadata or {}).items()})
-        os.chmod(tmp, default_file_mode())  # safetensors creates its file 0600
-        os.replace(tmp, path)
+        with staged_file(path) as tmp:  # given the umask's mode (safetensors creates its file 0600), then renamed
+            save_file(tensors, str(tmp), metadata={k: str(v) for k, v in (metadata or {}).items()})
         for stale in self.root.glob(f"{name}-*.safetensors"):
             if stale != path:
                 logger.info("removing stale cache %s", stale.name)

@@ -6,11 +6,11 @@
 
 The dataclass defaults are the paper's settings (Qwen2-VL-7B-Instruct and the ViT teacher where the paper names
 them); the embedded demo is the shipped `demo.yaml` (tiny models built offline, synthetic data), which is what
-`emovlm-kd train` runs without `--config`. Each group checks its own ranges in `__post_init__` and names the flag.
+`emovlm-kd train` runs without `--config` (`train --dataset DIR`: its tiny models and settings on DIR, without the
+synthetic data's reasoning answers). Each group checks its own ranges in `__post_init__` and names the flag.
 """
 
 import argparse
-import copy
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -72,6 +72,8 @@ class DataArguments(_Checked):
     vote_rule: Literal["majority", "unanimous", "plurality"] = field(
         default="majority", metadata={"help": "Flickr/Instagram: the votes that make a positive/negative label"}
     )
+    label_column: str | None = _help("save_to_disk/Hub/parquet datasets: the column holding the labels (default: "
+                                     "label, labels, emotion or the first ClassLabel)")
     splits: str | None = _help("a split file (emovlm-kd split / RUN/splits.json) to use instead of deriving one")
     leakage: Literal["warn", "error"] = field(
         default="warn", metadata={"help": "identical images in two splits: warn, or stop the run"}
@@ -150,13 +152,13 @@ class InstructionArguments(_Checked):
 @dataclass
 class SFTArguments(_Checked):
     _argument_group_name = "Stage 1: instruction tuning (TRL SFTTrainer, LoRA / QLoRA)"
-    sft_epochs: float = 5.0
-    sft_lr: float = 1e-4
-    sft_batch_size: int = 1
-    sft_grad_accum: int = 1
-    lora_r: int = 8
-    lora_alpha: int = 8
-    lora_dropout: float = 0.05
+    sft_epochs: float = field(default=5.0, metadata={"help": "stage 1 epochs over the instruction rows"})
+    sft_lr: float = field(default=1e-4, metadata={"help": "stage 1 learning rate (LoRA weights)"})
+    sft_batch_size: int = field(default=1, metadata={"help": "stage 1 rows per device and step"})
+    sft_grad_accum: int = field(default=1, metadata={"help": "stage 1 gradient accumulation steps"})
+    lora_r: int = field(default=8, metadata={"help": "LoRA rank"})
+    lora_alpha: int = field(default=8, metadata={"help": "LoRA scaling alpha"})
+    lora_dropout: float = field(default=0.05, metadata={"help": "dropout on the LoRA inputs"})
     lora_targets: str = field(default="q_proj,k_proj,v_proj", metadata={"help": "LLM projections to adapt"})
     quantize: Literal["auto", "4bit", "none"] = field(
         default="auto", metadata={"help": "4bit, none, or auto (4-bit nf4 when CUDA is present)"}
@@ -173,10 +175,10 @@ class TeacherArguments(_Checked):
     _argument_group_name = "Stage 2: teacher"
     # The official train_ViT.py's recipe (the paper gives none): Adam (L2 weight decay on every parameter),
     # lr 3e-5, weight decay 1e-5, batch 10, 10 epochs, no schedule.
-    teacher_epochs: float = 10.0
-    teacher_lr: float = 3e-5
-    teacher_batch_size: int = 10
-    teacher_weight_decay: float = 1e-5
+    teacher_epochs: float = field(default=10.0, metadata={"help": "stage 2 epochs (teacher fine-tuning)"})
+    teacher_lr: float = field(default=3e-5, metadata={"help": "stage 2 learning rate"})
+    teacher_batch_size: int = field(default=10, metadata={"help": "stage 2 images per step"})
+    teacher_weight_decay: float = field(default=1e-5, metadata={"help": "stage 2 weight decay"})
     teacher_optimizer: Literal["adam", "adamw"] = field(
         default="adam", metadata={"help": "adam (the official code's: torch.optim.Adam, L2 decay on every parameter) "
                                           "or adamw (transformers' default: decoupled decay, none on biases and norms)"}
@@ -198,12 +200,12 @@ class TeacherArguments(_Checked):
 class DistillArguments(_Checked):
     _argument_group_name = "Stage 3: distillation"
     head_hidden_sizes: list[int] = field(default_factory=lambda: [1024], metadata={"help": "head widths, e.g. 1024 512"})
-    head_dropout: float = 0.1
+    head_dropout: float = field(default=0.1, metadata={"help": "dropout between the head's layers, in [0, 1)"})
     alpha: float = field(default=0.5, metadata={"help": "weight of the KL term, in [0, 1]"})
     tau: float = field(default=2.0, metadata={"help": "distillation temperature, > 0"})
-    distill_epochs: float = 5.0
-    distill_lr: float = 1e-3
-    distill_batch_size: int = 32
+    distill_epochs: float = field(default=5.0, metadata={"help": "stage 3 epochs (head distillation)"})
+    distill_lr: float = field(default=1e-3, metadata={"help": "stage 3 learning rate"})
+    distill_batch_size: int = field(default=32, metadata={"help": "stage 3 images per step"})
 
     def _checks(self):
         self.head_hidden_sizes = [int(h) for h in self.head_hidden_sizes]
@@ -218,13 +220,15 @@ class DistillArguments(_Checked):
 @dataclass
 class GateArguments(_Checked):
     _argument_group_name = "Stage 4: gate"
-    gate_type: Literal[GATE_TYPES] = "concat_linear"
+    gate_type: Literal[GATE_TYPES] = field(
+        default="concat_linear", metadata={"help": "how the gate combines the VLM branch's vector with the head's"}
+    )
     vlm_vector: Literal["probs", "onehot"] = field(
         default="probs", metadata={"help": "probs or onehot (the paper's one-hot answer)"}
     )
-    gate_epochs: float = 10.0
-    gate_lr: float = 1e-3
-    gate_batch_size: int = 32
+    gate_epochs: float = field(default=10.0, metadata={"help": "stage 4 epochs (gate)"})
+    gate_lr: float = field(default=1e-3, metadata={"help": "stage 4 learning rate"})
+    gate_batch_size: int = field(default=32, metadata={"help": "stage 4 images per step"})
     gate_data: Literal["sampled", "val", "train"] = field(
         default="train", metadata={"help": "what the gate trains on: sampled (the paper's: --gate-samples answers "
                                            "per train image sampled at --gate-temperature, one per epoch, cycled; "
@@ -283,22 +287,14 @@ def resolve_config_path(value):
     return str(shipped)
 
 
-class DefaultsShown(argparse.ArgumentDefaultsHelpFormatter):
-    """Every option's help ends with the default that applies (the --config's value when it sets one, as TrlParser
-    puts the YAML's values in the defaults), also for fields without a help text."""
-
-    def _format_action(self, action):
-        if action.help is None and action.option_strings and action.default is not argparse.SUPPRESS:
-            action = copy.copy(action)
-            action.help = "default: %(default)s"
-        return super()._format_action(action)
-
-
 def train_parser(prog="emovlm-kd train"):
     """TRL's parser over the argument groups, with `--config` documented (TrlParser reads it itself)."""
     from trl import TrlParser
 
-    parser = TrlParser(GROUPS, prog=prog, formatter_class=DefaultsShown,
+    from emovlm_kd.helptext import HelpFormatter  # flags with dashes; each option's default that applies (the
+    # --config's value when it sets one, as TrlParser puts the YAML's values in the defaults)
+
+    parser = TrlParser(GROUPS, prog=prog, formatter_class=HelpFormatter,
                        description="Every stage from a dataset and a Qwen2-VL checkpoint to one Hub model. Values: "
                                    "the flag, else --config, else the field's default.")
     parser.add_argument("--config", default=argparse.SUPPRESS, help=f"YAML settings, or a shipped config by name (default: {DEFAULT_CONFIG}, "
@@ -307,7 +303,8 @@ def train_parser(prog="emovlm-kd train"):
 
 
 def parse_train_args(argv):
-    """`TrainConfig` from command-line words; without `--config` the shipped demo config applies.
+    """`TrainConfig` from command-line words; without `--config` the shipped demo config applies (with a `--dataset`
+    of the user's, all but its synthetic data's settings: `for_a_users_dataset`).
 
     Raises `ValueError` (bad values, unknown YAML keys, YAML that is not a mapping) or `FileNotFoundError`; argparse
     itself exits with status 2 on a malformed flag and prints the help for `--help`.
@@ -318,6 +315,7 @@ def parse_train_args(argv):
     for i, word in enumerate(argv):
         if word.startswith("--config="):
             argv[i : i + 1] = ["--config", word.split("=", 1)[1]]
+    implicit_demo = "--config" not in argv  # demo.yaml applies without being asked for
     if "--config" in argv:
         at = argv.index("--config")
         if at + 1 >= len(argv):
@@ -335,10 +333,61 @@ def parse_train_args(argv):
         raise ValueError(f"--config {where}: {error}") if "config" in str(error).lower() else error from None
     cfg = TrainConfig.from_groups(*(part for part in parsed if dataclasses.is_dataclass(part)))
     shipped_demo = Path(where).resolve() == Path(str(resolve_config_path(DEFAULT_CONFIG))).resolve()
+    if implicit_demo and cfg.dataset != DEMO:  # `train --dataset DIR`: not the synthetic data's settings
+        cfg = for_a_users_dataset(cfg, argv)
     if shipped_demo and demo_backbone(cfg.vlm) not in (None, DEMO_BACKBONE) and not _given(argv, "output-dir"):
         # the shipped demo on another backbone gets its own run folder (runs/demo-qwen3_vl), not the Qwen2-VL demo's
         cfg = dataclasses.replace(cfg, output_dir=f"{cfg.output_dir}-{demo_backbone(cfg.vlm)}")
     return cfg
+
+
+DEMO_DATA_FIELDS = ("instructions", "instruction_kinds", "output_dir")  # demo.yaml's settings of the synthetic data
+
+
+def for_a_users_dataset(cfg, argv):
+    """The shipped demo's settings, applied without --config, on a user's `--dataset`: the embedded tiny models and the demo's training settings
+    stay, but what demo.yaml says about its synthetic data does not apply unless given as a flag: no synthetic
+    reasoning answers (`instructions: demo`), the categorical instructions alone (the paper's three kinds when
+    --instructions or --annotator gives answers), and RUN is runs/<dataset name>, not runs/demo. Logs one line
+    saying what the run uses and how to add conversation/reasoning answers."""
+    import logging
+
+    values = {}
+    if not _given(argv, "instructions"):
+        values["instructions"] = None
+    if not _given(argv, "instruction-kinds"):
+        has_answers = _given(argv, "instructions") or _given(argv, "annotator")
+        values["instruction_kinds"] = list(INSTRUCTION_KINDS) if has_answers else ["categorical"]
+    if not _given(argv, "output-dir"):
+        values["output_dir"] = default_output_dir(cfg.dataset)
+    cfg = dataclasses.replace(cfg, **values)
+    used = []
+    embedded = [part for part, is_embedded in (("VLM", cfg.is_demo), ("teacher", cfg.teacher == DEMO
+                                                                         and not cfg.teacher_trained)) if is_embedded]
+    if embedded:
+        used.append(f"the embedded tiny {' and '.join(embedded)} (built offline under RUN/base; --vlm and --teacher "
+                    "take real checkpoints)")
+    if cfg.instruction_kinds == ["categorical"]:
+        used.append("the categorical instructions only (to add conversation/reasoning answers: --instructions FILE "
+                    "or --annotator, with --instruction-kinds categorical conversation reasoning)")
+    if used:
+        logging.getLogger(__name__).info("training on %s with %s; run folder %s", cfg.dataset, " and ".join(used),
+                                         cfg.output_dir)
+    return cfg
+
+
+def default_output_dir(dataset):
+    """runs/<the dataset's folder or file name> (runs/<NAME> for a Hub id ORG/NAME); never the demo's runs/demo."""
+    import re
+
+    path = Path(str(dataset)).expanduser()
+    if path.exists():
+        path = path.resolve()
+        name = path.stem if path.is_file() else path.name
+    else:
+        name = str(dataset).rstrip("/").rsplit("/", 1)[-1]
+    name = re.sub(r"[^\w.-]+", "_", name).strip("._") or "dataset"
+    return f"runs/{name}" if name != DEMO else "runs/demo-dataset"
 
 
 def _given(argv, flag):
@@ -361,19 +410,28 @@ HOW_TO_GET_ANSWERS = (
 )
 
 
-def check_instruction_sources(cfg):
-    """A `ValueError` naming the fix when the mix needs conversation/reasoning answers and nothing gives them, or a
-    source is given that the mix does not use."""
+def instruction_source_problems(cfg):
+    """Lines naming the fix when the mix needs conversation/reasoning answers and nothing gives them, or a source is
+    given that the mix does not use, or an `--instructions` file is missing (empty when all is well)."""
+    found = []
     wanted = [kind for kind in cfg.instruction_kinds if kind != "categorical"]
     given = [flag for flag, value in (("--instructions", cfg.instructions), ("--annotator", cfg.annotator)) if value]
     if wanted and not given:
-        raise ValueError(f"the instruction mix ({' '.join(cfg.instruction_kinds)}) needs {' and '.join(wanted)} "
-                         f"answers and none were given: {HOW_TO_GET_ANSWERS}")
+        found.append(f"the instruction mix ({' '.join(cfg.instruction_kinds)}) needs {' and '.join(wanted)} answers "
+                     f"and none were given: {HOW_TO_GET_ANSWERS}")
     if given and not wanted:
-        raise ValueError(f"{' and '.join(given)} given, but --instruction-kinds categorical uses no conversation or "
-                         "reasoning answers: drop it, or add the kinds (--instruction-kinds categorical conversation "
-                         "reasoning)")
+        found.append(f"{' and '.join(given)} given, but --instruction-kinds categorical uses no conversation or "
+                     "reasoning answers: drop it, or add the kinds (--instruction-kinds categorical conversation "
+                     "reasoning)")
     if cfg.instructions == DEMO and cfg.dataset != DEMO:
-        raise ValueError("--instructions demo (the synthetic dataset's reasoning answers) goes with --dataset demo")
+        found.append("--instructions demo (the synthetic dataset's reasoning answers) goes with --dataset demo")
     if cfg.instructions and cfg.instructions != DEMO and not Path(cfg.instructions).is_file():
-        raise ValueError(f"--instructions {cfg.instructions}: no such file")
+        found.append(f"--instructions {cfg.instructions}: no such file")
+    return found
+
+
+def check_instruction_sources(cfg):
+    """`ValueError` with every line of `instruction_source_problems`, if any."""
+    found = instruction_source_problems(cfg)
+    if found:
+        raise ValueError("; ".join(found))

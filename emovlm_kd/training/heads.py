@@ -2,12 +2,12 @@
 `train_head` / `train_gate` serve the ablations. Also the small helpers that apply them to cached tensors."""
 
 import logging
-from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
 from emovlm_kd.distributed import is_main_process
+from emovlm_kd.folders import staged_file
 from emovlm_kd.training.cache import fingerprint
 from emovlm_kd.training.stage import Stage, last_checkpoint, run_trainer, trainer_args
 
@@ -128,11 +128,8 @@ def reset_module(module, seed):
 
 
 def save_module(module, path):
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name("." + path.name + ".tmp")
-    save_file({k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}, str(tmp))
-    tmp.replace(path)
+    with staged_file(path) as tmp:
+        save_file({k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}, str(tmp))
 
 
 def fingerprint_tensor(tensor):

@@ -14,6 +14,10 @@ Instruction files, either
   entry's image is the train id that is the longest tail of its `img_path` (`images/FI/train/awe/awe_1.jpg` finds
   `awe/awe_1.jpg` or `train/awe/awe_1.jpg`); an entry whose label is not the dataset's is left out.
 
+A file that is not one of these (a line that is not JSON or not an object, a field of the wrong type) is refused
+before any work (`instruction_file_problem`, called by the preflight) in one line naming the file and the line (JSONL)
+or the entry (JSON): `InstructionFileError`, a `ValueError` (exit 2 through the CLI).
+
 Without conversation/reasoning answers the paper's mix stops the run before any work (`check_instruction_sources`);
 `--instruction-kinds categorical` trains on the categorical rows alone. The mix a run used is in RUN/eval_results.json
 and the model card (`instruction_mix`).
@@ -57,25 +61,140 @@ def answer_rows(image_id, response):
             for kind, answer in zip(("conversation", "reasoning"), parts)]
 
 
-def read_instruction_jsonl(path, known_ids):
-    """Conversation / reasoning answers from a user JSONL: {"id" (or "path"), "kind", "answer"[, "question"]}."""
-    rows, unknown = [], []
-    with open(path, encoding="utf-8") as handle:
-        for number, line in enumerate(handle, 1):
-            if not line.strip():
-                continue
+JSONL_ROW = '{"id", "kind": "conversation"|"reasoning", "answer"}'
+OFFICIAL_ENTRY = '{"img_path", "gpt_response", "label"}'
+
+
+class InstructionFileError(ValueError):
+    """An instruction file that cannot be used, in one line: `FILE:LINE: what is wrong` (JSONL) or
+    `FILE: entry [N]: what is wrong` (the official JSON's list index, from 0), with how many other rows are wrong."""
+
+
+def _a(value):
+    """What a JSON value is, for a message: 'a list', 'a number', 'null'..."""
+    if value is None:
+        return "null"
+    if isinstance(value, str) and not value.strip():
+        return "an empty string"
+    kinds = {dict: "an object", list: "a list", str: "a string", bool: "a boolean", int: "a number", float: "a number"}
+    return kinds.get(type(value), type(value).__name__)
+
+
+def _got(row, key):
+    """The value of `row[key]` described for a message ('missing' when absent)."""
+    return _a(row[key]) if key in row else "missing"
+
+
+def _jsonl_row_problem(row):
+    """What is wrong with one parsed JSONL row, or None."""
+    if not isinstance(row, dict):
+        return f"{_a(row)}, not an object {JSONL_ROW}"
+    key = "id" if "id" in row or "path" not in row else "path"
+    if not isinstance(row.get(key), str) or not row[key].strip():
+        return f'"{key}" must be the image\'s id in the dataset, a string such as "awe/awe_1.jpg"; got {_got(row, key)}'
+    if row.get("kind") not in QUESTIONS:
+        return f'"kind" must be "conversation" or "reasoning", got {row.get("kind")!r}'
+    if not isinstance(row.get("answer"), str) or not row["answer"].strip():
+        return f'"answer" must be a non-empty string, got {_got(row, "answer")}'
+    if row.get("question") is not None and not isinstance(row["question"], str):
+        return f'"question" must be a string when given, got {_a(row["question"])}'
+    return None
+
+
+def _official_entry_problem(entry):
+    """What is wrong with one entry of the official annotation JSON, or None."""
+    if not isinstance(entry, dict):
+        return f"{_a(entry)}, not an annotation {OFFICIAL_ENTRY}"
+    key = "img_path" if entry.get("img_path") or not entry.get("img") else "img"
+    if not isinstance(entry.get(key), str) or not entry[key].strip():
+        return f'"{key}" must be the image\'s path, a string; got {_got(entry, key)}'
+    if not isinstance(entry.get("gpt_response"), str):
+        return f'"gpt_response" must be the annotator\'s answer, a string; got {_got(entry, "gpt_response")}'
+    if entry.get("label") is not None and not isinstance(entry["label"], str):
+        return f'"label" must be a string when given, got {_a(entry["label"])}'
+    return None
+
+
+def _refuse(path, where, problems):
+    """`InstructionFileError` for the first of `problems` ([(line or entry, what)]), counting the others."""
+    (first, what), more = problems[0], len(problems) - 1
+    unit = "line" if where == "line" else "entry"
+    place = f"{path}:{first}" if where == "line" else f"{path}: entry [{first}]"
+    also = ""
+    if more:
+        following = problems[1][0] if where == "line" else f"[{problems[1][0]}]"
+        also = f" ({more} more bad {unit}{'s' if more > 1 else ''}, the next at {unit} {following})"
+    return InstructionFileError(f"{place}: {what}{also}")
+
+
+def load_instruction_file(path):
+    """`("jsonl", [(line number, row)])` or `("official", [(entry index, entry)])`, every row checked for its shape
+    (not against the dataset); `InstructionFileError` in one line naming the file and the first bad line or entry.
+    The official JSON is a list; a file that starts with `[` but holds one JSON value a line is JSONL."""
+    raw = Path(path).read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as error:
+        line = raw[: error.start].count(b"\n") + 1
+        raise InstructionFileError(f"{path}:{line}: not UTF-8 text (byte {raw[error.start]:#04x}); save the file as "
+                                   "UTF-8") from None
+    if text.lstrip().startswith("["):
+        try:
+            entries = json.loads(text)
+        except json.JSONDecodeError as error:
+            if error.msg != "Extra data":  # "Extra data": a JSON value per line, JSONL
+                raise InstructionFileError(f"{path}:{error.lineno}: not valid JSON ({error.msg} at column "
+                                           f"{error.colno})") from None
+        else:
+            problems = [(i, what) for i, entry in enumerate(entries) if (what := _official_entry_problem(entry))]
+            if problems:
+                raise _refuse(path, "entry", problems)
+            return "official", list(enumerate(entries))
+    rows, problems = [], []
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
             row = json.loads(line)
-            image_id = row.get("id", row.get("path"))
-            kind = row.get("kind")
-            if kind not in QUESTIONS or not row.get("answer"):
-                raise ValueError(f"{path}:{number}: need kind conversation/reasoning and a non-empty answer")
-            if image_id not in known_ids:
-                unknown.append(image_id)
-                continue
-            rows.append({"id": image_id, "kind": kind, "question": row.get("question") or QUESTIONS[kind],
-                         "answer": row["answer"]})
+        except json.JSONDecodeError as error:
+            problems.append((number, f"not JSON ({error.msg} at column {error.colno}); each line must be an object "
+                                     f"{JSONL_ROW}"))
+            continue
+        what = _jsonl_row_problem(row)
+        if what:
+            problems.append((number, what))
+        else:
+            rows.append((number, row))
+    if problems:
+        raise _refuse(path, "line", problems)
+    return "jsonl", rows
+
+
+def instruction_file_problem(path):
+    """One line saying what makes the instruction file at `path` unusable, or None (the preflight's check)."""
+    try:
+        load_instruction_file(path)
+    except InstructionFileError as error:
+        return str(error)
+    except OSError as error:
+        return f"{path}: cannot be read ({error.strerror or error})"
+    return None
+
+
+def read_instruction_jsonl(path, known_ids, rows=None):
+    """Conversation / reasoning answers from a user JSONL: {"id" (or "path"), "kind", "answer"[, "question"]}."""
+    if rows is None:
+        rows = load_instruction_file(path)[1]
+    answers, unknown = [], []
+    for _, row in rows:
+        image_id, kind = row.get("id", row.get("path")), row["kind"]
+        if image_id not in known_ids:
+            unknown.append(image_id)
+            continue
+        answers.append({"id": image_id, "kind": kind, "question": row.get("question") or QUESTIONS[kind],
+                        "answer": row["answer"]})
     _report_left_out(path, unknown, "name images that are not in the train split")
-    return rows
+    return answers
 
 
 def tail_index(ids):
@@ -98,17 +217,18 @@ def match_image(path, index):
     return None
 
 
-def read_official_annotations(path, train):
+def read_official_annotations(path, train, entries=None):
     """Conversation and reasoning rows from the official annotation JSON (a list of {img_path, gpt_response})."""
-    entries = json.loads(Path(path).read_text(encoding="utf-8"))
+    if entries is None:
+        kind, entries = load_instruction_file(path)
+        if kind != "official":
+            raise InstructionFileError(f"{path}: not the official annotation JSON (a list of {OFFICIAL_ENTRY})")
     names = train.features["label"].names
     label_of = dict(zip(train["id"], (names[label] for label in train["label"])))
     index = tail_index(label_of)
     rows, unmatched, relabelled, unparsed = [], [], [], []
-    for number, entry in enumerate(entries):
-        where = entry.get("img_path") or entry.get("img") if isinstance(entry, dict) else None
-        if not where or "gpt_response" not in entry:
-            raise ValueError(f"{path}: entry {number} is not an annotation {{img_path, gpt_response}}")
+    for _, entry in entries:
+        where = entry.get("img_path") or entry.get("img")
         image_id = match_image(where, index)
         if image_id is None:
             unmatched.append(where)
@@ -125,12 +245,12 @@ def read_official_annotations(path, train):
 
 
 def read_instruction_file(path, train):
-    """The answers of an instruction file: the official annotation JSON (a JSON list) or our JSONL."""
-    with open(path, encoding="utf-8") as handle:
-        head = handle.read(64).lstrip()
-    if head.startswith("["):
-        return read_official_annotations(path, train)
-    return read_instruction_jsonl(path, set(train["id"]))
+    """The answers of an instruction file: the official annotation JSON (a JSON list) or our JSONL
+    (`InstructionFileError` naming the file and the line or entry when it is neither)."""
+    kind, rows = load_instruction_file(path)
+    if kind == "official":
+        return read_official_annotations(path, train, rows)
+    return read_instruction_jsonl(path, set(train["id"]), rows)
 
 
 def _report_left_out(path, items, why):

@@ -1,32 +1,32 @@
-"""Before any expensive work: every input of a training run resolved in seconds, every problem one readable line.
+"""Before any expensive work: every input of a training run resolved, every problem one readable line, all at once.
 
-`preflight(cfg)` checks, without downloading a weight or writing a file:
+`preflight(cfg)` checks, without downloading a weight or writing a file, and reports every problem in one round:
+- the instruction mix: conversation/reasoning answers come from somewhere (`config.instruction_source_problems`),
+  and an `--instructions` file's every row has the right shape (`instructions.instruction_file_problem`);
 - `--dataset`, `--vlm`, `--teacher` / `--teacher-trained`, a local-VLM `--annotator`: a local folder must exist (a
-  path-looking name that does not exist is "no such folder", never a Hub request) and hold a `config.json` (models);
-  a Hub name must be in the local cache or, when the Hub is reachable, exist there (one request, no retries);
+  path-looking name that does not exist is "no such folder", never a Hub request) and hold a `config.json` (models;
+  a run folder given for a model is pointed to its `model/`); any other name must be in the local cache or, when
+  the Hub is reachable, exist there (`emovlm_kd.hubaccess`: one probe, one request, no retries);
 - `--vlm`: a folder's or cached Hub model's config.json has a backbone `model_type` (qwen2_vl, qwen2_5_vl,
   qwen3_vl);
 - `--annotator openai`: its endpoint accepts a connection;
 - `--push-to-hub`: a valid repo id, a token, and a reachable Hub whose `whoami` accepts the token;
-- `--instructions`: an existing file;
-- RUN/model holds no file this project did not write (the export would refuse it hours later).
+- RUN/model holds no file this project did not write (the export would refuse it hours later);
+- then a local `--dataset` is read (`read_dataset`: its layout, labels and splits, every image file opened once),
+  so that a folder without labels or without a test split stops the run before anything is written. The
+  dataset read is returned and the run uses it (it is not read twice).
 
 With no network, Hub names fail once, fast, saying the Hub is unreachable and how to point at a local copy.
 """
 
 import logging
-import socket
 from pathlib import Path
-from urllib.parse import urlparse
 
+from emovlm_kd.hubaccess import CONNECT_TIMEOUT, HubAccess, connectable
 from emovlm_kd.modelcheck import looks_like_path
-from emovlm_kd.training.config import DEMO
+from emovlm_kd.training.config import DEMO, instruction_source_problems
 
 logger = logging.getLogger(__name__)
-
-CONNECT_TIMEOUT = 3.0
-LOCAL_COPY = ("download it where the Hub is reachable (`hf download {name} --local-dir DIR`) and pass DIR, or set "
-              "HF_HUB_OFFLINE=1 with it in the Hub cache")
 
 
 class PreflightError(ValueError):
@@ -37,80 +37,10 @@ class PreflightError(ValueError):
         super().__init__("cannot start the run:\n  " + "\n  ".join(self.problems))
 
 
-def connectable(url, timeout=CONNECT_TIMEOUT):
-    """Whether a TCP connection to `url`'s host and port opens within `timeout` seconds."""
-    parsed = urlparse(url)
-    port = parsed.port or (443 if parsed.scheme == "https" else 80)
-    try:
-        with socket.create_connection((parsed.hostname, port), timeout=timeout):
-            return True
-    except OSError:
-        return False
-
-
-class HubAccess:
-    """The Hub's reachability, probed once per preflight (one TCP connection), and lookups through it."""
-
-    def __init__(self):
-        from huggingface_hub import constants
-
-        self.endpoint, self.offline = constants.ENDPOINT, constants.HF_HUB_OFFLINE
-        self._reachable = None
-
-    @property
-    def reachable(self):
-        if self._reachable is None:
-            self._reachable = not self.offline and connectable(self.endpoint)
-        return self._reachable
-
-    def unreachable(self, flag, name):
-        why = "HF_HUB_OFFLINE is set" if self.offline else f"the Hub ({self.endpoint}) is unreachable"
-        return f"{flag} {name}: not in the local Hub cache and {why}; " + LOCAL_COPY.format(name=name)
-
-    def check_model(self, flag, name):
-        from huggingface_hub import try_to_load_from_cache
-
-        if isinstance(try_to_load_from_cache(name, "config.json"), str):
-            return None
-        if not self.reachable:
-            return self.unreachable(flag, name)
-        return self._exists(flag, name, "model")
-
-    def check_dataset(self, flag, name):
-        if self.offline:  # `datasets` reads its own cache offline; nothing to probe
-            return None
-        if not self.reachable:
-            return self.unreachable(flag, name)
-        return self._exists(flag, name, "dataset")
-
-    def _exists(self, flag, name, kind):
-        from huggingface_hub import HfApi
-        from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, RepositoryNotFoundError
-
-        info = HfApi().model_info if kind == "model" else HfApi().dataset_info
-        try:
-            info(name, timeout=10)
-        except GatedRepoError:
-            return f"{flag} {name}: a gated {kind}; accept its terms on the Hub and log in (`hf auth login`)"
-        except RepositoryNotFoundError:
-            return f"{flag} {name}: no such {kind} on the Hub (nor a local folder)"
-        except (HfHubHTTPError, OSError) as error:
-            return f"{flag} {name}: the Hub did not answer ({error.__class__.__name__}); " + LOCAL_COPY.format(name=name)
-        return None
-
-
 def check_model_reference(flag, name, hub):
     """One problem line for a model given by folder or Hub name, or None."""
-    path = Path(name).expanduser()
-    if path.exists():
-        if not path.is_dir():
-            return f"{flag} {name}: not a folder"
-        if not (path / "config.json").is_file():
-            return f"{flag} {name}: no config.json in this folder (not a transformers model folder)"
-        return None
-    if looks_like_path(name):
-        return f"{flag} {name}: no such folder"
-    return hub.check_model(flag, name)
+    problem = hub.model_problem(name)
+    return f"{flag} {name}: {problem}" if problem else None
 
 
 def check_vlm_backbone(name):
@@ -137,12 +67,31 @@ def check_vlm_backbone(name):
 
 
 def check_dataset_reference(name, hub):
-    path = Path(name).expanduser()
-    if path.exists():
-        return None
-    if looks_like_path(name) or "/" not in name:
-        return f"--dataset {name}: no such folder or file"
-    return hub.check_dataset("--dataset", name)
+    problem = hub.dataset_problem(name)
+    return f"--dataset {name}: {problem}" if problem else None
+
+
+def is_local(name):
+    return Path(str(name)).expanduser().exists()
+
+
+def read_dataset(cfg, source=None):
+    """The run's `DatasetDict` from `source` (default `--dataset`) as `load_image_dataset` reads it (every local image
+    opened once), with the `--splits` file applied; `ValueError` when it has no train or test split, or (with
+    `--leakage error`) when identical images sit in two splits (a warning otherwise)."""
+    from emovlm_kd.data import load_image_dataset
+    from emovlm_kd.data.splitfile import apply_splits, check_leakage, read_splits
+    from emovlm_kd.evaluation.options import dataset_options
+
+    source = cfg.dataset if source is None else source
+    dataset = load_image_dataset(source, **dataset_options(cfg))
+    if cfg.splits:
+        dataset = apply_splits(dataset, read_splits(cfg.splits), where=cfg.splits)
+    for split in ("train", "test"):
+        if split not in dataset:
+            raise ValueError(f"dataset {source!r} has no {split} split (found: {', '.join(dataset)})")
+    check_leakage(dataset, strict=cfg.leakage == "error")
+    return dataset
 
 
 def check_annotator(cfg, hub):
@@ -191,9 +140,13 @@ def check_output(cfg):
 
 
 def problems(cfg):
-    """Every problem with the run's inputs (a list of lines; empty when the run can start)."""
+    """Every problem with the run's inputs but the dataset's contents (a list of lines; empty when all resolve)."""
     hub = HubAccess()
-    found = []
+    found = list(instruction_source_problems(cfg))
+    if cfg.instructions and cfg.instructions != DEMO and Path(cfg.instructions).is_file():
+        from emovlm_kd.training.instructions import instruction_file_problem  # every line's shape, file:line
+
+        found.append(f"--instructions {problem}" if (problem := instruction_file_problem(cfg.instructions)) else None)
     if cfg.dataset != DEMO:
         found.append(check_dataset_reference(cfg.dataset, hub))
     if not cfg.is_demo:
@@ -202,9 +155,9 @@ def problems(cfg):
         found.append(check_model_reference("--teacher-trained", cfg.teacher_trained, hub))
     elif cfg.teacher != DEMO:
         found.append(check_model_reference("--teacher", cfg.teacher, hub))
-    if cfg.instructions and cfg.instructions != DEMO and not Path(cfg.instructions).is_file():
-        found.append(f"--instructions {cfg.instructions}: no such file")
     found.append(check_annotator(cfg, hub))
+    if cfg.splits and not Path(cfg.splits).is_file():
+        found.append(f"--splits {cfg.splits}: no such file")
     if cfg.push_to_hub:
         found.append(check_push(cfg.push_to_hub, hub))
     found.append(check_output(cfg))
@@ -212,12 +165,23 @@ def problems(cfg):
 
 
 def preflight(cfg):
-    """Raise `PreflightError` listing every problem; log one line when all is well."""
+    """Raise `PreflightError` listing every problem; else the dataset read (a local `--dataset`: see `read_dataset`)
+    or None (the demo's, built in the run, or a Hub dataset, loaded by the run), with one log line.
+
+    A local dataset is read also when other problems were found, so that its own come in the same round."""
     found = problems(cfg)
+    dataset = None
+    if cfg.dataset != DEMO and is_local(cfg.dataset):
+        try:
+            dataset = read_dataset(cfg)
+        except (ValueError, OSError) as error:
+            found.append(f"--dataset {cfg.dataset}: {error}")
     if found:
         raise PreflightError(found)
     logger.info("preflight: inputs resolved (dataset %s, VLM %s, teacher %s)", cfg.dataset, cfg.vlm,
                 cfg.teacher_trained or cfg.teacher)
+    return dataset
 
 
-__all__ = ["PreflightError", "looks_like_path", "preflight", "problems"]
+__all__ = ["CONNECT_TIMEOUT", "HubAccess", "PreflightError", "connectable", "looks_like_path", "preflight", "problems",
+           "read_dataset"]

@@ -14,12 +14,17 @@ the others whether it got it (all of them go on, or all raise `RunFolderBusy`); 
 refused. A process that holds the lock already holds it again without asking (the command line may take it before
 the training code is imported, and `run_training` takes it again). Where `fcntl` does not exist (Windows) there is
 no lock, and one warning says so.
+
+`ablate` and `evaluate` take the lock of the run folder they write into (`hold_run_locks_of`: the folder holding
+`train_config.json` or a `.lock` of ours at or above each path), so that they and a training run never write there
+at once.
 """
 
 import contextlib
 import errno
 import logging
 import os
+import re
 import socket
 import time
 from pathlib import Path
@@ -35,6 +40,8 @@ except ImportError:  # Windows
 logger = logging.getLogger(__name__)
 
 LOCK_FILE = ".lock"
+RUN_CONFIG = "train_config.json"  # written at a run's start (under the lock)
+HOLDER_LINE = re.compile(r"^pid \d+ on .*, since \d{4}-\d\d-\d\d ")  # what `acquire` writes in LOCK_FILE
 _HELD = {}  # resolved run folder -> this process's open lock file (None on the other processes of a launch)
 
 
@@ -43,9 +50,10 @@ class RunFolderBusy(UsageError):
 
 
 @contextlib.contextmanager
-def hold_run_lock(run_dir):
+def hold_run_lock(run_dir, purpose=None):
     """Hold `run_dir/.lock` (the folder is created if needed) until the block ends; `RunFolderBusy` at once, in
-    every process of the launch, when another run holds it."""
+    every process of the launch, when another run holds it. `purpose` (e.g. "emovlm-kd ablate") is added to the
+    holder's line, for the message a refused run prints."""
     run_dir = Path(run_dir)
     key = run_dir.resolve()
     if key in _HELD:  # this process holds it already: held once more, released by the outer holder
@@ -54,7 +62,7 @@ def hold_run_lock(run_dir):
     taken = {}
 
     def take():  # on the main process only: None when taken, else why not
-        taken["file"], refusal = acquire(run_dir)
+        taken["file"], refusal = acquire(run_dir, purpose)
         return refusal
 
     refusal = main_process_decides(take)
@@ -69,7 +77,7 @@ def hold_run_lock(run_dir):
             handle.close()  # closing the last descriptor releases the lock
 
 
-def acquire(run_dir):
+def acquire(run_dir, purpose=None):
     """(the open, locked lock file, None), or (None, the refusal message) when another process holds it; (None,
     None) where the platform or file system cannot lock (one warning)."""
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -90,7 +98,8 @@ def acquire(run_dir):
         return None, None
     handle.seek(0)
     handle.truncate()
-    handle.write(f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+    holder = f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}"
+    handle.write(holder + (f", {purpose}" if purpose else "") + "\n")
     handle.flush()
     return handle, None
 
@@ -99,3 +108,32 @@ def read_holder(handle):
     """Who holds the lock, as its holder wrote it ("pid N on HOST, since TIME")."""
     handle.seek(0)
     return handle.read().strip() or "holder unknown"
+
+
+def run_folder_of(path):
+    """The training run folder `path` is or lies in (the nearest folder at or above it holding `train_config.json`
+    or a `.lock` of ours: another tool's `.lock`, pytest's say, is not), or None."""
+    path = Path(path).resolve()
+    return next((folder for folder in [path, *path.parents] if is_run_folder(folder)), None)
+
+
+def is_run_folder(folder):
+    if (folder / RUN_CONFIG).is_file():
+        return True
+    try:
+        with open(folder / LOCK_FILE, encoding="utf-8", errors="replace") as handle:
+            return HOLDER_LINE.match(handle.readline(200)) is not None
+    except OSError:
+        return False
+
+
+@contextlib.contextmanager
+def hold_run_locks_of(*paths, purpose=None):
+    """The lock of every run folder that one of `paths` is or lies in (`run_folder_of`), held until the block
+    ends; `RunFolderBusy` (the message `train` gives) when another process holds one. Paths in no run folder take
+    no lock."""
+    folders = sorted({folder for folder in map(run_folder_of, paths) if folder is not None})
+    with contextlib.ExitStack() as stack:
+        for folder in folders:
+            stack.enter_context(hold_run_lock(folder, purpose))
+        yield

@@ -10,13 +10,13 @@ every file it wrote and a rerun rebuilds RUN/model and RUN/eval_results.json whe
 
 import json
 import logging
-import re
 import time
 from functools import partial
 from pathlib import Path
 
 import torch
 
+from emovlm_kd import folders
 from emovlm_kd.determinism import deterministic
 from emovlm_kd.distributed import barrier, is_main_process, main_process_decides, state
 from emovlm_kd.evaluation.options import dataset_options
@@ -60,23 +60,18 @@ PARTS = ("vlm", "distill", "teacher", "emovlm_kd")
 EXPORT_RECORD = "files.json"  # RUN/stage5_export/files.json: {RUN-relative path: sha256} of what the export wrote
 
 
-def load_data(cfg, data_source):
-    """The run's DatasetDict: derived by the loader, or the `--splits` file's; train capped by max_train_samples;
-    identical images across splits reported (or refused with `--leakage error`); every split's fingerprint made to
-    cover its image files (`see_image_files`), so that every stage and cache key does."""
-    from emovlm_kd.data import load_image_dataset
-    from emovlm_kd.data.splitfile import apply_splits, check_leakage, read_splits
+def load_data(cfg, data_source, dataset=None):
+    """The run's DatasetDict: `dataset` when preflight read it already, else read now (`preflight.read_dataset`: the
+    loader's or the `--splits` file's split, identical images across splits reported or refused); train capped by
+    max_train_samples; every split's fingerprint made to cover its image files (`see_image_files`), so that every
+    stage and cache key does."""
+    from emovlm_kd.training.preflight import read_dataset
 
-    dataset = load_image_dataset(data_source, **dataset_options(cfg))
-    if cfg.splits:
-        dataset = apply_splits(dataset, read_splits(cfg.splits), where=cfg.splits)
-    for split in ("train", "test"):
-        if split not in dataset:
-            raise ValueError(f"dataset {data_source!r} has no {split} split (found: {', '.join(dataset)})")
+    if dataset is None:
+        dataset = read_dataset(cfg, data_source)
     if cfg.max_train_samples:
         dataset["train"] = dataset["train"].shuffle(seed=cfg.seed).select(range(min(cfg.max_train_samples,
                                                                                   len(dataset["train"]))))
-    check_leakage(dataset, strict=cfg.leakage == "error")
     return see_image_files(dataset, cfg.verify_data)
 
 
@@ -109,16 +104,16 @@ def accuracy(predictions, labels):
     return round(float((predictions == labels).float().mean()), 4)
 
 
-def run_training(cfg):
+def run_training(cfg, dataset=None):
     """Run every stage, holding RUN/.lock throughout (`RunFolderBusy`, a `UsageError`, when another run holds it),
     with deterministic algorithms where torch has them (`emovlm_kd.determinism`); returns the test-split results
-    written to RUN/eval_results.json."""
+    written to RUN/eval_results.json. `dataset`: the `--dataset` as `preflight` read it (None: read here)."""
     state()  # joins the process group under torchrun before any collective
     tidy_transformers_bars()
     torch.manual_seed(cfg.seed)
     check_instruction_sources(cfg)  # the paper's mix needs conversation/reasoning answers: stop before any work
     with hold_run_lock(cfg.output_dir), deterministic():  # the lock before anything is written in RUN
-        results = run_stages(cfg)
+        results = run_stages(cfg, dataset)
         if is_main_process():
             respect_umask(*owned_folders(Path(cfg.output_dir)), only_private=True)
     return results
@@ -130,7 +125,7 @@ def owned_folders(run_dir):
     return [*sorted(run_dir.glob("stage[0-9]_*")), *(run_dir / name for name in ("cache", "model", "base"))]
 
 
-def run_stages(cfg):
+def run_stages(cfg, dataset=None):
     """Every stage, in order, each skipped when done with the same inputs; the results."""
     from configuration_emovlm_kd import EmoVLMKDConfig
 
@@ -142,7 +137,7 @@ def run_stages(cfg):
         cfg.instructions = str(Path(data_source) / REASONING_FILE)
 
     logger.info("== Data: %s", data_source)
-    dataset = load_data(cfg, data_source)
+    dataset = load_data(cfg, data_source, dataset)
     names = dataset["train"].features["label"].names
     logger.info("splits: %s; labels: %s", {k: len(v) for k, v in dataset.items()}, ", ".join(names))
     split_file = record_splits(cfg, run_dir, dataset, data_source)
@@ -167,9 +162,15 @@ def run_stages(cfg):
     results = test_results(passes["test"], outputs)
     results.update(instruction_mix=mix, gate_data=gate_data_summary(cfg, passes))
     card = model_card(cfg, names, results, vlm_path, backbone_type=bundle.config.vlm_config.model_type,
-                      examples=widget_example_names(names))
+                      examples=widget_example_names(names) if ships_examples(cfg) else ())
     export(cfg, run_dir, bundle, processor, card, results, split_file)
     return results
+
+
+def ships_examples(cfg):
+    """Whether the export writes the card's widget examples: pictures of the synthetic dataset's generator, so only
+    for a model trained on it (`--dataset demo`)."""
+    return cfg.dataset == DEMO
 
 
 def start_run(cfg):
@@ -184,27 +185,25 @@ def start_run(cfg):
     return run_dir
 
 
-PARTIAL_WRITE = re.compile(r"^\..+\.\d+\.tmp$")  # `.NAME.PID.tmp`: atomic_write_text's and TensorCache's temp files
-
-
 def remove_partial_writes(run_dir):
-    """Delete the temp files of atomic writes a killed run left (`.NAME.PID.tmp`; a cache's can be gigabytes)."""
-    leftovers = [path for path in run_dir.rglob(".*.tmp") if path.is_file() and PARTIAL_WRITE.match(path.name)]
-    for path in leftovers:
-        path.unlink(missing_ok=True)
+    """Delete the temp files and folders of the writes a killed run left (`emovlm_kd.folders.PARTIAL_WRITE`:
+    `.NAME.emovlm-kd-PID-TOKEN.tmp` or `.old` of a process that is gone; a cache's can be gigabytes, an export's
+    a whole model). Nothing else is touched."""
+    leftovers = folders.remove_partial_writes(run_dir)
     if leftovers:
-        logger.info("removed %d temp file(s) of writes a killed run left", len(leftovers))
+        logger.info("removed %d temp file(s) or folder(s) of writes a killed run left", len(leftovers))
 
 
 def resolve_inputs(cfg, run_dir):
-    """(dataset, VLM, teacher) locations: the user's, or the demo's built under RUN/ where a setting is `demo`."""
+    """(dataset, VLM, teacher) locations: the user's, or the demo's built under RUN/ where a setting is `demo` (only
+    those: a run on the user's dataset gets no synthetic images)."""
     data_source, vlm_path, teacher_path = cfg.dataset, cfg.vlm, cfg.teacher
-    if cfg.is_demo or DEMO in (cfg.dataset, cfg.teacher):
-        demo_data, demo_vlm, demo_teacher = prepare_demo_inputs(run_dir, cfg.seed,
+    wanted = {"data": cfg.dataset == DEMO, "vlm": cfg.is_demo, "teacher": cfg.teacher == DEMO}
+    if any(wanted.values()):
+        demo_data, demo_vlm, demo_teacher = prepare_demo_inputs(run_dir, cfg.seed, **wanted,
                                                                 backbone=demo_backbone(cfg.vlm) or DEMO_BACKBONE)
-        data_source = demo_data if cfg.dataset == DEMO else data_source
-        vlm_path = demo_vlm if cfg.is_demo else vlm_path
-        teacher_path = demo_teacher if cfg.teacher == DEMO else teacher_path
+        data_source, vlm_path = demo_data or data_source, demo_vlm or vlm_path
+        teacher_path = demo_teacher or teacher_path
     return data_source, vlm_path, teacher_path
 
 
@@ -307,7 +306,8 @@ def export(cfg, run_dir, bundle, processor, card, results, split_file):
         if damage:
             logger.warning("[export] %s: rebuilding RUN/model and eval_results.json", damage)
         if is_main_process():
-            examples = write_widget_examples(run_dir / "examples", bundle.config.labels)
+            # the synthetic pictures go with the synthetic dataset only: a model of real data gets no made-up examples
+            examples = write_widget_examples(run_dir / "examples", bundle.config.labels) if ships_examples(cfg) else {}
             save_bundle(bundle, processor, run_dir / "model", model_card=card,
                         extra_files={SPLITS_FILE: run_dir / SPLITS_FILE, **examples})
             atomic_write_text(run_dir / "eval_results.json", json.dumps(results, indent=2))

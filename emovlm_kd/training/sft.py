@@ -9,7 +9,6 @@ cast to the run's dtype: a merge in bfloat16 rounds LoRA updates smaller than ha
 
 import json
 import logging
-import shutil
 from pathlib import Path
 
 import torch
@@ -17,6 +16,7 @@ from transformers import set_seed
 
 from configuration_emovlm_kd import DEFAULT_MAX_IMAGE_SIDE
 from emovlm_kd.distributed import is_main_process, world_size
+from emovlm_kd.folders import staged_folder
 from emovlm_kd.hub import reset_tokenizer_call_state
 from emovlm_kd.images import limit_processor_pixels, prepare_image
 from emovlm_kd.training.cache import fingerprint, fingerprint_checkpoint, fingerprint_dataset
@@ -167,10 +167,7 @@ def merge_in_float32(vlm_path, adapter_dir, dtype):
 def merge_adapter(vlm_path, adapter_dir, dtype, processor, merged_dir):
     """`merge_in_float32`, saved in `dtype` with the processor as `merged_dir`, atomically."""
     merged = merge_in_float32(vlm_path, adapter_dir, dtype)
-    tmp = merged_dir.with_name("merged.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    merged.save_pretrained(str(tmp))
-    reset_tokenizer_call_state(processor)  # tokenizer.json must not depend on the last batch the SFT padded
-    processor.save_pretrained(str(tmp))
-    shutil.rmtree(merged_dir, ignore_errors=True)
-    tmp.rename(merged_dir)
+    with staged_folder(merged_dir) as tmp:  # renamed into place when complete; a full disk is one WriteError
+        merged.save_pretrained(str(tmp))
+        reset_tokenizer_call_state(processor)  # tokenizer.json must not depend on the last batch the SFT padded
+        processor.save_pretrained(str(tmp))

@@ -18,6 +18,7 @@ from emovlm_kd.distributed import (
     main_process_decides,
     world_size,
 )
+from emovlm_kd.folders import writing
 from emovlm_kd.logs import interactive
 from emovlm_kd.training.cache import atomic_write_text
 
@@ -152,7 +153,8 @@ def run_trainer(trainer, resume_from_checkpoint=None):
     strategy = getattr(trainer.args.logging_strategy, "value", trainer.args.logging_strategy)
     log = None if strategy == "no" else Path(trainer.args.output_dir).parent / "trainer_log.jsonl"
     route_trainer_logs(trainer, log)
-    return trainer.train(resume_from_checkpoint=resume_from_checkpoint)
+    with writing(trainer.args.output_dir):  # a full disk while a checkpoint is saved: one line naming the folder
+        return trainer.train(resume_from_checkpoint=resume_from_checkpoint)
 
 
 def resolve_dtype(cfg):

@@ -9,13 +9,13 @@ teacher pass see the same pixels; a `--teacher-trained` model is evaluated with 
 """
 
 import logging
-import shutil
 from pathlib import Path
 
 import torch
 from transformers import set_seed
 
 from emovlm_kd.distributed import is_main_process
+from emovlm_kd.folders import staged_folder
 from emovlm_kd.images import prepare_image
 from emovlm_kd.training.cache import (
     fingerprint,
@@ -156,12 +156,9 @@ def run_stage2(cfg, run_dir, dataset, teacher_path):
     trainer = teacher_trainer(cfg, teacher, train, stage.checkpoints(), callbacks=[augment.callback()])
     result = run_trainer(trainer, last_checkpoint(trainer.args.output_dir))
     if is_main_process():
-        tmp = model_dir.with_name("model.tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        trainer.save_model(str(tmp))
-        eval_image_processor(image_processor).save_pretrained(str(tmp))
-        shutil.rmtree(model_dir, ignore_errors=True)
-        tmp.rename(model_dir)
+        with staged_folder(model_dir) as tmp:  # renamed into place when complete
+            trainer.save_model(str(tmp))
+            eval_image_processor(image_processor).save_pretrained(str(tmp))
     stage.finish(train_loss=round(result.training_loss, 4), steps=result.global_step)
     return model_dir
 
