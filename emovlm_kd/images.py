@@ -20,17 +20,20 @@ from pathlib import Path
 
 from PIL import Image
 
-from pipeline_emovlm_kd import (  # noqa: F401  (re-exported)
-    MAX_ASPECT_RATIO,
-    MIN_SIDE,
-    decode_reduced,
-    fit_image,
-    limit_long_side,
-    prepare_image,
-    to_rgb,
-)
-
 logger = logging.getLogger(__name__)
+
+# re-exported from the pipeline file on first use (`__getattr__`): it imports torch and transformers, which the
+# dataset readers (IMAGE_EXTENSIONS, iter_image_files) must not wait for, so a bad --dataset is refused in a second
+FROM_PIPELINE = ("MAX_ASPECT_RATIO", "MIN_SIDE", "decode_reduced", "fit_image", "limit_long_side", "prepare_image",
+                 "to_rgb")
+
+
+def __getattr__(name):
+    if name in FROM_PIPELINE:
+        import pipeline_emovlm_kd
+
+        return getattr(pipeline_emovlm_kd, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".gif", ".webp", ".bmp", ".tif", ".tiff", ".jfif", ".ppm", ".pgm"}
 
@@ -56,6 +59,8 @@ def iter_image_files(inputs):
 def load_image_file(path, max_side=None):
     """`prepare_image` of the file at `path` (upright, RGB, long side at most `max_side`, fitted), or
     `ImageLoadError` saying what is wrong."""
+    from pipeline_emovlm_kd import decode_reduced, prepare_image
+
     path = Path(path)
     if not path.exists():
         raise ImageLoadError("file not found")

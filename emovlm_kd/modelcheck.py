@@ -522,19 +522,110 @@ CHAT_TEMPLATE_FILES = ("chat_template.jinja", "chat_template.json", "processor_c
 def check_chat_template(processor, config, folder):
     """`ModelCheckError` naming the template's file when the processor's chat template does not render the two
     prompts the model is asked (the classification prompt and the reasoning instruction, one image each): a template
-    that raises (a sandbox violation, an undefined name, a syntax error) is refused here, not at the first image."""
-    from modeling_emovlm_kd import EXPLANATION_QUESTION, chat_prompt
-
+    that raises (a sandbox violation, an undefined name, a syntax error) is refused here, not at the first image.
+    The trial render runs in a forked child bounded in time and memory (`bounded_in_child`), so a template written
+    to cost (`{{ 'x' * 10**10 }}`, loops in loops) is refused too, without taking this process down."""
     folder = Path(folder)
     file = next((folder / name for name in CHAT_TEMPLATE_FILES if (folder / name).is_file()), folder)
+    problem = bounded_in_child(lambda: _chat_template_problem(processor, config), TEMPLATE_SECONDS, TEMPLATE_MEMORY)
+    if problem is not None:
+        raise ModelCheckError(file, problem)
+
+
+TEMPLATE_SECONDS = 10.0  # a real chat template renders in milliseconds
+TEMPLATE_MEMORY = 512 << 20  # bytes the trial render may allocate
+
+
+def _chat_template_problem(processor, config):
+    """What is wrong with rendering the two prompts (one line), or None."""
+    from modeling_emovlm_kd import EXPLANATION_QUESTION, chat_prompt
+
     for instruction in (config.classification_prompt(), EXPLANATION_QUESTION):
         try:
             prompt = chat_prompt(processor, instruction)
+        except MemoryError:
+            return f"the chat template needs more than {TEMPLATE_MEMORY >> 20} MiB to render the prompt"
         except Exception as error:  # noqa: BLE001 (jinja2's errors, or a template calling what fails: one problem)
-            raise ModelCheckError(file, f"the chat template does not render the prompt ({type(error).__name__}: "
-                                        f"{_first_line(error)})") from None
+            return f"the chat template does not render the prompt ({type(error).__name__}: {_first_line(error)})"
         if not isinstance(prompt, str):
-            raise ModelCheckError(file, f"the chat template renders a {type(prompt).__name__}, not text")
+            return f"the chat template renders a {type(prompt).__name__}, not text"
+    return None
+
+
+def bounded_in_child(problem_of, seconds, memory):
+    """`problem_of()` (a one-line problem or None) run in a forked child that may allocate `memory` more bytes
+    (RLIMIT_AS above its size at the fork) and run `seconds`; past either, the child is ended and that is the
+    problem. Where there is no `fork` (Windows), `problem_of()` runs here, unbounded."""
+    import select
+    import signal
+
+    if not hasattr(os, "fork"):
+        return problem_of()
+    read_end, write_end = os.pipe()
+    with _tokenizers_quiet_at_fork():
+        pid = os.fork()
+    if pid == 0:  # the child: bound itself, answer through the pipe, never return into the caller's code
+        try:
+            os.close(read_end)
+            _limit_memory(memory)
+            answer = problem_of()
+            os.write(write_end, json.dumps({"problem": answer}).encode())
+        except MemoryError:
+            os.write(write_end, json.dumps({"memory": True}).encode())
+        except BaseException as error:  # noqa: BLE001 (anything in the child is one line for the parent)
+            os.write(write_end, json.dumps({"problem": f"{type(error).__name__}: {_first_line(error)}"}).encode())
+        finally:
+            os._exit(0)
+    os.close(write_end)
+    try:
+        ready, _, _ = select.select([read_end], [], [], seconds)
+        chunks = []
+        while ready:
+            chunk = os.read(read_end, 1 << 16)
+            if not chunk:
+                break
+            chunks.append(chunk)
+    finally:
+        os.close(read_end)
+        if not ready:
+            os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+    if not ready:
+        return f"the chat template takes more than {seconds:g} s to render the prompt"
+    try:
+        answer = json.loads(b"".join(chunks) or b"{}")
+    except ValueError:
+        answer = {}
+    if answer.get("memory") or "problem" not in answer:  # a child ended by the allocator, or killed
+        return f"the chat template needs more than {memory >> 20} MiB to render the prompt"
+    return answer["problem"]
+
+
+def _limit_memory(extra):
+    """RLIMIT_AS at this process's current address space plus `extra` bytes (Linux; elsewhere no limit)."""
+    import resource
+
+    try:
+        pages = int(Path("/proc/self/statm").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return
+    limit = pages * os.sysconf("SC_PAGE_SIZE") + extra
+    hard = resource.getrlimit(resource.RLIMIT_AS)[1]
+    resource.setrlimit(resource.RLIMIT_AS, (limit if hard == resource.RLIM_INFINITY else min(limit, hard), hard))
+
+
+@contextlib.contextmanager
+def _tokenizers_quiet_at_fork():
+    """The `tokenizers` library warns in a forked child when the parent used its thread pool, unless
+    TOKENIZERS_PARALLELISM is set: set it (to what applies now) for the fork only; the parent's setting is unchanged."""
+    given = os.environ.get("TOKENIZERS_PARALLELISM")
+    if given is None:
+        os.environ["TOKENIZERS_PARALLELISM"] = "true"
+    try:
+        yield
+    finally:
+        if given is None:
+            os.environ.pop("TOKENIZERS_PARALLELISM", None)
 
 
 def _check_answers_match_tokenizer(model, processor, file):

@@ -264,6 +264,32 @@ def test_a_chat_template_that_raises_is_refused_in_one_line(case, bundle, image,
     assert f"{bundle / 'chat_template.jinja'}: the chat template does not render the prompt ({error}" in line
 
 
+COSTLY_TEMPLATES = {  # a template written to cost: refused in one line, within the bounds, this process unharmed
+    "memory": ("{{ 'x' * 10**10 }}", "the chat template needs more than 512 MiB to render the prompt"),
+    "time": ("{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}",
+             "the chat template takes more than 2 s to render the prompt"),
+}
+
+
+@pytest.mark.parametrize("case", list(COSTLY_TEMPLATES))
+def test_a_chat_template_written_to_cost_is_refused_within_its_bounds(case, bundle, image, capsys, monkeypatch):
+    import resource
+    import time
+
+    import emovlm_kd.modelcheck
+
+    monkeypatch.setattr(emovlm_kd.modelcheck, "TEMPLATE_SECONDS", 2.0)
+    template, message = COSTLY_TEMPLATES[case]
+    (bundle / "chat_template.jinja").write_text(template)
+    peak_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    start = time.monotonic()
+    line = predict_exit_3(bundle, image, capsys)
+    assert time.monotonic() - start < 60  # the whole predict: imports, the model's own checks, the bounded render
+    assert line.endswith(f": the model could not be loaded: {bundle / 'chat_template.jinja'}: {message}"), line
+    # the render ran in a child: this process did not grow by what the template asked for (10 GB)
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - peak_before < 1_000_000  # KiB: under ~1 GB
+
+
 def test_the_finite_check_counts_only_what_is_not_finite():
     """The screen is each tensor's sum: a float16 sum that overflows (finite values) passes, one NaN among them
     does not."""

@@ -158,3 +158,14 @@ def test_commands_run_from_the_installed_wheel(wheel, tmp_path):
                             cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Qwen/Qwen2-VL-7B-Instruct" in result.stdout and "runs/fi" in result.stdout
+
+
+def test_the_dataset_readers_and_the_image_helpers_import_no_torch():
+    """A bad `--dataset` is refused in about a second: reading a dataset's layout (and `emovlm_kd.images`' file
+    listing) never waits for torch or transformers, which `prepare_image`'s pipeline file imports (loaded on use)."""
+    code = ("import sys, emovlm_kd.data.loading, emovlm_kd.images as images, emovlm_kd.commands.split\n"
+            "assert not {'torch', 'transformers', 'pipeline_emovlm_kd'} & set(sys.modules), "
+            "sorted({'torch', 'transformers', 'pipeline_emovlm_kd'} & set(sys.modules))\n"
+            "assert callable(images.prepare_image) and 'pipeline_emovlm_kd' in sys.modules\n")
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]

@@ -329,16 +329,31 @@ def test_a_run_after_a_kill_replaces_the_set_and_clears_what_the_kill_left(tiny_
     out.mkdir()
     (out / "report.json").write_text('{"old": true}\n')
     (out / "confusion_matrix.png").write_bytes(b"old figure")
-    (out / ".predictions.jsonl.4242.part").write_text("half a line")  # an older writer's temporary file
-    (tmp_path / ".report.tmp").mkdir()  # a staging folder of a run killed while writing
-    (tmp_path / ".report.tmp" / "predictions.jsonl").write_text("partial\n")
+    dead = dead_pid()
+    # what a killed writer leaves: `.NAME.emovlm-kd-PID-TOKEN.tmp` (emovlm_kd.folders.temp_path) of a process gone
+    (out / f".predictions.jsonl.emovlm-kd-{dead}-0badc0de.tmp").write_text("half a line")
+    staging = tmp_path / f".report.emovlm-kd-{dead}-12345678.tmp"  # a staging folder of a run killed while writing
+    staging.mkdir()
+    (staging / "predictions.jsonl").write_text("partial\n")
+    (tmp_path / ".report.tmp").mkdir()  # a user's folder of a similar name: never ours to remove
+    (tmp_path / ".report.tmp" / "notes.txt").write_text("mine\n")
     assert evaluate(tiny_bundle_dir, dataset_dir, out) == 0
     names = sorted(p.name for p in out.iterdir())
     assert names == ["complementarity.png", "confusion_matrix.png", "predictions.jsonl", "report.json", "report.md"]
     report = json.loads((out / "report.json").read_text())
     assert report["num_samples"] == 8 and (out / "confusion_matrix.png").read_bytes() != b"old figure"
     assert len((out / "predictions.jsonl").read_text().splitlines()) == 8
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["report"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".report.tmp", "report"]
+    assert (tmp_path / ".report.tmp" / "notes.txt").read_text() == "mine\n"
+
+
+def dead_pid():
+    """The pid of a process that has ended (a child run to completion and reaped)."""
+    import subprocess
+
+    child = subprocess.Popen(["true"])
+    child.wait()
+    return child.pid
 
 
 @pytest.mark.parametrize("where", ["inside", "is the current folder"])
@@ -362,3 +377,53 @@ def test_evaluate_never_replaces_a_folder_holding_other_files(where, tiny_bundle
     assert (out / "report.json").read_text() == '{"old": true}\n'
     if where == "inside":
         assert (out / "notes.txt").read_text() == "mine"
+
+
+class FullDisk:
+    """A file handle whose writes fail as on a full disk (ENOSPC), after `room` characters."""
+
+    def __init__(self, handle, room=0):
+        self.handle, self.room = handle, room
+
+    def write(self, text):
+        if len(text) > self.room:
+            raise OSError(28, os.strerror(28))
+        self.room -= len(text)
+        return self.handle.write(text)
+
+    def __getattr__(self, name):
+        return getattr(self.handle, name)
+
+
+@pytest.mark.parametrize("where", ["the lines", "the record beside them"])
+def test_a_full_disk_is_one_line_exit_1_and_nothing_a_rerun_trusts(where, tiny_bundle_dir, image_dir, tmp_path, capsys,
+                                                                    monkeypatch):
+    import builtins
+
+    import emovlm_kd.commands.predict as predict_command
+
+    out = tmp_path / "p.jsonl"
+    if where == "the lines":  # the first batch's lines do not fit
+        monkeypatch.setattr(predict_command, "open", lambda *a, **k: FullDisk(builtins.open(*a, **k)), raising=False)
+        failed = f"{out}.part"
+    else:  # the record of what the lines are for does not fit
+        write_text = Path.write_text
+
+        def full(self, *args, **kwargs):
+            if self.name.endswith(".part.json"):
+                raise OSError(28, os.strerror(28))
+            return write_text(self, *args, **kwargs)
+
+        monkeypatch.setattr(Path, "write_text", full)
+        failed = f"{out}.part.json"
+    code = predict(tiny_bundle_dir, image_dir, out)
+    err = capsys.readouterr().err
+    assert code == 1, err[-2000:]
+    lines = [line for line in err.splitlines() if "cannot write" in line]
+    assert lines == [f"emovlm-kd: cannot write {failed}: No space left on device (errno 28, ENOSPC)"], err[-2000:]
+    assert "Traceback" not in err
+    assert not out.exists()
+    if where == "the lines":  # kept for --resume, which drops a cut line: an empty part here
+        assert Path(f"{out}.part").read_text() == ""
+    else:  # nothing of the run left at all
+        assert sorted(p.name for p in tmp_path.iterdir()) == []

@@ -27,6 +27,7 @@ could not be loaded (one line naming the file at fault); 141 the reader of stdou
 interrupted (`FILE.part` kept for `--resume`).
 """
 
+import errno
 import hashlib
 import json
 import logging
@@ -35,6 +36,7 @@ import sys
 from pathlib import Path
 
 from emovlm_kd.errors import UsageError
+from emovlm_kd.folders import WriteError
 
 logger = logging.getLogger(__name__)
 
@@ -234,6 +236,8 @@ def _open_output(args, paths, model):
         return StdoutLines()
     try:
         return PartFileLines(args.output, resume=args.resume, record=run_record(paths, model, args))
+    except WriteError:
+        raise  # the disk (full, failing): exit 1, one line
     except OSError as error:
         raise UsageError(f"--output: cannot write {args.output!r}: {error}")
     except ValueError as error:
@@ -273,6 +277,8 @@ class StdoutLines:
         pass
 
 
+# errors that say the path is wrong (the user's to fix: exit 2), not that the disk failed (exit 1)
+PATH_ERRORS = {errno.EACCES, errno.EPERM, errno.ENOENT, errno.ENOTDIR, errno.EISDIR, errno.EROFS, errno.ENAMETOOLONG}
 RECORD_SUFFIX = ".part.json"  # beside FILE.part: what its lines were written for (`run_record`)
 
 
@@ -313,16 +319,35 @@ class PartFileLines:
             logger.info("no %s to resume: starting afresh", self.part)
         self.handle = open(self.part, "a" if resume else "w", encoding="utf-8")  # noqa: SIM115 (kept for the run)
         if not self.records:  # the lines (none yet) are cut first: a kill now leaves no line under another record
-            self.record_file.write_text(json.dumps(record, sort_keys=True) + "\n", encoding="utf-8")
+            try:
+                self.record_file.write_text(json.dumps(record, sort_keys=True) + "\n", encoding="utf-8")
+            except OSError as error:  # e.g. a full disk: nothing of this run is left to be trusted by a rerun
+                self.handle.close()
+                self.part.unlink(missing_ok=True)
+                self.record_file.unlink(missing_ok=True)
+                raise self._write_error(error, self.record_file) from None
+
+    @staticmethod
+    def _write_error(error, path):
+        """A disk's failure (ENOSPC, EIO, EDQUOT, ...) as `WriteError` naming `path`; a path problem as it is."""
+        if error.errno in PATH_ERRORS:
+            return error
+        return WriteError(error.errno, error.strerror, str(path))
 
     def write(self, lines):
-        self.handle.write("".join(lines))
-        self.handle.flush()
+        try:
+            self.handle.write("".join(lines))
+            self.handle.flush()
+        except OSError as error:  # `--resume` later keeps the complete lines and drops the cut one
+            raise self._write_error(error, self.part) from None
 
     def finish(self):
-        self.handle.flush()
-        os.fsync(self.handle.fileno())
-        self.handle.close()
+        try:
+            self.handle.flush()
+            os.fsync(self.handle.fileno())
+            self.handle.close()
+        except OSError as error:
+            raise self._write_error(error, self.part) from None
         os.replace(self.part, self.path)
         self.record_file.unlink(missing_ok=True)
         logger.info("wrote %s", self.path)
