@@ -165,3 +165,26 @@ def test_a_run_folder_given_as_model_points_at_its_model(tmp_path, monkeypatch, 
     assert "its model is runs/demo/model" in err
     with pytest.raises(FileNotFoundError, match="its model is runs/demo/model"):  # predict, demo: the same hint
         read_config("runs/demo")
+
+
+@pytest.mark.parametrize("kind", ["a file of text", "a folder"])
+def test_a_lock_named_file_of_the_users_in_the_run_folder_is_refused_and_kept(kind, tmp_path, monkeypatch, capsys):
+    """`--output-dir` holding a `.lock` that is not a run lock of ours (notes, a folder): refused in one line, exit 2,
+    the user's `.lock` byte for byte as it was (the run lock's file is never truncated unless it is ours)."""
+    monkeypatch.chdir(tmp_path)
+    class_folders(tmp_path / "mydata", per_class=2)
+    out = tmp_path / "out"
+    out.mkdir()
+    if kind == "a folder":
+        (out / ".lock").mkdir()
+        (out / ".lock" / "mine.txt").write_text("mine\n")
+    else:
+        (out / ".lock").write_text("my notes on locks\n")
+    code, err = run_cli(["train", "--dataset", "mydata", "--output-dir", "out"], capsys)
+    assert code == 2, err[-2000:]
+    assert "out/.lock is not a lock file of this project" in err and "Traceback" not in err
+    if kind == "a folder":
+        assert (out / ".lock" / "mine.txt").read_text() == "mine\n"
+    else:
+        assert (out / ".lock").read_text() == "my notes on locks\n"
+    assert sorted(p.name for p in out.iterdir()) == [".lock"]  # nothing else written

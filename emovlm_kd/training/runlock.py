@@ -85,6 +85,8 @@ def acquire(run_dir, purpose=None):
     if fcntl is None:
         logger.warning("%s: no file locking on this platform; a second run on this folder is not prevented", path)
         return None, None
+    if path.is_dir() or path.is_symlink():
+        return None, f"{path} is not a lock file of this project: move it, or choose another --output-dir"
     handle = open(path, "a+", encoding="utf-8")  # "a+": created if missing, never truncated before it is ours
     try:
         fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -96,6 +98,11 @@ def acquire(run_dir, purpose=None):
                           "another --output-dir")
         logger.warning("%s: cannot lock (%s); a second run on this folder is not prevented", path, error)
         return None, None
+    handle.seek(0)
+    if handle.read(1) and not HOLDER_LINE.match(read_holder(handle)):  # a file of the user's, named .lock
+        handle.close()
+        return None, (f"{path} is not a lock file of this project (it holds other text): move it, or choose another "
+                      "--output-dir")
     handle.seek(0)
     handle.truncate()
     holder = f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}"
