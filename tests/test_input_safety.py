@@ -382,7 +382,8 @@ def test_a_large_jpeg_file_is_decoded_at_reduced_scale(tmp_path):
 
 PEAK_RSS_SCRIPT = """
 import sys
-from emovlm_kd.images import load_image_file
+from emovlm_kd.images import load_image_file, prepare_image  # noqa: F401 (prepare_image loads the pipeline file,
+# and with it torch, now: the measurement below is the image's, not the imports')
 
 def status(key):  # in MiB
     return next(int(line.split()[1]) / 1024 for line in open("/proc/self/status") if line.startswith(key))
