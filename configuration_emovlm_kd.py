@@ -4,6 +4,9 @@ encoder and a gate.
 This file travels to the Hub with the model: it imports only `transformers` (and the standard library).
 """
 
+from collections.abc import Sequence
+from typing import Any
+
 from transformers import AutoConfig, PretrainedConfig
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
@@ -25,7 +28,7 @@ MIN_IMAGE_SIDE = 28  # Qwen2-VL's patch size x merge size: no side can be smalle
 SUPPORTED_BACKBONES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
 
 
-def format_label_list(labels):
+def format_label_list(labels: Sequence[str]) -> str:
     """`a, b, and c` as in the paper's categorical instruction."""
     labels = list(labels)
     if len(labels) <= 1:
@@ -77,24 +80,24 @@ class EmoVLMKDConfig(PretrainedConfig):
 
     def __init__(
         self,
-        vlm_config=None,
-        head_hidden_sizes=(1024,),
-        head_dropout=0.1,
-        gate_type="concat_linear",
-        gate_num_experts=3,
-        vlm_mode="score",
-        vlm_vector="probs",
-        prompt=DEFAULT_PROMPT,
-        answer_template=DEFAULT_ANSWER_TEMPLATE,
-        label_answer_token_ids=None,
-        vlm_max_new_tokens=32,
-        vlm_do_sample=False,
-        vlm_temperature=0.8,
-        max_image_side=DEFAULT_MAX_IMAGE_SIDE,
-        gate_calibration_temperature=1.0,
-        head_calibration_temperature=1.0,
-        **kwargs,
-    ):
+        vlm_config: PretrainedConfig | dict | None = None,
+        head_hidden_sizes: Sequence[int] = (1024,),
+        head_dropout: float = 0.1,
+        gate_type: str = "concat_linear",
+        gate_num_experts: int = 3,
+        vlm_mode: str = "score",
+        vlm_vector: str = "probs",
+        prompt: str = DEFAULT_PROMPT,
+        answer_template: str = DEFAULT_ANSWER_TEMPLATE,
+        label_answer_token_ids: list[list[int]] | None = None,
+        vlm_max_new_tokens: int = 32,
+        vlm_do_sample: bool = False,
+        vlm_temperature: float = 0.8,
+        max_image_side: int | None = DEFAULT_MAX_IMAGE_SIDE,
+        gate_calibration_temperature: float = 1.0,
+        head_calibration_temperature: float = 1.0,
+        **kwargs: Any,
+    ) -> None:
         if vlm_config is None:
             vlm_config = CONFIG_MAPPING["qwen2_vl"]()
         elif isinstance(vlm_config, dict):
@@ -125,7 +128,7 @@ class EmoVLMKDConfig(PretrainedConfig):
         super().__init__(**kwargs)
         self.validate()
 
-    def validate(self):
+    def validate(self) -> None:
         """Raise a `ValueError` that names the field when a value is out of range."""
         if self.gate_type not in GATE_TYPES:
             raise ValueError(f"gate_type must be one of {GATE_TYPES}, got {self.gate_type!r}")
@@ -149,14 +152,14 @@ class EmoVLMKDConfig(PretrainedConfig):
                 raise ValueError(f"{name} must be a finite number > 0, got {value}")
 
     @property
-    def labels(self):
+    def labels(self) -> list[str]:
         """Label names in id order."""
         return [self.id2label[i] for i in range(len(self.id2label))]
 
-    def answer_for(self, label):
+    def answer_for(self, label: str) -> str:
         return self.answer_template.format(label=label)
 
-    def classification_prompt(self):
+    def classification_prompt(self) -> str:
         """The categorical instruction for this config's labels (the paper's prompt by default)."""
         labels = self.labels
         return self.prompt.format(

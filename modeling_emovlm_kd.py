@@ -7,30 +7,37 @@ probabilities into the final logits. `forward` computes tensors (the VLM branch 
 `generate_labels` runs the paper's protocol (decode an answer, parse it to a label) and takes the tokenizer as an
 argument: no tokenizer lives on the model.
 
-This file travels to the Hub with the model: it imports only torch, transformers and its configuration file.
+The prompts, the label scorer (score mode) and the answer parser (generate mode) live in `scoring_emovlm_kd`. This
+file travels to the Hub with the model (and, through its relative imports, `configuration_emovlm_kd` and
+`scoring_emovlm_kd` with it): it imports only torch, transformers and those two files.
 """
 
-import functools
-import re
-import unicodedata
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import AutoModelForImageTextToText, DynamicCache, PreTrainedModel
+from transformers import AutoModelForImageTextToText, PreTrainedModel
 from transformers.utils import ModelOutput, logging
 
 try:
     from .configuration_emovlm_kd import SUPPORTED_BACKBONES, EmoVLMKDConfig
+    from .scoring_emovlm_kd import (
+        EXPLANATION_MAX_NEW_TOKENS, EXPLANATION_QUESTION, LabelScoringPlan, PromptPrefixCache, build_prompt_text,
+        choices_to_vectors, explanation_inputs, match_answer_tokens, parse_answer, prepare_inputs,
+        score_label_answers, to_left_padding,
+    )  # fmt: skip
 except ImportError:  # imported as a plain module (not from a Hub folder)
     from configuration_emovlm_kd import SUPPORTED_BACKBONES, EmoVLMKDConfig
+    from scoring_emovlm_kd import (
+        EXPLANATION_MAX_NEW_TOKENS, EXPLANATION_QUESTION, LabelScoringPlan, PromptPrefixCache, build_prompt_text,
+        choices_to_vectors, explanation_inputs, match_answer_tokens, parse_answer, prepare_inputs,
+        score_label_answers, to_left_padding,
+    )  # fmt: skip
 
 logger = logging.get_logger(__name__)
-
-# The paper's reasoning instruction (stage 1 tunes the VLM on it): what `explain` asks about each image.
-EXPLANATION_QUESTION = "Observe the image and describe the process of inferring the emotions conveyed in the image."
-EXPLANATION_MAX_NEW_TOKENS = 128
 
 
 @dataclass
@@ -166,268 +173,9 @@ def build_gate(config):
     return GATE_CLASSES[config.gate_type](config.num_labels, num_experts=config.gate_num_experts)
 
 
-class LabelScoringPlan:
-    """How to score every label's answer tokens in the prefill itself (one forward pass of the language model).
-
-    The answers' common token prefix follows the prompt. The label-specific rest is laid out as a token trie:
-    every trie node that has children becomes one extra token after the prefix, which attends to the prompt and
-    to its ancestors only (a tree attention mask), so all labels are scored in one forward with no copy of a cache.
-    Leaves are never fed (only predicted): when the labels' first tokens already differ and each answer ends
-    there, no trie token is added at all.
-    """
-
-    def __init__(self, answer_token_ids):
-        if not answer_token_ids:
-            raise ValueError("label_answer_token_ids is empty: call `set_answer_tokens(tokenizer)` first")
-        common = 0
-        while all(len(a) > common for a in answer_token_ids) and len({a[common] for a in answer_token_ids}) == 1:
-            common += 1
-        self.prefix = list(answer_token_ids[0][:common])
-        suffixes = [list(a[common:]) for a in answer_token_ids]
-        if any(not s for s in suffixes) or len({tuple(s) for s in suffixes}) != len(suffixes):
-            raise ValueError("label answers must be distinct and none may be a prefix of another")
-        # Trie over suffixes; node = (parent_node, token). Internal nodes become continuation tokens.
-        node_ids, node_parent, node_token = {}, [], []
-        paths = []
-        for suffix in suffixes:
-            parent, path = -1, []
-            for token in suffix:
-                key = (parent, token)
-                if key not in node_ids:
-                    node_ids[key] = len(node_token)
-                    node_parent.append(parent)
-                    node_token.append(token)
-                parent = node_ids[key]
-                path.append(parent)
-            paths.append(path)
-        internal = sorted({node for path in paths for node in path[:-1]})
-        slot = {node: i for i, node in enumerate(internal)}
-        self.tree_tokens = [node_token[n] for n in internal]
-        depth, ancestors = [], []
-        for n in internal:
-            chain, p = [], n
-            while p != -1:
-                chain.append(slot[p])
-                p = node_parent[p]
-            depth.append(len(chain) - 1)
-            ancestors.append(chain)
-        self.tree_depth = depth
-        self.tree_ancestors = ancestors
-        # For each label: (source row, target token); source 0 = prefill's last position, 1 + i = tree slot i.
-        self.max_len = max(len(s) for s in suffixes)
-        self.sources = [[0] + [1 + slot[n] for n in path[:-1]] for path in paths]
-        self.targets = suffixes
-
-    def tensors(self, device):
-        C, K, T = len(self.targets), self.max_len, len(self.tree_tokens)
-        src = torch.zeros(C, K, dtype=torch.long)
-        tgt = torch.zeros(C, K, dtype=torch.long)
-        valid = torch.zeros(C, K, dtype=torch.bool)
-        for c, (s, t) in enumerate(zip(self.sources, self.targets)):
-            src[c, : len(s)] = torch.tensor(s)
-            tgt[c, : len(t)] = torch.tensor(t)
-            valid[c, : len(t)] = True
-        tree_mask = torch.zeros(T, T, dtype=torch.bool)
-        for i, chain in enumerate(self.tree_ancestors):
-            tree_mask[i, chain] = True
-        return {
-            "prefix": torch.tensor(self.prefix, dtype=torch.long, device=device),
-            "tree_tokens": torch.tensor(self.tree_tokens, dtype=torch.long, device=device),
-            "tree_depth": torch.tensor(self.tree_depth, dtype=torch.long, device=device),
-            "tree_mask": tree_mask.to(device),
-            "src": src.to(device),
-            "tgt": tgt.to(device),
-            "valid": valid.to(device),
-        }
-
-
-def to_left_padding(attention_mask, *tensors):
-    """Move right padding to the left, row by row (scoring and generation append after the last column)."""
-    if attention_mask is None or bool(attention_mask[:, -1].all()):
-        return (attention_mask, *tensors)
-    length = attention_mask.shape[1]
-    pad = length - attention_mask.sum(-1, keepdim=True)  # (B, 1)
-    index = (torch.arange(length, device=attention_mask.device) - pad) % length
-    return tuple(t.gather(1, index) if t is not None else None for t in (attention_mask, *tensors))
-
-
-def shared_text_prefix(input_ids, attention_mask, mm_token_type_ids):
-    """The leading text tokens that every left-padded row shares before its first image token: (L,) token ids.
-
-    At least one token of the shortest row is left out, so that every row keeps a token to compute.
-    """
-    total = input_ids.shape[1]
-    pads = total - attention_mask.sum(-1)  # (B,)
-    span = int((total - pads.max()).item())
-    index = pads[:, None] + torch.arange(span, device=input_ids.device)  # each row's first `span` real tokens
-    tokens, types = input_ids.gather(1, index), mm_token_type_ids.gather(1, index)
-    shared = (tokens == tokens[:1]).all(0) & (types == 0).all(0)
-    length = min(int(shared.long().cumprod(0).sum().item()), span - 1)
-    return tokens[0, :length]
-
-
-def drop_leading_tokens(count, attention_mask, *tensors):
-    """Remove the first `count` real tokens of every left-padded row from `attention_mask` (B, T) and `tensors`
-    (..., B, T), e.g. position ids (3, B, T)."""
-    batch, total = attention_mask.shape
-    pads = total - attention_mask.sum(-1, keepdim=True)  # (B, 1)
-    index = torch.arange(total - count, device=attention_mask.device).expand(batch, -1)
-    index = torch.where(index < pads, index, index + count)  # padding stays, then the tokens after the dropped ones
-    return tuple(t.gather(-1, index.expand(*t.shape[:-1], -1)) for t in (attention_mask, *tensors))
-
-
-def tree_attention_mask(attention_mask, tree_mask, num_cached=0):
-    """Boolean mask (B, 1, T + N, num_cached + T + N) of one scoring pass: `num_cached` tokens every row has seen,
-    then T prompt tokens (causal over the row's real tokens), then N trie tokens that see the whole prompt and,
-    among themselves, their ancestors (`tree_mask`, (N, N))."""
-    batch, total = attention_mask.shape
-    num_tree, device = tree_mask.shape[0], attention_mask.device
-    valid = attention_mask.bool()
-    full = total + num_tree
-    mask = torch.zeros(batch, 1, full, num_cached + full, dtype=torch.bool, device=device)
-    mask[..., :num_cached] = True
-    causal = torch.ones(total, total, dtype=torch.bool, device=device).tril()
-    # padded rows also attend to themselves, so that no row is fully masked (NaN-free; never read by real rows)
-    body = (causal[None] & valid[:, None, :]) | torch.eye(total, dtype=torch.bool, device=device)
-    mask[:, 0, :total, num_cached : num_cached + total] = body
-    if num_tree:
-        mask[:, 0, total:, num_cached : num_cached + total] = valid[:, None, :]
-        mask[:, 0, total:, num_cached + total :] = tree_mask
-    return mask
-
-
-class PromptPrefixCache:
-    """The keys/values of the prompt text that every row shares before its image (system turn, start of the user
-    turn), computed once and reused by later calls of `forward(..., prompt_cache=cache)`.
-
-    Sound only while the language model's weights stay as they are: create one in an inference loop that owns a
-    frozen model for its duration (a `predict` run, one evaluation pass, one pipeline call), pass it explicitly and
-    drop it afterwards. It is never model state, and `forward` refuses it with autograd on or in training mode.
-    It is keyed by what it can check: the language model object, the prefix's token ids, its device and the
-    model's dtype; any other key recomputes it. Only public cache API is used: a `DynamicCache` filled by the
-    language model, copied into a fresh `DynamicCache` per call with `update`.
-    """
-
-    def __init__(self):
-        self._entry = None  # (key, DynamicCache of the prefix for one row); replaced as a whole
-        self.computed = 0  # how many times the prefix was encoded
-
-    def cache_for(self, language_model, prefix_ids, batch_size):
-        """A new `DynamicCache` holding the prefix's keys/values for `batch_size` rows, ready to be extended."""
-        states = self._prefix_states(language_model, prefix_ids)
-        cache = DynamicCache(config=language_model.config)
-        for index, layer in enumerate(states.layers):
-            cache.update(layer.keys.expand(batch_size, -1, -1, -1), layer.values.expand(batch_size, -1, -1, -1), index)
-        return cache
-
-    def _prefix_states(self, language_model, prefix_ids):
-        key = (language_model, tuple(prefix_ids.tolist()), prefix_ids.device, language_model.dtype)
-        entry = self._entry
-        if entry is not None and entry[0] == key:
-            return entry[1]
-        # text positions 0 .. L-1 in each of the three rotary sections: the prompt starts the row. Every backbone's
-        # text model takes (3, B, L) M-RoPE positions (a 4th leading row would be read as text positions, e.g.
-        # modeling_qwen3_vl.Qwen3VLTextModel.forward); no image token here, so Qwen3-VL adds no deepstack feature
-        positions = torch.arange(len(prefix_ids), device=prefix_ids.device).view(1, 1, -1).expand(3, 1, -1)
-        states = DynamicCache(config=language_model.config)
-        language_model(input_ids=prefix_ids[None], position_ids=positions, cache=states, use_cache=True)
-        self._entry = (key, states)
-        self.computed += 1
-        logger.debug("encoded the shared prompt prefix (%d tokens)", len(prefix_ids))
-        return states
-
-
-# Scripts written without spaces between words: a label in them is found anywhere, not only between word boundaries.
-_UNSPACED_SCRIPTS = ("CJK", "HIRAGANA", "KATAKANA", "IDEOGRAPHIC", "THAI", "LAO", "KHMER", "MYANMAR", "TIBETAN")
-_PLAIN_QUOTES = str.maketrans({"\u2018": "'", "\u2019": "'", "\u02bc": "'", "\u201c": '"', "\u201d": '"'})
-_ANSWER_KEY_RE = re.compile(r"""['"]?emotion['"]?\s*[:=]\s*['"]?\s*""")
-_ANSWER_VALUE_END_RE = re.compile(r"""\s*(?:['"},;.]|$)""")
-
-
-def normalize_answer_text(text):
-    """How answers and labels are compared: NFKC, casefolded (`Ü` = `ü`, `ß` = `ss`), typographic quotes made plain
-    (`’` = `'`), every run of whitespace one space."""
-    text = unicodedata.normalize("NFKC", unicodedata.normalize("NFKC", text).casefold())
-    return " ".join(text.translate(_PLAIN_QUOTES).split())
-
-
-def _needs_word_boundary(char):
-    """Whether a label may not continue into a neighbouring word character at this edge: true for a letter, digit or
-    `_` of a script written with spaces (Latin, Cyrillic, Greek, Hangul...), false for punctuation and CJK/Thai."""
-    return re.match(r"\w", char) is not None and not unicodedata.name(char, "").startswith(_UNSPACED_SCRIPTS)
-
-
-@functools.lru_cache(maxsize=32)
-def _label_patterns(labels):
-    """`(index, regex)` per label: the normalised label, bounded by `(?<!\\w)` / `(?!\\w)` (Unicode word characters,
-    digits included) at the edges that need it; longest labels first."""
-    patterns = []
-    for index, label in enumerate(labels):
-        key = normalize_answer_text(label)
-        if key:
-            left = r"(?<!\w)" if _needs_word_boundary(key[0]) else ""
-            right = r"(?!\w)" if _needs_word_boundary(key[-1]) else ""
-            patterns.append((len(key), index, re.compile(left + re.escape(key) + right)))
-    return [(index, pattern) for _, index, pattern in sorted(patterns, key=lambda entry: -entry[0])]
-
-
-def _label_after_answer_key(text, patterns):
-    """The label that is the whole value of an `emotion: ...` key (quoted or not), or None."""
-    key = _ANSWER_KEY_RE.search(text)
-    if key is None:
-        return None
-    for index, pattern in patterns:
-        match = pattern.match(text, key.end())
-        if match and _ANSWER_VALUE_END_RE.match(text, match.end()):
-            return index
-    return None
-
-
-def _single_label_named(text, patterns):
-    """The one label named in free text, or None when none or several are: a label found only inside a longer
-    label's match (`care` in `don't care`) does not count."""
-    spans = [(m.start(), m.end(), index) for index, pattern in patterns for m in pattern.finditer(text)]
-    named = {
-        index
-        for start, end, index in spans
-        if not any(s <= start and end <= e and (s, e) != (start, end) for s, e, _ in spans)
-    }
-    return named.pop() if len(named) == 1 else None
-
-
-def parse_answer(text, labels):
-    """The index of the label a generated answer names, or None. `{'emotion': '<label>'}` first, else the one label
-    the text names. Labels are any Unicode text (`joie`, `Überraschung`, `悲しみ`, `class 2`, `don't care`), compared
-    after `normalize_answer_text`; a label must not run into a neighbouring letter or digit (`awe` is not in
-    `awesome`, `class 2` not in `class 20`), except in scripts written without spaces (CJK, Thai...)."""
-    patterns = _label_patterns(tuple(labels))
-    text = normalize_answer_text(text)
-    found = _label_after_answer_key(text, patterns)
-    return found if found is not None else _single_label_named(text, patterns)
-
-
-def match_answer_tokens(generated_ids, answer_token_ids):
-    """Without a tokenizer: the label whose answer tokens start a generated row exactly, or None, per row."""
-    choices = []
-    for row in generated_ids.tolist():
-        hits = [i for i, answer in enumerate(answer_token_ids) if row[: len(answer)] == list(answer)]
-        choices.append(hits[0] if len(hits) == 1 else None)
-    return choices
-
-
-def choices_to_vectors(choices, num_labels, device=None):
-    """One-hot vectors (B, C) and a found mask (B,) from per-row label choices; None gives a zero row."""
-    vectors = torch.zeros(len(choices), num_labels, device=device)
-    found = torch.tensor([choice is not None for choice in choices], dtype=torch.bool, device=device)
-    for row, choice in enumerate(choices):
-        if choice is not None:
-            vectors[row, choice] = 1.0
-    return vectors, found
-
-
 def check_backbone(vlm):
     """Raise a `ValueError` unless `vlm` has the Qwen-VL layout this model drives; warn for a `model_type` outside
-    `SUPPORTED_BACKBONES`. Qwen2-VL, Qwen2.5-VL and Qwen3-VL (transformers 5.x, `modeling_qwen2_vl.py`,
+    `SUPPORTED_BACKBONES`. Qwen2-VL, Qwen2.5-VL and Qwen3-VL (transformers' `modeling_qwen2_vl.py`,
     `modeling_qwen2_5_vl.py`, `modeling_qwen3_vl.py`) share it: `vlm.model.visual` (the encoder; its
     `spatial_merge_size`), `vlm.model.get_image_features` (per-image merger tokens as `pooler_output`, plus Qwen3-VL's
     `deepstack_features`), `vlm.model.get_rope_index(input_ids, mm_token_type_ids, image_grid_thw, ...)` (3-D M-RoPE
@@ -462,7 +210,7 @@ class EmoVLMKDPreTrainedModel(PreTrainedModel):
     input_modalities = ("image", "text")
     supports_gradient_checkpointing = True
     # `post_init` adds the backbone's own (`Qwen3VLTextDecoderLayer`, `Qwen2_5_VLVisionBlock`...): transformers'
-    # `PreTrainedModel.post_init` gathers every child's `_no_split_modules` (modeling_utils.py, 5.24)
+    # `PreTrainedModel.post_init` gathers every child's `_no_split_modules` (modeling_utils.py)
     _no_split_modules = []
     _supports_sdpa = True
     _supports_flash_attn = True
@@ -480,7 +228,7 @@ class EmoVLMKDForImageClassification(EmoVLMKDPreTrainedModel):
     backbone's processor returns and computes tensors (`score` mode); `generate_labels` runs the paper's
     generate-and-parse protocol on the same inputs."""
 
-    def __init__(self, config: EmoVLMKDConfig, vlm=None):
+    def __init__(self, config: EmoVLMKDConfig, vlm: PreTrainedModel | None = None) -> None:
         super().__init__(config)
         self.vlm = vlm if vlm is not None else AutoModelForImageTextToText.from_config(config.vlm_config)
         check_backbone(self.vlm)
@@ -496,7 +244,8 @@ class EmoVLMKDForImageClassification(EmoVLMKDPreTrainedModel):
     # -- construction helpers ------------------------------------------------------------------------------------
 
     @classmethod
-    def from_vlm(cls, vlm, labels, processor=None, **config_kwargs):
+    def from_vlm(cls, vlm: PreTrainedModel | str, labels: Sequence[str], processor: Any = None,
+                 **config_kwargs: Any) -> "EmoVLMKDForImageClassification":
         """Wrap a Qwen2-VL, Qwen2.5-VL or Qwen3-VL model (an instance, or a name/path loaded with
         `AutoModelForImageTextToText.from_pretrained`, `vlm_kwargs` passed on) into a new bundle."""
         if isinstance(vlm, str):
@@ -515,7 +264,7 @@ class EmoVLMKDForImageClassification(EmoVLMKDPreTrainedModel):
             model.set_answer_tokens(processor)
         return model
 
-    def set_answer_tokens(self, processor):
+    def set_answer_tokens(self, processor: Any) -> list[list[int]]:
         """Record how the tokenizer writes each label's answer right after the prompt (needed by `score` mode)."""
         tokenizer = getattr(processor, "tokenizer", processor)
         prompt = build_prompt_text(processor, self.config)
@@ -535,7 +284,7 @@ class EmoVLMKDForImageClassification(EmoVLMKDPreTrainedModel):
         self.config.label_answer_token_ids = answers
         return answers
 
-    def build_inputs(self, processor, images):
+    def build_inputs(self, processor: Any, images: Sequence[Any]) -> dict[str, torch.Tensor]:
         """The model's inputs for a batch of images: the classification prompt (chat template, one image each)
         and the images through `processor`, left padded, on the model's device. `images` are PIL images (RGB) or
         arrays; for files, URLs or any mode (alpha, 16-bit, EXIF), prepare them with the pipeline file's
@@ -543,7 +292,7 @@ class EmoVLMKDForImageClassification(EmoVLMKDPreTrainedModel):
         `model.generate_labels(**inputs)`."""
         return prepare_inputs(processor, self.config, images).to(self.device)
 
-    def answer_tokenizer(self):
+    def answer_tokenizer(self) -> Any:
         """The tokenizer saved beside the weights (loaded once, from `name_or_path`), which `generate_labels`
         decodes its answers with when it is given none; None when there is none to load. The tokenizer's class comes
         from its own files and the backbone's config: the bundle's config (custom code) is not read again, so no
@@ -560,10 +309,10 @@ class EmoVLMKDForImageClassification(EmoVLMKDPreTrainedModel):
     # -- the parts -----------------------------------------------------------------------------------------------
 
     @property
-    def spatial_merge_size(self):
+    def spatial_merge_size(self) -> int:
         return self.vlm.model.visual.spatial_merge_size
 
-    def encode_images(self, pixel_values, image_grid_thw):
+    def encode_images(self, pixel_values: torch.Tensor, image_grid_thw: torch.LongTensor) -> ModelOutput:
         """The single visual-encoder pass: the backbone's `get_image_features` output, whose `pooler_output` holds the
         per-image merger tokens (a tuple, one (n_i, H) tensor per image). The whole output goes to the language model
         as `mm_encoder_outputs`, so Qwen3-VL's `deepstack_features` (mergers after early vision blocks, added to the
@@ -571,7 +320,7 @@ class EmoVLMKDForImageClassification(EmoVLMKDPreTrainedModel):
         return self.vlm.model.get_image_features(pixel_values, image_grid_thw, return_dict=True)
 
     @staticmethod
-    def pool_image_features(image_tokens):
+    def pool_image_features(image_tokens: Sequence[torch.Tensor]) -> torch.Tensor:
         """Mean over each image's own tokens (never across the batch): tuple of (n_i, H) -> (B, H).
 
         The tokens are what replaces the image placeholders in the language model's input, for every backbone:
@@ -580,10 +329,10 @@ class EmoVLMKDForImageClassification(EmoVLMKDPreTrainedModel):
         inside the language model's first layers, not fed as input tokens)."""
         return torch.stack([tokens.mean(0) for tokens in image_tokens])
 
-    def forward_head(self, image_embeds):
+    def forward_head(self, image_embeds: torch.Tensor) -> torch.Tensor:
         return self.distill_head(image_embeds.to(self.distill_head.classifier.weight.dtype))
 
-    def forward_gate(self, vlm_vector, head_probs):
+    def forward_gate(self, vlm_vector: torch.Tensor, head_probs: torch.Tensor) -> torch.Tensor:
         dtype = self.distill_head.classifier.weight.dtype
         return self.gate(vlm_vector.to(dtype), head_probs.to(dtype))
 
@@ -599,95 +348,34 @@ class EmoVLMKDForImageClassification(EmoVLMKDPreTrainedModel):
 
     # -- the VLM branch, score mode: every label's answer in one language-model pass -------------------------------
 
-    def score_labels(self, input_ids, attention_mask, image_grid_thw, mm_token_type_ids, image_outputs,
-                     prompt_cache=None):
-        """Log-likelihood of each label's answer after the prompt: (B, C).
-
-        One forward pass of the language model: the prompt + image, the answers' common prefix and a token trie of
-        the label-specific parts are laid out as one sequence. The prompt and prefix attend causally; each trie
-        token attends to the prompt, the prefix and its own ancestors only (a tree attention mask) and sits at the
-        position it would have in its answer. Every label is thus scored in the prefill itself: the weights are read
-        once (a second, small forward over a cache would read all of them again). With a `PromptPrefixCache`, the
-        text every row shares before its image is taken from it instead of being computed again.
-        `input_ids` must be left padded (`forward` takes care of it).
-        """
+    def score_labels(
+        self,
+        input_ids: torch.LongTensor,
+        attention_mask: torch.Tensor,
+        image_grid_thw: torch.LongTensor,
+        mm_token_type_ids: torch.Tensor | None,
+        image_outputs: ModelOutput,
+        prompt_cache: PromptPrefixCache | None = None,
+    ) -> torch.FloatTensor:
+        """Log-likelihood of each label's answer after the prompt: (B, C), every label scored in one language-model
+        pass (`scoring_emovlm_kd.score_label_answers`: a token trie of the answers under a tree attention mask).
+        With a `PromptPrefixCache`, the text every row shares before its image is taken from it. `input_ids` must be
+        left padded (`forward` takes care of it)."""
         plan = self._scoring_plan(input_ids.device)
-        batch = input_ids.shape[0]
-        prefix = plan["prefix"].expand(batch, -1)
-        tree = plan["tree_tokens"].expand(batch, -1)
-        num_prefix, num_tree = prefix.shape[1], tree.shape[1]
-        if mm_token_type_ids is None:
-            mm_token_type_ids = (input_ids == self.vlm.config.image_token_id).to(torch.int)
-        head = torch.cat([input_ids, prefix], dim=1)  # prompt + common prefix, attended causally
-        head_mask = torch.cat([attention_mask, torch.ones_like(prefix, dtype=attention_mask.dtype)], dim=1)
-        head_types = torch.cat([mm_token_type_ids, torch.zeros_like(prefix, dtype=mm_token_type_ids.dtype)], dim=1)
-        # the same signature in qwen2_vl, qwen2_5_vl and qwen3_vl (an image needs none of the video timing arguments)
-        position_ids, rope_deltas = self.vlm.model.get_rope_index(
-            head, image_grid_thw=image_grid_thw, video_grid_thw=None, attention_mask=head_mask,
-            mm_token_type_ids=head_types,
-        )  # fmt: skip
-        attn = self.vlm.model.language_model.config._attn_implementation or "sdpa"
-        if attn not in ("sdpa", "eager"):  # flash attention & co. take no custom mask: a plain causal prefill
-            if num_tree:
-                raise NotImplementedError(f"score mode needs sdpa or eager attention (a tree mask), not {attn}")
-            output = self.vlm(
-                input_ids=head, attention_mask=head_mask, position_ids=position_ids, image_grid_thw=image_grid_thw,
-                mm_token_type_ids=head_types, mm_encoder_outputs={"image": image_outputs}, use_cache=False,
-                logits_to_keep=num_prefix + 1,
-            )  # fmt: skip
-        else:
-            if num_tree:  # a trie token's text position continues after its row's last real token
-                start = head_mask.sum(-1) + rope_deltas.to(head.device).view(-1)  # (B,)
-                tree_positions = (start[:, None] + plan["tree_depth"][None]).to(position_ids.dtype)
-                position_ids = torch.cat([position_ids, tree_positions[None].expand(3, -1, -1)], dim=-1)
-            output = self._score_pass(
-                head, head_mask, head_types, position_ids, tree, plan["tree_mask"], image_grid_thw, image_outputs,
-                eager=attn == "eager", logits_to_keep=num_prefix + 1 + num_tree, prompt_cache=prompt_cache,
-            )  # fmt: skip
-        # rows: the last prompt token and the prefix tokens (predicting the prefix, then each label's first
-        # specific token), then the trie tokens (predicting the next token of the labels that pass through them)
-        log_probs = output.logits.float().log_softmax(-1)  # (B, P + 1 + T, V)
-        # the common prefix's log-likelihood is the same for every label; it is added so that the result is the
-        # full answer's log-likelihood (it cancels in the normalised distribution)
-        prefix_ll = log_probs[:, :num_prefix].gather(-1, prefix[:, :, None]).sum((1, 2))  # (B,)
-        steps = log_probs[:, num_prefix:]  # (B, 1 + T, V): row 0 = after the prefix, 1 + i = trie slot i
-        picked = steps[:, plan["src"], plan["tgt"]]  # (B, C, K)
-        return picked.masked_fill(~plan["valid"], 0.0).sum(-1) + prefix_ll[:, None]
-
-    def _score_pass(self, head, head_mask, head_types, position_ids, tree, tree_mask, image_grid_thw,
-                    image_outputs, eager, logits_to_keep, prompt_cache=None):
-        """The language-model pass of `score_labels` under a tree attention mask (sdpa or eager); the shared text
-        prefix of the prompt comes from `prompt_cache` when one is given. `position_ids` cover head + tree."""
-        batch, num_cached, cache = head.shape[0], 0, None
-        if prompt_cache is not None:
-            prefix_ids = shared_text_prefix(head, head_mask, head_types)
-            num_cached = len(prefix_ids)
-        if num_cached:
-            cache = prompt_cache.cache_for(self.vlm.model.language_model, prefix_ids, batch)
-            num_head = head.shape[1]
-            head_mask, head, head_types, head_positions = drop_leading_tokens(
-                num_cached, head_mask, head, head_types, position_ids[..., :num_head]
-            )
-            position_ids = torch.cat([head_positions, position_ids[..., num_head:]], dim=-1)
-        mask = tree_attention_mask(head_mask, tree_mask, num_cached)
-        if eager:
-            dtype = self.vlm.lm_head.weight.dtype
-            mask = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
-        return self.vlm(
-            input_ids=torch.cat([head, tree], dim=1),
-            attention_mask=mask,
-            position_ids=position_ids,
-            image_grid_thw=image_grid_thw,
-            mm_token_type_ids=torch.cat([head_types, torch.zeros_like(tree, dtype=head_types.dtype)], dim=1),
-            mm_encoder_outputs={"image": image_outputs},
-            cache=cache,
-            use_cache=cache is not None,
-            logits_to_keep=logits_to_keep,
-        )
+        return score_label_answers(self.vlm, plan, input_ids, attention_mask, image_grid_thw, mm_token_type_ids,
+                                   image_outputs, prompt_cache=prompt_cache)  # fmt: skip
 
     # -- the VLM branch, generate mode: the paper's protocol --------------------------------------------------------
 
-    def generate_answers(self, input_ids, attention_mask, image_grid_thw, mm_token_type_ids, image_outputs, **kw):
+    def generate_answers(
+        self,
+        input_ids: torch.LongTensor,
+        attention_mask: torch.Tensor,
+        image_grid_thw: torch.LongTensor,
+        mm_token_type_ids: torch.Tensor | None,
+        image_outputs: ModelOutput,
+        **kw: Any,
+    ) -> torch.LongTensor:
         """Decode an answer (greedy unless `do_sample`) from the encoded images; return the new tokens (B, N)."""
         do_sample = kw.pop("do_sample", self.config.vlm_do_sample)
         gen_kwargs = {"max_new_tokens": kw.pop("max_new_tokens", self.config.vlm_max_new_tokens), "do_sample": do_sample}
@@ -709,7 +397,9 @@ class EmoVLMKDForImageClassification(EmoVLMKDPreTrainedModel):
         )
         return output[:, input_ids.shape[1] :]
 
-    def answers_to_vectors(self, generated_ids, tokenizer=None):
+    def answers_to_vectors(
+        self, generated_ids: torch.LongTensor, tokenizer: Any = None
+    ) -> tuple[torch.Tensor, torch.BoolTensor, list[str] | None]:
         """`(vectors (B, C), found (B,), texts)`: generated answers parsed to one-hot vectors (zeros where an answer
         names no label). With a tokenizer the text is decoded and parsed (`parse_answer`); without one, each label's
         answer tokens are matched at the start of the answer and `texts` is None."""
@@ -757,17 +447,17 @@ class EmoVLMKDForImageClassification(EmoVLMKDPreTrainedModel):
 
     def forward(
         self,
-        input_ids=None,
-        attention_mask=None,
-        pixel_values=None,
-        image_grid_thw=None,
-        mm_token_type_ids=None,
-        labels=None,
-        vlm_mode=None,
-        prompt_cache=None,
-        return_dict=None,
-        **kwargs,
-    ):
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        image_grid_thw: torch.LongTensor | None = None,
+        mm_token_type_ids: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        vlm_mode: str | None = None,
+        prompt_cache: PromptPrefixCache | None = None,
+        return_dict: bool | None = None,
+        **kwargs: Any,
+    ) -> EmoVLMKDOutput:
         r"""
         input_ids, attention_mask, pixel_values, image_grid_thw, mm_token_type_ids: as returned by the Qwen2-VL
             processor for one image and the classification prompt per sample (either padding side).
@@ -812,16 +502,16 @@ class EmoVLMKDForImageClassification(EmoVLMKDPreTrainedModel):
 
     def generate_labels(
         self,
-        input_ids=None,
-        attention_mask=None,
-        pixel_values=None,
-        image_grid_thw=None,
-        mm_token_type_ids=None,
-        labels=None,
-        tokenizer=None,
-        generation_kwargs=None,
-        **kwargs,
-    ):
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        image_grid_thw: torch.LongTensor | None = None,
+        mm_token_type_ids: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        tokenizer: Any = None,
+        generation_kwargs: dict[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> EmoVLMKDOutput:
         r"""
         The paper's protocol for the VLM branch: decode an answer (greedy; sampling with
         `generation_kwargs={"do_sample": True}`), parse it to a label and feed its one-hot vector to the gate. An
@@ -842,19 +532,19 @@ class EmoVLMKDForImageClassification(EmoVLMKDPreTrainedModel):
     @torch.no_grad()
     def explain(
         self,
-        input_ids=None,
-        attention_mask=None,
-        pixel_values=None,
-        image_grid_thw=None,
-        mm_token_type_ids=None,
-        processor=None,
-        question=None,
-        vlm_mode=None,
-        generation_kwargs=None,
-        seed=None,
-        streamer=None,
-        prompt_cache=None,
-    ):
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        image_grid_thw: torch.LongTensor | None = None,
+        mm_token_type_ids: torch.Tensor | None = None,
+        processor: Any = None,
+        question: str | None = None,
+        vlm_mode: str | None = None,
+        generation_kwargs: dict[str, Any] | None = None,
+        seed: int | None = None,
+        streamer: Any = None,
+        prompt_cache: PromptPrefixCache | None = None,
+    ) -> EmoVLMKDOutput:
         r"""
         Classify the images and say why: everything `forward` (or `generate_labels`, with `vlm_mode="generate"`)
         returns, plus `explanations`, the model's answer to the paper's reasoning instruction
@@ -895,46 +585,6 @@ class EmoVLMKDForImageClassification(EmoVLMKDPreTrainedModel):
         return output
 
 
-def chat_prompt(processor, instruction):
-    """One user turn of an image placeholder and `instruction`, chat-formatted, ending with the assistant's turn."""
-    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": instruction}]}]
-    return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-
-
-def build_prompt_text(processor, config):
-    """The chat-formatted classification prompt (one image placeholder) ending with the assistant's turn."""
-    return chat_prompt(processor, config.classification_prompt())
-
-
-def explanation_inputs(processor, config, text, question=None):
-    """The reasoning prompt for the images of `text` (`_encode`'s left-padded classification inputs): input ids,
-    attention mask, `mm_token_type_ids` and grid, each row holding as many image tokens as its classification row
-    (so the encoded images fit it as they are). The image placeholder is expanded here as the processor expands it."""
-    tokenizer = getattr(processor, "tokenizer", processor)
-    image_token_id = config.vlm_config.image_token_id
-    image_token = tokenizer.convert_ids_to_tokens(image_token_id)
-    prompt = chat_prompt(processor, question or EXPLANATION_QUESTION)
-    if prompt.count(image_token) != 1:
-        raise ValueError(f"the chat template should write one {image_token!r} per image, got: {prompt!r}")
-    counts = (text["input_ids"] == image_token_id).sum(-1).tolist()
-    rows = [prompt.replace(image_token, image_token * count) for count in counts]
-    encoded = tokenizer(rows, padding=True, padding_side="left", add_special_tokens=False, return_tensors="pt")
-    input_ids = encoded["input_ids"].to(text["input_ids"].device)
-    if (input_ids == image_token_id).sum(-1).tolist() != counts:
-        raise ValueError("the tokenizer does not keep the image placeholder tokens as they are")
-    types = text["mm_token_type_ids"]
-    mm_token_type_ids = (input_ids == image_token_id).to(types.dtype if types is not None else torch.int)
-    return {"input_ids": input_ids, "attention_mask": encoded["attention_mask"].to(input_ids.device),
-            "image_grid_thw": text["image_grid_thw"], "mm_token_type_ids": mm_token_type_ids}  # fmt: skip
-
-
-def prepare_inputs(processor, config, images):
-    """Processor outputs for a batch of RGB images, each with the classification prompt (left padded)."""
-    prompt = build_prompt_text(processor, config)
-    return processor(text=[prompt] * len(images), images=list(images), padding=True, padding_side="left",
-                     return_tensors="pt")  # the tokenizer's own `padding_side` is left as it is
-
-
 EmoVLMKDModel = EmoVLMKDForImageClassification
 
 __all__ = [
@@ -942,12 +592,4 @@ __all__ = [
     "EmoVLMKDModel",
     "EmoVLMKDOutput",
     "EmoVLMKDPreTrainedModel",
-    "EXPLANATION_QUESTION",
-    "LabelScoringPlan",
-    "PromptPrefixCache",
-    "build_prompt_text",
-    "chat_prompt",
-    "explanation_inputs",
-    "parse_answer",
-    "prepare_inputs",
 ]

@@ -14,6 +14,7 @@ import binascii
 import io
 import os
 import urllib.request
+from typing import Any
 
 import torch
 from transformers import Pipeline, image_utils
@@ -22,10 +23,10 @@ from transformers.image_utils import PILImageResampling
 
 try:
     from .configuration_emovlm_kd import MIN_IMAGE_SIDE
-    from .modeling_emovlm_kd import PromptPrefixCache, prepare_inputs
+    from .scoring_emovlm_kd import PromptPrefixCache, prepare_inputs
 except ImportError:  # imported as a plain module (not from a Hub folder)
     from configuration_emovlm_kd import MIN_IMAGE_SIDE
-    from modeling_emovlm_kd import PromptPrefixCache, prepare_inputs
+    from scoring_emovlm_kd import PromptPrefixCache, prepare_inputs
 
 
 ORIENTATION_TAG = 0x0112
@@ -40,7 +41,7 @@ REDUCING_GAP = 2  # as Pillow's `thumbnail`: an early integer reduction leaves a
 REDUCIBLE_MODES = ("L", "LA", "RGB", "RGBA", "I", "F", "CMYK", "YCbCr", "LAB", "HSV")  # what `Image.reduce` averages
 
 
-def reduction_factor(size, max_side, gap=REDUCING_GAP):
+def reduction_factor(size: tuple[int, int], max_side: int | None, gap: int = REDUCING_GAP) -> int:
     """The integer factor an image of `size` may be shrunk by before its final resize to a long side of `max_side`,
     leaving at least `gap` to that resize: 1 (none) while the long side is below `2 * gap * max_side` or without
     `max_side`. A reduced long side is below `1.5 * gap * max_side` (3072 px for 1024 and the default gap)."""
@@ -49,7 +50,7 @@ def reduction_factor(size, max_side, gap=REDUCING_GAP):
     return max(1, max(size) // (gap * max_side))
 
 
-def decode_reduced(image, max_side, gap=REDUCING_GAP):
+def decode_reduced(image: "PIL.Image.Image", max_side: int | None, gap: int = REDUCING_GAP) -> "PIL.Image.Image":
     """Let a JPEG that is not decoded yet (fresh from `Image.open`) decode at 1/2, 1/4 or 1/8 scale (libjpeg's DCT
     scaling, `Image.draft`) when `reduction_factor` allows it, so its full-resolution pixels are never in memory; its
     long side stays at least `gap * max_side`. Changes `image` in place (use it on images you opened); any other
@@ -61,7 +62,7 @@ def decode_reduced(image, max_side, gap=REDUCING_GAP):
     return image
 
 
-def reduce_early(image, max_side, gap=REDUCING_GAP):
+def reduce_early(image: "PIL.Image.Image", max_side: int | None, gap: int = REDUCING_GAP) -> "PIL.Image.Image":
     """`image` shrunk by `reduction_factor` (`Image.reduce`: the mean of each k x k block) in its own mode, before any
     full-size conversion; palette and 1-bit images, and images with a transparent colour, become RGB(A)/L first (a
     mean of palette indices or of a keyed colour means nothing). Returned as it is when the factor is 1 or its mode
@@ -76,7 +77,7 @@ def reduce_early(image, max_side, gap=REDUCING_GAP):
     return image.reduce(factor) if image.mode in REDUCIBLE_MODES else image
 
 
-def to_rgb(image, max_side=None):
+def to_rgb(image: "PIL.Image.Image", max_side: int | None = None) -> "PIL.Image.Image":
     """An upright RGB copy of a PIL image: EXIF orientation applied (once: the tag is read here, and the result
     carries none), first frame of animations, 16-bit greyscale scaled to 8 bits, transparency (alpha or a palette's
     transparent colour) composited on white. With `max_side`, an image whose long side reaches
@@ -105,7 +106,9 @@ MAX_ASPECT_RATIO = 100  # Qwen2-VL's processor refuses more than 200: wider imag
 MIN_SIDE = MIN_IMAGE_SIDE  # patch size x merge size: smaller images are upscaled
 
 
-def fit_image(image, max_aspect_ratio=MAX_ASPECT_RATIO, min_side=MIN_SIDE):
+def fit_image(
+    image: "PIL.Image.Image", max_aspect_ratio: float = MAX_ASPECT_RATIO, min_side: int = MIN_SIDE
+) -> "PIL.Image.Image":
     """Pad extreme aspect ratios (centred, black), then upscale tiny images, so the processor accepts them.
 
     Padding first keeps a 20000x1 strip at 20000x200 instead of upscaling it to 560000x28 and padding that.
@@ -128,7 +131,7 @@ def fit_image(image, max_aspect_ratio=MAX_ASPECT_RATIO, min_side=MIN_SIDE):
     return image
 
 
-def limit_long_side(image, max_side):
+def limit_long_side(image: "PIL.Image.Image", max_side: int | None) -> "PIL.Image.Image":
     """`image` scaled down (aspect ratio kept, Lanczos, as the official code's `resize_image`) so that its long side
     is `max_side` pixels; returned as it is when it is not longer (never upscaled)."""
     width, height = image.size
@@ -139,7 +142,7 @@ def limit_long_side(image, max_side):
     return image.resize(size, resample=PILImageResampling.LANCZOS)
 
 
-def prepare_image(image, timeout=None, max_side=None):
+def prepare_image(image: Any, timeout: float | None = None, max_side: int | None = None) -> "PIL.Image.Image":
     """The one way an image is made ready for the model: `to_rgb` (orientation, first frame, 16 bits, transparency
     on white, palette), then `limit_long_side` (with `max_side`, the model's `config.max_image_side`), then
     `fit_image` (tiny images upscaled, extreme aspect ratios padded).
@@ -164,7 +167,7 @@ def prepare_image(image, timeout=None, max_side=None):
     return fit_image(limit_long_side(image, max_side), max_aspect_ratio=min(MAX_ASPECT_RATIO, max_side / MIN_SIDE))
 
 
-def open_image(source, timeout=None, max_side=None):
+def open_image(source: Any, timeout: float | None = None, max_side: int | None = None) -> "PIL.Image.Image":
     """A PIL image in its own mode from what a user passes: a PIL image (as it is), a local path, an http(s) URL, a
     `data:image/...;base64,` URL or a base64 string (transformers' `load_image` sources), or an array / tensor (HWC
     or CHW, uint8 or floats in [0, 1], via transformers' `to_pil_image`). Unlike `load_image` it does not flatten to
@@ -191,7 +194,7 @@ def open_image(source, timeout=None, max_side=None):
     return pil.open(io.BytesIO(data))
 
 
-def scores_to_predictions(probs, id2label, top_k=None):
+def scores_to_predictions(probs: torch.Tensor, id2label: dict[int, str], top_k: int | None = None) -> list[dict]:
     """Sorted `[{"label", "score"}]` from one row of probabilities."""
     order = torch.argsort(probs, descending=True).tolist()
     if top_k is not None:
@@ -214,15 +217,25 @@ class EmoVLMKDImageClassificationPipeline(Pipeline):
 
     _prompt_cache = None  # a `PromptPrefixCache` for the duration of one `__call__` (the model is frozen meanwhile)
 
-    def __call__(self, images, **kwargs):
+    def __call__(self, images: Any, **kwargs: Any) -> list[dict] | list[list[dict]]:
         self._prompt_cache = PromptPrefixCache()
         try:
             return super().__call__(images, **kwargs)
         finally:
             self._prompt_cache = None
 
-    def _sanitize_parameters(self, top_k=None, vlm_mode=None, timeout=None, explain=None, max_new_tokens=None,
-                             do_sample=None, temperature=None, seed=None, **kwargs):
+    def _sanitize_parameters(
+        self,
+        top_k: int | None = None,
+        vlm_mode: str | None = None,
+        timeout: float | None = None,
+        explain: bool | None = None,
+        max_new_tokens: int | None = None,
+        do_sample: bool | None = None,
+        temperature: float | None = None,
+        seed: int | None = None,
+        **kwargs: Any,
+    ) -> tuple[dict, dict, dict]:
         preprocess_kwargs = {"timeout": timeout} if timeout is not None else {}
         forward_kwargs = {"vlm_mode": vlm_mode} if vlm_mode is not None else {}
         generation = {"max_new_tokens": max_new_tokens, "do_sample": do_sample, "temperature": temperature}
@@ -234,11 +247,12 @@ class EmoVLMKDImageClassificationPipeline(Pipeline):
         postprocess_kwargs = {"top_k": top_k} if top_k is not None else {}
         return preprocess_kwargs, forward_kwargs, postprocess_kwargs
 
-    def preprocess(self, image, timeout=None):
+    def preprocess(self, image: Any, timeout: float | None = None) -> dict[str, torch.Tensor]:
         image = prepare_image(image, timeout=timeout, max_side=self.model.config.max_image_side)
         return prepare_inputs(self.processor, self.model.config, [image])
 
-    def _forward(self, model_inputs, vlm_mode=None, explain=False, generation_kwargs=None, seed=None):
+    def _forward(self, model_inputs: dict[str, torch.Tensor], vlm_mode: str | None = None, explain: bool = False,
+                 generation_kwargs: dict[str, Any] | None = None, seed: int | None = None) -> dict[str, Any]:
         cache = None if self.model.training else self._prompt_cache
         if explain:
             output = self.model.explain(**model_inputs, processor=self.processor, vlm_mode=vlm_mode,
@@ -250,7 +264,7 @@ class EmoVLMKDImageClassificationPipeline(Pipeline):
             output = self.model(**model_inputs, vlm_mode="score", prompt_cache=cache)
         return {"logits": output.logits}
 
-    def postprocess(self, model_outputs, top_k=None):
+    def postprocess(self, model_outputs: dict[str, Any], top_k: int | None = None) -> list[dict]:
         probs = model_outputs["logits"][0].float().softmax(-1)
         predictions = scores_to_predictions(probs, self.model.config.id2label, top_k or len(probs))
         if "explanation" in model_outputs:

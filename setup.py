@@ -1,4 +1,4 @@
-"""Packaging: the library `emovlm_kd` plus the three Hub files as top-level modules.
+"""Packaging: the library `emovlm_kd` plus the four Hub files as top-level modules.
 
 `train/configs` and `eval/metrics` (data: YAML settings, `evaluate` metric modules) are installed inside the library
 as `emovlm_kd.configs` and `emovlm_kd.metrics`; no top-level `train`, `eval` or `benchmarks` package is installed.
@@ -17,7 +17,7 @@ setup(
     long_description=README.read_text(encoding="utf-8") if README.exists() else "",
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    py_modules=["configuration_emovlm_kd", "modeling_emovlm_kd", "pipeline_emovlm_kd"],
+    py_modules=["configuration_emovlm_kd", "modeling_emovlm_kd", "pipeline_emovlm_kd", "scoring_emovlm_kd"],
     packages=find_packages(include=["emovlm_kd", "emovlm_kd.*"]) + ["emovlm_kd.configs", "emovlm_kd.metrics"],
     package_dir={"emovlm_kd.configs": "train/configs", "emovlm_kd.metrics": "eval/metrics"},
     package_data={"emovlm_kd.configs": ["*.yaml"], "emovlm_kd.metrics": ["*/*.py"]},

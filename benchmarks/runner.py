@@ -11,7 +11,8 @@ from dataclasses import dataclass
 import torch
 import transformers
 
-from modeling_emovlm_kd import PromptPrefixCache
+from emovlm_kd.runtime import resolve_dtype
+from scoring_emovlm_kd import PromptPrefixCache
 
 from .meters import MemoryMeter, interleaved_medians, median_ms
 from .models import (
@@ -59,7 +60,7 @@ class Workload:
 def run_benchmark(args):
     """Run every measurement with `args` (a resolved `BenchArguments`); return the report (a JSON-ready dict)."""
     device = torch.device(args.device or "cpu")
-    dtype = getattr(torch, args.dtype) if args.dtype else None
+    dtype = resolve_dtype(args.dtype)
     if dtype is None:
         dtype = torch.bfloat16 if (args.model and device.type == "cuda") else torch.float32
     previous_threads = torch.get_num_threads()
@@ -95,7 +96,7 @@ def _run(args, device, dtype):
 def run_train_benchmark(args):
     """`--train`: stage 1's QLoRA steps per second and peak memory (`stages.time_stage1`); the JSON-ready report."""
     device = torch.device(args.device or "cpu")
-    dtype = getattr(torch, args.dtype) if args.dtype else torch.float32
+    dtype = resolve_dtype(args.dtype) or torch.float32
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(args.threads)
     try:

@@ -49,9 +49,9 @@ def load_model(model_id, device=None, dtype=None):
     """(model, processor) of a bundle folder or Hub id, checked (`hub.load_bundle`), on `device` (default: CUDA when
     there is one), in eval mode."""
     from emovlm_kd.hub import load_bundle
-    from emovlm_kd.inference import process_device
+    from emovlm_kd.runtime import resolve_device
 
-    model, processor = load_bundle(model_id, dtype=dtype, device=device or process_device())
+    model, processor = load_bundle(model_id, dtype=dtype, device=resolve_device(device))
     return model.eval(), processor
 
 

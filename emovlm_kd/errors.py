@@ -1,9 +1,17 @@
-"""Errors the command line turns into exit codes (`emovlm_kd.cli`): a `UsageError` exits with status 2 and its
-message, a `ModelCheckError` with status 3 and its one line."""
+"""Errors the command line turns into exit codes (`emovlm_kd.cli`): a `UsageError` (or `InputError`) exits with
+status 2 and its message, a `ModelCheckError` with status 3 and its one line (an OS error is one line too; any
+other error keeps its traceback)."""
 
 
 class UsageError(Exception):
     """A bad flag or value: the command exits with status 2 and this message."""
+
+
+class InputError(UsageError, ValueError):
+    """A user's input found wrong once a run has started (a dataset or split file that does not read, a teacher whose
+    labels are not the dataset's, an instruction mix without answers): exits with status 2 and this message like a
+    `UsageError`, and is a `ValueError` for code that calls the library directly. Any other `ValueError` is a bug
+    and keeps its traceback."""
 
 
 class ModelCheckError(Exception):

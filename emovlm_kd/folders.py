@@ -328,7 +328,8 @@ def folder_conflicts(folder, files=(), folders=None):
 # `overwrite`
 BUNDLE_FILES = {
     "config.json", "generation_config.json", "model.safetensors", "model.safetensors.index.json",
-    "configuration_emovlm_kd.py", "modeling_emovlm_kd.py", "pipeline_emovlm_kd.py", "preprocessor_config.json",
+    "configuration_emovlm_kd.py", "modeling_emovlm_kd.py", "pipeline_emovlm_kd.py", "scoring_emovlm_kd.py",
+    "preprocessor_config.json",
     "processor_config.json", "video_preprocessor_config.json", "tokenizer.json", "tokenizer_config.json",
     "special_tokens_map.json", "added_tokens.json", "vocab.json", "merges.txt", "chat_template.jinja",
     "chat_template.json", "README.md", "splits.json",

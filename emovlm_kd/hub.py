@@ -47,7 +47,7 @@ def foreign_files(folder):
 
 
 def save_bundle(model, processor, output_dir, model_card=None, extra_files=None, overwrite=False):
-    """Save model + processor + the three code files into `output_dir`, atomically (temp folder, then rename).
+    """Save model + processor + the four code files into `output_dir`, atomically (temp folder, then rename).
 
     `from_pretrained(output_dir, trust_remote_code=True)` then works through AutoConfig, AutoModel,
     AutoModelForImageClassification and `pipeline(model=output_dir, trust_remote_code=True)`. `model_card` is a

@@ -2,19 +2,26 @@
 a `torchrun` / `accelerate launch` (`sharded_batches` + `gather_in_order`; in one process both are plain loops)."""
 
 import logging
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from modeling_emovlm_kd import PromptPrefixCache
 from pipeline_emovlm_kd import prepare_image, prepare_inputs
+from scoring_emovlm_kd import PromptPrefixCache
+
+if TYPE_CHECKING:  # annotations only
+    from transformers import BatchFeature, ProcessorMixin
+
+    from modeling_emovlm_kd import EmoVLMKDForImageClassification, EmoVLMKDOutput
 
 __all__ = ["NON_FINITE_ERROR", "PromptPrefixCache", "describe", "finite_rows", "gather_in_order", "limit_images",
-           "model_inputs", "predict_files", "process_device", "run_batch", "sharded_batches"]
+           "model_inputs", "predict_files", "run_batch", "sharded_batches"]
 
 logger = logging.getLogger(__name__)
 
 
-def limit_images(images, max_side):
+def limit_images(images: Sequence[Any], max_side: int | None) -> list[Any]:
     """`images` with any whose long side exceeds `max_side` passed through `prepare_image(..., max_side)`: callers
     prepare images with the model's bound themselves; this keeps one that forgot from reaching the processor at a
     larger size."""
@@ -26,7 +33,9 @@ def limit_images(images, max_side):
     return [prepare_image(image, max_side=max_side) if i in over else image for i, image in enumerate(images)]
 
 
-def model_inputs(model, processor, images):
+def model_inputs(
+    model: "EmoVLMKDForImageClassification", processor: "ProcessorMixin", images: Sequence[Any]
+) -> "BatchFeature":
     """The model's inputs for prepared RGB images: the classification prompt and the images through the processor
     (left padded; images over `max_image_side` scaled down, `limit_images`), on the model's device, pixels in its
     dtype."""
@@ -38,8 +47,16 @@ def model_inputs(model, processor, images):
 
 
 @torch.inference_mode()
-def run_batch(model, processor, images, vlm_mode=None, prompt_cache=None, explain=False, generation_kwargs=None,
-              seed=None):
+def run_batch(
+    model: "EmoVLMKDForImageClassification",
+    processor: "ProcessorMixin",
+    images: Sequence[Any],
+    vlm_mode: str | None = None,
+    prompt_cache: PromptPrefixCache | None = None,
+    explain: bool = False,
+    generation_kwargs: dict[str, Any] | None = None,
+    seed: int | None = None,
+) -> "EmoVLMKDOutput":
     """Model outputs for a list of prepared RGB PIL images (one prompt each), moved to the CPU as float32.
 
     `vlm_mode` (default `model.config.vlm_mode`): `score` runs `model(...)`; `generate` runs `model.generate_labels`
@@ -65,7 +82,7 @@ def run_batch(model, processor, images, vlm_mode=None, prompt_cache=None, explai
     return output
 
 
-def describe(output, index, id2label):
+def describe(output: "EmoVLMKDOutput", index: int, id2label: dict[int, str]) -> dict[str, Any]:
     """One sample's prediction as a JSON-ready dict: the final answer and what each branch said."""
     probs = output.logits[index].softmax(-1)
     head = output.distill_logits[index].softmax(-1)
@@ -93,7 +110,14 @@ def describe(output, index, id2label):
     return record
 
 
-def predict_files(model, processor, sources, load, prompt_cache=None, **options):
+def predict_files(
+    model: "EmoVLMKDForImageClassification",
+    processor: "ProcessorMixin",
+    sources: Sequence[Any],
+    load: Callable[[Any], Any],
+    prompt_cache: PromptPrefixCache | None = None,
+    **options: Any,
+) -> list[dict[str, Any]]:
     """One record per source, in order: `describe`'s prediction of the image `load(source)` gives, or `{"error":
     message}` where `load` raises `ImageLoadError` (the other images of the batch are predicted all the same). One
     `run_batch` for the readable images, with `prompt_cache` and `options` (`vlm_mode`, `explain`...). What `predict`
@@ -120,7 +144,7 @@ def predict_files(model, processor, sources, load, prompt_cache=None, **options)
 NON_FINITE_ERROR = "the model gave non-finite scores (NaN or infinity) for this image"
 
 
-def finite_rows(output):
+def finite_rows(output: "EmoVLMKDOutput") -> list[bool]:
     """Per image of `run_batch`'s output: whether its gate logits, head logits and VLM scores are all finite (a
     record with a NaN would be neither a prediction nor valid JSON)."""
     finite = torch.ones(output.logits.shape[0], dtype=torch.bool)
@@ -135,17 +159,7 @@ def finite_rows(output):
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def process_device():
-    """This process's default device: its own GPU under torchrun (`cuda:LOCAL_RANK`), `cuda` in one process with
-    CUDA, else `cpu`."""
-    if not torch.cuda.is_available():
-        return "cpu"
-    from emovlm_kd import distributed
-
-    return str(distributed.state().device)
-
-
-def sharded_batches(items, batch_size):
+def sharded_batches(items: Iterable[Any], batch_size: int) -> Iterator[list[Any]]:
     """Yield, round by round, this process's share of the next `batch_size * processes` of `items`: a contiguous
     slice of at most `batch_size` (accelerate's `split_between_processes`, no padding; possibly empty in the last
     round). Every process yields the same number of rounds, so a collective per round (`gather_in_order`) is safe;
@@ -160,7 +174,7 @@ def sharded_batches(items, batch_size):
             yield list(mine)
 
 
-def gather_in_order(local):
+def gather_in_order(local: Sequence[Any]) -> list[Any]:
     """Every process's list `local` of one round of `sharded_batches`, concatenated in rank order (the round's input
     order), on every process (`accelerate.utils.gather_object`); in one process `local` itself."""
     from emovlm_kd import distributed

@@ -160,7 +160,7 @@ def _check_label2id(label2id, labels, file):
 def check_answer_token_ids(config, file):
     """`config.label_answer_token_ids`: one non-empty list of integer ids per label, each id in
     [0, vocab_size), distinct answers none of which is a prefix of another (`ModelCheckError` naming `file`)."""
-    from modeling_emovlm_kd import LabelScoringPlan
+    from scoring_emovlm_kd import LabelScoringPlan
 
     answers, labels = config.label_answer_token_ids, config.labels
     vocab_size = config.vlm_config.get_text_config().vocab_size
@@ -383,8 +383,8 @@ def check_weights_fit_config(config, shapes, file):
 def check_finite(model, file, chunk=1 << 24):
     """`ModelCheckError` naming `file` and the tensor when a floating-point tensor of `model` holds a NaN or an
     infinity (weights overwritten, or a training run that diverged). Screened by each tensor's sum (a NaN or an
-    infinity makes it non-finite; one pass, no copy: about 0.6 s per 8e9 values on 2 CPU cores), then counted in
-    chunks of `chunk` values where the sum is not finite (a sum that overflowed is not an error)."""
+    infinity makes it non-finite; one pass, no copy), then counted in chunks of `chunk` values where the sum is not
+    finite (a sum that overflowed is not an error)."""
     import torch
 
     with torch.no_grad():
@@ -538,7 +538,7 @@ TEMPLATE_MEMORY = 512 << 20  # bytes the trial render may allocate
 
 def _chat_template_problem(processor, config):
     """What is wrong with rendering the two prompts (one line), or None."""
-    from modeling_emovlm_kd import EXPLANATION_QUESTION, chat_prompt
+    from scoring_emovlm_kd import EXPLANATION_QUESTION, chat_prompt
 
     for instruction in (config.classification_prompt(), EXPLANATION_QUESTION):
         try:

@@ -11,7 +11,7 @@ from benchmarks import bench, models, stages
 from benchmarks.reference import ReferenceProtocol
 from benchmarks.report import TARGETS
 from emovlm_kd.tiny import build_tiny_bundle
-from modeling_emovlm_kd import LabelScoringPlan, PromptPrefixCache
+from scoring_emovlm_kd import LabelScoringPlan, PromptPrefixCache
 
 # labels whose answers share sub-word tokens: a trie several levels deep with shared inner nodes
 DEEP_TRIE_LABELS = ("joyful", "joyless", "gloomy", "glad", "awe")

@@ -96,14 +96,15 @@ def test_deterministic_restores_the_settings_after_an_error(monkeypatch):
 
 
 def test_small_modules_live_on_the_runs_device(monkeypatch):
-    from emovlm_kd.evaluation.ablation_data import small_module_device
-    from emovlm_kd.training.runner import device_of_run
+    from emovlm_kd import runtime
+    from emovlm_kd.evaluation import ablation_data, ablations
+    from emovlm_kd.training import runner
 
-    assert small_module_device() == torch.device(device_of_run())
+    assert ablations.run_device is ablation_data.run_device is runner.run_device is runtime.run_device
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    assert small_module_device().type == "cuda"  # where a CUDA run created and trained them
+    assert runtime.run_device().type == "cuda"  # where a CUDA run created and trained them
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert small_module_device() == torch.device("cpu")
+    assert runtime.run_device() == torch.device("cpu")
 
 
 class Trained(Exception):
@@ -135,7 +136,7 @@ def test_ablation_heads_and_gates_start_in_float32_on_the_runs_device(monkeypatc
         seen.append({(p.device.type, p.dtype) for p in module.parameters()})
         raise Trained
 
-    monkeypatch.setattr(ablations, "small_module_device", lambda: torch.device("meta"))
+    monkeypatch.setattr(ablations, "run_device", lambda: torch.device("meta"))
     monkeypatch.setattr(heads, "train_head", record)
     monkeypatch.setattr(heads, "train_gate", record)
     cfg, data = TrainConfig(head_hidden_sizes=[4], gate_data="train"), tiny_tensors()
@@ -152,7 +153,7 @@ def test_a_trained_module_is_evaluated_in_the_runs_dtype_and_returned_as_trained
     from emovlm_kd.evaluation import ablations
     from emovlm_kd.training.config import TrainConfig
 
-    monkeypatch.setattr(ablations, "small_module_device", lambda: torch.device("cpu"))
+    monkeypatch.setattr(ablations, "run_device", lambda: torch.device("cpu"))
     layer = torch.nn.Linear(4, 2)
     weight = layer.weight.detach().clone()
     evaluated = ablations.as_evaluated(layer, TrainConfig(dtype="bfloat16"))
@@ -166,7 +167,8 @@ def test_head_and_gate_training_twice_under_strict_determinism_give_the_same_wei
     algorithms required (`warn_only=False`: an op without a deterministic kernel on this device is an error): the
     same weights bit for bit. On a CUDA machine this checks the CUDA kernels."""
     from emovlm_kd.determinism import deterministic
-    from emovlm_kd.evaluation.ablations import QUIET, small_module_device
+    from emovlm_kd.evaluation.ablations import QUIET
+    from emovlm_kd.runtime import run_device
     from emovlm_kd.training import heads
     from emovlm_kd.training.config import TrainConfig
     from modeling_emovlm_kd import GATE_CLASSES, EmoVLMKDDistillationHead
@@ -177,8 +179,8 @@ def test_head_and_gate_training_twice_under_strict_determinism_give_the_same_wei
     probs = data.vlm_log_likelihoods["train"].softmax(-1)
 
     def train_both(folder):
-        head = EmoVLMKDDistillationHead(8, [4], 3, 0.1).to(small_module_device())
-        gate = GATE_CLASSES["concat_linear"](3).to(small_module_device())
+        head = EmoVLMKDDistillationHead(8, [4], 3, 0.1).to(run_device())
+        gate = GATE_CLASSES["concat_linear"](3).to(run_device())
         heads.train_head(cfg, head, data.features["train"], data.teacher_logits["train"], data.labels["train"],
                          folder / "head", **QUIET)
         heads.train_gate(cfg, gate, probs, probs, data.labels["train"], folder / "gate", **QUIET)
@@ -189,3 +191,45 @@ def test_head_and_gate_training_twice_under_strict_determinism_give_the_same_wei
     assert first.keys() == second.keys()
     for name in first:
         assert torch.equal(first[name], second[name]), name
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# One device/dtype resolver, one definition of the flags
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_dtype_names_resolve_to_torch_dtypes_and_auto_follows_cuda(monkeypatch):
+    from emovlm_kd.runtime import resolve_dtype
+
+    assert resolve_dtype(None) is None  # the dtype as saved
+    assert [resolve_dtype(name) for name in ("float32", "bfloat16", "float16")] == [
+        torch.float32, torch.bfloat16, torch.float16]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert resolve_dtype("auto") == torch.bfloat16
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_dtype("auto") == torch.float32
+
+
+def test_a_given_device_is_kept_and_none_is_this_processs_own(monkeypatch):
+    from emovlm_kd.runtime import resolve_device
+
+    assert resolve_device("cuda:1") == "cuda:1"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device(None) == "cpu"
+
+
+def test_every_command_with_device_flags_takes_the_one_definition():
+    from emovlm_kd.cli import build_parser
+    from emovlm_kd.helptext import parsers_of
+    from emovlm_kd.runtime import DTYPES
+
+    flags = {}
+    for parser in parsers_of(build_parser()):
+        for action in parser._actions:
+            if action.dest in ("device", "dtype"):
+                flags.setdefault(parser.prog.split()[-1], {})[action.dest] = (action.choices, action.default,
+                                                                             action.help)
+    assert {"predict", "evaluate", "table1", "demo"} <= set(flags)
+    for command, found in flags.items():
+        assert found["dtype"] == (DTYPES, None, "weights dtype (default: as saved)"), command
+        assert found["device"] == (None, None, "cpu, cuda, cuda:1 ... (default: cuda when available)"), command

@@ -8,7 +8,7 @@ import torch
 from conftest import CallCounter, random_image
 
 import modeling_emovlm_kd
-from modeling_emovlm_kd import EXPLANATION_QUESTION, build_prompt_text, chat_prompt
+from scoring_emovlm_kd import EXPLANATION_QUESTION, build_prompt_text, chat_prompt
 
 
 def reasoning_inputs(processor, model, image, question=EXPLANATION_QUESTION):

@@ -21,7 +21,7 @@ from emovlm_kd.cli import main
 from emovlm_kd.errors import ModelCheckError
 
 ROOT = Path(__file__).resolve().parents[1]
-CODE_FILES = ("configuration_emovlm_kd.py", "modeling_emovlm_kd.py", "pipeline_emovlm_kd.py")
+CODE_FILES = ("configuration_emovlm_kd.py", "modeling_emovlm_kd.py", "pipeline_emovlm_kd.py", "scoring_emovlm_kd.py")
 
 
 @pytest.fixture(scope="module")

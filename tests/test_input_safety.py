@@ -23,7 +23,7 @@ from emovlm_kd.data import load_image_dataset
 from emovlm_kd.images import load_image_file
 from emovlm_kd.labels import MIKELS8
 from emovlm_kd.training import annotate
-from modeling_emovlm_kd import parse_answer
+from scoring_emovlm_kd import parse_answer
 from pipeline_emovlm_kd import (
     MAX_ASPECT_RATIO,
     MIN_SIDE,

@@ -1,4 +1,4 @@
-"""The house: one installed library (`emovlm_kd`) plus the three Hub files, no import cycles, nothing imported by a
+"""The house: one installed library (`emovlm_kd`) plus the four Hub files, no import cycles, nothing imported by a
 name in a string, and a wheel that ships the configs and the metric modules but no top-level `train` / `eval`.
 `app.py` (the Hub Space entry point) stays in the source tree, follows the same import rules and does nothing when
 imported."""
@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-HUB_MODULES = ("configuration_emovlm_kd", "modeling_emovlm_kd", "pipeline_emovlm_kd")
+HUB_MODULES = ("configuration_emovlm_kd", "modeling_emovlm_kd", "pipeline_emovlm_kd", "scoring_emovlm_kd")
 SOURCE_TREE_SCRIPTS = ("app",)  # top-level scripts of the source tree, not installed
 
 

@@ -11,8 +11,9 @@ import torch
 from conftest import CallCounter, brute_force_log_likelihoods
 
 from configuration_emovlm_kd import GATE_TYPES, EmoVLMKDConfig
-from modeling_emovlm_kd import EmoVLMKDForImageClassification, parse_answer
+from modeling_emovlm_kd import EmoVLMKDForImageClassification
 from pipeline_emovlm_kd import prepare_inputs
+from scoring_emovlm_kd import parse_answer
 
 
 def _inputs(model, processor, images):
@@ -182,7 +183,7 @@ def test_right_padding_is_handled(backbone_bundle, images):
     left = _inputs(model, processor, images)
     processor.tokenizer.padding_side = "right"
     try:
-        from modeling_emovlm_kd import build_prompt_text
+        from scoring_emovlm_kd import build_prompt_text
 
         prompt = build_prompt_text(processor, model.config)
         right = processor(text=[prompt] * 3, images=images, padding=True, return_tensors="pt")
@@ -265,7 +266,7 @@ FRESH_PROCESS = textwrap.dedent(
         with torch.no_grad():
             out[name] = model(**inputs).logits[0].softmax(-1).tolist()
     out["pipeline"] = pipeline(model=folder, trust_remote_code=True)(image)
-    assert "modeling_emovlm_kd" not in sys.modules
+    assert "modeling_emovlm_kd" not in sys.modules and "scoring_emovlm_kd" not in sys.modules
     print(json.dumps(out))
     """
 )

@@ -186,7 +186,8 @@ def test_no_such_folder_is_said_within_5_seconds(image, tmp_path):
 
 def plant(folder, marker):
     """Every Python file of the folder writes `marker` when run; the config file then also stops the process."""
-    for name in ("modeling_emovlm_kd.py", "pipeline_emovlm_kd.py", "configuration_emovlm_kd.py"):
+    for name in ("modeling_emovlm_kd.py", "pipeline_emovlm_kd.py", "scoring_emovlm_kd.py",
+                 "configuration_emovlm_kd.py"):
         with open(folder / name, "a", encoding="utf-8") as handle:
             handle.write(f"\nopen({str(marker)!r}, 'a').write({name!r})\n")
     with open(folder / "configuration_emovlm_kd.py", "a", encoding="utf-8") as handle:

@@ -25,9 +25,10 @@ from emovlm_kd.cli import main
 from emovlm_kd.labels import MIKELS8
 
 ROOT = Path(__file__).resolve().parents[1]
-HUB_FILES = ("configuration_emovlm_kd.py", "modeling_emovlm_kd.py", "pipeline_emovlm_kd.py")
+HUB_FILES = ("configuration_emovlm_kd.py", "modeling_emovlm_kd.py", "pipeline_emovlm_kd.py", "scoring_emovlm_kd.py")
 # torch, transformers, the Hub files themselves and the standard library (what any transformers install has)
-HUB_IMPORTS = {"torch", "transformers", "configuration_emovlm_kd", "modeling_emovlm_kd", *sys.stdlib_module_names}
+HUB_IMPORTS = {"torch", "transformers", "configuration_emovlm_kd", "modeling_emovlm_kd", "scoring_emovlm_kd",
+               *sys.stdlib_module_names}
 WEIGHT_SUFFIXES = {".safetensors", ".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".h5", ".msgpack"}
 
 

@@ -4,14 +4,14 @@ import pytest
 import torch
 from conftest import CallCounter, brute_force_log_likelihoods
 
-from modeling_emovlm_kd import (
+from pipeline_emovlm_kd import prepare_inputs
+from scoring_emovlm_kd import (
     LabelScoringPlan,
     PromptPrefixCache,
     drop_leading_tokens,
     shared_text_prefix,
     tree_attention_mask,
 )
-from pipeline_emovlm_kd import prepare_inputs
 
 # ----------------------------------------------------------------------------------------------- LabelScoringPlan
 

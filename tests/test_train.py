@@ -181,7 +181,7 @@ def test_only_the_head_changed_in_stage3_and_the_backbone_is_the_merged_one(trai
     run's dtype (float32 on the CPU, bfloat16 on CUDA)."""
     from safetensors.torch import load_file
 
-    from emovlm_kd.training.stage import resolve_dtype
+    from emovlm_kd.runtime import resolve_dtype
 
     cfg, out, _ = trained_run
     bundle = load_file(out / "model" / "model.safetensors")
@@ -191,8 +191,8 @@ def test_only_the_head_changed_in_stage3_and_the_backbone_is_the_merged_one(trai
     head = load_file(out / "stage3_distill" / "head.safetensors")
     for name, tensor in head.items():
         assert tensor.dtype == torch.float32, name
-        assert bundle["distill_head." + name].dtype == resolve_dtype(cfg), name
-        assert torch.equal(bundle["distill_head." + name], tensor.to(resolve_dtype(cfg))), name
+        assert bundle["distill_head." + name].dtype == resolve_dtype(cfg.dtype), name
+        assert torch.equal(bundle["distill_head." + name], tensor.to(resolve_dtype(cfg.dtype))), name
 
 
 def test_rerun_skips_every_finished_stage(trained_run, caplog):
@@ -312,6 +312,32 @@ def test_two_processes_give_the_same_result_as_one(tiny_inputs, tmp_path):
     assert_same_weights(Path(single.output_dir) / "model", Path(double.output_dir) / "model", atol=1e-3)
 
 
+@pytest.mark.parametrize("quantize", ["4bit", "auto", "none"])
+def test_stage1_lora_and_quantisation_configs_from_trl_are_the_hand_written_ones(quantize):
+    """TRL's `get_peft_config` / `get_quantization_config` (through `sft.model_config`) give, field by field, the
+    LoraConfig and BitsAndBytesConfig stage 1 built by hand before (the LLM's projections only; nf4 double-quant,
+    bfloat16 compute, the visual tower and lm_head unquantised)."""
+    from peft import LoraConfig
+    from transformers import BitsAndBytesConfig
+
+    from emovlm_kd.training import sft
+
+    cfg = TrainConfig(quantize=quantize, lora_r=8, lora_alpha=16, lora_dropout=0.1, lora_targets="q_proj, v_proj,")
+    assert sft.lora_config(cfg) == LoraConfig(
+        r=8, lora_alpha=16, lora_dropout=0.1, target_modules=r".*language_model.*\.(q_proj|v_proj)",
+        task_type="CAUSAL_LM",
+    )
+    quant = sft.quantization_config(cfg)
+    if quantize == "4bit" or (quantize == "auto" and torch.cuda.is_available()):
+        expected = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.bfloat16, llm_int8_skip_modules=["model.visual", "lm_head"],
+        )
+        assert quant.to_dict() == expected.to_dict()
+    else:
+        assert quant is None
+
+
 def test_qlora_stage_quantises_trains_and_merges_into_full_precision(tiny_inputs, tmp_path, caplog):
     """Stage 1 with `quantize=4bit`: 4-bit nf4 layers while training, a merged backbone with no 4-bit tensor left,
     in the run's dtype (float32 on the CPU, bfloat16 on CUDA; the merge itself is in float32: test_merge_precision)."""
@@ -320,7 +346,7 @@ def test_qlora_stage_quantises_trains_and_merges_into_full_precision(tiny_inputs
 
     from emovlm_kd.data import load_image_dataset
     from emovlm_kd.training import instructions, sft
-    from emovlm_kd.training.stage import resolve_dtype
+    from emovlm_kd.runtime import resolve_dtype
 
     data, vlm, teacher = tiny_inputs
     cfg = tiny_settings(data, vlm, teacher, tmp_path / "run", quantize="4bit", sft_epochs=1.0)
@@ -339,7 +365,7 @@ def test_qlora_stage_quantises_trains_and_merges_into_full_precision(tiny_inputs
     assert any("4-bit nf4" in r.getMessage() for r in caplog.records)
     weights = load_file(merged / "model.safetensors")
     assert not [k for k in weights if "absmax" in k or "quant" in k]
-    dtype = resolve_dtype(cfg)
+    dtype = resolve_dtype(cfg.dtype)
     assert {tensor.dtype for tensor in weights.values()} == {dtype}
     base = load_file(Path(vlm) / "model.safetensors")  # float32
     changed = [k for k in weights if not torch.equal(weights[k], base[k].to(dtype))]

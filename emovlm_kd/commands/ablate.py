@@ -26,7 +26,7 @@ OVERRIDABLE = ("seed", "gate_epochs", "gate_lr", "tau", "head_dropout", "distill
 GATE_DATA = ("sampled", "val", "train")
 
 
-def add_arguments(parser):
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--run", required=True, help="a finished `emovlm-kd train` run folder (RUN)")
     common.add_argument("--output-dir", default=None, help="where the tables go (default: RUN/ablations)")
@@ -64,7 +64,7 @@ def add_arguments(parser):
                       help="sampled answers per image, at most the run's (default: the run's)")
 
 
-def run(args):
+def run(args: argparse.Namespace) -> int:
     name, values = {
         "head-depth": lambda: ("head_depth", parse_depths(args.depths)),
         "alpha": lambda: ("alpha", parse_alphas(args.alphas)),

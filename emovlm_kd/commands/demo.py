@@ -12,27 +12,27 @@ cannot be loaded); the server runs until interrupted (Ctrl-C). `app.py` at the r
 as a Hugging Face Space does.
 """
 
+import argparse
 import logging
 import os
 
 from emovlm_kd.errors import UsageError
+from emovlm_kd.runtime import add_device_arguments
 
 logger = logging.getLogger(__name__)
 
 
-def add_arguments(parser):
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="bundle folder or Hub id")
     parser.add_argument("--host", default="127.0.0.1",
                         help="address to listen on (default 127.0.0.1, this machine only; 0.0.0.0 for every interface)")
     parser.add_argument("--port", type=int, default=7860, help="port to listen on (default 7860)")
     parser.add_argument("--share", action="store_true",
                         help="also open a temporary public link through gradio's share servers (needs the internet)")
-    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
-    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
-                        help="weights dtype (default: as saved)")
+    add_device_arguments(parser)
 
 
-def run(args):
+def run(args: argparse.Namespace) -> int:
     from emovlm_kd.modelcheck import local_model_folder
 
     if not 0 < args.port < 65536:
@@ -48,11 +48,10 @@ def run(args):
         require_gradio()
     except ImportError as error:
         raise UsageError(str(error))
-    import torch
+    from emovlm_kd.runtime import resolve_dtype
 
     try:
-        model, processor = load_model(args.model, device=args.device,
-                                      dtype=getattr(torch, args.dtype) if args.dtype else None)
+        model, processor = load_model(args.model, device=args.device, dtype=resolve_dtype(args.dtype))
     except (OSError, ValueError) as error:  # ModelCheckError propagates: exit status 3, one line
         raise UsageError(f"--model: cannot load {args.model!r}: {error}")
     demo = build_demo(model, processor)

@@ -19,6 +19,7 @@ the file when it cannot be used); no code from a model folder runs unless `--tru
 that are not EmoVLM-KD bundles: a zero-shot VLM or a teacher that ship their own code).
 """
 
+import argparse
 import logging
 from pathlib import Path
 
@@ -33,7 +34,7 @@ from emovlm_kd.evaluation.options import (
 logger = logging.getLogger(__name__)
 
 
-def add_arguments(parser):
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="EmoVLM-KD bundle folder or Hub id, or a bare Qwen2-VL")
     parser.add_argument("--dataset", required=True,
                         help="dataset folder, manifest, save_to_disk folder or Hub id (see emovlm_kd.data)")
@@ -49,7 +50,7 @@ def add_arguments(parser):
     add_common_arguments(parser)
 
 
-def run(args):
+def run(args: argparse.Namespace) -> int:
     check_common_arguments(args)
     _check_paths(args)
     from emovlm_kd.training.runlock import hold_run_locks_of
@@ -63,15 +64,14 @@ def _evaluate(args):
     from emovlm_kd.evaluation.report import accuracy_table
     from emovlm_kd.evaluation.runner import (
         dataset_label_names,
-        default_device,
         evaluate_model,
         load_split,
-        torch_dtype,
     )
+    from emovlm_kd.runtime import resolve_device, resolve_dtype
 
     dataset = load_split(args.dataset, args.split, args.limit, splits=args.splits, model=args.model,
                          **dataset_options(args))
-    device, dtype = default_device(args.device), torch_dtype(args.dtype)
+    device, dtype = resolve_device(args.device), resolve_dtype(args.dtype)
     labels = dataset_label_names(dataset)
     model, processor, zero_shot, perm = _load_model(args, labels, device, dtype)
     teacher, teacher_processor, teacher_perm = _load_teacher(args.teacher, labels, device, dtype,

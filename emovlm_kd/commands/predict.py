@@ -27,6 +27,7 @@ could not be loaded (one line naming the file at fault); 141 the reader of stdou
 interrupted (`FILE.part` kept for `--resume`).
 """
 
+import argparse
 import errno
 import hashlib
 import json
@@ -36,12 +37,13 @@ import sys
 from pathlib import Path
 
 from emovlm_kd.errors import UsageError
+from emovlm_kd.runtime import add_device_arguments
 from emovlm_kd.folders import WriteError
 
 logger = logging.getLogger(__name__)
 
 
-def add_arguments(parser):
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("inputs", nargs="+", help="image files or folders (searched recursively)")
     parser.add_argument("--model", required=True, help="bundle folder or Hub id")
     parser.add_argument("--output", help="write JSON lines here instead of stdout (to FILE.part, renamed at the end)")
@@ -50,9 +52,7 @@ def add_arguments(parser):
     parser.add_argument("--batch-size", type=int, default=8, help="images per forward pass")
     parser.add_argument("--vlm-mode", choices=["score", "generate"], default=None,
                         help="how the VLM branch answers (default: the model's config)")
-    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
-    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
-                        help="weights dtype (default: as saved)")
+    add_device_arguments(parser)
     explain = parser.add_argument_group("explanations")
     explain.add_argument("--explain", action="store_true",
                          help="add an 'explanation' per line: the model's answer to the paper's reasoning instruction "
@@ -67,7 +67,7 @@ def add_arguments(parser):
                              "installed classes")
 
 
-def run(args):
+def run(args: argparse.Namespace) -> int:
     _check_arguments(args)
     from emovlm_kd import distributed
     from emovlm_kd.images import iter_image_files
@@ -158,13 +158,10 @@ def _output_problems(output):
 
 def _load_model(args):
     """The checked model and processor; `ModelCheckError` (exit status 3) propagates, the rest is a `UsageError`."""
-    import torch
-
     from emovlm_kd.hub import load_bundle
-    from emovlm_kd.inference import process_device
+    from emovlm_kd.runtime import resolve_device, resolve_dtype
 
-    device = args.device or process_device()
-    dtype = getattr(torch, args.dtype) if args.dtype else None
+    device, dtype = resolve_device(args.device), resolve_dtype(args.dtype)
     try:
         return load_bundle(args.model, dtype=dtype, device=device, trust_remote_code=args.trust_remote_code)
     except (OSError, ValueError) as error:

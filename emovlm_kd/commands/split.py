@@ -8,6 +8,7 @@ The file holds the ids of every split (the dataset's `id` column, as in `predict
 fingerprint. Files whose content is identical in two splits are named in a warning (`--leakage error` stops).
 """
 
+import argparse
 import logging
 
 from emovlm_kd.errors import UsageError
@@ -16,7 +17,7 @@ from emovlm_kd.evaluation.options import add_dataset_arguments, dataset_options
 logger = logging.getLogger(__name__)
 
 
-def add_arguments(parser):
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("dataset", help="dataset folder, manifest, save_to_disk folder or Hub id")
     parser.add_argument("--output", required=True, help="the split file to write (JSON)")
     parser.add_argument("--val-fraction", type=float, default=None,
@@ -39,7 +40,7 @@ def check_splits_usable(dataset):
         )
 
 
-def run(args):
+def run(args: argparse.Namespace) -> int:
     from emovlm_kd.hubaccess import HubAccess
 
     problem = HubAccess().dataset_problem(args.dataset)  # in seconds, before `datasets` is imported: one Hub probe

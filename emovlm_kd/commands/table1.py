@@ -13,6 +13,7 @@ zero-shot row. Each dataset's full report goes to `<output-dir>/<name>/`; the ta
 (see `emovlm_kd.evaluation.table1`).
 """
 
+import argparse
 import logging
 
 from emovlm_kd.errors import UsageError
@@ -22,7 +23,7 @@ from emovlm_kd.evaluation.paper import TABLE1_DATASETS
 logger = logging.getLogger(__name__)
 
 
-def add_arguments(parser):
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", action="append", required=True, metavar="[NAME=]MODEL",
                         help="bundle or bare Qwen2-VL; NAME=MODEL for one dataset only (repeatable)")
     parser.add_argument("--data-root", default=None, help="folder holding emoset, fi, emotion6, flickr, instagram")
@@ -71,8 +72,9 @@ def parse_splits(values):
     return splits
 
 
-def run(args):
-    from emovlm_kd.evaluation.runner import ModelLoadError, default_device, torch_dtype
+def run(args: argparse.Namespace) -> int:
+    from emovlm_kd.evaluation.runner import ModelLoadError
+    from emovlm_kd.runtime import resolve_device, resolve_dtype
     from emovlm_kd.evaluation.table1 import find_datasets, render_table1_markdown, run_table1
 
     check_common_arguments(args)
@@ -89,8 +91,8 @@ def run(args):
     models = {name: per_dataset.get(name, default) for name in found}
     try:
         table = run_table1(found, models, args.output_dir, split=args.split, limit=args.limit,
-                           batch_size=args.batch_size, vlm_mode=args.vlm_mode, device=default_device(args.device),
-                           dtype=torch_dtype(args.dtype), skipped=missing, splits=parse_splits(args.splits))
+                           batch_size=args.batch_size, vlm_mode=args.vlm_mode, device=resolve_device(args.device),
+                           dtype=resolve_dtype(args.dtype), skipped=missing, splits=parse_splits(args.splits))
     except ModelLoadError as error:
         raise UsageError(f"--model: {error}")
     print(render_table1_markdown(table))

@@ -1,6 +1,8 @@
 """`emovlm-kd tiny OUT [--backbone qwen2_vl|qwen2_5_vl|qwen3_vl]`: a tiny randomly initialised bundle (model +
 processor, FI labels) on the chosen backbone, offline and seeded."""
 
+import argparse
+
 from emovlm_kd.errors import UsageError
 from emovlm_kd.folders import bundle_conflicts
 from emovlm_kd.labels import KNOWN_LABEL_SETS
@@ -9,7 +11,7 @@ from emovlm_kd.labels import KNOWN_LABEL_SETS
 BACKBONES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
 
 
-def add_arguments(parser):
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("output_dir", help="folder to write the bundle to")
     parser.add_argument("--labels", default="mikels8", help=f"one of {sorted(KNOWN_LABEL_SETS)} or a comma list")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random weights")
@@ -22,7 +24,7 @@ def add_arguments(parser):
                         help="replace OUTPUT_DIR even when it holds files that are not a bundle's")
 
 
-def run(args):
+def run(args: argparse.Namespace) -> int:
     labels = KNOWN_LABEL_SETS.get(args.labels) or [x.strip() for x in args.labels.split(",") if x.strip()]
     if len(labels) < 2:
         raise UsageError(f"--labels: need at least two labels, got {args.labels!r}")

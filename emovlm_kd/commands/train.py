@@ -13,23 +13,24 @@ models and training settings but not its synthetic data's: the categorical instr
 and how to add answers), RUN = runs/<dataset name>, nothing synthetic written.
 """
 
+import argparse
 import logging
 
-from emovlm_kd.errors import UsageError
+from emovlm_kd.errors import InputError, UsageError
 
 logger = logging.getLogger(__name__)
 
 TAKES_ITS_OWN_ARGUMENTS = True  # the CLI hands the words after `train` to TrlParser (see emovlm_kd.cli)
 
 
-def add_arguments(parser):
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Nothing here: `run` parses the words after `train` with TrlParser (its `--help` lists every flag)."""
 
 
-def run(args):
+def run(args: argparse.Namespace) -> int:
     from emovlm_kd.distributed import is_main_process
     from emovlm_kd.training.config import parse_train_args
-    from emovlm_kd.training.preflight import preflight
+    from emovlm_kd.training.preflight import PreflightError, preflight
     from emovlm_kd.training.runlock import hold_run_lock
 
     try:
@@ -39,18 +40,19 @@ def run(args):
 
     try:  # before the training code is imported or anything is written: every input resolved, every problem at once
         dataset = preflight(cfg)  # a local dataset, read (its labels and splits checked); None: the demo's or the Hub's
-    except ValueError as error:
-        raise UsageError(str(error))
+    except PreflightError as error:
+        raise UsageError(str(error)) from None
     with hold_run_lock(cfg.output_dir):  # a second run on RUN is refused now, not after the training imports
         from emovlm_kd.training.annotate import AnnotatorError
         from emovlm_kd.training.runner import format_results, run_training
 
         try:
             results = run_training(cfg, dataset)
-        except (ValueError, FileExistsError, AnnotatorError) as error:  # bad data or labels; a RUN/model holding
-            # the user's files; an annotator endpoint that failed for good (answers so far are kept)
+        except (InputError, FileExistsError, AnnotatorError) as error:  # the user's data, labels or answers; a
+            # RUN/model holding the user's files; an annotator endpoint that failed for good (answers so far are
+            # kept). Any other error, a stage's `ValueError` included, is a bug: it keeps its traceback (exit 1)
             logger.error("%s", error)
-            raise UsageError(str(error))
+            raise UsageError(str(error)) from None
     if is_main_process():
         print(format_results(results))
         print(f"model: {cfg.output_dir}/model   results: {cfg.output_dir}/eval_results.json")

@@ -15,6 +15,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from emovlm_kd.data.records import SPLITS
+from emovlm_kd.errors import InputError
 from emovlm_kd.folders import atomic_write_text
 
 logger = logging.getLogger(__name__)
@@ -22,8 +23,8 @@ logger = logging.getLogger(__name__)
 SPLITS_FILE = "splits.json"
 
 
-class SplitMismatchError(ValueError):
-    """The dataset does not hold the split's images (or holds them with other labels)."""
+class SplitMismatchError(InputError):
+    """The dataset does not hold the split's images (or holds them with other labels); a `ValueError`."""
 
 
 def split_ids(dataset):

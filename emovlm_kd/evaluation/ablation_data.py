@@ -16,8 +16,8 @@ from emovlm_kd.errors import UsageError
 from emovlm_kd.training import heads
 from emovlm_kd.training.config import DEMO, TrainConfig
 from emovlm_kd.training.gatedata import SAMPLES_CACHE, gate_split
-from emovlm_kd.training.runner import device_of_run, load_data
-from emovlm_kd.training.stage import resolve_dtype
+from emovlm_kd.runtime import resolve_dtype, run_device
+from emovlm_kd.training.runner import load_data
 from modeling_emovlm_kd import EmoVLMKDDistillationHead
 
 logger = logging.getLogger(__name__)
@@ -120,15 +120,8 @@ def load_run_head(run_dir, run_cfg, data):
         head.load_state_dict(safetensors.torch.load_file(head_file))
     except RuntimeError as error:
         raise UsageError(f"--run {run_dir}: {head_file} does not fit the run's head settings: {error}") from None
-    head.requires_grad_(False).to(small_module_device(), resolve_dtype(run_cfg))  # as the run evaluated it
+    head.requires_grad_(False).to(run_device(), resolve_dtype(run_cfg.dtype))  # as the run evaluated it
     return head_file, {s: heads.head_outputs(head, data.features[s]) for s in data.splits}
-
-
-def small_module_device():
-    """Where stages 3 and 4 create, initialise, train and evaluate the head and the gate: the run's device
-    (`runner.device_of_run`: CUDA when there is one). Their seeded initialisation (`heads.reset_module`) draws from
-    that device's generator, so a head or gate created elsewhere would start from other weights."""
-    return torch.device(device_of_run())
 
 
 def run_results(run_dir):

@@ -31,15 +31,14 @@ from emovlm_kd.evaluation.ablation_data import (  # noqa: F401  (RunTensors, loa
     load_run_tensors,
     load_settings,
     run_results,
-    small_module_device,
 )
 from emovlm_kd.evaluation.ablation_tables import render_table
 from emovlm_kd.evaluation.paper import FIGURE3, TABLE3, TABLE4_FI
 from emovlm_kd.evaluation.report import write_json, write_text
+from emovlm_kd.runtime import resolve_dtype, run_device
 from emovlm_kd.training import heads
 from emovlm_kd.training.gatedata import gate_split, gate_training_set
 from emovlm_kd.training.runner import accuracy
-from emovlm_kd.training.stage import resolve_dtype
 from modeling_emovlm_kd import GATE_CLASSES, EmoVLMKDDistillationHead
 
 logger = logging.getLogger(__name__)
@@ -83,10 +82,10 @@ def run_ablation(name, run_dir, values, overrides=None, output_dir=None):
 
 def fit_head(cfg, data):
     """Train a head with cfg's head settings as stage 3 does: created in float32 on the run's device
-    (`small_module_device`), where its seeded initialisation draws. Returns the trained head (float32, on the CPU:
+    (`runtime.run_device`), where its seeded initialisation draws. Returns the trained head (float32, on the CPU:
     what stage 3 saves) and its logits per split, evaluated as the run does (`as_evaluated`)."""
     head = EmoVLMKDDistillationHead(data.features["train"].shape[-1], cfg.head_hidden_sizes, len(data.names),
-                                    cfg.head_dropout).float().to(small_module_device())
+                                    cfg.head_dropout).float().to(run_device())
     with tempfile.TemporaryDirectory(prefix="emovlm-kd-ablation-") as tmp:
         heads.train_head(cfg, head, data.features["train"], data.teacher_logits["train"], data.labels["train"], tmp,
                          **QUIET)
@@ -97,7 +96,7 @@ def fit_head(cfg, data):
 def as_evaluated(module, cfg):
     """A frozen copy of a trained head or gate as the run evaluated it: in the run's dtype, on its device (stages 3
     and 4 cast the trained float32 module to the run's dtype before computing what the next stage reads)."""
-    return copy.deepcopy(module).requires_grad_(False).to(small_module_device(), resolve_dtype(cfg))
+    return copy.deepcopy(module).requires_grad_(False).to(run_device(), resolve_dtype(cfg.dtype))
 
 
 def gate_data_of(cfg, data, head_logits):
@@ -120,7 +119,7 @@ def fit_gate(cfg, data, head_logits, num_experts=3):
     """Train cfg's gate type on cfg's gate data and these head outputs as stage 4 does (created in float32 on the
     run's device, see `fit_head`). Returns the trained gate (float32, on the CPU: what stage 4 saves) and its test
     logits, evaluated as the run does."""
-    gate = GATE_CLASSES[cfg.gate_type](len(data.names), num_experts=num_experts).float().to(small_module_device())
+    gate = GATE_CLASSES[cfg.gate_type](len(data.names), num_experts=num_experts).float().to(run_device())
     (vlm_scores, head_probs, labels), test_vectors = gate_data_of(cfg, data, head_logits)
     with tempfile.TemporaryDirectory(prefix="emovlm-kd-ablation-") as tmp:
         heads.train_gate(cfg, gate, vlm_scores, head_probs, labels, tmp, **QUIET)
@@ -155,7 +154,7 @@ def settings_of(cfg, data, fields, num_experts):
     if "gate_type" in fields:
         values["gate_num_experts"] = num_experts
     values["seed"] = cfg.seed
-    values["dtype"] = str(resolve_dtype(cfg)).removeprefix("torch.")
+    values["dtype"] = str(resolve_dtype(cfg.dtype)).removeprefix("torch.")
     return values
 
 

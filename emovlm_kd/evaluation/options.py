@@ -2,8 +2,7 @@
 checks. Imports nothing heavy: the commands add these flags before `--help` is printed."""
 
 from emovlm_kd.errors import UsageError
-
-DTYPES = ("float32", "bfloat16", "float16")
+from emovlm_kd.runtime import add_device_arguments
 
 
 def add_common_arguments(parser):
@@ -12,8 +11,7 @@ def add_common_arguments(parser):
     parser.add_argument("--vlm-mode", choices=["score", "generate"], default=None,
                         help="how the VLM branch answers (default: the model's config; the paper generates)")
     parser.add_argument("--batch-size", type=int, default=8, help="images per forward pass")
-    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
-    parser.add_argument("--dtype", choices=DTYPES, default=None, help="weights dtype (default: as saved)")
+    add_device_arguments(parser)
     parser.add_argument("--limit", type=int, default=None,
                         help="evaluate a stratified sample of N images (every class in proportion, seeded)")
     parser.add_argument("--output-dir", required=True, help="folder for the report files")

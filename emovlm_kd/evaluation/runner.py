@@ -21,6 +21,7 @@ from emovlm_kd.errors import UsageError
 from emovlm_kd.folders import folder_conflicts, staged_folder
 from configuration_emovlm_kd import SUPPORTED_BACKBONES
 from emovlm_kd.modelcheck import BUNDLE_MODEL_TYPE
+from emovlm_kd.runtime import resolve_device
 
 from .report import (
     PARTS,
@@ -90,18 +91,6 @@ def align_labels(source_labels, target_labels, what="model"):
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def default_device(device=None):
-    """`device`, else this process's own: its GPU under torchrun, `cuda` with CUDA, `cpu` without."""
-    from emovlm_kd.inference import process_device
-
-    return device or process_device()
-
-
-def torch_dtype(name):
-    """`torch.bfloat16` from "bfloat16"; None for None (the dtype as saved)."""
-    return getattr(torch, name) if name else None
-
-
 def load_model(model_id, *, device=None, dtype=None, trust_remote_code=False):
     """`(model, processor, zero_shot)`; no code from the model's folder runs unless `trust_remote_code`.
 
@@ -113,7 +102,7 @@ def load_model(model_id, *, device=None, dtype=None, trust_remote_code=False):
     """
     from emovlm_kd.hub import checkpoint_model_type, load_bundle
 
-    device = default_device(device)
+    device = resolve_device(device)
     model_type = checkpoint_model_type(model_id)
     if model_type == BUNDLE_MODEL_TYPE:
         model, processor = load_bundle(model_id, dtype=dtype, device=device)
@@ -164,7 +153,7 @@ def load_teacher(model_id, *, device=None, dtype=None, trust_remote_code=False):
     teacher = AutoModelForImageClassification.from_pretrained(model_id, use_safetensors=True,
                                                               trust_remote_code=trust_remote_code, **kwargs)
     processor = AutoImageProcessor.from_pretrained(model_id, trust_remote_code=trust_remote_code)
-    return teacher.eval().to(default_device(device)), processor
+    return teacher.eval().to(resolve_device(device)), processor
 
 
 def teacher_label_names(teacher):
@@ -519,6 +508,5 @@ __all__ = [
     "report_folder_conflicts",
     "take",
     "teacher_label_names",
-    "torch_dtype",
     "write_outputs",
 ]

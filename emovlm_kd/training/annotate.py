@@ -34,6 +34,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from emovlm_kd.errors import InputError
 from emovlm_kd.images import prepare_image
 
 logger = logging.getLogger(__name__)
@@ -108,7 +109,7 @@ def api_key():
     for name in API_KEY_VARIABLES:
         if os.environ.get(name):
             return os.environ[name]
-    raise ValueError(f"--annotator openai needs an API key in the environment ({' or '.join(API_KEY_VARIABLES)})")
+    raise InputError(f"--annotator openai needs an API key in the environment ({' or '.join(API_KEY_VARIABLES)})")
 
 
 RETRY_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
@@ -163,7 +164,7 @@ class OpenAIChatAnnotator:
 
     def __init__(self, url, model, timeout=120, retry=None, sleep=time.sleep):
         if not url or not model:
-            raise ValueError("--annotator openai needs --annotator-url and --annotator-model")
+            raise InputError("--annotator openai needs --annotator-url and --annotator-model")
         self.url = url.rstrip("/") + "/chat/completions"
         self.model, self.timeout, self._key = model, timeout, api_key()
         self.retry, self._sleep = retry or RetryPolicy(), sleep

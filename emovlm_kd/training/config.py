@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Literal
 
 from configuration_emovlm_kd import DEFAULT_MAX_IMAGE_SIDE, GATE_TYPES, MIN_IMAGE_SIDE, SUPPORTED_BACKBONES
+from emovlm_kd.errors import InputError
 
 DEMO = "demo"
 DEMO_BACKBONE = "qwen2_vl"  # `--vlm demo` is `--vlm demo:qwen2_vl`
@@ -431,7 +432,7 @@ def instruction_source_problems(cfg):
 
 
 def check_instruction_sources(cfg):
-    """`ValueError` with every line of `instruction_source_problems`, if any."""
+    """`InputError` with every line of `instruction_source_problems`, if any."""
     found = instruction_source_problems(cfg)
     if found:
-        raise ValueError("; ".join(found))
+        raise InputError("; ".join(found))

@@ -30,6 +30,7 @@ from collections import Counter
 from pathlib import Path
 
 from emovlm_kd.distributed import is_main_process
+from emovlm_kd.errors import InputError
 from emovlm_kd.training.annotate import annotate_images, parse_annotation
 from emovlm_kd.training.cache import atomic_write_text, fingerprint, fingerprint_dataset
 from emovlm_kd.training.config import (
@@ -38,7 +39,7 @@ from emovlm_kd.training.config import (
     check_instruction_sources,
 )
 from emovlm_kd.training.stage import Stage
-from modeling_emovlm_kd import EXPLANATION_QUESTION
+from scoring_emovlm_kd import EXPLANATION_QUESTION
 
 logger = logging.getLogger(__name__)
 
@@ -65,9 +66,10 @@ JSONL_ROW = '{"id", "kind": "conversation"|"reasoning", "answer"}'
 OFFICIAL_ENTRY = '{"img_path", "gpt_response", "label"}'
 
 
-class InstructionFileError(ValueError):
+class InstructionFileError(InputError):
     """An instruction file that cannot be used, in one line: `FILE:LINE: what is wrong` (JSONL) or
-    `FILE: entry [N]: what is wrong` (the official JSON's list index, from 0), with how many other rows are wrong."""
+    `FILE: entry [N]: what is wrong` (the official JSON's list index, from 0), with how many other rows are wrong;
+    a `ValueError`."""
 
 
 def _a(value):
@@ -308,11 +310,11 @@ def run_stage0(cfg, run_dir, dataset, bundle_config):
 
 
 def check_coverage(rows, kinds, num_images):
-    """A `ValueError` when a kind of the mix has no answer at all; a warning when it covers part of the images."""
+    """An `InputError` when a kind of the mix has no answer at all; a warning when it covers part of the images."""
     for kind in kinds:
         covered = len({r["id"] for r in rows if r["kind"] == kind})
         if covered == 0:
-            raise ValueError(f"no {kind} answers for any train image; {HOW_TO_GET_ANSWERS}, or leave {kind} out of "
+            raise InputError(f"no {kind} answers for any train image; {HOW_TO_GET_ANSWERS}, or leave {kind} out of "
                              "--instruction-kinds")
         if covered < num_images:
             logger.warning("%s answers for %d of %d train images", kind, covered, num_images)

@@ -22,6 +22,7 @@ With no network, Hub names fail once, fast, saying the Hub is unreachable and ho
 import logging
 from pathlib import Path
 
+from emovlm_kd.errors import InputError
 from emovlm_kd.hubaccess import CONNECT_TIMEOUT, HubAccess, connectable
 from emovlm_kd.modelcheck import looks_like_path
 from emovlm_kd.training.config import DEMO, instruction_source_problems
@@ -77,13 +78,22 @@ def is_local(name):
 
 def read_dataset(cfg, source=None):
     """The run's `DatasetDict` from `source` (default `--dataset`) as `load_image_dataset` reads it (every local image
-    opened once), with the `--splits` file applied; `ValueError` when it has no train or test split, or (with
-    `--leakage error`) when identical images sit in two splits (a warning otherwise)."""
+    opened once), with the `--splits` file applied; `InputError` (a `ValueError`) when the dataset or the split file
+    does not read, has no train or test split, or (with `--leakage error`) when identical images sit in two splits
+    (a warning otherwise)."""
+    try:
+        return _read_dataset(cfg, cfg.dataset if source is None else source)
+    except ValueError as error:
+        if type(error) is not ValueError:  # its own type kept (`SplitMismatchError` is an `InputError` already)
+            raise
+        raise InputError(str(error)) from error  # the readers' and the split file's checks: the user's data
+
+
+def _read_dataset(cfg, source):
     from emovlm_kd.data import load_image_dataset
     from emovlm_kd.data.splitfile import apply_splits, check_leakage, read_splits
     from emovlm_kd.evaluation.options import dataset_options
 
-    source = cfg.dataset if source is None else source
     dataset = load_image_dataset(source, **dataset_options(cfg))
     if cfg.splits:
         dataset = apply_splits(dataset, read_splits(cfg.splits), where=cfg.splits)

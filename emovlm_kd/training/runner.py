@@ -51,7 +51,8 @@ from emovlm_kd.training.modelcard import model_card, widget_example_names, write
 from emovlm_kd.training.passes import vlm_pass_cache
 from emovlm_kd.training.runlock import hold_run_lock
 from emovlm_kd.training.sft import run_stage1
-from emovlm_kd.training.stage import Stage, resolve_dtype
+from emovlm_kd.runtime import resolve_dtype, run_device
+from emovlm_kd.training.stage import Stage
 from emovlm_kd.training.teacher import check_teacher_labels, run_stage2, teacher_cache
 
 logger = logging.getLogger(__name__)
@@ -214,17 +215,13 @@ def load_bundle_to_train(cfg, merged_dir, names):
     from modeling_emovlm_kd import EmoVLMKDForImageClassification
 
     processor = AutoProcessor.from_pretrained(merged_dir)
-    vlm = AutoModelForImageTextToText.from_pretrained(merged_dir, dtype=resolve_dtype(cfg), use_safetensors=True)
+    vlm = AutoModelForImageTextToText.from_pretrained(merged_dir, dtype=resolve_dtype(cfg.dtype), use_safetensors=True)
     bundle = EmoVLMKDForImageClassification.from_vlm(
         vlm, names, processor=processor, head_hidden_sizes=cfg.head_hidden_sizes, head_dropout=cfg.head_dropout,
         gate_type=cfg.gate_type, vlm_vector=cfg.vlm_vector, max_image_side=cfg.max_image_side,
-    ).to(device_of_run()).eval()
+    ).to(run_device()).eval()
     bundle.requires_grad_(False)
     return bundle, processor
-
-
-def device_of_run():
-    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def cache_passes(cfg, run_dir, dataset, bundle, processor, teacher_dir):
@@ -232,8 +229,8 @@ def cache_passes(cfg, run_dir, dataset, bundle, processor, teacher_dir):
     from transformers import AutoImageProcessor, AutoModelForImageClassification
 
     teacher = AutoModelForImageClassification.from_pretrained(
-        teacher_dir, dtype=resolve_dtype(cfg), use_safetensors=True
-    ).to(device_of_run()).eval()
+        teacher_dir, dtype=resolve_dtype(cfg.dtype), use_safetensors=True
+    ).to(run_device()).eval()
     teacher_processor = AutoImageProcessor.from_pretrained(teacher_dir)
     cache = TensorCache(run_dir / "cache")
     passes = {}
@@ -249,7 +246,7 @@ def cache_passes(cfg, run_dir, dataset, bundle, processor, teacher_dir):
 def train_head_and_gate(cfg, run_dir, bundle, passes):
     """Stages 3 and 4 on the cached tensors; per split the head's logits, its probabilities, the VLM vectors and,
     for test, the gate's logits."""
-    dtype = resolve_dtype(cfg)
+    dtype = resolve_dtype(cfg.dtype)
     logger.info("== Stage 3: distillation")
     train = passes["train"]
     bundle.distill_head.requires_grad_(True).float()

@@ -19,12 +19,12 @@ from emovlm_kd.distributed import is_main_process, world_size
 from emovlm_kd.folders import staged_folder
 from emovlm_kd.hub import reset_tokenizer_call_state
 from emovlm_kd.images import limit_processor_pixels, prepare_image
+from emovlm_kd.runtime import resolve_dtype
 from emovlm_kd.training.cache import fingerprint, fingerprint_checkpoint, fingerprint_dataset
 from emovlm_kd.training.stage import (
     Stage,
     base_training_arguments,
     last_checkpoint,
-    resolve_dtype,
     run_trainer,
 )
 
@@ -65,33 +65,42 @@ class PreparedImages:
         return batch
 
 
-def quantization_config(cfg):
-    """4-bit nf4 double-quant (QLoRA) when asked, or by default when CUDA is present."""
-    use_4bit = cfg.quantize == "4bit" or (cfg.quantize == "auto" and torch.cuda.is_available())
-    if not use_4bit:
-        return None
-    from transformers import BitsAndBytesConfig
+def model_config(cfg):
+    """TRL's `ModelConfig` of stage 1: LoRA on the LLM's projections (`--lora-targets`, not the vision tower's), and
+    4-bit nf4 double quantisation computing in bfloat16 (QLoRA) when asked, or by default when CUDA is present."""
+    from trl import ModelConfig
 
-    return BitsAndBytesConfig(
-        load_in_4bit=True,
+    targets = "|".join(t.strip() for t in cfg.lora_targets.split(",") if t.strip())
+    return ModelConfig(
+        use_peft=True,
+        lora_r=cfg.lora_r,
+        lora_alpha=cfg.lora_alpha,
+        lora_dropout=cfg.lora_dropout,
+        lora_target_modules=rf".*language_model.*\.({targets})",
+        lora_task_type="CAUSAL_LM",
+        load_in_4bit=cfg.quantize == "4bit" or (cfg.quantize == "auto" and torch.cuda.is_available()),
         bnb_4bit_quant_type="nf4",
-        bnb_4bit_use_double_quant=True,
-        bnb_4bit_compute_dtype=torch.bfloat16,
-        llm_int8_skip_modules=["model.visual", "lm_head"],
+        use_bnb_nested_quant=True,
+        dtype="bfloat16",  # read by `get_quantization_config` only (the 4-bit compute dtype); the run's is `--dtype`
     )
+
+
+def quantization_config(cfg):
+    """`trl.get_quantization_config` of `model_config(cfg)` (None without 4-bit), the visual tower and `lm_head` left
+    unquantised (TRL's `ModelConfig` has no skip list): 4-bit layers narrower than 64 features fail."""
+    from trl import get_quantization_config
+
+    quant = get_quantization_config(model_config(cfg))
+    if quant is not None:
+        quant.llm_int8_skip_modules = ["model.visual", "lm_head"]
+    return quant
 
 
 def lora_config(cfg):
-    from peft import LoraConfig
+    """`trl.get_peft_config` of `model_config(cfg)`: a `peft.LoraConfig`."""
+    from trl import get_peft_config
 
-    targets = "|".join(t.strip() for t in cfg.lora_targets.split(",") if t.strip())
-    return LoraConfig(
-        r=cfg.lora_r,
-        lora_alpha=cfg.lora_alpha,
-        lora_dropout=cfg.lora_dropout,
-        target_modules=rf".*language_model.*\.({targets})",  # the LLM's projections, not the vision tower's
-        task_type="CAUSAL_LM",
-    )
+    return get_peft_config(model_config(cfg))
 
 
 def run_stage1(cfg, run_dir, dataset, vlm_path, instructions_path):
@@ -110,7 +119,7 @@ def run_stage1(cfg, run_dir, dataset, vlm_path, instructions_path):
     if stage.done:
         logger.info("[stage 1] instruction tuning: done, skipped")
         return merged_dir
-    dtype = resolve_dtype(cfg)
+    dtype = resolve_dtype(cfg.dtype)
     quant = quantization_config(cfg)
     if quant is not None:
         logger.info("[stage 1] QLoRA: loading %s in 4-bit nf4 with double quantisation", vlm_path)

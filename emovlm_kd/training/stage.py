@@ -1,12 +1,10 @@
 """What every stage shares: a stage folder with a `DONE.json` keyed by the stage's inputs, Trainer checkpoints
-kept per key (resumed from the newest complete one), the dtype a run computes in, and the `TrainingArguments` every
-stage derives its own from."""
+kept per key (resumed from the newest complete one), and the `TrainingArguments` every stage derives its own from."""
 
 import json
 import logging
 import re
 import shutil
-import struct
 import zipfile
 from pathlib import Path
 
@@ -85,11 +83,14 @@ def last_checkpoint(folder):
 
 
 def survey_checkpoints(folder):
-    """(the name of the newest complete checkpoint or None, {name: problem} of the incomplete ones) in `folder`."""
-    found = sorted((int(match[1]), path.name) for path in (folder.iterdir() if folder.is_dir() else [])
-                   if path.is_dir() and (match := CHECKPOINT_NAME.match(path.name)))
-    problems = {name: checkpoint_problem(folder / name, step) for step, name in found}
-    complete = [name for _, name in found if not problems[name]]
+    """(the name of the newest complete checkpoint or None, {name: problem} of the incomplete ones) in `folder`: every
+    `checkpoint-N` the Trainer's own `sort_checkpoints` lists (oldest first), each checked by `checkpoint_problem`."""
+    from transformers.trainer_utils import sort_checkpoints
+
+    listed = [Path(path).name for path in sort_checkpoints(str(folder))] if folder.is_dir() else []
+    found = [name for name in listed if CHECKPOINT_NAME.match(name)]  # its glob also lists `checkpoint-2-old`
+    problems = {name: checkpoint_problem(folder / name, int(CHECKPOINT_NAME.match(name)[1])) for name in found}
+    complete = [name for name in found if not problems[name]]
     return (complete[-1] if complete else None), {name: problem for name, problem in problems.items() if problem}
 
 
@@ -131,18 +132,21 @@ def file_is_whole(path):
         elif path.suffix in (".pt", ".pth", ".bin"):
             with zipfile.ZipFile(path):
                 pass
-    except (OSError, ValueError, struct.error, zipfile.BadZipFile):
+    except (OSError, ValueError, zipfile.BadZipFile):
         return False
     return True
 
 
 def safetensors_is_whole(path):
-    """A safetensors file is an 8-byte header length, a JSON header and the data its offsets end at."""
-    with open(path, "rb") as file:
-        (header_length,) = struct.unpack("<Q", file.read(8))
-        header = json.loads(file.read(header_length))
-    end = max((entry["data_offsets"][1] for name, entry in header.items() if name != "__metadata__"), default=0)
-    return path.stat().st_size == 8 + header_length + end
+    """Whether safetensors opens `path`: it checks on opening that the header parses and that the data its offsets
+    describe ends exactly at the end of the file (no tensor is read)."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt"):
+            return True
+    except SafetensorError:
+        return False
 
 
 def run_trainer(trainer, resume_from_checkpoint=None):
@@ -155,12 +159,6 @@ def run_trainer(trainer, resume_from_checkpoint=None):
     route_trainer_logs(trainer, log)
     with writing(trainer.args.output_dir):  # a full disk while a checkpoint is saved: one line naming the folder
         return trainer.train(resume_from_checkpoint=resume_from_checkpoint)
-
-
-def resolve_dtype(cfg):
-    if cfg.dtype == "auto":
-        return torch.bfloat16 if torch.cuda.is_available() else torch.float32
-    return getattr(torch, cfg.dtype)
 
 
 def base_training_arguments(cfg, output_dir):

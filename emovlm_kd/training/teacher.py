@@ -15,6 +15,7 @@ import torch
 from transformers import set_seed
 
 from emovlm_kd.distributed import is_main_process
+from emovlm_kd.errors import InputError
 from emovlm_kd.folders import staged_folder
 from emovlm_kd.images import prepare_image
 from emovlm_kd.training.cache import (
@@ -169,7 +170,7 @@ def check_teacher_labels(teacher_path, names):
     config = AutoConfig.from_pretrained(teacher_path)
     teacher_names = [config.id2label[i].lower() for i in range(len(config.id2label))]
     if teacher_names != list(names):
-        raise ValueError(f"teacher {teacher_path} has labels {teacher_names}, the dataset has {list(names)}")
+        raise InputError(f"teacher {teacher_path} has labels {teacher_names}, the dataset has {list(names)}")
 
 
 def teacher_cache(cfg, cache, teacher, image_processor, split, split_name):

@@ -5,7 +5,7 @@ Both stages train a small module on tensors cached once (visual features, teache
 epoch costs milliseconds; the Trainer brings the optimiser, schedules, checkpoints, resume and DDP.
 
 Resume: the Trainer's own `_load_from_checkpoint` reads `model.safetensors` as it is into `model.load_state_dict(...,
-strict=False)` and only logs missing keys. In transformers 5 `save_pretrained` writes a model's weights under its
+strict=False)` and only logs missing keys. transformers' `save_pretrained` writes a model's weights under its
 checkpoint (legacy) key names, reverting the renaming `from_pretrained` applies (`revert_weight_conversion`; e.g. a
 ViT's `vit.layers.*` are saved as `vit.encoder.layer.*`), so such a checkpoint resumed that way restores only the
 keys no renaming touches. `VerifiedResume` restores through the loader that applies the renaming, and stops with

@@ -1,0 +1,45 @@
+"""Where a command computes and in which dtype: the `--device` / `--dtype` flags every command shares, defined once,
+and the one resolver of each. Imports nothing heavy: the commands add these flags before `--help` is printed."""
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def add_device_arguments(parser):
+    """--device and --dtype, as predict, evaluate, table1 and the demo take them."""
+    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+    parser.add_argument("--dtype", choices=DTYPES, default=None, help="weights dtype (default: as saved)")
+
+
+def resolve_device(device=None):
+    """`device` when given, else this process's own: its GPU under torchrun (`cuda:LOCAL_RANK`), `cuda` in one
+    process with CUDA, else `cpu`."""
+    if device:
+        return device
+    import torch
+
+    if not torch.cuda.is_available():
+        return "cpu"
+    from emovlm_kd import distributed
+
+    return str(distributed.state().device)
+
+
+def run_device():
+    """Where a training run computes, and where stages 3 and 4 (and the ablations) create, initialise and train the
+    head and the gate: `cuda` when there is CUDA, else `cpu`. Their seeded initialisation draws from that device's
+    generator, so a head or gate created elsewhere would start from other weights."""
+    import torch
+
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def resolve_dtype(name):
+    """The torch dtype named `name` ("bfloat16" -> `torch.bfloat16`); "auto" is bfloat16 with CUDA, else float32;
+    None stays None (the dtype as saved)."""
+    if not name:
+        return None
+    import torch
+
+    if name == "auto":
+        return torch.bfloat16 if torch.cuda.is_available() else torch.float32
+    return getattr(torch, name)
