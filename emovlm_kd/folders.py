@@ -220,19 +220,9 @@ def atomic_write(path, write, mode="w"):
     """Write `path` through `write(handle)` into a temp file beside it, then `os.replace` it into place: `path`
     holds its old bytes or the new ones, never a part. `WriteError` on an OS error (nothing left behind) or when
     `path` is a folder."""
-    path = Path(path)
-    tmp = temp_path(path)
-    with writing(path, tmp):
-        refuse_folder(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            with open(tmp, mode, **({"encoding": "utf-8"} if "b" not in mode else {})) as handle:
-                write(handle)
-            os.replace(tmp, path)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
-    return path
+    with staged_file(path) as tmp, open(tmp, mode, **({"encoding": "utf-8"} if "b" not in mode else {})) as handle:
+        write(handle)
+    return Path(path)
 
 
 def atomic_write_text(path, text):

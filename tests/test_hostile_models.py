@@ -6,16 +6,15 @@ load, the chat template is rendered at load. Built from the tiny bundle; a few K
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
+
+from test_model_checks import bundle, edit_config, image  # noqa: F401 (the same fixtures: an image, a bundle to damage)
 
 from emovlm_kd.cli import main
 from emovlm_kd.errors import ModelCheckError
@@ -24,23 +23,6 @@ ROOT = Path(__file__).resolve().parents[1]
 CODE_FILES = ("configuration_emovlm_kd.py", "modeling_emovlm_kd.py", "pipeline_emovlm_kd.py", "scoring_emovlm_kd.py")
 
 
-@pytest.fixture(scope="module")
-def image(tmp_path_factory):
-    path = tmp_path_factory.mktemp("image") / "photo.png"
-    Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 48, 3), dtype=np.uint8)).save(path)
-    return path
-
-
-@pytest.fixture
-def bundle(tiny_bundle_dir, tmp_path):
-    return Path(shutil.copytree(tiny_bundle_dir, tmp_path / "model"))
-
-
-def edit_config(folder, change):
-    path = folder / "config.json"
-    config = json.loads(path.read_text())
-    change(config)
-    path.write_text(json.dumps(config))
 
 
 def model_error_line(err):

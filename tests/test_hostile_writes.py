@@ -24,15 +24,12 @@ from pathlib import Path
 import pytest
 from safetensors import SafetensorError
 
+from test_run_integrity import child_env, lock_held_by_another_process
+
 from emovlm_kd import folders
 from emovlm_kd.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def child_env():
-    path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
-    return {**os.environ, "PYTHONPATH": path, "CUDA_VISIBLE_DEVICES": "", "HF_HUB_OFFLINE": "1"}
 
 
 def user_files(root):
@@ -279,33 +276,12 @@ def test_an_os_error_of_any_command_is_one_line_and_exit_1(tmp_path, monkeypatch
 # ablate and evaluate take the run lock
 # ---------------------------------------------------------------------------------------------------------------
 
-HOLDER = """
-import os, sys
-from emovlm_kd.training.runlock import hold_run_lock
-with hold_run_lock(sys.argv[1]):
-    print(os.getpid(), flush=True)
-    sys.stdin.read()  # held until the test closes stdin or kills this process
-"""
-
-
-@contextmanager
-def training_run_holding(run_dir):
-    """A child process holding `run_dir`'s lock, as a training run does, for the block; yields its pid."""
-    child = subprocess.Popen([sys.executable, "-c", HOLDER, str(run_dir)], env=child_env(), stdin=subprocess.PIPE,
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        line = child.stdout.readline()
-        assert line.strip().isdigit(), child.stderr.read()[-2000:]
-        yield int(line)
-    finally:
-        child.kill()
-        child.wait(timeout=60)
 
 
 def test_ablate_on_a_run_folder_in_use_is_refused_with_the_message_train_gives(tmp_path, capsys):
     run = tmp_path / "run"
     plant(run, {"train_config.json": "{}"})
-    with training_run_holding(run) as pid, pytest.raises(SystemExit) as exited:
+    with lock_held_by_another_process(run) as pid, pytest.raises(SystemExit) as exited:
         main(["ablate", "alpha", "--run", str(run), "--alphas", "0,1"])
     assert exited.value.code == 2
     error = capsys.readouterr().err.strip().splitlines()[-1]
@@ -318,7 +294,7 @@ def test_evaluate_into_a_run_folder_in_use_is_refused_with_the_message_train_giv
                                                                                    tmp_path, capsys):
     run = tmp_path / "run"
     plant(run, {"train_config.json": "{}"})
-    with training_run_holding(run) as pid, pytest.raises(SystemExit) as exited:
+    with lock_held_by_another_process(run) as pid, pytest.raises(SystemExit) as exited:
         evaluate(tiny_bundle_dir, dataset_dir, run / "eval")
     assert exited.value.code == 2
     assert f"error: {run} is in use by another training run (pid {pid} on " in capsys.readouterr().err
