@@ -46,13 +46,13 @@ def require_gradio():
 
 
 def load_model(model_id, device=None, dtype=None):
-    """(model, processor) of a bundle folder or Hub id, checked (`hub.load_bundle`), on `device` (default: CUDA when
+    """(model, processor) of a bundle folder or Hub id, checked (`hub.load_model`), on `device` (default: CUDA when
     there is one), in eval mode."""
-    from emovlm_kd.hub import load_bundle
+    from emovlm_kd import hub
     from emovlm_kd.runtime import resolve_device
 
-    model, processor = load_bundle(model_id, dtype=dtype, device=resolve_device(device))
-    return model.eval(), processor
+    model, processor, _ = hub.load_model(model_id, device=resolve_device(device), dtype=dtype)
+    return model, processor
 
 
 # ----------------------------------------------------------------------------------------------------------------

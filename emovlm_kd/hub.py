@@ -110,8 +110,10 @@ def checkpoint_model_type(model_id):
     from emovlm_kd.modelcheck import local_model_folder, read_config
 
     folder = local_model_folder(model_id)
-    if folder is not None:
-        return read_config(folder).get("model_type")
+    return read_config(folder).get("model_type") if folder is not None else _hub_model_type(model_id)
+
+
+def _hub_model_type(model_id):
     from transformers import PretrainedConfig
 
     config_dict, _ = PretrainedConfig.get_config_dict(str(model_id))
@@ -124,37 +126,73 @@ def model_folder(model_id):
     from emovlm_kd.modelcheck import local_model_folder
 
     folder = local_model_folder(model_id)
-    if folder is not None:
-        return folder
+    return folder if folder is not None else _hub_snapshot(model_id)
+
+
+def _hub_snapshot(model_id):
     from huggingface_hub import snapshot_download
 
     return Path(snapshot_download(str(model_id), allow_patterns=BUNDLE_DOWNLOAD_PATTERNS))
 
 
-def load_bundle(path, dtype=None, device=None, trust_remote_code=False):
-    """(model, processor) from an EmoVLM-KD bundle folder or Hub id, checked, with the installed classes.
+def load_model(model_id, *, device=None, dtype=None, trust_remote_code=False, bare_vlm=False):
+    """`(model, processor, zero_shot)` of a model folder or Hub id: the one loader of `predict`, `evaluate`, `table1`
+    and the demo. No code from the model's folder runs unless `trust_remote_code`.
 
-    No code from the folder runs: config.json's `model_type` "emovlm_kd" loads with this package's
-    `EmoVLMKDForImageClassification` and processor classes after every check of `emovlm_kd.modelcheck`
-    (`ModelCheckError`, one line naming the file at fault). Any other model raises `ValueError`, unless
-    `trust_remote_code`: then it loads with its own code through `AutoModelForImageClassification`, after its
-    config's labels and its weight files are checked. A path-looking `path` that does not exist raises
-    `FileNotFoundError` ("no such folder"); a Hub id that cannot be fetched, the Hub's `OSError`.
+    config.json's `model_type` decides, read without running any code (`checkpoint_model_type`):
+    - "emovlm_kd": the bundle, with this package's `EmoVLMKDForImageClassification` and processor classes, after
+      every check of `emovlm_kd.modelcheck` (`ModelCheckError`, one line naming the file at fault); zero_shot False.
+    - with `bare_vlm` (evaluate, table1): a Qwen2-VL / Qwen2.5-VL / Qwen3-VL checkpoint, or with `trust_remote_code`
+      any other, as `AutoModelForImageTextToText` (the zero-shot baseline, see `evaluation.runner.bind_labels`);
+      zero_shot True.
+    - without it (predict, the demo): with `trust_remote_code`, any other model with the code it ships, through
+      `AutoModelForImageClassification`, after its config's labels and its weight files are checked.
+    Anything else raises `ValueError`. A path-looking `model_id` that does not exist raises `FileNotFoundError`
+    ("no such folder") without asking the Hub; a Hub id that cannot be fetched, the Hub's `OSError`. The model is
+    in eval mode, moved to `device` when one is given.
     """
-    from emovlm_kd.modelcheck import BUNDLE_MODEL_TYPE, load_checked_bundle
+    from configuration_emovlm_kd import SUPPORTED_BACKBONES
+    from emovlm_kd.modelcheck import BUNDLE_MODEL_TYPE, load_checked_bundle, local_model_folder, read_config
 
-    folder = model_folder(path)
-    model_type = checkpoint_model_type(folder)
+    folder = local_model_folder(model_id)  # None for a Hub id
+    model_type = read_config(folder).get("model_type") if folder is not None else _hub_model_type(model_id)
     if model_type == BUNDLE_MODEL_TYPE:
-        model, processor = load_checked_bundle(folder, dtype=dtype)
-    elif trust_remote_code:
-        model, processor = _load_with_its_own_code(path, folder, dtype)
+        model, processor = load_checked_bundle(folder or _hub_snapshot(model_id), dtype=dtype)
+    elif bare_vlm and (model_type in SUPPORTED_BACKBONES or trust_remote_code):
+        model, processor = _load_bare_vlm(model_id, model_type, dtype, trust_remote_code)
+    elif trust_remote_code and not bare_vlm:
+        model, processor = _load_with_its_own_code(model_id, folder or _hub_snapshot(model_id), dtype)
+    elif bare_vlm:
+        raise ValueError(
+            f"{model_id} has model_type {model_type!r}: expected an EmoVLM-KD bundle ({BUNDLE_MODEL_TYPE}) "
+            f"or a Qwen2-VL checkpoint for the zero-shot baseline ({', '.join(SUPPORTED_BACKBONES)}); "
+            "--trust-remote-code loads other checkpoints with the code they ship"
+        )
     else:
-        raise ValueError(f"{path} is not an EmoVLM-KD bundle (config.json model_type {model_type!r}, not "
+        raise ValueError(f"{model_id} is not an EmoVLM-KD bundle (config.json model_type {model_type!r}, not "
                          f"{BUNDLE_MODEL_TYPE!r}); to run the code it ships, pass --trust-remote-code")
     if device is not None:
         model.to(device)
+    return model, processor, model_type != BUNDLE_MODEL_TYPE and bare_vlm
+
+
+def load_bundle(path, dtype=None, device=None, trust_remote_code=False):
+    """(model, processor) from an EmoVLM-KD bundle folder or Hub id, checked, with the installed classes: `load_model`
+    without the zero-shot baseline."""
+    model, processor, _ = load_model(path, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
     return model, processor
+
+
+def _load_bare_vlm(model_id, model_type, dtype, trust_remote_code):
+    """`(vlm, processor)` of a bare VLM checkpoint (the zero-shot baseline)."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    kwargs = {"dtype": dtype} if dtype is not None else {}
+    vlm = AutoModelForImageTextToText.from_pretrained(model_id, use_safetensors=True,
+                                                      trust_remote_code=trust_remote_code, **kwargs)
+    processor = AutoProcessor.from_pretrained(model_id, trust_remote_code=trust_remote_code)
+    logger.info("%s is a bare %s checkpoint: evaluating the zero-shot VLM branch only", model_id, model_type)
+    return vlm.eval(), processor
 
 
 def _load_with_its_own_code(path, folder, dtype):

@@ -219,7 +219,7 @@ def test_predict_refuses_before_loading_the_model(case, tiny_bundle_dir, image_d
     def never(*args, **kwargs):
         raise AssertionError("the model was loaded")
 
-    monkeypatch.setattr(emovlm_kd.hub, "load_bundle", never)
+    monkeypatch.setattr(emovlm_kd.hub, "load_model", never)
     (tmp_path / "adir").mkdir()
     argv, says = {
         "output is a folder": (["--output", str(tmp_path / "adir"), str(image_dir)],

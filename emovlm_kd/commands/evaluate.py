@@ -135,11 +135,12 @@ def _check_paths(args):
 
 def _load_model(args, labels, device, dtype):
     """`(model, processor, zero_shot, perm into the dataset's labels)`; `ModelCheckError` (exit 3) propagates."""
-    from emovlm_kd.evaluation.runner import LabelMismatchError, bind_labels, load_model
+    from emovlm_kd.evaluation.runner import LabelMismatchError, bind_labels
+    from emovlm_kd.hub import load_model
 
     try:
         model, processor, zero_shot = load_model(args.model, device=device, dtype=dtype,
-                                                 trust_remote_code=args.trust_remote_code)
+                                                 trust_remote_code=args.trust_remote_code, bare_vlm=True)
     except (OSError, ValueError) as error:
         raise UsageError(f"--model: cannot load {args.model!r}: {error}")
     try:

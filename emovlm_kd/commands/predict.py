@@ -19,7 +19,7 @@ inputs, another model or other flags, or holding a line twice. Without `--resume
 afresh. A score that is not finite is an `error` line for its input (skipped), never a NaN in the file. A missing
 input, or an `--output` that is a folder, is a usage error found before the model is loaded.
 
-The model is checked before the output is opened, and no code from its folder runs (`emovlm_kd.hub.load_bundle`;
+The model is checked before the output is opened, and no code from its folder runs (`emovlm_kd.hub.load_model`;
 `--trust-remote-code` only for a model that is not an EmoVLM-KD bundle).
 
 Exit status: 0 every input predicted; 1 some skipped (each gets a line with `error`); 2 usage error; 3 the model
@@ -158,12 +158,14 @@ def _output_problems(output):
 
 def _load_model(args):
     """The checked model and processor; `ModelCheckError` (exit status 3) propagates, the rest is a `UsageError`."""
-    from emovlm_kd.hub import load_bundle
+    from emovlm_kd.hub import load_model
     from emovlm_kd.runtime import resolve_device, resolve_dtype
 
     device, dtype = resolve_device(args.device), resolve_dtype(args.dtype)
     try:
-        return load_bundle(args.model, dtype=dtype, device=device, trust_remote_code=args.trust_remote_code)
+        model, processor, _ = load_model(args.model, device=device, dtype=dtype,
+                                         trust_remote_code=args.trust_remote_code)
+        return model, processor
     except (OSError, ValueError) as error:
         raise UsageError(f"--model: cannot load {args.model!r}: {error}")
 

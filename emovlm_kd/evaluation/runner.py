@@ -1,8 +1,9 @@
 """Evaluation runs: load a bundle (or a bare Qwen2-VL for the zero-shot baseline), run batched inference once over a
 dataset split, aggregate with `emovlm_kd.evaluation.report` and write the report files. Shared by `evaluate` and `table1`.
 
-    from emovlm_kd.evaluation.runner import load_model, bind_labels, evaluate_model
-    model, processor, zero_shot = load_model("runs/demo/model")
+    from emovlm_kd.evaluation.runner import bind_labels, evaluate_model
+    from emovlm_kd.hub import load_model
+    model, processor, zero_shot = load_model("runs/demo/model", bare_vlm=True)
     model, perm = bind_labels(model, processor, zero_shot, dataset.features["label"].names)
     report = evaluate_model(model, processor, dataset, "results/fi", zero_shot=zero_shot, label_perm=perm)
 """
@@ -19,8 +20,6 @@ from emovlm_kd.data import load_image_dataset
 from emovlm_kd.data.splitfile import SPLITS_FILE, SplitMismatchError, apply_splits, read_splits
 from emovlm_kd.errors import UsageError
 from emovlm_kd.folders import folder_conflicts, staged_folder
-from configuration_emovlm_kd import SUPPORTED_BACKBONES
-from emovlm_kd.modelcheck import BUNDLE_MODEL_TYPE
 from emovlm_kd.runtime import resolve_device
 
 from .report import (
@@ -36,7 +35,6 @@ from .report import (
 
 logger = logging.getLogger(__name__)
 
-ZERO_SHOT_MODEL_TYPES = SUPPORTED_BACKBONES  # a bare Qwen2-VL, Qwen2.5-VL or Qwen3-VL (zero-shot rows)
 REPORT_FILES = ("report.json", "predictions.jsonl", "report.md", "confusion_matrix.png", "complementarity.png")
 
 
@@ -89,44 +87,6 @@ def align_labels(source_labels, target_labels, what="model"):
 # ----------------------------------------------------------------------------------------------------------------
 # Loading
 # ----------------------------------------------------------------------------------------------------------------
-
-
-def load_model(model_id, *, device=None, dtype=None, trust_remote_code=False):
-    """`(model, processor, zero_shot)`; no code from the model's folder runs unless `trust_remote_code`.
-
-    An EmoVLM-KD bundle (config.json `model_type` "emovlm_kd") loads through `emovlm_kd.hub.load_bundle` with the
-    installed classes, checked (`ModelCheckError`; zero_shot False). A Qwen2-VL / Qwen2.5-VL checkpoint loads as
-    `AutoModelForImageTextToText` (zero_shot True): `bind_labels` wraps it for a dataset's labels; with
-    `trust_remote_code`, so does any other checkpoint, with the code it ships. Anything else raises `ValueError`;
-    a path-looking id that does not exist, `FileNotFoundError` ("no such folder").
-    """
-    from emovlm_kd.hub import checkpoint_model_type, load_bundle
-
-    device = resolve_device(device)
-    model_type = checkpoint_model_type(model_id)
-    if model_type == BUNDLE_MODEL_TYPE:
-        model, processor = load_bundle(model_id, dtype=dtype, device=device)
-        return model, processor, False
-    if model_type in ZERO_SHOT_MODEL_TYPES or trust_remote_code:
-        vlm, processor = _load_zero_shot(model_id, model_type, device, dtype, trust_remote_code)
-        return vlm, processor, True
-    raise ValueError(
-        f"{model_id} has model_type {model_type!r}: expected an EmoVLM-KD bundle ({BUNDLE_MODEL_TYPE}) "
-        f"or a Qwen2-VL checkpoint for the zero-shot baseline ({', '.join(ZERO_SHOT_MODEL_TYPES)}); "
-        "--trust-remote-code loads other checkpoints with the code they ship"
-    )
-
-
-def _load_zero_shot(model_id, model_type, device, dtype, trust_remote_code):
-    """`(vlm, processor)` of a bare VLM checkpoint (the zero-shot baseline)."""
-    from transformers import AutoModelForImageTextToText, AutoProcessor
-
-    kwargs = {"dtype": dtype} if dtype is not None else {}
-    vlm = AutoModelForImageTextToText.from_pretrained(model_id, use_safetensors=True,
-                                                      trust_remote_code=trust_remote_code, **kwargs)
-    processor = AutoProcessor.from_pretrained(model_id, trust_remote_code=trust_remote_code)
-    logger.info("%s is a bare %s checkpoint: evaluating the zero-shot VLM branch only", model_id, model_type)
-    return vlm.eval().to(device), processor
 
 
 def bind_labels(model, processor, zero_shot, labels):
@@ -499,7 +459,6 @@ __all__ = [
     "check_report_folder",
     "dataset_label_names",
     "evaluate_model",
-    "load_model",
     "load_split",
     "load_teacher",
     "part_parameters",

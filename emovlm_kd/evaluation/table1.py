@@ -22,7 +22,6 @@ from emovlm_kd.evaluation.runner import (
     bind_labels,
     dataset_label_names,
     evaluate_model,
-    load_model,
     load_split,
 )
 
@@ -77,11 +76,14 @@ class _OneModel:
         self.model_id = self.loaded = None
 
     def get(self, model_id):
+        from emovlm_kd.hub import load_model
+        from emovlm_kd.runtime import resolve_device
+
         if model_id != self.model_id:
             self.loaded = self.model_id = None
             gc.collect()
             try:
-                self.loaded = load_model(model_id, device=self.device, dtype=self.dtype)
+                self.loaded = load_model(model_id, device=resolve_device(self.device), dtype=self.dtype, bare_vlm=True)
             except (OSError, ValueError) as error:
                 raise ModelLoadError(f"cannot load {model_id!r}: {error}") from error
             self.model_id = model_id

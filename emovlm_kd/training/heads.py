@@ -2,14 +2,13 @@
 `train_head` / `train_gate` serve the ablations. Also the small helpers that apply them to cached tensors."""
 
 import logging
+from functools import partial
 
 import torch
 from safetensors.torch import load_file, save_file
 
-from emovlm_kd.distributed import is_main_process
-from emovlm_kd.folders import staged_file
 from emovlm_kd.training.cache import fingerprint
-from emovlm_kd.training.stage import Stage, last_checkpoint, run_trainer, trainer_args
+from emovlm_kd.training.stage import last_checkpoint, run_stage, run_trainer, trainer_args, trained
 
 logger = logging.getLogger(__name__)
 
@@ -19,17 +18,10 @@ def run_stage3(cfg, run_dir, bundle, features, teacher_logits, labels):
     key = fingerprint("stage3", [fingerprint_tensor(features), fingerprint_tensor(teacher_logits)],
                       cfg.head_hidden_sizes, cfg.head_dropout, cfg.alpha, cfg.tau, cfg.distill_epochs,
                       cfg.distill_lr, cfg.distill_batch_size, cfg.seed)
-    stage = Stage(run_dir, "stage3_distill", key)
-    head_file = stage.dir / "head.safetensors"
-    if stage.done:
-        bundle.distill_head.load_state_dict(load_file(head_file))
-        logger.info("[stage 3] distillation: done, skipped")
-        return head_file
-    result = train_head(cfg, bundle.distill_head, features, teacher_logits, labels, stage.checkpoints(), resume=True)
-    if is_main_process():
-        save_module(bundle.distill_head, head_file)
-    stage.finish(train_loss=round(result.training_loss, 4), steps=result.global_step)
-    return head_file
+    return run_module_stage(run_dir, "stage3_distill", key, "head.safetensors", bundle.distill_head,
+                            "[stage 3] distillation: done, skipped",
+                            lambda folder: train_head(cfg, bundle.distill_head, features, teacher_logits, labels,
+                                                      folder, resume=True))
 
 
 def run_stage4(cfg, run_dir, bundle, vlm_scores, head_probs, labels):
@@ -37,17 +29,22 @@ def run_stage4(cfg, run_dir, bundle, vlm_scores, head_probs, labels):
     probabilities."""
     key = fingerprint("stage4", [fingerprint_tensor(vlm_scores), fingerprint_tensor(head_probs)], cfg.gate_type,
                       cfg.vlm_vector, cfg.gate_epochs, cfg.gate_lr, cfg.gate_batch_size, cfg.gate_data, cfg.seed)
-    stage = Stage(run_dir, "stage4_gate", key)
-    gate_file = stage.dir / "gate.safetensors"
-    if stage.done:
-        bundle.gate.load_state_dict(load_file(gate_file))
-        logger.info("[stage 4] gate: done, skipped")
-        return gate_file
-    result = train_gate(cfg, bundle.gate, vlm_scores, head_probs, labels, stage.checkpoints(), resume=True)
-    if is_main_process():
-        save_module(bundle.gate, gate_file)
-    stage.finish(train_loss=round(result.training_loss, 4), steps=result.global_step)
-    return gate_file
+    return run_module_stage(run_dir, "stage4_gate", key, "gate.safetensors", bundle.gate,
+                            "[stage 4] gate: done, skipped",
+                            lambda folder: train_gate(cfg, bundle.gate, vlm_scores, head_probs, labels, folder,
+                                                      resume=True))
+
+
+def run_module_stage(run_dir, name, key, file_name, module, skipped, train):
+    """Stages 3 and 4 (`run_stage`): `train(checkpoint folder)` trains `module`, whose weights are saved as
+    RUN/name/file_name; when the stage is done, they are loaded back into `module` and `skipped` is logged."""
+
+    def work(stage):
+        result = train(stage.checkpoints())
+        return partial(write_module, module), trained(result)
+
+    return run_stage(run_dir, name, key, file_name, work, skipped=skipped, log=logger,
+                     restore=lambda path: module.load_state_dict(load_file(path)))
 
 
 def train_head(cfg, head, features, teacher_logits, labels, output_dir, resume=False, **args_extra):
@@ -127,9 +124,9 @@ def reset_module(module, seed):
                 layer.bias.zero_()
 
 
-def save_module(module, path):
-    with staged_file(path) as tmp:
-        save_file({k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}, str(tmp))
+def write_module(module, path):
+    """The module's weights as safetensors at `path` (the stage's temp file)."""
+    save_file({k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}, str(path))
 
 
 def fingerprint_tensor(tensor):

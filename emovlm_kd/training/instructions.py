@@ -32,13 +32,13 @@ from pathlib import Path
 from emovlm_kd.distributed import is_main_process
 from emovlm_kd.errors import InputError
 from emovlm_kd.training.annotate import annotate_images, parse_annotation
-from emovlm_kd.training.cache import atomic_write_text, fingerprint, fingerprint_dataset
+from emovlm_kd.training.cache import fingerprint, fingerprint_dataset
 from emovlm_kd.training.config import (
     HOW_TO_GET_ANSWERS,
     INSTRUCTION_KINDS,
     check_instruction_sources,
 )
-from emovlm_kd.training.stage import Stage
+from emovlm_kd.training.stage import run_stage
 from scoring_emovlm_kd import EXPLANATION_QUESTION
 
 logger = logging.getLogger(__name__)
@@ -285,28 +285,27 @@ def run_stage0(cfg, run_dir, dataset, bundle_config):
     key = fingerprint("stage0", fingerprint_dataset(train), bundle_config.classification_prompt(),
                       bundle_config.answer_template, kinds, file_digest(cfg.instructions), cfg.annotator,
                       cfg.annotator_model)
-    stage = Stage(run_dir, "stage0_instructions", key)
-    out = stage.dir / "instructions.jsonl"
-    if stage.done:
-        logger.info("[stage 0] instruction data: done, skipped")
-        return out
-    question = categorical_instruction(bundle_config)
-    names = train.features["label"].names
-    rows = [
-        {"id": image_id, "kind": "categorical", "question": question, "answer": bundle_config.answer_for(names[label])}
-        for image_id, label in zip(train["id"], train["label"])
-    ]
-    if cfg.instructions:
-        rows += [r for r in read_instruction_file(cfg.instructions, train) if r["kind"] in kinds]
-    if cfg.annotator and is_main_process():
-        have = {r["id"] for r in rows if r["kind"] != "categorical"}
-        rows += [r for r in annotated_rows(cfg, train, have, stage.dir) if r["kind"] in kinds]
-    if is_main_process():
-        check_coverage(rows, kinds, len(train))
-        atomic_write_text(out, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-    counts = Counter(r["kind"] for r in rows)
-    stage.finish(rows=len(rows), **{kind: counts[kind] for kind in INSTRUCTION_KINDS})
-    return out
+
+    def work(stage):
+        question = categorical_instruction(bundle_config)
+        names = train.features["label"].names
+        rows = [{"id": image_id, "kind": "categorical", "question": question,
+                 "answer": bundle_config.answer_for(names[label])}
+                for image_id, label in zip(train["id"], train["label"])]
+        if cfg.instructions:
+            rows += [r for r in read_instruction_file(cfg.instructions, train) if r["kind"] in kinds]
+        if cfg.annotator and is_main_process():
+            have = {r["id"] for r in rows if r["kind"] != "categorical"}
+            rows += [r for r in annotated_rows(cfg, train, have, stage.dir) if r["kind"] in kinds]
+        if is_main_process():
+            check_coverage(rows, kinds, len(train))
+        text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+        counts = Counter(r["kind"] for r in rows)
+        summary = dict(rows=len(rows), **{kind: counts[kind] for kind in INSTRUCTION_KINDS})
+        return (lambda tmp: Path(tmp).write_text(text, encoding="utf-8")), summary
+
+    return run_stage(run_dir, "stage0_instructions", key, "instructions.jsonl", work,
+                     skipped="[stage 0] instruction data: done, skipped", log=logger)
 
 
 def check_coverage(rows, kinds, num_images):

@@ -9,6 +9,7 @@ cast to the run's dtype: a merge in bfloat16 rounds LoRA updates smaller than ha
 
 import json
 import logging
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -16,16 +17,16 @@ from transformers import set_seed
 
 from configuration_emovlm_kd import DEFAULT_MAX_IMAGE_SIDE
 from emovlm_kd.distributed import is_main_process, world_size
-from emovlm_kd.folders import staged_folder
 from emovlm_kd.hub import reset_tokenizer_call_state
 from emovlm_kd.images import limit_processor_pixels, prepare_image
 from emovlm_kd.runtime import resolve_dtype
 from emovlm_kd.training.cache import fingerprint, fingerprint_checkpoint, fingerprint_dataset
 from emovlm_kd.training.stage import (
-    Stage,
     base_training_arguments,
     last_checkpoint,
+    run_stage,
     run_trainer,
+    trained,
 )
 
 logger = logging.getLogger(__name__)
@@ -105,20 +106,23 @@ def lora_config(cfg):
 
 def run_stage1(cfg, run_dir, dataset, vlm_path, instructions_path):
     """Instruction-tune the VLM with LoRA (QLoRA on CUDA), merge the adapter, save RUN/stage1_sft/merged."""
+    key = fingerprint("stage1", fingerprint_checkpoint(vlm_path), fingerprint_dataset(dataset["train"]),
+                      Path(instructions_path).read_text(encoding="utf-8"),
+                      cfg.sft_epochs, cfg.sft_lr, cfg.sft_batch_size, cfg.sft_grad_accum, cfg.lora_r, cfg.lora_alpha,
+                      cfg.lora_dropout, cfg.lora_targets, cfg.quantize, cfg.dtype, cfg.seed, cfg.max_image_side)
+    return run_stage(run_dir, "stage1_sft", key, "merged",
+                     partial(instruction_tune, cfg, dataset["train"], vlm_path, instructions_path),
+                     skipped="[stage 1] instruction tuning: done, skipped", log=logger, folder=True)
+
+
+def instruction_tune(cfg, train, vlm_path, instructions_path, stage):
+    """Stage 1's work (`run_stage`): SFT with LoRA, the adapter saved in RUN/stage1_sft/adapter and merged by the main
+    process; returns (how the merged model is written into the stage's temp folder, the DONE.json summary)."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
     from trl import SFTConfig, SFTTrainer
 
     from emovlm_kd.training.trainers import with_verified_resume
 
-    key = fingerprint("stage1", fingerprint_checkpoint(vlm_path), fingerprint_dataset(dataset["train"]),
-                      Path(instructions_path).read_text(encoding="utf-8"),
-                      cfg.sft_epochs, cfg.sft_lr, cfg.sft_batch_size, cfg.sft_grad_accum, cfg.lora_r, cfg.lora_alpha,
-                      cfg.lora_dropout, cfg.lora_targets, cfg.quantize, cfg.dtype, cfg.seed, cfg.max_image_side)
-    stage = Stage(run_dir, "stage1_sft", key)
-    merged_dir = stage.dir / "merged"
-    if stage.done:
-        logger.info("[stage 1] instruction tuning: done, skipped")
-        return merged_dir
     dtype = resolve_dtype(cfg.dtype)
     quant = quantization_config(cfg)
     if quant is not None:
@@ -148,18 +152,15 @@ def run_stage1(cfg, run_dir, dataset, vlm_path, instructions_path):
     trainer = with_verified_resume(SFTTrainer)(
         model=vlm,
         args=args,
-        train_dataset=sft_dataset(dataset["train"], instructions_path, max_side=cfg.max_image_side),
+        train_dataset=sft_dataset(train, instructions_path, max_side=cfg.max_image_side),
         processing_class=processor,
         peft_config=lora_config(cfg),
     )
     result = run_trainer(trainer, last_checkpoint(args.output_dir))
     adapter_dir = stage.dir / "adapter"
     trainer.save_model(str(adapter_dir))
-    if is_main_process():
-        merge_adapter(vlm_path, adapter_dir, dtype, processor=processor, merged_dir=merged_dir)
-    del trainer, vlm
-    stage.finish(train_loss=round(result.training_loss, 4), steps=result.global_step)
-    return merged_dir
+    merged = merge_in_float32(vlm_path, adapter_dir, dtype) if is_main_process() else None
+    return partial(write_merged, merged, processor), trained(result)
 
 
 def merge_in_float32(vlm_path, adapter_dir, dtype):
@@ -173,10 +174,8 @@ def merge_in_float32(vlm_path, adapter_dir, dtype):
     return merged.to(dtype)
 
 
-def merge_adapter(vlm_path, adapter_dir, dtype, processor, merged_dir):
-    """`merge_in_float32`, saved in `dtype` with the processor as `merged_dir`, atomically."""
-    merged = merge_in_float32(vlm_path, adapter_dir, dtype)
-    with staged_folder(merged_dir) as tmp:  # renamed into place when complete; a full disk is one WriteError
-        merged.save_pretrained(str(tmp))
-        reset_tokenizer_call_state(processor)  # tokenizer.json must not depend on the last batch the SFT padded
-        processor.save_pretrained(str(tmp))
+def write_merged(merged, processor, folder):
+    """The merged model (`merge_in_float32`) and the processor saved in `folder` (the stage's temp folder)."""
+    merged.save_pretrained(str(folder))
+    reset_tokenizer_call_state(processor)  # tokenizer.json must not depend on the last batch the SFT padded
+    processor.save_pretrained(str(folder))

@@ -1,5 +1,6 @@
-"""What every stage shares: a stage folder with a `DONE.json` keyed by the stage's inputs, Trainer checkpoints
-kept per key (resumed from the newest complete one), and the `TrainingArguments` every stage derives its own from."""
+"""What every stage shares: one skeleton (`run_stage`: key -> done? -> work -> output written in a temp place and
+renamed -> DONE.json), a stage folder with a `DONE.json` keyed by the stage's inputs, Trainer checkpoints kept per key
+(resumed from the newest complete one), and the `TrainingArguments` every stage derives its own from."""
 
 import json
 import logging
@@ -16,9 +17,8 @@ from emovlm_kd.distributed import (
     main_process_decides,
     world_size,
 )
-from emovlm_kd.folders import writing
+from emovlm_kd.folders import atomic_write_text, staged_file, staged_folder, writing
 from emovlm_kd.logs import interactive
-from emovlm_kd.training.cache import atomic_write_text
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +51,35 @@ class Stage:
             atomic_write_text(self.dir / "DONE.json", json.dumps({"key": self.key, **summary}, indent=2))
         barrier()
         logger.info("[%s] done: %s", self.name, ", ".join(f"{k}={v}" for k, v in summary.items()))
+
+
+def run_stage(run_dir, name, key, output, work, *, skipped, log, restore=None, folder=False):
+    """The skeleton of stages 0-4; returns the path of the stage's output, `RUN/name/output`.
+
+    Done with `key` (its DONE.json says so): `restore(path)` where the caller needs the output loaded back, then the
+    line `skipped` logged by `log` (the stage module's logger). Otherwise `work(stage)` runs on every process and
+    returns `(write, summary)`; the main process writes the output through `write(tmp)` into a temp file
+    (`folders.staged_file`) or, with `folder`, a temp folder (`folders.staged_folder`), renamed into place when
+    complete; then DONE.json records `key` and `summary`.
+    """
+    stage = Stage(run_dir, name, key)
+    path = stage.dir / output
+    if stage.done:
+        if restore is not None:
+            restore(path)
+        log.info(skipped)
+        return path
+    write, summary = work(stage)
+    if is_main_process():
+        with (staged_folder if folder else staged_file)(path) as tmp:
+            write(tmp)
+    stage.finish(**summary)
+    return path
+
+
+def trained(result):
+    """The DONE.json summary of a stage that ran a Trainer: its final training loss and its steps."""
+    return dict(train_loss=round(result.training_loss, 4), steps=result.global_step)
 
 
 def read_json(path):

@@ -14,9 +14,7 @@ from pathlib import Path
 import torch
 from transformers import set_seed
 
-from emovlm_kd.distributed import is_main_process
 from emovlm_kd.errors import InputError
-from emovlm_kd.folders import staged_folder
 from emovlm_kd.images import prepare_image
 from emovlm_kd.training.cache import (
     fingerprint,
@@ -25,7 +23,7 @@ from emovlm_kd.training.cache import (
     fingerprint_module,
 )
 from emovlm_kd.training.passes import cached_map
-from emovlm_kd.training.stage import Stage, last_checkpoint, run_trainer, trainer_args
+from emovlm_kd.training.stage import last_checkpoint, run_stage, run_trainer, trainer_args, trained
 
 logger = logging.getLogger(__name__)
 
@@ -144,24 +142,24 @@ def run_stage2(cfg, run_dir, dataset, teacher_path):
     key = fingerprint("stage2", fingerprint_checkpoint(teacher_path), fingerprint_dataset(dataset["train"]), names,
                       cfg.teacher_epochs, cfg.teacher_lr, cfg.teacher_batch_size, cfg.teacher_weight_decay,
                       cfg.teacher_optimizer, cfg.teacher_scheduler, cfg.seed)
-    stage = Stage(run_dir, "stage2_teacher", key)
-    model_dir = stage.dir / "model"
-    if stage.done:
-        logger.info("[stage 2] teacher: done, skipped")
-        return model_dir
-    image_processor = AutoImageProcessor.from_pretrained(teacher_path)
-    set_seed(cfg.seed)  # the new classifier layer is initialised from the global generator
-    teacher = load_teacher_with_new_classifier(AutoModelForImageClassification, teacher_path, names)
-    augment = SeededAugmentation(train_transform(image_processor), cfg.seed)
-    train = dataset["train"].add_column("row", list(range(len(dataset["train"])))).with_transform(augment)
-    trainer = teacher_trainer(cfg, teacher, train, stage.checkpoints(), callbacks=[augment.callback()])
-    result = run_trainer(trainer, last_checkpoint(trainer.args.output_dir))
-    if is_main_process():
-        with staged_folder(model_dir) as tmp:  # renamed into place when complete
-            trainer.save_model(str(tmp))
-            eval_image_processor(image_processor).save_pretrained(str(tmp))
-    stage.finish(train_loss=round(result.training_loss, 4), steps=result.global_step)
-    return model_dir
+
+    def work(stage):
+        image_processor = AutoImageProcessor.from_pretrained(teacher_path)
+        set_seed(cfg.seed)  # the new classifier layer is initialised from the global generator
+        teacher = load_teacher_with_new_classifier(AutoModelForImageClassification, teacher_path, names)
+        augment = SeededAugmentation(train_transform(image_processor), cfg.seed)
+        train = dataset["train"].add_column("row", list(range(len(dataset["train"])))).with_transform(augment)
+        trainer = teacher_trainer(cfg, teacher, train, stage.checkpoints(), callbacks=[augment.callback()])
+        result = run_trainer(trainer, last_checkpoint(trainer.args.output_dir))
+
+        def write(folder):
+            trainer.save_model(str(folder))
+            eval_image_processor(image_processor).save_pretrained(str(folder))
+
+        return write, trained(result)
+
+    return run_stage(run_dir, "stage2_teacher", key, "model", work, skipped="[stage 2] teacher: done, skipped",
+                     log=logger, folder=True)
 
 
 def check_teacher_labels(teacher_path, names):
