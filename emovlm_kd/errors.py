@@ -3,6 +3,12 @@ status 2 and its message, a `ModelCheckError` with status 3 and its one line (an
 other error keeps its traceback)."""
 
 
+def few(items, count=5):
+    """The first `count` of `items` for a message: "a, b, c and 4 more"."""
+    items = [str(item) for item in items]
+    return ", ".join(items[:count]) + (f" and {len(items) - count} more" if len(items) > count else "")
+
+
 class UsageError(Exception):
     """A bad flag or value: the command exits with status 2 and this message."""
 

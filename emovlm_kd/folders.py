@@ -28,6 +28,8 @@ import secrets
 import shutil
 from pathlib import Path
 
+from emovlm_kd.errors import few
+
 TEMP_TAG = "emovlm-kd"
 # `.NAME.emovlm-kd-PID-TOKEN.tmp` (a file or folder being written) and `.NAME.emovlm-kd-PID-TOKEN.old` (a folder
 # moved aside while its new version takes its place)
@@ -149,9 +151,14 @@ def describe_os_error(error):
     if found is None:
         return None
     number, strerror = found
-    files = [f for f in (getattr(error, "filename", None), getattr(error, "filename2", None)) if f is not None]
+    files = _file_names(error)
     where = f"{' -> '.join(map(str, files))}: " if files else "a file operation failed: "
     return f"{where}{strerror} ({errno_name(number)})"
+
+
+def _file_names(error):
+    """The file names an OS error carries (`filename`, `filename2`), none for other errors."""
+    return [f for f in (getattr(error, "filename", None), getattr(error, "filename2", None)) if f is not None]
 
 
 def _failed_torch_write(error, path):
@@ -187,7 +194,7 @@ def writing(path, *own):
         found = os_error_in(error) or _failed_torch_write(error, path)
         if found is None:
             raise
-        files = [f for f in (getattr(error, "filename", None), getattr(error, "filename2", None)) if f is not None]
+        files = _file_names(error)
         if isinstance(error, WriteError):  # from a writer inside the block: renamed when it names our temp path
             files = [error.filename]
             if not _within(error.filename, own):
@@ -326,6 +333,16 @@ BUNDLE_FILES = {
 }
 BUNDLE_FOLDERS = {"examples": lambda path: path.suffix == ".png"}  # the widget's and the demo's example images
 SHARD = re.compile(r"^model-\d+-of-\d+\.safetensors$")
+
+
+def check_bundle_folder(folder, overwrite=False):
+    """`FileExistsError` naming what in `folder` a bundle does not consist of (`bundle_conflicts`: the user's files,
+    a bundle file's name taken by a folder), unless `overwrite`. Imports nothing heavy (`emovlm-kd tiny` checks its
+    output before torch is imported)."""
+    foreign = [] if overwrite else bundle_conflicts(folder)
+    if foreign:
+        raise FileExistsError(f"{folder} holds files this project did not write ({few(foreign)}): choose another "
+                              "folder, or overwrite it on purpose (--overwrite)")
 
 
 def bundle_conflicts(folder):

@@ -14,7 +14,7 @@ from transformers import AutoModelForImageClassification
 from transformers.pipelines import PIPELINE_REGISTRY
 
 from configuration_emovlm_kd import EmoVLMKDConfig
-from emovlm_kd.folders import BUNDLE_FILES, bundle_conflicts, staged_folder  # noqa: F401 (BUNDLE_FILES: re-exported)
+from emovlm_kd.folders import check_bundle_folder, staged_folder
 from modeling_emovlm_kd import EmoVLMKDForImageClassification
 from pipeline_emovlm_kd import EmoVLMKDImageClassificationPipeline
 
@@ -40,12 +40,6 @@ def registered_pipeline():
             PIPELINE_REGISTRY.supported_tasks[TASK] = previous
 
 
-def foreign_files(folder):
-    """Names in `folder` that a bundle does not consist of (sorted; [] for a missing or empty folder); see
-    `emovlm_kd.folders.bundle_conflicts`."""
-    return bundle_conflicts(folder)
-
-
 def save_bundle(model, processor, output_dir, model_card=None, extra_files=None, overwrite=False):
     """Save model + processor + the four code files into `output_dir`, atomically (temp folder, then rename).
 
@@ -62,11 +56,7 @@ def save_bundle(model, processor, output_dir, model_card=None, extra_files=None,
     from emovlm_kd.training.cache import respect_umask
 
     output_dir = Path(output_dir).resolve()
-    foreign = foreign_files(output_dir)
-    if foreign and not overwrite:
-        shown = ", ".join(foreign[:5]) + (" ..." if len(foreign) > 5 else "")
-        raise FileExistsError(f"{output_dir} holds files this project did not write ({shown}): choose another "
-                              "folder, or overwrite it on purpose (--overwrite)")
+    check_bundle_folder(output_dir, overwrite)
     EmoVLMKDConfig.register_for_auto_class()
     EmoVLMKDForImageClassification.register_for_auto_class("AutoModelForImageClassification")
     model.config.auto_map = dict(EXTRA_AUTO_MAP)

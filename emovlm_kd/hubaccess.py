@@ -15,7 +15,7 @@ import socket
 from pathlib import Path
 from urllib.parse import urlparse
 
-from emovlm_kd.modelcheck import looks_like_path
+from emovlm_kd.modelcheck import looks_like_path, run_folder_hint
 
 CONNECT_TIMEOUT = 3.0
 MODEL_COPY = "download it where the Hub is reachable (`hf download {name} --local-dir DIR`) and pass DIR"
@@ -44,14 +44,6 @@ def could_be_repo_id(name):
     except HFValidationError:
         return False
     return True
-
-
-def run_folder_hint(folder):
-    """'; ...' naming `folder/model` when `folder` is a training run's folder (it holds `model/config.json`)."""
-    model = Path(folder) / "model"
-    if (model / "config.json").is_file():
-        return f"; it is a training run's folder: its model is {model}, pass that"
-    return ""
 
 
 class HubAccess:

@@ -31,7 +31,7 @@ import os
 import re
 from pathlib import Path
 
-from emovlm_kd.errors import ModelCheckError
+from emovlm_kd.errors import ModelCheckError, few
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -80,15 +80,21 @@ def _is_repo_id(text):
     return True
 
 
+def run_folder_hint(folder):
+    """'; ...' naming `folder/model` when `folder` is a training run's folder (RUN, given for its model RUN/model:
+    it holds `model/config.json`), else ''."""
+    model = Path(folder) / "model"
+    if (model / CONFIG_FILE).is_file():
+        return f"; it is a training run's folder: its model is {model}, pass that"
+    return ""
+
+
 def read_config(folder):
     """`folder/config.json` as a dict. No such file: `FileNotFoundError` (not a model folder); a file that is not
     a JSON object: `ModelCheckError`."""
     path = Path(folder) / CONFIG_FILE
     if not path.is_file():
-        run_model = Path(folder) / "model"  # a training run's folder (RUN) given for its model (RUN/model)
-        hint = f"; it is a training run's folder: its model is {run_model}"
-        raise FileNotFoundError(f"{folder} holds no {CONFIG_FILE}: not a model folder"
-                                + (hint if (run_model / CONFIG_FILE).is_file() else ""))
+        raise FileNotFoundError(f"{folder} holds no {CONFIG_FILE}: not a model folder" + run_folder_hint(folder))
     try:
         config = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as error:
@@ -101,11 +107,6 @@ def read_config(folder):
 # ----------------------------------------------------------------------------------------------------------------
 # 1. config.json
 # ----------------------------------------------------------------------------------------------------------------
-
-
-def _few(items, count=3):
-    items = [str(item) for item in items]
-    return ", ".join(items[:count]) + (f" and {len(items) - count} more" if len(items) > count else "")
 
 
 def check_labels(config, file):
@@ -127,7 +128,7 @@ def check_labels(config, file):
     expected = set(range(len(names)))
     if set(names) != expected:
         missing, beyond = sorted(expected - set(names)), sorted(set(names) - expected)
-        found = [f"{_few(missing)} missing"] * bool(missing) + [f"{_few(beyond)} beyond"] * bool(beyond)
+        found = [f"{few(missing, 3)} missing"] * bool(missing) + [f"{few(beyond, 3)} beyond"] * bool(beyond)
         raise ModelCheckError(file, f"id2label ids must be 0..{len(names) - 1} without a gap: {', '.join(found)}")
     labels = [names[i] for i in range(len(names))]
     if len(labels) < 2:
@@ -140,7 +141,7 @@ def check_labels(config, file):
         seen.setdefault(folded, label)
     repeated = sorted(repeated)
     if repeated:
-        raise ModelCheckError(file, f"id2label names a label twice: {_few(repeated)}")
+        raise ModelCheckError(file, f"id2label names a label twice: {few(repeated, 3)}")
     _check_label2id(config.get("label2id"), labels, file)
     return labels
 
@@ -154,7 +155,7 @@ def _check_label2id(label2id, labels, file):
     wrong = [label for i, label in enumerate(labels) if str(label2id.get(label)) != str(i)]
     wrong += [label for label in label2id if label not in known]
     if wrong:
-        raise ModelCheckError(file, f"label2id does not match id2label for {_few(wrong)}")
+        raise ModelCheckError(file, f"label2id does not match id2label for {few(wrong, 3)}")
 
 
 def check_answer_token_ids(config, file):
@@ -451,11 +452,12 @@ def check_loading_info(info, file, num_labels):
                                     f"{key} is {list(found)} here but {list(wanted)} for the config")
     missing = sorted(info.get("missing_keys") or [])
     if missing:
-        raise ModelCheckError(file, f"incomplete: {len(missing)} of the model's tensors are missing ({_few(missing)})")
+        raise ModelCheckError(file, f"incomplete: {len(missing)} of the model's tensors are missing "
+                                    f"({few(missing, 3)})")
     unexpected = sorted(info.get("unexpected_keys") or [])
     if unexpected:
         raise ModelCheckError(file, f"holds {len(unexpected)} tensor(s) this config's model does not have "
-                                    f"({_few(unexpected)})")
+                                    f"({few(unexpected, 3)})")
     errors = list(info.get("error_msgs") or [])
     if errors:
         raise ModelCheckError(file, f"does not load: {_first_line(errors[0])}")
@@ -527,7 +529,13 @@ def check_chat_template(processor, config, folder):
     to cost (`{{ 'x' * 10**10 }}`, loops in loops) is refused too, without taking this process down."""
     folder = Path(folder)
     file = next((folder / name for name in CHAT_TEMPLATE_FILES if (folder / name).is_file()), folder)
-    problem = bounded_in_child(lambda: _chat_template_problem(processor, config), TEMPLATE_SECONDS, TEMPLATE_MEMORY)
+    try:
+        problem = bounded_in_child(lambda: _chat_template_problem(processor, config), TEMPLATE_SECONDS,
+                                   TEMPLATE_MEMORY)
+    except TimeoutError:
+        problem = f"the chat template takes more than {TEMPLATE_SECONDS:g} s to render the prompt"
+    except MemoryError:
+        problem = f"the chat template needs more than {TEMPLATE_MEMORY >> 20} MiB to render the prompt"
     if problem is not None:
         raise ModelCheckError(file, problem)
 
@@ -544,7 +552,7 @@ def _chat_template_problem(processor, config):
         try:
             prompt = chat_prompt(processor, instruction)
         except MemoryError:
-            return f"the chat template needs more than {TEMPLATE_MEMORY >> 20} MiB to render the prompt"
+            raise  # past the bound of `bounded_in_child`: said by the caller
         except Exception as error:  # noqa: BLE001 (jinja2's errors, or a template calling what fails: one problem)
             return f"the chat template does not render the prompt ({type(error).__name__}: {_first_line(error)})"
         if not isinstance(prompt, str):
@@ -554,8 +562,9 @@ def _chat_template_problem(processor, config):
 
 def bounded_in_child(problem_of, seconds, memory):
     """`problem_of()` (a one-line problem or None) run in a forked child that may allocate `memory` more bytes
-    (RLIMIT_AS above its size at the fork) and run `seconds`; past either, the child is ended and that is the
-    problem. Where there is no `fork` (Windows), `problem_of()` runs here, unbounded."""
+    (RLIMIT_AS above its size at the fork) and run `seconds`: its answer, or `TimeoutError` / `MemoryError` here when
+    the child went past a bound (and was ended). Where there is no `fork` (Windows), `problem_of()` runs here,
+    unbounded."""
     import select
     import signal
 
@@ -591,13 +600,13 @@ def bounded_in_child(problem_of, seconds, memory):
             os.kill(pid, signal.SIGKILL)
         os.waitpid(pid, 0)
     if not ready:
-        return f"the chat template takes more than {seconds:g} s to render the prompt"
+        raise TimeoutError(f"more than {seconds:g} s")
     try:
         answer = json.loads(b"".join(chunks) or b"{}")
     except ValueError:
         answer = {}
     if answer.get("memory") or "problem" not in answer:  # a child ended by the allocator, or killed
-        return f"the chat template needs more than {memory >> 20} MiB to render the prompt"
+        raise MemoryError(f"more than {memory >> 20} MiB")
     return answer["problem"]
 
 

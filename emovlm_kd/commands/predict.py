@@ -36,7 +36,7 @@ import os
 import sys
 from pathlib import Path
 
-from emovlm_kd.errors import UsageError
+from emovlm_kd.errors import UsageError, few
 from emovlm_kd.runtime import add_device_arguments
 from emovlm_kd.folders import WriteError
 
@@ -138,8 +138,7 @@ def _missing_inputs(inputs):
     missing = [item for item in inputs if not os.path.lexists(item)]
     if not missing:
         return []
-    shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
-    return [f"no such file or folder: {shown}"]
+    return [f"no such file or folder: {few(missing)}"]
 
 
 def _output_problems(output):

@@ -4,7 +4,7 @@ processor, FI labels) on the chosen backbone, offline and seeded."""
 import argparse
 
 from emovlm_kd.errors import UsageError
-from emovlm_kd.folders import bundle_conflicts
+from emovlm_kd.folders import check_bundle_folder
 from emovlm_kd.labels import KNOWN_LABEL_SETS
 
 # configuration_emovlm_kd.SUPPORTED_BACKBONES, spelt out so that `--help` imports no transformers (a test compares)
@@ -53,8 +53,7 @@ def run(args: argparse.Namespace) -> int:
 def check_output_dir(output_dir, overwrite):
     """`UsageError` when OUTPUT_DIR holds anything a bundle does not consist of (the user's files, a bundle file's
     name taken by a folder) and `--overwrite` was not given; needs neither torch nor transformers."""
-    foreign = [] if overwrite else bundle_conflicts(output_dir)
-    if foreign:
-        shown = ", ".join(foreign[:5]) + (" ..." if len(foreign) > 5 else "")
-        raise UsageError(f"{output_dir} holds files this project did not write ({shown}): choose another folder, "
-                         "or overwrite it on purpose (--overwrite)")
+    try:
+        check_bundle_folder(output_dir, overwrite)
+    except FileExistsError as error:
+        raise UsageError(str(error)) from None

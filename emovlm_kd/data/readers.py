@@ -79,8 +79,7 @@ READERS = (
 )  # fmt: skip
 DATASET_FORMATS = (*(reader.name for reader in READERS), HUB)
 
-__all__ = ["DATASET_FORMATS", "HUB", "MANIFEST_SUFFIXES", "READERS", "Reader", "find_reader", "named_reader",
-           "resolve_local"]  # fmt: skip
+__all__ = ["DATASET_FORMATS", "HUB", "MANIFEST_SUFFIXES", "READERS", "Reader", "find_reader", "resolve_local"]
 
 logger = logging.getLogger(__name__)
 
@@ -96,14 +95,6 @@ LABELLED_LAYOUTS = (
 def find_reader(path):
     """The first reader of `READERS` whose layout `path` is, or None."""
     return next((reader for reader in READERS if reader.matches(path)), None)
-
-
-def named_reader(name, path):
-    """The reader of format `name` for `path`; a `ValueError` when `path` is not such a layout."""
-    reader = _reader_named(name)
-    if not reader.admits(path):
-        raise ValueError(f"{path} is not in the {name} format: expected {reader.description}")
-    return reader
 
 
 def _reader_named(name):

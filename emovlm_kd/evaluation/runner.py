@@ -18,7 +18,7 @@ import torch
 
 from emovlm_kd.data import load_image_dataset
 from emovlm_kd.data.splitfile import SPLITS_FILE, SplitMismatchError, apply_splits, read_splits
-from emovlm_kd.errors import UsageError
+from emovlm_kd.errors import UsageError, few
 from emovlm_kd.folders import folder_conflicts, staged_folder
 from emovlm_kd.runtime import resolve_device
 
@@ -408,9 +408,8 @@ def check_report_folder(output_dir):
         raise FileExistsError(f"{output_dir} is a file, not a folder")
     conflicts = report_folder_conflicts(folder)
     if conflicts:
-        shown = ", ".join(conflicts[:5]) + (" ..." if len(conflicts) > 5 else "")
-        raise FileExistsError(f"{output_dir} holds files that are not a report's ({shown}): the report replaces its "
-                              "folder as a whole, so give a new or a report-only folder")
+        raise FileExistsError(f"{output_dir} holds files that are not a report's ({few(conflicts)}): the report "
+                              "replaces its folder as a whole, so give a new or a report-only folder")
 
 
 def write_outputs(report, arrays, predictions, probabilities, output_dir, plots=True):

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from emovlm_kd.folders import atomic_write_text, default_file_mode, staged_file  # noqa: F401 (re-exported)
+from emovlm_kd.folders import default_file_mode, staged_file
 
 logger = logging.getLogger(__name__)
 

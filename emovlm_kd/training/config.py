@@ -342,9 +342,6 @@ def parse_train_args(argv):
     return cfg
 
 
-DEMO_DATA_FIELDS = ("instructions", "instruction_kinds", "output_dir")  # demo.yaml's settings of the synthetic data
-
-
 def for_a_users_dataset(cfg, argv):
     """The shipped demo's settings, applied without --config, on a user's `--dataset`: the embedded tiny models and the demo's training settings
     stay, but what demo.yaml says about its synthetic data does not apply unless given as a flag: no synthetic

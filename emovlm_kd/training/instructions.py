@@ -30,7 +30,7 @@ from collections import Counter
 from pathlib import Path
 
 from emovlm_kd.distributed import is_main_process
-from emovlm_kd.errors import InputError
+from emovlm_kd.errors import InputError, few
 from emovlm_kd.training.annotate import annotate_images, parse_annotation
 from emovlm_kd.training.cache import fingerprint, fingerprint_dataset
 from emovlm_kd.training.config import (
@@ -257,8 +257,7 @@ def read_instruction_file(path, train):
 
 def _report_left_out(path, items, why):
     if items:
-        shown = ", ".join(map(str, items[:5])) + (", ..." if len(items) > 5 else "")
-        logger.warning("%s: %d answer(s) %s, left out: %s", path, len(items), why, shown)
+        logger.warning("%s: %d answer(s) %s, left out: %s", path, len(items), why, few(items))
 
 
 def annotated_rows(cfg, train, have, folder):

@@ -22,7 +22,7 @@ With no network, Hub names fail once, fast, saying the Hub is unreachable and ho
 import logging
 from pathlib import Path
 
-from emovlm_kd.errors import InputError
+from emovlm_kd.errors import InputError, few
 from emovlm_kd.hubaccess import CONNECT_TIMEOUT, HubAccess, connectable
 from emovlm_kd.modelcheck import looks_like_path
 from emovlm_kd.training.config import DEMO, instruction_source_problems
@@ -138,14 +138,13 @@ def check_push(repo_id, hub):
 
 
 def check_output(cfg):
-    from emovlm_kd.hub import foreign_files
+    from emovlm_kd.folders import bundle_conflicts
 
     model_dir = Path(cfg.output_dir) / "model"
-    foreign = foreign_files(model_dir)
+    foreign = bundle_conflicts(model_dir)
     if foreign:
-        shown = ", ".join(foreign[:5]) + (" ..." if len(foreign) > 5 else "")
-        return (f"--output-dir {cfg.output_dir}: {model_dir} holds files this project did not write ({shown}); "
-                "choose another --output-dir or move them")
+        return (f"--output-dir {cfg.output_dir}: {model_dir} holds files this project did not write "
+                f"({few(foreign)}); choose another --output-dir or move them")
     return None
 
 

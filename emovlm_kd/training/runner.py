@@ -23,7 +23,6 @@ from emovlm_kd.evaluation.options import dataset_options
 from emovlm_kd.logs import tidy_transformers_bars
 from emovlm_kd.training.cache import (
     TensorCache,
-    atomic_write_text,
     files_fingerprint,
     fingerprint,
     fingerprint_module,
@@ -181,7 +180,7 @@ def start_run(cfg):
     if is_main_process():
         run_dir.mkdir(parents=True, exist_ok=True)
         remove_partial_writes(run_dir)
-        atomic_write_text(run_dir / "train_config.json", json.dumps(cfg.to_dict(), indent=2))
+        folders.atomic_write_text(run_dir / "train_config.json", json.dumps(cfg.to_dict(), indent=2))
     barrier()
     return run_dir
 
@@ -307,7 +306,7 @@ def export(cfg, run_dir, bundle, processor, card, results, split_file):
             examples = write_widget_examples(run_dir / "examples", bundle.config.labels) if ships_examples(cfg) else {}
             save_bundle(bundle, processor, run_dir / "model", model_card=card,
                         extra_files={SPLITS_FILE: run_dir / SPLITS_FILE, **examples})
-            atomic_write_text(run_dir / "eval_results.json", json.dumps(results, indent=2))
+            folders.atomic_write_text(run_dir / "eval_results.json", json.dumps(results, indent=2))
             record_export(run_dir, done.dir)
         done.finish(model=str(run_dir / "model"))
     if is_main_process() and cfg.push_to_hub:
@@ -326,7 +325,7 @@ def exported_files(run_dir):
 def record_export(run_dir, stage_dir):
     """RUN/stage5_export/files.json: the sha256 of every file the export wrote (written before its DONE.json)."""
     digests = {name: sha256_file(run_dir / name) for name in exported_files(run_dir)}
-    atomic_write_text(stage_dir / EXPORT_RECORD, json.dumps(digests, indent=1))
+    folders.atomic_write_text(stage_dir / EXPORT_RECORD, json.dumps(digests, indent=1))
 
 
 def export_damage(run_dir, stage_dir):
