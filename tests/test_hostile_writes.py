@@ -25,6 +25,7 @@ import pytest
 from safetensors import SafetensorError
 
 from test_run_integrity import child_env, lock_held_by_another_process
+from test_outputs import dataset_dir, dead_pid, evaluate  # noqa: F401 (dataset_dir: a fixture)
 
 from emovlm_kd import folders
 from emovlm_kd.cli import main
@@ -48,25 +49,6 @@ def plant(root, files):
 
 def surviving(root, files):
     return {name: hashlib.sha256((root / name).read_bytes()).hexdigest() for name in files if (root / name).is_file()}
-
-
-def dead_pid():
-    """The id of a process that has ended (a leftover's writer killed)."""
-    child = subprocess.Popen([sys.executable, "-c", ""])
-    child.wait()
-    return child.pid
-
-
-@pytest.fixture(scope="module")
-def dataset_dir(tmp_path_factory):
-    from emovlm_kd.data import make_synthetic_dataset
-
-    return make_synthetic_dataset(tmp_path_factory.mktemp("data") / "FI", per_class=(1, 0, 1), image_size=32)
-
-
-def evaluate(model, dataset, out):
-    return main(["evaluate", "--model", str(model), "--dataset", str(dataset), "--output-dir", str(out),
-                 "--batch-size", "8", "--device", "cpu"])
 
 
 # ---------------------------------------------------------------------------------------------------------------

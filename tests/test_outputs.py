@@ -348,10 +348,8 @@ def test_a_run_after_a_kill_replaces_the_set_and_clears_what_the_kill_left(tiny_
 
 
 def dead_pid():
-    """The pid of a process that has ended (a child run to completion and reaped)."""
-    import subprocess
-
-    child = subprocess.Popen(["true"])
+    """The pid of a process that has ended (a child run to completion and reaped): a killed writer's."""
+    child = subprocess.Popen([sys.executable, "-c", ""])
     child.wait()
     return child.pid
 
