@@ -110,3 +110,24 @@ def test_every_command_module_has_a_settings_dataclass_and_its_help_imports_noth
         arguments = module.ARGUMENTS
         for klass in arguments.values() if isinstance(arguments, dict) else (arguments,):
             assert dataclasses.is_dataclass(klass), module.__name__
+
+
+@pytest.mark.parametrize("command, words", [
+    ("evaluate", ["--model", "m", "--dataset", "d", "--output-dir", "o", "--split-ratios", "0.8", "0.1", "0.1",
+                  "--vote-rule", "plurality", "--batch-size", "3", "--dtype", "bfloat16", "--trust-remote-code"]),
+    ("demo", ["--model", "m", "--port", "7861", "--share", "--device", "cpu"]),
+    ("ablate head-depth", ["--run", "r", "--depths", "64;64,32", "--tau", "3", "--gate-type", "moe"]),
+])
+def test_huggingfaces_parser_reads_the_same_settings_from_the_same_words(command, words):
+    """The settings dataclasses are HfArgumentParser's kind (transformers/hf_argparser.py: fields -> flags with both
+    spellings, Literal -> choices, a bool a `--flag [BOOL]`): parsed by it, the same words give the same settings
+    as the CLI's parser, which imports no transformers."""
+    from transformers import HfArgumentParser
+
+    from emovlm_kd.cli import build_parser
+    from emovlm_kd.commands import ablate, demo, evaluate
+
+    module = {"evaluate": evaluate, "demo": demo, "ablate head-depth": ablate}[command]
+    ours = read(build_parser().parse_args([*command.split(), *words]), module.ARGUMENTS)
+    (theirs,) = HfArgumentParser(type(ours)).parse_args_into_dataclasses(words)
+    assert ours == theirs
