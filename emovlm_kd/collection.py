@@ -192,7 +192,9 @@ class DatasetInputs:
             if world > 1:  # one row in `world`, whatever the shards (`shards` would change the order)
                 share = split_dataset_by_node(share, rank=rank, world_size=world, strategy="examples")
         else:
-            share = self.dataset.select(range(start + rank, self.count, world)) if (start or world > 1) else self.dataset
+            share = self.dataset
+            if start or world > 1:
+                share = share.select(range(start + rank, self.count, world))
         for j, row in enumerate(share):
             position = start + j * world + rank
             yield Row(position, self._id(row, position), row[self.image_column])

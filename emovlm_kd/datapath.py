@@ -140,8 +140,8 @@ def batch_loader(rows, processor, config, batch_size, group=1, num_workers=0, pi
     extra = {"prefetch_factor": 2} if num_workers else {}
     if num_workers:
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # the forked workers tokenise on one thread each
-    return torch.utils.data.DataLoader(PreparedBatches(processor, config), sampler=plan_batches(rows, batch_size, group),
-                                       batch_size=None, collate_fn=as_is, num_workers=num_workers,
+    plan = plan_batches(rows, batch_size, group)
+    return torch.utils.data.DataLoader(PreparedBatches(processor, config), sampler=plan, batch_size=None, collate_fn=as_is, num_workers=num_workers,
                                        pin_memory=pin_memory, **extra)
 
 
