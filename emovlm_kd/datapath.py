@@ -141,8 +141,8 @@ def batch_loader(rows, processor, config, batch_size, group=1, num_workers=0, pi
     if num_workers:
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # the forked workers tokenise on one thread each
     plan = plan_batches(rows, batch_size, group)
-    return torch.utils.data.DataLoader(PreparedBatches(processor, config), sampler=plan, batch_size=None, collate_fn=as_is, num_workers=num_workers,
-                                       pin_memory=pin_memory, **extra)
+    return torch.utils.data.DataLoader(PreparedBatches(processor, config), sampler=plan, batch_size=None,
+                                       collate_fn=as_is, num_workers=num_workers, pin_memory=pin_memory, **extra)
 
 
 def windows(records_of_batches):
