@@ -254,3 +254,22 @@ def test_dataset_usage_errors_are_one_line_before_the_model_loads(case, tiny_bun
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert says in err and "Traceback" not in err, err[-2000:]
+
+
+@pytest.mark.parametrize("kind", ["dataset streamed", "save_to_disk"])
+def test_two_processes_give_the_rows_of_one(kind, tiny_bundle_dir, collection, tmp_path):
+    """`torchrun --nproc_per_node 2` on the CPU (gloo): each process reads one row in two (a streamed dataset
+    through `split_dataset_by_node(strategy="examples")`, a map-style one by `select`), the main process writes
+    one file in input order; the rows equal one process's (scores within 1e-5: other batches)."""
+    from tests.test_sharded_inference import _assert_close, _torchrun
+
+    argv = [*KINDS[kind][0](collection), "--device", "cpu", "--batch-size", "2", "--group-batches", "2"]
+    one, two = tmp_path / "one.jsonl", tmp_path / "two.jsonl"
+    assert main(["predict", "--model", str(tiny_bundle_dir), "--num-workers", "0", "--output", str(one), *argv]) == 1
+    result = _torchrun("predict", "--model", str(tiny_bundle_dir), "--output", str(two), *argv)
+    assert result.returncode == 1, result.stderr[-3000:]  # the broken row: skipped
+    assert [r["id"] for r in _lines(two)] == [*NAMES, "zz_broken"]
+    _assert_close(_lines(two), _lines(one))
+    assert "process 1 of 2 predicted 4 input(s)" in result.stderr  # rows 0, 2, 4, 6
+    assert "process 2 of 2 predicted 4 input(s)" in result.stderr  # rows 1, 3, 5, 7
+    assert result.stderr.count("predicted 7, skipped 1") == 1
