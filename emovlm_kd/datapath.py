@@ -26,7 +26,6 @@ import logging
 import os
 from dataclasses import dataclass
 from itertools import islice
-from typing import Any
 
 import torch
 
@@ -85,7 +84,7 @@ def plan_batches(rows, batch_size, group=1, size=header_pixels):
             yield Planned(window, len(batches), batch)
 
 
-def load_source(source, max_side):
+def load_row_image(source, max_side):
     """The prepared image of a row's source (a path, `{"bytes", "path"}`, or a PIL image); `ImageLoadError`."""
     from emovlm_kd.images import ImageLoadError, load_image_bytes, load_image_file
     from pipeline_emovlm_kd import prepare_image
@@ -121,7 +120,7 @@ class PreparedBatches(torch.utils.data.Dataset):
         images, errors = [], {}
         for i, row in enumerate(planned.rows):
             try:
-                images.append(load_source(row.source, self.max_side))
+                images.append(load_row_image(row.source, self.max_side))
             except ImageLoadError as error:
                 errors[i] = str(error)
         inputs = dict(processor_inputs(self.processor, self.config, images)) if images else None

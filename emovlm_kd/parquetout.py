@@ -20,6 +20,8 @@ import os
 import re
 from pathlib import Path
 
+from emovlm_kd.partfiles import RECORD_SUFFIX, check_part_record, write_error
+
 logger = logging.getLogger(__name__)
 
 GROUP_FILE = re.compile(r"rows-\d{6}\.parquet(\.tmp)?")
@@ -42,8 +44,6 @@ class ParquetParts:
     """The writer (same interface as `predict`'s `PartFileLines`); `key` names a record's id ("path" or "id")."""
 
     def __init__(self, path, key, id2label, resume=False, record=None, row_group_size=4096):
-        from emovlm_kd.commands.predict import RECORD_SUFFIX, check_part_record
-
         self.path, self.key = Path(path), key
         self.part = Path(f"{path}.part")
         self.record_file = Path(f"{path}{RECORD_SUFFIX}")
@@ -104,8 +104,6 @@ class ParquetParts:
         import pyarrow as pa
         import pyarrow.parquet as pq
 
-        from emovlm_kd.commands.predict import write_error
-
         if not self.buffer:
             return
         rows = [{**{k: v for k, v in record.items() if k != self.key}, "id": str(record[self.key])}
@@ -125,8 +123,6 @@ class ParquetParts:
 
     def finish(self):
         import pyarrow.parquet as pq
-
-        from emovlm_kd.commands.predict import write_error
 
         self._flush()
         temporary = self.part / "rows-999999.parquet.tmp"

@@ -28,8 +28,6 @@ interrupted (`FILE.part` kept for `--resume`).
 """
 
 import argparse
-import errno
-import hashlib
 import json
 import logging
 import os
@@ -40,6 +38,7 @@ from pathlib import Path
 from emovlm_kd.errors import UsageError, few
 from emovlm_kd.runtime import add_device_arguments
 from emovlm_kd.folders import WriteError
+from emovlm_kd.partfiles import RECORD_SUFFIX, check_part_record, write_error
 
 logger = logging.getLogger(__name__)
 
@@ -372,11 +371,6 @@ class StdoutLines(DiscardLines):
         sys.stdout.flush()
 
 
-# errors that say the path is wrong (the user's to fix: exit 2), not that the disk failed (exit 1)
-PATH_ERRORS = {errno.EACCES, errno.EPERM, errno.ENOENT, errno.ENOTDIR, errno.EISDIR, errno.EROFS, errno.ENAMETOOLONG}
-RECORD_SUFFIX = ".part.json"  # beside FILE.part: what its lines were written for (`run_record`)
-
-
 def run_record(inputs, model, args):
     """What a `.part` file's lines depend on, recorded beside it (`FILE.part.json`) and compared by `--resume`: the
     inputs (`inputs.describe()`: for files their number and a digest of their paths in order; for a dataset how it
@@ -391,13 +385,6 @@ def run_record(inputs, model, args):
                 **({"max_new_tokens": args.max_new_tokens, "do_sample": args.do_sample,
                     "temperature": args.temperature, "seed": args.seed} if args.explain else {})}
     return {"inputs": inputs.describe(), "model": model_fingerprint(model_folder(args.model)), "settings": settings}
-
-
-def write_error(error, path):
-    """A disk's failure (ENOSPC, EIO, EDQUOT, ...) as `WriteError` naming `path`; a path problem as it is."""
-    if error.errno in PATH_ERRORS:
-        return error
-    return WriteError(error.errno, error.strerror, str(path))
 
 
 class PartFileLines:
@@ -454,31 +441,6 @@ class PartFileLines:
     def abandon(self):
         self.handle.close()
         logger.warning("stopped: the lines written so far are in %s; rerun with --resume to continue", self.part)
-
-
-def check_part_record(part, record_file, record, ids):
-    """`ValueError` (one line) unless `part` was written for the inputs, model and settings of `record`: its
-    `record_file` equals it, and the `ids` of its rows are distinct."""
-    try:
-        written = json.loads(record_file.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        written = None
-    if not isinstance(written, dict):
-        raise ValueError(f"{part} has no readable {record_file.name} saying what it was written for; remove it or "
-                         "run without --resume")
-    differs = [what for what, name in (("other inputs", "inputs"), ("another model", "model"),
-                                        ("other settings", "settings")) if written.get(name) != record.get(name)]
-    if differs:
-        raise ValueError(f"{part} was written for {' and '.join(differs)} than this run's; rerun with the same "
-                         "inputs, model and flags, or without --resume")
-    seen = set()
-    for number, name in enumerate(ids, 1):
-        if name in seen:
-            raise ValueError(f"{part} line {number} repeats {name}; remove the file or run without --resume")
-        seen.add(name)
-    count = record["inputs"].get("count")
-    if count is not None and len(seen) > count:
-        raise ValueError(f"{part} holds {len(seen)} lines for {count} inputs; remove it or run without --resume")
 
 
 def read_part_lines(part, key="path"):
