@@ -182,8 +182,9 @@ RESUMED = {  # input kind, output suffix, extra flags: killed at model call 4 (o
 @pytest.mark.skipif(not hasattr(os, "kill") or sys.platform == "win32", reason="SIGKILL")
 @pytest.mark.parametrize("case", list(RESUMED))
 def test_a_kill_and_resume_give_the_uninterrupted_output(case, tiny_bundle_dir, collection, tmp_path):
-    """Windows of 2 batches of 2 (`--group-batches 2`), sorted by size; SIGKILL at the 4th model call (the 2nd
-    window's 2nd batch): the first window is kept, `--resume` goes on from its position (4)."""
+    """Windows of 2 batches of 2 (`--group-batches 2`), sorted by size: [1, 0] [3, 2] | [4, 6] [5, broken].
+    SIGKILL at the 4th model call: rows 0-4 were written (each as soon as the rows before it were); `--resume` goes
+    on from position 5, computing the window that holds it again (the same batches), writing only rows 5-7."""
     kind, suffix, extra = RESUMED[case]
     argv = [*KINDS[kind][0](collection), "--group-batches", "2", *extra]
     whole, out = tmp_path / f"whole{suffix}", tmp_path / f"out{suffix}"
@@ -195,6 +196,13 @@ def test_a_kill_and_resume_give_the_uninterrupted_output(case, tiny_bundle_dir, 
                             check=False, timeout=600)
     assert killed.returncode == -9, killed.stderr[-3000:]
     assert not out.exists() and Path(f"{out}.part.json").is_file()
+    part = Path(f"{out}.part")
+    if suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        assert sum(pq.ParquetFile(group).metadata.num_rows for group in part.glob("rows-*.parquet")) == 5
+    else:
+        assert len(part.read_text().splitlines()) == 5
     assert _predict(tiny_bundle_dir, argv, out, "--resume") == 1
     if suffix == ".parquet":
         import pyarrow.parquet as pq

@@ -37,8 +37,9 @@ def reference(tiny_bundle_dir, image_dir, tmp_path_factory):
     return out.read_bytes()
 
 
-# `--group-batches 1`: each batch of two is a window of its own, written before the next (predict's default sorts
-# windows of 8 batches by image size and writes a window at a time; tests/test_collections.py resumes those)
+# `--group-batches 1`: each batch of two is a window of its own, so `--resume` predicts exactly the missing inputs
+# (with predict's default windows of 8 batches sorted by size, a resumed run computes again the rows before its start
+# in the window that holds it, to get the same batches: tests/test_collections.py resumes those)
 GROUPING = ["--group-batches", "1", "--num-workers", "0"]
 
 

@@ -227,10 +227,14 @@ def _load_model(args):
 
 
 def _predict_all(model, processor, inputs, start, output, args):
-    """Predict the inputs from position `start`, window by window (`emovlm_kd.datapath`), each window's rows
-    written in input order before the next: (predicted, skipped). Under torchrun each process reads and predicts its
-    share (`inputs.rows(start, rank, world)`); one window of every process is one round, whose rows the main process
-    gathers and writes (`_rounds`)."""
+    """Predict the inputs from position `start` and write their rows in input order: (predicted, skipped).
+
+    The batches are planned in windows (`emovlm_kd.datapath`: `--group-batches` batches sorted by image size) from
+    the start of the window that holds `start`, so a resumed run computes the same batches as an uninterrupted one
+    (the rows before `start` of that window are computed again, not written). In one process the rows are written
+    as soon as every row before them is done (`_in_order`: after each batch). Under torchrun each process reads and
+    predicts its share (`inputs.rows(first, rank, world)`); one window of every process is one round, whose rows
+    the main process gathers and writes (`_rounds`)."""
     from tqdm.auto import tqdm
 
     from emovlm_kd import distributed
@@ -239,20 +243,23 @@ def _predict_all(model, processor, inputs, start, output, args):
 
     state = distributed.state()
     rank, world = state.process_index, state.num_processes
+    span = args.batch_size * args.group_batches * world  # the rows of one round of windows
+    first = start - start % span
     workers = args.num_workers if args.num_workers is not None else default_workers(distributed.local_processes())
-    loader = batch_loader(inputs.rows(start, rank, world), processor, model.config, args.batch_size,
+    loader = batch_loader(inputs.rows(first, rank, world), processor, model.config, args.batch_size,
                           group=args.group_batches, num_workers=workers, pin_memory=model.device.type == "cuda")
     prompt_cache = PromptPrefixCache()  # the model stays frozen for the whole run: its prompt prefix is encoded once
     options = dict(vlm_mode=args.vlm_mode, **_explanation_options(args))
     batches = ((batch, _predict_batch(model, processor, batch, inputs.key, prompt_cache, options))
                for batch in loader)
+    ordered = _in_order(batches, first, start) if world == 1 else _rounds(windows(batches), start)
     predicted = skipped = mine = 0
     main = distributed.is_main_process()
     total = None if inputs.count is None else inputs.count - start
     quiet = getattr(args, "quiet", False)
     with tqdm(total=total, desc="predict", unit="img", file=sys.stderr, dynamic_ncols=True,
               disable=True if (quiet or not main) else None) as bar:  # None: shown on a terminal only
-        for local, records in _rounds(windows(batches), world):
+        for local, records in ordered:
             mine += local
             output.write(records)
             errors = sum("error" in record for record in records)
@@ -264,14 +271,28 @@ def _predict_all(model, processor, inputs, start, output, args):
     return predicted, skipped
 
 
-def _rounds(local_windows, world):
-    """`(rows of this process, records to write)` per round, the records in input order: in one process each
-    window; under torchrun every process's window of the round, gathered (`accelerate.utils.gather_object`) and
-    sorted by position, until no process has a window left (each process joins every round: a collective)."""
-    if world == 1:
-        for window in local_windows:
-            yield len(window), [record for _, record in window]
-        return
+def _in_order(batches, first, start):
+    """`(rows, records to write)` after each batch of one process (whose positions run `first, first + 1, ...`):
+    the records of every position from the last written on that is done, those before `start` dropped."""
+    pending, expected = {}, first
+    for _, records in batches:
+        pending.update(records)
+        ready = []
+        while expected in pending:
+            record = pending.pop(expected)
+            if expected >= start:
+                ready.append(record)
+            expected += 1
+        if ready:
+            yield len(ready), ready
+    if pending:  # cannot happen: every planned row comes back
+        raise RuntimeError(f"rows {sorted(pending)[:3]}... came back without the rows before them")
+
+
+def _rounds(local_windows, start):
+    """`(rows of this process, records to write)` per round under torchrun: every process's window of the round,
+    gathered (`accelerate.utils.gather_object`), sorted by position and those before `start` dropped, until no
+    process has a window left (each process joins every round: a collective)."""
     from accelerate.utils import gather_object
 
     local_windows = iter(local_windows)
@@ -280,8 +301,9 @@ def _rounds(local_windows, world):
         gathered = gather_object([mine])
         if all(window is None for window in gathered):
             return
-        rows = sorted((row for window in gathered if window for row in window), key=lambda row: row[0])
-        yield len(mine or ()), [record for _, record in rows]
+        rows = sorted((row for window in gathered if window for row in window if row[0] >= start),
+                      key=lambda row: row[0])
+        yield sum(position >= start for position, _ in mine or ()), [record for _, record in rows]
 
 
 def _predict_batch(model, processor, batch, key, prompt_cache, options):
