@@ -27,70 +27,77 @@ could not be loaded (one line naming the file at fault); 141 the reader of stdou
 interrupted (`FILE.part` kept for `--resume`).
 """
 
-import argparse
 import json
 import logging
 import os
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from emovlm_kd.errors import UsageError, few
-from emovlm_kd.runtime import add_device_arguments
 from emovlm_kd.folders import WriteError
 from emovlm_kd.partfiles import RECORD_SUFFIX, check_part_record, write_error
+from emovlm_kd.settings import REQUIRED, Checked, RuntimeArguments, help_field, positive
 
 logger = logging.getLogger(__name__)
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("inputs", nargs="*",
-                        help="image files or folders (searched recursively), parquet files, WebDataset .tar shards or "
-                             "a save_to_disk folder")
-    parser.add_argument("--model", required=True, help="bundle folder or Hub id")
-    parser.add_argument("--output", help="write JSON lines here instead of stdout (to FILE.part, renamed at the end); "
-                                         "FILE.parquet: a Parquet file instead")
-    parser.add_argument("--resume", action="store_true",
-                        help="continue FILE.part of an interrupted --output FILE from where it stopped")
-    parser.add_argument("--batch-size", type=int, default=8, help="images per forward pass")
-    parser.add_argument("--vlm-mode", choices=["score", "generate"], default=None,
-                        help="how the VLM branch answers (default: the model's config)")
-    add_device_arguments(parser)
-    data = parser.add_argument_group("datasets and the data path")
-    data.add_argument("--dataset", metavar="NAME",
-                      help="a Hugging Face dataset instead of INPUTS: a Hub id, or a local folder load_dataset reads")
-    data.add_argument("--dataset-config", metavar="NAME", help="the dataset's configuration (load_dataset's name)")
-    data.add_argument("--split", help="the split to read (default: the only one)")
-    data.add_argument("--streaming", action="store_true",
-                      help="stream --dataset (or a save_to_disk folder) instead of preparing it first; parquet and "
-                           ".tar inputs are always streamed")
-    data.add_argument("--image-column", help="the dataset's image column (default: its first Image column)")
-    data.add_argument("--id-column", help="the column naming each row in the output (default: id, __key__, key, "
-                                          "image_id, file_name or filename; else the row's position)")
-    data.add_argument("--num-workers", type=int, default=None,
-                      help="processes decoding and preparing images beside the model (default: the available cores "
-                           "less one, at most 8; 0: in the main process)")
-    data.add_argument("--group-batches", type=int, default=8, metavar="N",
-                      help="sort each window of N batches by image size, so a batch pads less (output order "
-                           "unchanged; 1: no sorting)")
-    data.add_argument("--row-group-size", type=int, default=4096, metavar="ROWS",
-                      help="with --output FILE.parquet: rows per row group, each written (and kept for --resume) "
-                           "as it fills")
-    explain = parser.add_argument_group("explanations")
-    explain.add_argument("--explain", action="store_true",
-                         help="add an 'explanation' per line: the model's answer to the paper's reasoning instruction "
-                              "for the same image (one visual-encoder pass per image)")
-    explain.add_argument("--max-new-tokens", type=int, default=None,
-                         help="length limit of an explanation in tokens (default 128)")
-    explain.add_argument("--do-sample", action="store_true", help="sample the explanation instead of greedy decoding")
-    explain.add_argument("--temperature", type=float, default=None, help="sampling temperature (with --do-sample)")
-    explain.add_argument("--seed", type=int, default=0, help="seed of the sampling (with --do-sample; default 0)")
-    parser.add_argument("--trust-remote-code", action="store_true",
-                        help="run the code of a model that is not an EmoVLM-KD bundle; bundles always load with the "
-                             "installed classes")
+@dataclass(kw_only=True)
+class CollectionArguments(Checked):
+    """Where `predict`'s images come from beyond files and folders, and the data path that feeds the model."""
+
+    _argument_group_name = "Datasets and the data path"
+    dataset: str | None = help_field("a Hugging Face dataset instead of INPUTS: a Hub id, or a local folder "
+                                     "load_dataset reads", metavar="NAME")
+    dataset_config: str | None = help_field("the dataset's configuration (load_dataset's name)", metavar="NAME")
+    split: str | None = help_field("the split to read (default: the only one)")
+    streaming: bool = help_field("stream --dataset instead of downloading and preparing it first; parquet and .tar "
+                                 "inputs are always streamed, a save_to_disk folder is memory-mapped", False)
+    image_column: str | None = help_field("the dataset's image column (default: its first Image column)")
+    id_column: str | None = help_field("the column naming each row in the output (default: id, __key__, key, "
+                                       "image_id, file_name or filename; else the row's position)")
+    num_workers: int | None = help_field("processes decoding and preparing images beside the model (default: the "
+                                         "available cores less one, at most 8; 0: in the main process)")
+    group_batches: int = help_field("sort each window of N batches by image size, so a batch pads less (output "
+                                    "order unchanged; 1: no sorting)", 8, metavar="N")
+    row_group_size: int = help_field("with --output FILE.parquet: rows per row group, each written (and kept for "
+                                     "--resume) as it fills", 4096, metavar="ROWS")
+
+    def _checks(self):
+        yield self.num_workers is None or self.num_workers >= 0, "num-workers", "must be >= 0"
+        yield from positive(self, "group_batches", "row_group_size", strict=False)
 
 
-def run(args: argparse.Namespace) -> int:
+@dataclass(kw_only=True)
+class ExplanationArguments(Checked):
+    """`--explain` and how the explanation is generated."""
+
+    _argument_group_name = "Explanations"
+    explain: bool = help_field("add an 'explanation' per line: the model's answer to the paper's reasoning "
+                               "instruction for the same image (one visual-encoder pass per image)", False)
+    max_new_tokens: int | None = help_field("length limit of an explanation in tokens (default 128)")
+    do_sample: bool = help_field("sample the explanation instead of greedy decoding", False)
+    temperature: float | None = help_field("sampling temperature (with --do-sample)")
+    seed: int = help_field("seed of the sampling (with --do-sample; default 0)", 0)
+
+
+@dataclass(kw_only=True)
+class PredictArguments(RuntimeArguments, CollectionArguments, ExplanationArguments):
+    inputs: list[str] = help_field("image files or folders (searched recursively), parquet files, WebDataset .tar "
+                                   "shards or a save_to_disk folder", [], positional=True, nargs="*")
+    model: str = help_field("bundle folder or Hub id", REQUIRED)
+    output: str | None = help_field("write JSON lines here instead of stdout (to FILE.part, renamed at the end); "
+                                    "FILE.parquet: a Parquet file instead")
+    resume: bool = help_field("continue FILE.part of an interrupted --output FILE from where it stopped", False)
+    trust_remote_code: bool = help_field("run the code of a model that is not an EmoVLM-KD bundle; bundles always "
+                                         "load with the installed classes", False)
+
+
+ARGUMENTS = PredictArguments
+
+
+def run(args: PredictArguments) -> int:
     _check_arguments(args)
     from emovlm_kd import distributed
     from emovlm_kd.collection import open_inputs
@@ -155,16 +162,8 @@ def _check_arguments(args):
     """`UsageError` for a bad flag, at once (nothing heavy imported): a `--model` path that does not exist too."""
     from emovlm_kd.modelcheck import local_model_folder
 
-    if args.batch_size < 1:
-        raise UsageError(f"--batch-size must be >= 1, got {args.batch_size}")
     if not args.inputs and not args.dataset:
         raise UsageError("give input files or folders, or --dataset NAME")
-    if args.num_workers is not None and args.num_workers < 0:
-        raise UsageError(f"--num-workers must be >= 0, got {args.num_workers}")
-    if args.group_batches < 1:
-        raise UsageError(f"--group-batches must be >= 1, got {args.group_batches}")
-    if args.row_group_size < 1:
-        raise UsageError(f"--row-group-size must be >= 1, got {args.row_group_size}")
     if args.resume and not args.output:
         raise UsageError("--resume continues an --output FILE: give --output")
     if not args.explain and (args.max_new_tokens is not None or args.do_sample or args.temperature is not None):
@@ -256,7 +255,7 @@ def _predict_all(model, processor, inputs, start, output, args):
     predicted = skipped = mine = 0
     main = distributed.is_main_process()
     total = None if inputs.count is None else inputs.count - start
-    quiet = getattr(args, "quiet", False)
+    quiet = not logging.getLogger().isEnabledFor(logging.INFO)  # --quiet (or --log-level WARNING)
     with tqdm(total=total, desc="predict", unit="img", file=sys.stderr, dynamic_ncols=True,
               disable=True if (quiet or not main) else None) as bar:  # None: shown on a terminal only
         for local, records in ordered:
