@@ -1,23 +1,37 @@
-"""`emovlm-kd predict --model DIR INPUT...`: one JSON line per input image.
+"""`emovlm-kd predict --model DIR INPUT...`: one JSON line (or Parquet row) per input image, in input order.
 
     emovlm-kd predict --model runs/demo/model photos/ > predictions.jsonl
     emovlm-kd predict --model runs/demo/model photos/ --output predictions.jsonl
     emovlm-kd predict --model runs/demo/model photos/ --output predictions.jsonl --resume     # after a kill
     emovlm-kd predict --model runs/demo/model photo.jpg --explain     # + "explanation": why, from the same encoder pass
+    emovlm-kd predict --model runs/demo/model part-*.parquet --output predictions.parquet     # parquet in and out
+    emovlm-kd predict --model runs/demo/model shard-000.tar shard-001.tar --output p.jsonl    # WebDataset shards
+    emovlm-kd predict --model runs/demo/model --dataset user/photos --streaming --output p.parquet   # a Hub dataset
     torchrun --nproc_per_node 4 -m emovlm_kd.cli predict --model runs/demo/model photos/ --output predictions.jsonl
 
-Under torchrun (or `accelerate launch`) each round of `--batch-size` x processes inputs is split between the
-processes (each on its own GPU, or the CPU), and the main process alone writes the gathered lines, in input order:
-the same file as one process gives (scores equal up to float rounding), with the same `.part` and `--resume`.
+The inputs (`emovlm_kd.collection`): image files and folders, parquet files, WebDataset `.tar` shards, a
+`save_to_disk` folder, or `--dataset NAME` (anything `datasets.load_dataset` takes, `--streaming`), numbered in
+input order and never read whole; a line names a file by `path`, a dataset row by `id` (`--id-column`). The data
+path (`emovlm_kd.datapath`): `--num-workers` DataLoader processes decode, prepare and run the processor while the
+model computes; windows of `--group-batches` batches are sorted by image size; rows are written in input order.
 
-`--output FILE` is written all or nothing: the lines go to `FILE.part`, renamed to FILE once every input is done
-(an older FILE stays as it was until then); `FILE.part.json` beside it records what they are written for (the
-inputs, the model's fingerprint, the flags that change a line). `--resume` keeps the lines of an existing
-`FILE.part` (a last line cut by the kill is dropped) and predicts only the inputs none of them names (by `path`), so
-the finished FILE equals an uninterrupted run's; it refuses (exit 2, one line) a `FILE.part` written for other
-inputs, another model or other flags, or holding a line twice. Without `--resume`, an existing `FILE.part` is started
-afresh. A score that is not finite is an `error` line for its input (skipped), never a NaN in the file. A missing
-input, or an `--output` that is a folder, is a usage error found before the model is loaded.
+Under torchrun (or `accelerate launch`) process `r` of `n` reads the inputs `r, r + n, ...` (a streamed dataset
+through `split_dataset_by_node`), each round's rows are gathered and the main process alone writes them, in input
+order: the same file as one process gives (scores equal up to float rounding), with the same `.part` and `--resume`.
+
+`--output FILE` is written all or nothing: the lines go to `FILE.part` (for `FILE.parquet`, row groups to the folder
+`FILE.part/`: `emovlm_kd.parquetout`), renamed to FILE once every input is done (an older FILE stays as it was until
+then); `FILE.part.json` beside it records what they are written for (the inputs, the model's fingerprint, the flags
+that change a line). `--resume` keeps the rows of an existing `FILE.part` (a last line cut by the kill is dropped),
+checks that they name the first inputs in order, and goes on from their count (the position: a stream is skipped
+that far), planning the batches from the start of the window that holds it, so the finished FILE equals an
+uninterrupted run's; it refuses (exit 2, one line) a `FILE.part` written for other inputs, another model or other
+flags, holding a line twice or rows out of order. Without `--resume`, an existing `FILE.part` is started afresh. A
+score that is not finite is an `error` line for its input (skipped), never a NaN in the file. A missing input, or
+an `--output` that is a folder, is a usage error found before the model is loaded.
+
+A progress bar (images/s, time left) is shown on a terminal, not with `--quiet`; the last line on stderr says what
+was predicted and skipped, in how long, at how many images/s.
 
 The model is checked before the output is opened, and no code from its folder runs (`emovlm_kd.hub.load_model`;
 `--trust-remote-code` only for a model that is not an EmoVLM-KD bundle).
