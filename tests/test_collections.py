@@ -281,3 +281,39 @@ def test_two_processes_give_the_rows_of_one(kind, tiny_bundle_dir, collection, t
     assert "process 1 of 2 predicted 4 input(s)" in result.stderr  # rows 0, 2, 4, 6
     assert "process 2 of 2 predicted 4 input(s)" in result.stderr  # rows 1, 3, 5, 7
     assert result.stderr.count("predicted 7, skipped 1") == 1
+
+
+class Terminal:
+    """stderr as a terminal (tqdm shows its bar only where `isatty()`), the text kept."""
+
+    def __init__(self):
+        self.text = ""
+
+    def write(self, text):
+        self.text += text
+        return len(text)
+
+    def flush(self):
+        pass
+
+    def isatty(self):
+        return True
+
+
+@pytest.mark.parametrize("quiet", [False, True])
+def test_a_progress_bar_on_a_terminal_only_and_a_throughput_line(quiet, tiny_bundle_dir, collection, tmp_path,
+                                                                 monkeypatch, capsys):
+    terminal = Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    argv = ["--quiet"] if quiet else []
+    assert _predict(tiny_bundle_dir, [str(collection["folder"])], tmp_path / "out.jsonl", *argv) == 1
+    bar = [line for line in terminal.text.replace("\r", "\n").splitlines() if line.startswith("predict:")]
+    if quiet:
+        assert bar == []
+    else:
+        assert bar and "8/8" in bar[-1] and "img/s" in bar[-1], terminal.text[-2000:]
+    final = [line for line in terminal.text.splitlines() if line.startswith("predicted 7, skipped 1 in ")]
+    assert len(final) == 1 and final[0].endswith(" images/s)"), terminal.text[-2000:]
+    monkeypatch.undo()
+    assert _predict(tiny_bundle_dir, [str(collection["folder"])], tmp_path / "again.jsonl") == 1
+    assert "predict:" not in capsys.readouterr().err  # not a terminal: no bar
