@@ -14,9 +14,10 @@ of the input (a stream is read once, by the main process), any number of decoder
 Grouping by size: the rows are planned in windows of `group` batches; within a window they are sorted (stably) by
 their image's pixel count from its header (read without decoding), so each batch holds images of similar sizes and
 the prompts (whose image tokens grow with the size) are padded less. A window's records are put back in input order
-before they are written (`windows`), so the output is in input order whatever the grouping; a window is also the
-unit of writing and of `--resume` (a resumed run plans the same windows, hence the same batches, as an
-uninterrupted one). `group=1`: the batches in input order.
+before they are written (`predict` writes a row once every row before it is done; under torchrun a window of
+each process per round, `windows`), so the output is in input order whatever the grouping; a resumed run plans
+from the start of the window holding its position, hence the same batches as an uninterrupted one. `group=1`:
+the batches in input order.
 
 On CUDA the loader pins the batches (`pin_memory=True`) and `run_batch` copies them with `non_blocking=True`.
 """
