@@ -59,8 +59,6 @@ def iter_image_files(inputs):
 def load_image_file(path, max_side=None):
     """`prepare_image` of the file at `path` (upright, RGB, long side at most `max_side`, fitted), or
     `ImageLoadError` saying what is wrong."""
-    from pipeline_emovlm_kd import decode_reduced, prepare_image
-
     path = Path(path)
     if not path.exists():
         raise ImageLoadError("file not found")
@@ -68,8 +66,25 @@ def load_image_file(path, max_side=None):
         raise ImageLoadError("is a folder")
     if path.stat().st_size == 0:
         raise ImageLoadError("empty file")
+    return _load_checked(path, max_side)
+
+
+def load_image_bytes(data, max_side=None):
+    """`load_image_file` of an encoded image held in memory (a dataset row's `bytes`, a WebDataset member): the same
+    checks and the same `prepare_image`, so a row and the file it was made from give the same pixels."""
+    import io
+
+    if not data:
+        raise ImageLoadError("empty image")
+    return _load_checked(io.BytesIO(data), max_side)
+
+
+def _load_checked(source, max_side):
+    """`prepare_image` of the image in `source` (a path or a binary file object), or `ImageLoadError`."""
+    from pipeline_emovlm_kd import decode_reduced, prepare_image
+
     try:
-        with Image.open(path) as image:  # raises DecompressionBombError above twice the limit
+        with Image.open(source) as image:  # raises DecompressionBombError above twice the limit
             _check_pixels(image.size)  # between one and two times the limit Pillow only warns
             image.seek(0)
             decode_reduced(image, max_side)  # a huge JPEG is decoded at 1/2 to 1/8 scale: see `prepare_image`

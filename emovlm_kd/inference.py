@@ -16,7 +16,7 @@ if TYPE_CHECKING:  # annotations only
     from modeling_emovlm_kd import EmoVLMKDForImageClassification, EmoVLMKDOutput
 
 __all__ = ["NON_FINITE_ERROR", "PromptPrefixCache", "describe", "finite_rows", "gather_in_order", "limit_images",
-           "model_inputs", "predict_files", "run_batch", "sharded_batches"]
+           "model_inputs", "predict_files", "processor_inputs", "run_batch", "sharded_batches", "to_model"]
 
 logger = logging.getLogger(__name__)
 
@@ -39,8 +39,22 @@ def model_inputs(
     """The model's inputs for prepared RGB images: the classification prompt and the images through the processor
     (left padded; images over `max_image_side` scaled down, `limit_images`), on the model's device, pixels in its
     dtype."""
-    images = limit_images(images, getattr(model.config, "max_image_side", None))
-    inputs = prepare_inputs(processor, model.config, images).to(model.device)
+    return to_model(model, processor_inputs(processor, model.config, images))
+
+
+def processor_inputs(processor: "ProcessorMixin", config: Any, images: Sequence[Any]) -> "BatchFeature":
+    """`model_inputs` on the CPU, without the model: what a `DataLoader` worker builds (`emovlm_kd.datapath`)."""
+    return prepare_inputs(processor, config, limit_images(images, getattr(config, "max_image_side", None)))
+
+
+def to_model(
+    model: "EmoVLMKDForImageClassification", inputs: Any, non_blocking: bool = False
+) -> "BatchFeature":
+    """`processor_inputs`' tensors on the model's device, pixels in its dtype (`non_blocking`: from pinned memory)."""
+    from transformers import BatchFeature
+
+    inputs = BatchFeature({key: value.to(model.device, non_blocking=non_blocking) if torch.is_tensor(value) else value
+                           for key, value in inputs.items()})
     if "pixel_values" in inputs:
         inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
     return inputs
@@ -56,6 +70,7 @@ def run_batch(
     explain: bool = False,
     generation_kwargs: dict[str, Any] | None = None,
     seed: int | None = None,
+    inputs: Any = None,
 ) -> "EmoVLMKDOutput":
     """Model outputs for a list of prepared RGB PIL images (one prompt each), moved to the CPU as float32.
 
@@ -64,9 +79,13 @@ def run_batch(
     that a loop over a frozen model creates once and passes to every call (score mode), so that the prompt's shared
     text prefix is encoded once per run. Images longer than `model.config.max_image_side` are scaled down first
     (`limit_images`). `explain`: `model.explain` instead (the same outputs plus `explanations`, generated with
-    `generation_kwargs` and `seed`, from the same encoded images).
+    `generation_kwargs` and `seed`, from the same encoded images). `inputs`: `processor_inputs` of the images built
+    elsewhere (a `DataLoader` worker; pinned on CUDA), used instead of `images` and moved here without blocking.
     """
-    inputs = model_inputs(model, processor, images)
+    if inputs is None:
+        inputs = model_inputs(model, processor, images)
+    else:
+        inputs = to_model(model, inputs, non_blocking=True)
     if explain:
         output = model.explain(**inputs, processor=processor, vlm_mode=vlm_mode, generation_kwargs=generation_kwargs,
                                seed=seed, prompt_cache=prompt_cache)

@@ -100,7 +100,7 @@ def test_two_processes_predict_the_same_lines_in_the_same_order(tiny_bundle_dir,
     assert len(one_process_lines) == NUM_IMAGES
     _assert_same_predictions(_records(out), one_process_lines)
     assert result.stderr.count("predicted 7, skipped 0") == 1  # the main process reports, once
-    # rounds of 2 x 2 inputs: process 1 takes 0-1 and 4-5, process 2 takes 2-3 and 6
+    # one input in two each (emovlm_kd.collection): process 1 takes 0, 2, 4 and 6, process 2 takes 1, 3 and 5
     assert "process 1 of 2 predicted 4 input(s)" in result.stderr
     assert "process 2 of 2 predicted 3 input(s)" in result.stderr
 
@@ -122,7 +122,7 @@ def test_two_processes_resume_a_part_file(tiny_bundle_dir, image_dir, one_proces
 
     monkeypatch.setattr(emovlm_kd.inference, "run_batch", interrupted)
     assert main(["predict", "--model", str(tiny_bundle_dir), str(image_dir), "--output", str(out), "--batch-size",
-                 "3", "--device", "cpu"]) == 130  # FILE.part (3 lines) and FILE.part.json (what they were for)
+                 "3", "--group-batches", "1", "--device", "cpu"]) == 130  # FILE.part (3 lines) and FILE.part.json (what they were for)
     kept = (tmp_path / "predictions.jsonl.part").read_text(encoding="utf-8")
     assert len(kept.splitlines()) == 3
     with open(tmp_path / "predictions.jsonl.part", "a", encoding="utf-8") as handle:
