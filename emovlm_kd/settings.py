@@ -3,7 +3,7 @@
     DatasetArguments   how a dataset is read and split where it brings no split (evaluate, split, train)
     DataArguments      train's data group: the dataset, its split file, leakage and verification on top
     LeakageArguments   identical images in two splits: warn or stop (split, train)
-    DeviceArguments    --device and --dtype (predict, evaluate, table1, demo)
+    DeviceArguments    --device, --dtype, --load-in-4bit/--load-in-8bit (evaluate, table1, demo)
     RuntimeArguments   DeviceArguments with --batch-size and --vlm-mode (predict, evaluate, table1)
 
 A command's settings are a tuple of such dataclasses (its module's `ARGUMENTS`). `add_arguments(parser, groups)`
@@ -156,6 +156,18 @@ class DeviceArguments(Checked):
     _argument_group_name = "Device"
     device: str | None = help_field("cpu, cuda, cuda:1 ... (default: cuda when available)")
     dtype: Literal[DTYPES] | None = help_field("weights dtype (default: as saved)")
+    load_in_4bit: bool = help_field("load the language model in 4-bit (bitsandbytes nf4, computing in --dtype); the "
+                                    "head, gate, visual tower and lm_head stay in --dtype", False)
+    load_in_8bit: bool = help_field("load the language model in 8-bit (bitsandbytes LLM.int8); the head, gate, visual "
+                                    "tower and lm_head stay in --dtype", False)
+
+    def _checks(self):
+        yield not (self.load_in_4bit and self.load_in_8bit), "load-in-8bit", "cannot go with --load-in-4bit"
+
+    @property
+    def quantize(self):
+        """4, 8 or None: the width `hub.load_model(quantize=...)` loads the language model in."""
+        return 4 if self.load_in_4bit else 8 if self.load_in_8bit else None
 
 
 @dataclass

@@ -65,3 +65,52 @@ def test_quantised_load_predicts_the_float_labels(tiny_bundle_dir, bits):
     assert torch.equal(output.logits.argmax(-1), reference.logits.argmax(-1))
     assert torch.isfinite(output.vlm_log_likelihoods).all()
     assert not torch.equal(output.vlm_log_likelihoods, reference.vlm_log_likelihoods)  # it did run quantised
+
+
+# ----------------------------------------------------------------------------------------------- the flags
+
+
+@pytest.mark.parametrize("command", ["evaluate", "table1", "demo"])
+def test_load_in_flags_are_one_definition_in_evaluate_table1_and_demo(command):
+    """--load-in-4bit / --load-in-8bit come from `DeviceArguments` (defined once), read back as `quantize`; both at
+    once are refused."""
+    from emovlm_kd.cli import build_parser
+    from emovlm_kd.helptext import parsers_of
+    from emovlm_kd.settings import DeviceArguments, read
+
+    parser = next(p for p in parsers_of(build_parser()) if p.prog == f"emovlm-kd {command}")
+    settings = __import__(f"emovlm_kd.commands.{command}", fromlist=["ARGUMENTS"]).ARGUMENTS
+    assert issubclass(settings, DeviceArguments)
+    required = {"evaluate": ["--model", "m", "--dataset", "d", "--output-dir", "o"], "table1": ["--model", "m", "--data-root", "r",
+                "--output-dir", "o"], "demo": ["--model", "m"]}[command]  # fmt: skip
+    for words, bits in (([], None), (["--load-in-4bit"], 4), (["--load-in-8bit"], 8)):
+        assert read(parser.parse_args(required + words), settings).quantize == bits
+    with pytest.raises(ValueError, match="--load-in-8bit cannot go with --load-in-4bit"):
+        read(parser.parse_args(required + ["--load-in-4bit", "--load-in-8bit"]), settings)
+
+
+def test_the_loaders_of_evaluate_table1_and_demo_pass_the_width_on(monkeypatch):
+    """What the flag says reaches `hub.load_model(quantize=...)` from evaluate's, table1's and the demo's loaders."""
+    from types import SimpleNamespace
+
+    from emovlm_kd import hub
+    from emovlm_kd.commands import evaluate
+    from emovlm_kd.demo import load_model as demo_load
+    from emovlm_kd.errors import UsageError
+    from emovlm_kd.evaluation.table1 import ModelLoadError, _OneModel
+
+    seen = []
+
+    def fake_load_model(model_id, **options):
+        seen.append(options["quantize"])
+        raise ValueError("stop here")
+
+    monkeypatch.setattr(hub, "load_model", fake_load_model)
+    with pytest.raises(ValueError, match="stop here"):
+        demo_load("m", device="cpu", quantize=4)
+    with pytest.raises(ModelLoadError):
+        _OneModel("cpu", None, quantize=8).get("m")
+    args = SimpleNamespace(model="m", trust_remote_code=False, quantize=4)
+    with pytest.raises(UsageError):
+        evaluate._load_model(args, ["a", "b"], "cpu", None)
+    assert seen == [4, 8, 4]

@@ -56,7 +56,8 @@ def run(args: DemoArguments) -> int:
     from emovlm_kd.runtime import resolve_dtype
 
     try:
-        model, processor = load_model(args.model, device=args.device, dtype=resolve_dtype(args.dtype))
+        model, processor = load_model(args.model, device=args.device, dtype=resolve_dtype(args.dtype),
+                                      quantize=args.quantize)
     except (OSError, ValueError) as error:  # ModelCheckError propagates: exit status 3, one line
         raise UsageError(f"--model: cannot load {args.model!r}: {error}")
     from emovlm_kd.data.examples import example_files
