@@ -3,8 +3,9 @@
     DatasetArguments   how a dataset is read and split where it brings no split (evaluate, split, train)
     DataArguments      train's data group: the dataset, its split file, leakage and verification on top
     LeakageArguments   identical images in two splits: warn or stop (split, train)
-    DeviceArguments    --device, --dtype, --load-in-4bit/--load-in-8bit (evaluate, table1, demo)
-    RuntimeArguments   DeviceArguments with --batch-size and --vlm-mode (predict, evaluate, table1)
+    DeviceArguments    --device and --dtype (predict, evaluate, table1, demo)
+    QuantizationArguments  --load-in-4bit / --load-in-8bit (evaluate, table1, demo; predict: not yet parsed)
+    RuntimeArguments   DeviceArguments with --batch-size and --vlm-mode (predict, evaluate, table1), and QuantizationArguments
 
 A command's settings are a tuple of such dataclasses (its module's `ARGUMENTS`). `add_arguments(parser, groups)`
 makes their fields flags by HfArgumentParser's rules (the parser `train` uses through TRL's `TrlParser`, over the
@@ -156,6 +157,13 @@ class DeviceArguments(Checked):
     _argument_group_name = "Device"
     device: str | None = help_field("cpu, cuda, cuda:1 ... (default: cuda when available)")
     dtype: Literal[DTYPES] | None = help_field("weights dtype (default: as saved)")
+
+
+@dataclass
+class QuantizationArguments(Checked):
+    """A quantised load of the language model (`hub.load_model(quantize=...)`)."""
+
+    _argument_group_name = "Quantisation"
     load_in_4bit: bool = help_field("load the language model in 4-bit (bitsandbytes nf4, computing in --dtype); the "
                                     "head, gate, visual tower and lm_head stay in --dtype", False)
     load_in_8bit: bool = help_field("load the language model in 8-bit (bitsandbytes LLM.int8); the head, gate, visual "
@@ -171,8 +179,8 @@ class DeviceArguments(Checked):
 
 
 @dataclass
-class RuntimeArguments(DeviceArguments):
-    """How a command runs a model over images: device, dtype, batch size, the VLM branch's mode."""
+class RuntimeArguments(DeviceArguments, QuantizationArguments):
+    """How a command runs a model over images: device, dtype, quantisation, batch size, the VLM branch's mode."""
 
     _argument_group_name = "Runtime"
     batch_size: int = help_field("images per forward pass", 8)

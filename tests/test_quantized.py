@@ -72,15 +72,15 @@ def test_quantised_load_predicts_the_float_labels(tiny_bundle_dir, bits):
 
 @pytest.mark.parametrize("command", ["evaluate", "table1", "demo"])
 def test_load_in_flags_are_one_definition_in_evaluate_table1_and_demo(command):
-    """--load-in-4bit / --load-in-8bit come from `DeviceArguments` (defined once), read back as `quantize`; both at
-    once are refused."""
+    """--load-in-4bit / --load-in-8bit come from `QuantizationArguments` (defined once), read back as `quantize`;
+    both at once are refused."""
     from emovlm_kd.cli import build_parser
     from emovlm_kd.helptext import parsers_of
-    from emovlm_kd.settings import DeviceArguments, read
+    from emovlm_kd.settings import QuantizationArguments, read
 
     parser = next(p for p in parsers_of(build_parser()) if p.prog == f"emovlm-kd {command}")
     settings = __import__(f"emovlm_kd.commands.{command}", fromlist=["ARGUMENTS"]).ARGUMENTS
-    assert issubclass(settings, DeviceArguments)
+    assert issubclass(settings, QuantizationArguments)
     required = {"evaluate": ["--model", "m", "--dataset", "d", "--output-dir", "o"], "table1": ["--model", "m", "--data-root", "r",
                 "--output-dir", "o"], "demo": ["--model", "m"]}[command]  # fmt: skip
     for words, bits in (([], None), (["--load-in-4bit"], 4), (["--load-in-8bit"], 8)):

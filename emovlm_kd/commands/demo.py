@@ -18,13 +18,13 @@ from dataclasses import dataclass
 from functools import partial
 
 from emovlm_kd.errors import UsageError
-from emovlm_kd.settings import REQUIRED, DeviceArguments, help_field
+from emovlm_kd.settings import REQUIRED, DeviceArguments, QuantizationArguments, help_field
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass(kw_only=True)
-class DemoArguments(DeviceArguments):
+class DemoArguments(DeviceArguments, QuantizationArguments):
     model: str = help_field("bundle folder or Hub id", REQUIRED)
     host: str = help_field("address to listen on (default 127.0.0.1, this machine only; 0.0.0.0 for every interface)",
                            "127.0.0.1")
