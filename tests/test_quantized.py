@@ -114,3 +114,18 @@ def test_the_loaders_of_evaluate_table1_and_demo_pass_the_width_on(monkeypatch):
     with pytest.raises(UsageError):
         evaluate._load_model(args, ["a", "b"], "cpu", None)
     assert seen == [4, 8, 4]
+
+
+def test_the_pipeline_loads_quantised_through_model_kwargs(tiny_bundle_dir):
+    """`pipeline(..., model_kwargs={"quantization_config": quantization_config(4)})`: the pipeline's model is the 4-bit
+    one and classifies as the float pipeline does."""
+    bnb = pytest.importorskip("bitsandbytes", reason="bitsandbytes is not installed: no quantised load to test")
+    from transformers import pipeline
+
+    image = random_image(72, 64, seed=5)
+    plain = pipeline(model=str(tiny_bundle_dir), trust_remote_code=True, device="cpu")
+    quantised = pipeline(model=str(tiny_bundle_dir), trust_remote_code=True,
+                         model_kwargs={"quantization_config": quantization_config(4), "device_map": {"": "cpu"}})
+    layer = quantised.model.vlm.model.language_model.layers[0].mlp.up_proj
+    assert isinstance(layer, bnb.nn.Linear4bit) and type(quantised.model.gate.proj) is nn.Linear
+    assert quantised(image, top_k=1)[0]["label"] == plain(image, top_k=1)[0]["label"]
