@@ -47,13 +47,13 @@ def require_gradio():
     return gradio
 
 
-def load_model(model_id, device=None, dtype=None):
+def load_model(model_id, device=None, dtype=None, quantize=None):
     """(model, processor) of a bundle folder or Hub id, checked (`hub.load_model`), on `device` (default: CUDA when
-    there is one), in eval mode."""
+    there is one), in eval mode; `quantize` 4 or 8: the language model in 4-/8-bit."""
     from emovlm_kd import hub
     from emovlm_kd.runtime import resolve_device
 
-    model, processor, _ = hub.load_model(model_id, device=resolve_device(device), dtype=dtype)
+    model, processor, _ = hub.load_model(model_id, device=resolve_device(device), dtype=dtype, quantize=quantize)
     return model, processor
 
 

@@ -124,7 +124,32 @@ def _hub_snapshot(model_id):
     return Path(snapshot_download(str(model_id), allow_patterns=BUNDLE_DOWNLOAD_PATTERNS))
 
 
-def load_model(model_id, *, device=None, dtype=None, trust_remote_code=False, bare_vlm=False):
+# What stays unquantised in a 4-/8-bit load (transformers' `should_convert_module` patterns: from the start of the
+# module's name up to a `.`, or a suffix): the head and the gate (small, in the compute dtype), the visual tower (as in
+# stage 1's QLoRA, `training.sft.quantization_config`) and the vocabulary projection (bitsandbytes' own default).
+UNQUANTISED_MODULES = ["distill_head", "gate", "vlm.model.visual", "vlm.lm_head", "model.visual", "lm_head"]
+QUANTIZATION_BITS = (4, 8)
+
+
+def quantization_config(bits, dtype=None):
+    """`transformers.BitsAndBytesConfig` for a `bits`-bit load (4: nf4 with double quantisation, computing in
+    `dtype`; 8: LLM.int8), the language model's linear layers quantised and `UNQUANTISED_MODULES` kept in `dtype`;
+    None for `bits` None. `ValueError` for any other width."""
+    if bits is None:
+        return None
+    if bits not in QUANTIZATION_BITS:
+        raise ValueError(f"quantised loads are 4-bit or 8-bit, not {bits}-bit")
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    if bits == 4:
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                  bnb_4bit_compute_dtype=dtype or torch.float32,
+                                  llm_int8_skip_modules=list(UNQUANTISED_MODULES))
+    return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=list(UNQUANTISED_MODULES))
+
+
+def load_model(model_id, *, device=None, dtype=None, trust_remote_code=False, bare_vlm=False, quantize=None):
     """`(model, processor, zero_shot)` of a model folder or Hub id: the one loader of `predict`, `evaluate`, `table1`
     and the demo. No code from the model's folder runs unless `trust_remote_code`.
 
@@ -139,18 +164,24 @@ def load_model(model_id, *, device=None, dtype=None, trust_remote_code=False, ba
     Anything else raises `ValueError`. A path-looking `model_id` that does not exist raises `FileNotFoundError`
     ("no such folder") without asking the Hub; a Hub id that cannot be fetched, the Hub's `OSError`. The model is
     in eval mode, moved to `device` when one is given.
+
+    `quantize` (4 or 8): the backbone loaded in 4-bit (nf4) or 8-bit through bitsandbytes (`quantization_config`),
+    placed on `device` (default the CPU) as it loads; the head, the gate, the visual tower and `lm_head` stay in
+    `dtype`, the compute dtype.
     """
     from configuration_emovlm_kd import SUPPORTED_BACKBONES
     from emovlm_kd.modelcheck import BUNDLE_MODEL_TYPE, load_checked_bundle, local_model_folder, read_config
 
     folder = local_model_folder(model_id)  # None for a Hub id
     model_type = read_config(folder).get("model_type") if folder is not None else _hub_model_type(model_id)
+    quant = quantization_config(quantize, dtype)
+    placed = {"quantization_config": quant, "device_map": {"": str(device or "cpu")}} if quant is not None else {}
     if model_type == BUNDLE_MODEL_TYPE:
-        model, processor = load_checked_bundle(folder or _hub_snapshot(model_id), dtype=dtype)
+        model, processor = load_checked_bundle(folder or _hub_snapshot(model_id), dtype=dtype, **placed)
     elif bare_vlm and (model_type in SUPPORTED_BACKBONES or trust_remote_code):
-        model, processor = _load_bare_vlm(model_id, model_type, dtype, trust_remote_code)
+        model, processor = _load_bare_vlm(model_id, model_type, dtype, trust_remote_code, **placed)
     elif trust_remote_code and not bare_vlm:
-        model, processor = _load_with_its_own_code(model_id, folder or _hub_snapshot(model_id), dtype)
+        model, processor = _load_with_its_own_code(model_id, folder or _hub_snapshot(model_id), dtype, **placed)
     elif bare_vlm:
         raise ValueError(
             f"{model_id} has model_type {model_type!r}: expected an EmoVLM-KD bundle ({BUNDLE_MODEL_TYPE}) "
@@ -160,7 +191,7 @@ def load_model(model_id, *, device=None, dtype=None, trust_remote_code=False, ba
     else:
         raise ValueError(f"{model_id} is not an EmoVLM-KD bundle (config.json model_type {model_type!r}, not "
                          f"{BUNDLE_MODEL_TYPE!r}); to run the code it ships, pass --trust-remote-code")
-    if device is not None:
+    if device is not None and quant is None:  # a quantised model was placed as it loaded (bitsandbytes' weights)
         model.to(device)
     return model, processor, model_type != BUNDLE_MODEL_TYPE and bare_vlm
 
@@ -172,11 +203,12 @@ def load_bundle(path, dtype=None, device=None, trust_remote_code=False):
     return model, processor
 
 
-def _load_bare_vlm(model_id, model_type, dtype, trust_remote_code):
-    """`(vlm, processor)` of a bare VLM checkpoint (the zero-shot baseline)."""
+def _load_bare_vlm(model_id, model_type, dtype, trust_remote_code, **placed):
+    """`(vlm, processor)` of a bare VLM checkpoint (the zero-shot baseline); `placed`: a quantised load's
+    `quantization_config` and `device_map`."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    kwargs = {"dtype": dtype} if dtype is not None else {}
+    kwargs = {"dtype": dtype, **placed} if dtype is not None else dict(placed)
     vlm = AutoModelForImageTextToText.from_pretrained(model_id, use_safetensors=True,
                                                       trust_remote_code=trust_remote_code, **kwargs)
     processor = AutoProcessor.from_pretrained(model_id, trust_remote_code=trust_remote_code)
@@ -184,7 +216,7 @@ def _load_bare_vlm(model_id, model_type, dtype, trust_remote_code):
     return vlm.eval(), processor
 
 
-def _load_with_its_own_code(path, folder, dtype):
+def _load_with_its_own_code(path, folder, dtype, **placed):
     """A model that is not an EmoVLM-KD bundle, loaded with the code it ships (the caller opted in), after the
     checks that need no class: its config's labels and its weight files."""
     from transformers import AutoModelForImageClassification, AutoProcessor
@@ -194,7 +226,7 @@ def _load_with_its_own_code(path, folder, dtype):
     check_labels(read_config(folder), Path(folder) / CONFIG_FILE)
     weight_files(folder)
     logger.warning("%s is not an EmoVLM-KD bundle: loading it with its own code (--trust-remote-code)", path)
-    kwargs = {"dtype": dtype} if dtype is not None else {}
+    kwargs = {"dtype": dtype, **placed} if dtype is not None else dict(placed)
     model = AutoModelForImageClassification.from_pretrained(path, use_safetensors=True, trust_remote_code=True,
                                                             **kwargs)
     return model.eval(), AutoProcessor.from_pretrained(path, trust_remote_code=True)

@@ -417,15 +417,16 @@ def _no_load_report():
         logger.removeFilter(drop)
 
 
-def load_checked_weights(folder, config, dtype=None):
+def load_checked_weights(folder, config, dtype=None, **placed):
     """`EmoVLMKDForImageClassification.from_pretrained(folder, config=config)` (the installed class, safetensors
-    only), then `check_loading_info`; a load that fails is a `ModelCheckError` naming the weights."""
+    only), then `check_loading_info`; a load that fails is a `ModelCheckError` naming the weights. `placed`: a
+    quantised load's `quantization_config` and `device_map` (`hub.load_model`)."""
     from safetensors import SafetensorError
 
     from modeling_emovlm_kd import EmoVLMKDForImageClassification
 
     where = _weights_name(folder)
-    kwargs = {"dtype": dtype} if dtype is not None else {}
+    kwargs = {"dtype": dtype, **placed} if dtype is not None else dict(placed)
     try:
         with _no_load_report():
             model, info = EmoVLMKDForImageClassification.from_pretrained(
@@ -692,12 +693,12 @@ def model_fingerprint(folder):
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def load_checked_bundle(folder, dtype=None):
+def load_checked_bundle(folder, dtype=None, **placed):
     """`(model, processor)` of the EmoVLM-KD bundle in local `folder`, every check of this module passed (the
     config and the weight files before any tensor is read), with the installed classes only. The model is in
-    eval mode, on the CPU."""
+    eval mode, on the CPU (`placed`: a quantised load's `quantization_config` and `device_map`)."""
     config = load_checked_config(folder)  # the weight files' headers included: nothing allocated before it passes
-    model = load_checked_weights(folder, config, dtype)
+    model = load_checked_weights(folder, config, dtype, **placed)
     check_finite(model, _weights_name(folder))
     processor = load_checked_processor(folder)
     check_processor_fits(model, processor, folder)

@@ -4,7 +4,8 @@
     DataArguments      train's data group: the dataset, its split file, leakage and verification on top
     LeakageArguments   identical images in two splits: warn or stop (split, train)
     DeviceArguments    --device and --dtype (predict, evaluate, table1, demo)
-    RuntimeArguments   DeviceArguments with --batch-size and --vlm-mode (predict, evaluate, table1)
+    QuantizationArguments  --load-in-4bit / --load-in-8bit (evaluate, table1, demo; predict: not yet parsed)
+    RuntimeArguments   DeviceArguments with --batch-size and --vlm-mode (predict, evaluate, table1), and QuantizationArguments
 
 A command's settings are a tuple of such dataclasses (its module's `ARGUMENTS`). `add_arguments(parser, groups)`
 makes their fields flags by HfArgumentParser's rules (the parser `train` uses through TRL's `TrlParser`, over the
@@ -159,8 +160,27 @@ class DeviceArguments(Checked):
 
 
 @dataclass
-class RuntimeArguments(DeviceArguments):
-    """How a command runs a model over images: device, dtype, batch size, the VLM branch's mode."""
+class QuantizationArguments(Checked):
+    """A quantised load of the language model (`hub.load_model(quantize=...)`)."""
+
+    _argument_group_name = "Quantisation"
+    load_in_4bit: bool = help_field("load the language model in 4-bit (bitsandbytes nf4, computing in --dtype); the "
+                                    "head, gate, visual tower and lm_head stay in --dtype", False)
+    load_in_8bit: bool = help_field("load the language model in 8-bit (bitsandbytes LLM.int8); the head, gate, visual "
+                                    "tower and lm_head stay in --dtype", False)
+
+    def _checks(self):
+        yield not (self.load_in_4bit and self.load_in_8bit), "load-in-8bit", "cannot go with --load-in-4bit"
+
+    @property
+    def quantize(self):
+        """4, 8 or None: the width `hub.load_model(quantize=...)` loads the language model in."""
+        return 4 if self.load_in_4bit else 8 if self.load_in_8bit else None
+
+
+@dataclass
+class RuntimeArguments(DeviceArguments, QuantizationArguments):
+    """How a command runs a model over images: device, dtype, quantisation, batch size, the VLM branch's mode."""
 
     _argument_group_name = "Runtime"
     batch_size: int = help_field("images per forward pass", 8)

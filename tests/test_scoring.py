@@ -5,12 +5,14 @@ import torch
 from conftest import CallCounter, brute_force_log_likelihoods
 
 from pipeline_emovlm_kd import prepare_inputs
+import scoring_emovlm_kd
 from scoring_emovlm_kd import (
     LabelScoringPlan,
     PromptPrefixCache,
     drop_leading_tokens,
     shared_text_prefix,
     tree_attention_mask,
+    vocabulary_logits,
 )
 
 # ----------------------------------------------------------------------------------------------- LabelScoringPlan
@@ -188,3 +190,42 @@ def test_run_batch_with_a_prompt_cache_equals_without(tiny_bundle, images):
     for i, out in enumerate(cached):
         torch.testing.assert_close(out.logits[0], plain.logits[i], atol=1e-5, rtol=1e-4)
         torch.testing.assert_close(out.vlm_log_likelihoods[0], plain.vlm_log_likelihoods[i], atol=1e-4, rtol=0)
+
+
+# ----------------------------------------------------------------------------------------------- vocabulary_logits
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_vocabulary_logits_in_slices_are_the_head_s_logits(monkeypatch, bias):
+    """The CPU's sliced projection gives `lm_head(hidden)` (each element the same dot product), slices of uneven
+    length included; it really slices (the weight is read in pieces)."""
+    torch.manual_seed(0)
+    head = torch.nn.Linear(64, 1000, bias=bias)
+    hidden = torch.randn(2, 5, 64)
+    monkeypatch.setattr(scoring_emovlm_kd, "VOCAB_SLICE_BYTES", 300 * 64 * 4)  # 300 rows: 4 slices, the last 100
+    seen = []
+    linear = torch.nn.functional.linear
+    monkeypatch.setattr(torch.nn.functional, "linear", lambda x, w, b=None: seen.append(w.shape[0]) or linear(x, w, b))
+    with torch.inference_mode():
+        sliced = vocabulary_logits(head, hidden)
+        monkeypatch.setattr(torch.nn.functional, "linear", linear)
+        whole = head(hidden)
+    assert seen == [300, 300, 300, 100]
+    assert sliced.shape == whole.shape == (2, 5, 1000)
+    torch.testing.assert_close(sliced, whole, atol=1e-6, rtol=1e-6)
+
+
+def test_scores_with_sliced_vocabulary_match_the_whole_projection(tiny_bundle, images, monkeypatch):
+    """The model's score mode with the vocabulary projected in small slices (forced on the tiny vocabulary) gives the
+    outputs of the unsliced projection."""
+    model, processor = tiny_bundle
+    assert model.device.type == "cpu"  # the sliced projection is the CPU's (a CPU fact: the tiny bundle is built there)
+    inputs = prepare_inputs(processor, model.config, images)
+    with torch.inference_mode():
+        monkeypatch.setattr(scoring_emovlm_kd, "VOCAB_SLICE_BYTES", 1)  # the minimum slice, 256 rows
+        sliced = model(**inputs, prompt_cache=PromptPrefixCache())
+        monkeypatch.setattr(scoring_emovlm_kd, "VOCAB_SLICE_BYTES", 1 << 60)  # one piece: lm_head(hidden)
+        whole = model(**inputs, prompt_cache=PromptPrefixCache())
+    assert model.vlm.lm_head.weight.shape[0] > 256  # so the first call really sliced
+    for key in ("logits", "vlm_log_likelihoods", "distill_logits"):
+        torch.testing.assert_close(sliced[key], whole[key], atol=1e-6, rtol=1e-6)

@@ -18,13 +18,13 @@ from dataclasses import dataclass
 from functools import partial
 
 from emovlm_kd.errors import UsageError
-from emovlm_kd.settings import REQUIRED, DeviceArguments, help_field
+from emovlm_kd.settings import REQUIRED, DeviceArguments, QuantizationArguments, help_field
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass(kw_only=True)
-class DemoArguments(DeviceArguments):
+class DemoArguments(DeviceArguments, QuantizationArguments):
     model: str = help_field("bundle folder or Hub id", REQUIRED)
     host: str = help_field("address to listen on (default 127.0.0.1, this machine only; 0.0.0.0 for every interface)",
                            "127.0.0.1")
@@ -56,7 +56,8 @@ def run(args: DemoArguments) -> int:
     from emovlm_kd.runtime import resolve_dtype
 
     try:
-        model, processor = load_model(args.model, device=args.device, dtype=resolve_dtype(args.dtype))
+        model, processor = load_model(args.model, device=args.device, dtype=resolve_dtype(args.dtype),
+                                      quantize=args.quantize)
     except (OSError, ValueError) as error:  # ModelCheckError propagates: exit status 3, one line
         raise UsageError(f"--model: cannot load {args.model!r}: {error}")
     from emovlm_kd.data.examples import example_files

@@ -134,7 +134,8 @@ def _load_model(args, labels, device, dtype):
 
     try:
         model, processor, zero_shot = load_model(args.model, device=device, dtype=dtype,
-                                                 trust_remote_code=args.trust_remote_code, bare_vlm=True)
+                                                 trust_remote_code=args.trust_remote_code, bare_vlm=True,
+                                                 quantize=args.quantize)
     except (OSError, ValueError) as error:
         raise UsageError(f"--model: cannot load {args.model!r}: {error}")
     try:

@@ -95,7 +95,8 @@ def run(args: Table1Arguments) -> int:
     try:
         table = run_table1(found, models, args.output_dir, split=args.split, limit=args.limit,
                            batch_size=args.batch_size, vlm_mode=args.vlm_mode, device=resolve_device(args.device),
-                           dtype=resolve_dtype(args.dtype), skipped=missing, splits=parse_splits(args.splits))
+                           dtype=resolve_dtype(args.dtype), skipped=missing, splits=parse_splits(args.splits),
+                           quantize=args.quantize)
     except ModelLoadError as error:
         raise UsageError(f"--model: {error}")
     print(render_table1_markdown(table))

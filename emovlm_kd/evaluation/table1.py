@@ -71,8 +71,8 @@ def find_datasets(root=None, overrides=None):
 class _OneModel:
     """Keeps one model in memory at a time: `get(model_id)` loads it unless it is the one already loaded."""
 
-    def __init__(self, device, dtype):
-        self.device, self.dtype = device, dtype
+    def __init__(self, device, dtype, quantize=None):
+        self.device, self.dtype, self.quantize = device, dtype, quantize
         self.model_id = self.loaded = None
 
     def get(self, model_id):
@@ -83,7 +83,8 @@ class _OneModel:
             self.loaded = self.model_id = None
             gc.collect()
             try:
-                self.loaded = load_model(model_id, device=resolve_device(self.device), dtype=self.dtype, bare_vlm=True)
+                self.loaded = load_model(model_id, device=resolve_device(self.device), dtype=self.dtype, bare_vlm=True,
+                                         quantize=self.quantize)
             except (OSError, ValueError) as error:
                 raise ModelLoadError(f"cannot load {model_id!r}: {error}") from error
             self.model_id = model_id
@@ -95,17 +96,17 @@ class _Skip(Exception):
 
 
 def run_table1(datasets, models, output_dir, *, split="test", limit=None, batch_size=8, vlm_mode=None, device=None,
-               dtype=None, skipped=None, splits=None):
+               dtype=None, skipped=None, splits=None, quantize=None):
     """Evaluate `models[name]` on each of `datasets` (`{name: path}`), writing `<output_dir>/<name>/` reports, and
     return the Table 1 result (also written to `table1.json` and `table1.md`). `models` maps dataset -> model id;
     `skipped` (`{name: reason}`) lists datasets left out beforehand. A model that does not load raises
     `ModelLoadError`; a dataset that does not load or whose labels differ from the model's is skipped. Each
     dataset is split by `splits[name]` (a split file) or else by the model folder's split file, as
-    `emovlm-kd evaluate` does.
+    `emovlm-kd evaluate` does. `quantize` (4 or 8): each model's language model loaded in 4-/8-bit (`hub.load_model`).
     """
     output_dir = Path(output_dir)
     results, skipped = {}, dict(skipped or {})
-    cache = _OneModel(device, dtype)
+    cache = _OneModel(device, dtype, quantize)
     options = {"split": split, "limit": limit, "batch_size": batch_size, "vlm_mode": vlm_mode}
     for name, path in datasets.items():
         try:
