@@ -4,7 +4,7 @@
     DataArguments      train's data group: the dataset, its split file, leakage and verification on top
     LeakageArguments   identical images in two splits: warn or stop (split, train)
     DeviceArguments    --device and --dtype (predict, evaluate, table1, demo)
-    QuantizationArguments  --load-in-4bit / --load-in-8bit (evaluate, table1, demo; predict: not yet parsed)
+    QuantizationArguments  --load-in-4bit / --load-in-8bit (predict, evaluate, table1, demo)
     RuntimeArguments   DeviceArguments with --batch-size and --vlm-mode (predict, evaluate, table1), and QuantizationArguments
 
 A command's settings are a tuple of such dataclasses (its module's `ARGUMENTS`). `add_arguments(parser, groups)`

@@ -70,8 +70,8 @@ def test_quantised_load_predicts_the_float_labels(tiny_bundle_dir, bits):
 # ----------------------------------------------------------------------------------------------- the flags
 
 
-@pytest.mark.parametrize("command", ["evaluate", "table1", "demo"])
-def test_load_in_flags_are_one_definition_in_evaluate_table1_and_demo(command):
+@pytest.mark.parametrize("command", ["predict", "evaluate", "table1", "demo"])
+def test_load_in_flags_are_one_definition_in_predict_evaluate_table1_and_demo(command):
     """--load-in-4bit / --load-in-8bit come from `QuantizationArguments` (defined once), read back as `quantize`;
     both at once are refused."""
     from emovlm_kd.cli import build_parser
@@ -81,7 +81,7 @@ def test_load_in_flags_are_one_definition_in_evaluate_table1_and_demo(command):
     parser = next(p for p in parsers_of(build_parser()) if p.prog == f"emovlm-kd {command}")
     settings = __import__(f"emovlm_kd.commands.{command}", fromlist=["ARGUMENTS"]).ARGUMENTS
     assert issubclass(settings, QuantizationArguments)
-    required = {"evaluate": ["--model", "m", "--dataset", "d", "--output-dir", "o"], "table1": ["--model", "m", "--data-root", "r",
+    required = {"predict": ["--model", "m", "x.jpg"], "evaluate": ["--model", "m", "--dataset", "d", "--output-dir", "o"], "table1": ["--model", "m", "--data-root", "r",
                 "--output-dir", "o"], "demo": ["--model", "m"]}[command]  # fmt: skip
     for words, bits in (([], None), (["--load-in-4bit"], 4), (["--load-in-8bit"], 8)):
         assert read(parser.parse_args(required + words), settings).quantize == bits
@@ -89,12 +89,13 @@ def test_load_in_flags_are_one_definition_in_evaluate_table1_and_demo(command):
         read(parser.parse_args(required + ["--load-in-4bit", "--load-in-8bit"]), settings)
 
 
-def test_the_loaders_of_evaluate_table1_and_demo_pass_the_width_on(monkeypatch):
-    """What the flag says reaches `hub.load_model(quantize=...)` from evaluate's, table1's and the demo's loaders."""
+def test_the_loaders_of_predict_evaluate_table1_and_demo_pass_the_width_on(monkeypatch):
+    """What the flag says reaches `hub.load_model(quantize=...)` from predict's, evaluate's, table1's and the demo's
+    loaders."""
     from types import SimpleNamespace
 
     from emovlm_kd import hub
-    from emovlm_kd.commands import evaluate
+    from emovlm_kd.commands import evaluate, predict
     from emovlm_kd.demo import load_model as demo_load
     from emovlm_kd.errors import UsageError
     from emovlm_kd.evaluation.table1 import ModelLoadError, _OneModel
@@ -113,7 +114,9 @@ def test_the_loaders_of_evaluate_table1_and_demo_pass_the_width_on(monkeypatch):
     args = SimpleNamespace(model="m", trust_remote_code=False, quantize=4)
     with pytest.raises(UsageError):
         evaluate._load_model(args, ["a", "b"], "cpu", None)
-    assert seen == [4, 8, 4]
+    with pytest.raises(UsageError, match="stop here"):
+        predict._load_model(SimpleNamespace(model="m", trust_remote_code=False, quantize=8, device="cpu", dtype=None))
+    assert seen == [4, 8, 4, 8]
 
 
 def test_the_pipeline_loads_quantised_through_model_kwargs(tiny_bundle_dir):
@@ -129,3 +132,29 @@ def test_the_pipeline_loads_quantised_through_model_kwargs(tiny_bundle_dir):
     layer = quantised.model.vlm.model.language_model.layers[0].mlp.up_proj
     assert isinstance(layer, bnb.nn.Linear4bit) and type(quantised.model.gate.proj) is nn.Linear
     assert quantised(image, top_k=1)[0]["label"] == plain(image, top_k=1)[0]["label"]
+
+
+@pytest.mark.parametrize("flag", ["--load-in-4bit", "--load-in-8bit"])
+def test_predict_load_in_flags_give_the_float_labels(tiny_bundle_dir, tmp_path, flag):
+    """`emovlm-kd predict --load-in-4bit|--load-in-8bit`: the same label for each image as the float run (the tiny
+    random model's scores barely move), other scores."""
+    pytest.importorskip("bitsandbytes", reason="bitsandbytes is not installed: no quantised load to test")
+    import json
+
+    from emovlm_kd.cli import main
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i in range(4):
+        random_image(60 + 8 * i, 72, seed=i).save(folder / f"{i}.png")
+
+    def rows(name, *extra):
+        out = tmp_path / name
+        assert main(["predict", "--model", str(tiny_bundle_dir), "--device", "cpu", "--num-workers", "0",
+                     "--output", str(out), str(folder), *extra]) == 0
+        return [json.loads(line) for line in out.read_text().splitlines()]
+
+    plain, quantised = rows("float.jsonl"), rows("quantised.jsonl", flag)
+    assert [r["path"] for r in quantised] == [r["path"] for r in plain]
+    assert [r["label"] for r in quantised] == [r["label"] for r in plain]
+    assert [r["scores"] for r in quantised] != [r["scores"] for r in plain]  # it did run quantised

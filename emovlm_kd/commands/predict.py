@@ -233,7 +233,7 @@ def _load_model(args):
     device, dtype = resolve_device(args.device), resolve_dtype(args.dtype)
     try:
         model, processor, _ = load_model(args.model, device=device, dtype=dtype,
-                                         trust_remote_code=args.trust_remote_code)
+                                         trust_remote_code=args.trust_remote_code, quantize=args.quantize)
         return model, processor
     except (OSError, ValueError) as error:
         raise UsageError(f"--model: cannot load {args.model!r}: {error}")
