@@ -176,17 +176,22 @@ def test_a_sub_config_of_the_wrong_type_is_refused(where, bundle, image, capsys)
 
 
 def test_the_label_check_is_linear_in_the_number_of_labels():
-    """200,000 labels: checked in well under a second (the repeated-name check was quadratic: 10k labels 1.6 s, 20k
-    5.9 s, 200k still running at 90 s); a repeated name is still found, naming both spellings."""
+    """200,000 labels are checked (the repeated-name check was quadratic: 10k labels 1.6 s, 20k 5.9 s, 200k still
+    running at 90 s; linear, it takes well under a second); a repeated name is still found, naming both spellings.
+    No speed is asserted: the child gets 120 s, which only a quadratic check (hours at 200k) runs out of."""
+    code = (
+        "from emovlm_kd.modelcheck import check_labels\n"
+        "id2label = {str(i): f'label {i}' for i in range(200_000)}\n"
+        "config = {'id2label': id2label, 'label2id': {name: int(i) for i, name in id2label.items()}}\n"
+        "print(len(check_labels(config, 'config.json')))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["200000"]
     from emovlm_kd.modelcheck import check_labels
 
-    count = 200_000
-    id2label = {str(i): f"label {i}" for i in range(count)}
-    config = {"id2label": id2label, "label2id": {name: int(i) for i, name in id2label.items()}}
-    started = time.perf_counter()
-    assert len(check_labels(config, "config.json")) == count
-    assert time.perf_counter() - started < 1.0
-    id2label[str(count - 1)] = "LABEL 7 "
+    id2label = {str(i): f"label {i}" for i in range(2_000)}
+    id2label["1999"] = "LABEL 7 "
     with pytest.raises(ModelCheckError, match=r"id2label names a label twice: LABEL 7 , label 7$"):
         check_labels({"id2label": id2label}, "config.json")
 
