@@ -223,6 +223,25 @@ def default_file_mode():
     return 0o666 & ~mask
 
 
+def respect_umask(*paths, only_private=False):
+    """Give every file in `paths` (files, or folders searched recursively; symlinks left alone) the mode a new file
+    gets under the umask. safetensors (0.8) writes through a temporary file, created 0600, and renames it into
+    place: its files (weights, caches, checkpoints) would otherwise stay readable by their owner alone.
+    `only_private` changes only files at 0600 (what such writers leave), so other modes someone chose are kept."""
+    mode = default_file_mode()
+    for path in map(Path, paths):
+        if not path.exists():
+            continue
+        files = [path] if path.is_file() else (p for p in path.rglob("*") if p.is_file())
+        for file in files:
+            try:
+                current = file.lstat().st_mode & 0o777
+                if not file.is_symlink() and current != mode and (current == 0o600 or not only_private):
+                    file.chmod(mode)
+            except FileNotFoundError:  # removed meanwhile (a stale cache, an old checkpoint)
+                continue
+
+
 def atomic_write(path, write, mode="w"):
     """Write `path` through `write(handle)` into a temp file beside it, then `os.replace` it into place: `path`
     holds its old bytes or the new ones, never a part. `WriteError` on an OS error (nothing left behind) or when
@@ -331,7 +350,8 @@ BUNDLE_FILES = {
     "special_tokens_map.json", "added_tokens.json", "vocab.json", "merges.txt", "chat_template.jinja",
     "chat_template.json", "README.md", "splits.json",
 }
-BUNDLE_FOLDERS = {"examples": lambda path: path.suffix == ".png"}  # the widget's and the demo's example images
+EXAMPLES_FOLDER = "examples"  # in a bundle: the widget's and the demo's example images (emovlm_kd.data.examples)
+BUNDLE_FOLDERS = {EXAMPLES_FOLDER: lambda path: path.suffix == ".png"}
 SHARD = re.compile(r"^model-\d+-of-\d+\.safetensors$")
 
 
@@ -351,3 +371,10 @@ def bundle_conflicts(folder):
     folder = Path(folder)
     shards = {p.name for p in folder.glob("model-*.safetensors")} if folder.is_dir() else set()
     return folder_conflicts(folder, BUNDLE_FILES | {s for s in shards if SHARD.match(s)}, BUNDLE_FOLDERS)
+
+
+def bundle_examples(name_or_path):
+    """The example images a bundle's folder holds (`examples/*.png`, as the export writes them), sorted; [] for a Hub
+    id, or a folder without them."""
+    source = Path(name_or_path or "") / EXAMPLES_FOLDER
+    return sorted(source.glob("*.png")) if name_or_path and source.is_dir() else []

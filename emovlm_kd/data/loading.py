@@ -10,8 +10,8 @@ from emovlm_kd.data.hfdatasets import from_datasets, load_datasets
 from emovlm_kd.data.katsurai import resolve_vote_rule
 from emovlm_kd.data.readers import DATASET_FORMATS, HUB, MANIFEST_SUFFIXES, resolve_local
 from emovlm_kd.data.records import ReadOptions
-from emovlm_kd.data.splits import check_split_ratios
 from emovlm_kd.hubaccess import HubAccess
+from emovlm_kd.settings import check_split_ratios
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
