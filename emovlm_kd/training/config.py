@@ -11,6 +11,7 @@ synthetic data's reasoning answers). Each group checks its own ranges in `__post
 """
 
 import argparse
+import copy
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -55,11 +56,12 @@ class StageArguments(_Checked):
 
     @classmethod
     def of(cls, settings):
-        """This group's fields of `settings` (the group itself, or any settings object holding its fields, such as
-        the flat `TrainConfig`): a new instance of this exact class, so that keys see this group only."""
-        if type(settings) is cls:
-            return settings
-        return cls(**{f.name: getattr(settings, f.name) for f in dataclasses.fields(cls)})
+        """This group's fields of `settings`, settings already checked that hold them (the flat `TrainConfig`, whose
+        construction ran every group's checks): a new instance of this exact class, so that keys see this group
+        only. The values are copied as they are, not checked again."""
+        group = object.__new__(cls)
+        group.__dict__.update({f.name: copy.copy(getattr(settings, f.name)) for f in dataclasses.fields(cls)})
+        return group
 
     def stage_key(self, *inputs):
         """The stage's key: every field of the group and the stage's inputs (fingerprints, shared runtime values)."""

@@ -7,7 +7,6 @@ from functools import partial
 import torch
 from safetensors.torch import load_file, save_file
 
-from emovlm_kd.training.config import DistillArguments, GateArguments
 from emovlm_kd.training.stage import last_checkpoint, run_stage, run_trainer, trained
 
 logger = logging.getLogger(__name__)
@@ -16,7 +15,6 @@ logger = logging.getLogger(__name__)
 def run_stage3(settings, run_dir, bundle, features, teacher_logits, labels, *, seed):
     """Distil the teacher into the head (only the head trains) on cached features and teacher logits, by the
     stage's `DistillArguments` (`settings`)."""
-    settings = DistillArguments.of(settings)
     key = settings.stage_key([fingerprint_tensor(features), fingerprint_tensor(teacher_logits)], seed)
     return run_module_stage(run_dir, "stage3_distill", key, "head.safetensors", bundle.distill_head,
                             "[stage 3] distillation: done, skipped",
@@ -27,7 +25,6 @@ def run_stage3(settings, run_dir, bundle, features, teacher_logits, labels, *, s
 def run_stage4(settings, run_dir, bundle, vlm_scores, head_probs, labels, *, seed):
     """Train the gate (only the gate) on cached VLM vectors (or sampled answers, see `train_gate`) and head
     probabilities, by the stage's `GateArguments` (`settings`)."""
-    settings = GateArguments.of(settings)
     key = settings.stage_key([fingerprint_tensor(vlm_scores), fingerprint_tensor(head_probs)], seed)
     return run_module_stage(run_dir, "stage4_gate", key, "gate.safetensors", bundle.gate,
                             "[stage 4] gate: done, skipped",
@@ -58,7 +55,7 @@ def train_head(settings, head, features, teacher_logits, labels, output_dir, *, 
 
     reset_module(head, seed)
     data = TensorDictDataset(image_embeds=features, teacher_logits=teacher_logits, labels=labels)
-    args = DistillArguments.of(settings).training_arguments(output_dir, seed, **args_extra)
+    args = settings.training_arguments(output_dir, seed, **args_extra)
     return _train(DistillationTrainer(model=head, args=args, train_dataset=data), args, resume)
 
 
@@ -77,7 +74,7 @@ def train_gate(settings, gate, vlm_scores, head_probs, labels, output_dir, *, se
         callbacks = [data.callback()]
     else:
         data, callbacks = TensorDictDataset(vlm_scores=vlm_scores, head_probs=head_probs, labels=labels), []
-    args = GateArguments.of(settings).training_arguments(output_dir, seed, **args_extra)
+    args = settings.training_arguments(output_dir, seed, **args_extra)
     trainer = GateTrainer(model=GateModule(gate), args=args, train_dataset=data, callbacks=callbacks)
     return _train(trainer, args, resume)
 

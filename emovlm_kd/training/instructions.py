@@ -36,7 +36,6 @@ from emovlm_kd.training.cache import fingerprint_dataset
 from emovlm_kd.training.config import (
     HOW_TO_GET_ANSWERS,
     INSTRUCTION_KINDS,
-    InstructionArguments,
     check_instruction_sources,
 )
 from emovlm_kd.training.stage import run_stage
@@ -280,7 +279,6 @@ def file_digest(path):
 def run_stage0(settings, run_dir, dataset, bundle_config):
     """instructions.jsonl: the rows of the kinds of `settings` (the stage's `InstructionArguments`), categorical for
     every train image."""
-    settings = InstructionArguments.of(settings)
     check_instruction_sources(settings)
     train = dataset["train"]
     kinds = list(settings.instruction_kinds)

@@ -73,7 +73,6 @@ def model_config(settings):
     4-bit nf4 double quantisation computing in bfloat16 (QLoRA) when asked, or by default when CUDA is present."""
     from trl import ModelConfig
 
-    settings = SFTArguments.of(settings)
     targets = "|".join(t.strip() for t in settings.lora_targets.split(",") if t.strip())
     return ModelConfig(
         use_peft=True,
@@ -110,7 +109,6 @@ def lora_config(settings):
 def run_stage1(settings, run_dir, dataset, vlm_path, instructions_path, *, seed, dtype, max_image_side):
     """Instruction-tune the VLM with LoRA (QLoRA on CUDA) by the stage's `SFTArguments` (`settings`), merge the
     adapter, save RUN/stage1_sft/merged; `dtype` is the run's `--dtype`."""
-    settings = SFTArguments.of(settings)
     key = settings.stage_key(fingerprint_checkpoint(vlm_path), fingerprint_dataset(dataset["train"]),
                              Path(instructions_path).read_text(encoding="utf-8"), dtype, seed, max_image_side)
     return run_stage(run_dir, "stage1_sft", key, "merged",
@@ -128,7 +126,7 @@ def instruction_tune(settings, train, vlm_path, instructions_path, stage, *, see
     from emovlm_kd.training.trainers import with_verified_resume
 
     dtype = resolve_dtype(dtype)
-    quant = quantization_config(settings)
+    quant, peft_config = quantization_config(settings), lora_config(settings)
     if quant is not None:
         logger.info("[stage 1] QLoRA: loading %s in 4-bit nf4 with double quantisation", vlm_path)
     set_seed(seed)  # LoRA's initialisation draws from the global generator: same start in every process
@@ -144,7 +142,7 @@ def instruction_tune(settings, train, vlm_path, instructions_path, stage, *, see
         args=args,
         train_dataset=sft_dataset(train, instructions_path, max_side=max_image_side),
         processing_class=processor,
-        peft_config=lora_config(settings),
+        peft_config=peft_config,
     )
     result = run_trainer(trainer, last_checkpoint(args.output_dir))
     adapter_dir = stage.dir / "adapter"

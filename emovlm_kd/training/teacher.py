@@ -21,7 +21,6 @@ from emovlm_kd.training.cache import (
     fingerprint_dataset,
     fingerprint_module,
 )
-from emovlm_kd.training.config import TeacherArguments
 from emovlm_kd.training.passes import cached_map
 from emovlm_kd.training.stage import last_checkpoint, run_stage, run_trainer, trained
 
@@ -74,7 +73,7 @@ def teacher_trainer(settings, teacher, train, output_dir, *, seed, callbacks=())
     decay, schedule, epochs, lr, batch), resuming with every weight verified."""
     from emovlm_kd.training.trainers import VerifiedTrainer
 
-    args = TeacherArguments.of(settings).training_arguments(output_dir, seed)
+    args = settings.training_arguments(output_dir, seed)
     return VerifiedTrainer(model=teacher, args=args, train_dataset=train, callbacks=list(callbacks),
                            optimizer_cls_and_kwargs=teacher_optimizer(args, teacher))
 
@@ -135,7 +134,6 @@ def run_stage2(settings, run_dir, dataset, teacher_path, *, seed):
     `TeacherArguments` (`settings`)."""
     from transformers import AutoImageProcessor, AutoModelForImageClassification
 
-    settings = TeacherArguments.of(settings)
     names = dataset["train"].features["label"].names
     key = settings.stage_key(fingerprint_checkpoint(teacher_path), fingerprint_dataset(dataset["train"]), names, seed)
 
