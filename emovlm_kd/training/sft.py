@@ -9,13 +9,11 @@ cast to the run's dtype: a merge in bfloat16 rounds LoRA updates smaller than ha
 
 import json
 import logging
-from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
 import torch
 from transformers import set_seed
-from trl import SFTConfig
 
 from configuration_emovlm_kd import DEFAULT_MAX_IMAGE_SIDE
 from emovlm_kd.distributed import is_main_process
@@ -23,15 +21,9 @@ from emovlm_kd.hub import reset_tokenizer_call_state
 from emovlm_kd.images import limit_processor_pixels, prepare_image
 from emovlm_kd.runtime import resolve_dtype
 from emovlm_kd.training.cache import fingerprint_checkpoint, fingerprint_dataset
-from emovlm_kd.training.config import SFTArguments
 from emovlm_kd.training.stage import last_checkpoint, run_stage, run_trainer, trained
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class SFTStageConfig(SFTConfig, SFTArguments):
-    """Stage 1's `SFTConfig`, with every `SFTArguments` field (built by `SFTArguments.training_arguments`)."""
 
 
 def sft_dataset(train, instructions_path, max_side=DEFAULT_MAX_IMAGE_SIDE):
@@ -123,6 +115,7 @@ def instruction_tune(settings, train, vlm_path, instructions_path, stage, *, see
     from transformers import AutoModelForImageTextToText, AutoProcessor
     from trl import SFTTrainer
 
+    from emovlm_kd.training.arguments import training_arguments
     from emovlm_kd.training.trainers import with_verified_resume
 
     dtype = resolve_dtype(dtype)
@@ -135,8 +128,8 @@ def instruction_tune(settings, train, vlm_path, instructions_path, stage, *, see
     vlm = AutoModelForImageTextToText.from_pretrained(
         vlm_path, dtype=dtype, quantization_config=quant, use_safetensors=True
     )
-    args = settings.training_arguments(stage.checkpoints(), seed, bf16=dtype == torch.bfloat16,
-                                       gradient_checkpointing=quant is not None)
+    args = training_arguments(settings, stage.checkpoints(), seed, bf16=dtype == torch.bfloat16,
+                              gradient_checkpointing=quant is not None)
     trainer = with_verified_resume(SFTTrainer)(
         model=vlm,
         args=args,
