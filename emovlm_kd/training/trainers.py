@@ -164,15 +164,12 @@ def with_verified_resume(trainer_class):
 
 
 class DistillationTrainer(VerifiedTrainer):
-    """Trains the distillation head on cached pooled visual features against cached teacher logits."""
-
-    def __init__(self, *args, alpha=0.5, tau=2.0, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.alpha, self.tau = alpha, tau
+    """Trains the distillation head on cached pooled visual features against cached teacher logits, with the
+    `alpha` and `tau` of its `arguments.DistillTrainingArguments`."""
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         logits = model(inputs["image_embeds"])
-        loss = distillation_loss(logits, inputs["teacher_logits"], inputs["labels"], self.alpha, self.tau)
+        loss = distillation_loss(logits, inputs["teacher_logits"], inputs["labels"], self.args.alpha, self.args.tau)
         return (loss, {"logits": logits}) if return_outputs else loss
 
 
