@@ -85,7 +85,8 @@ def test_bootstrap_ci_degenerate_and_empty():
 
 
 def _records(predicted, labels, ids):
-    return [{"id": i, "label": y, "predictions": {"emovlm_kd": p, "vlm": None}} for i, p, y in zip(ids, predicted, labels)]
+    return [{"id": i, "label": y, "predictions": {"emovlm_kd": p, "vlm": None}}
+            for i, p, y in zip(ids, predicted, labels)]
 
 
 def test_paired_correctness_aligns_two_runs_by_image_id():

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+BATCH_ELEMENTS = 4_000_000  # bootstrap resamples drawn at once: about 32 MB of float64, whatever the test set's size
 EXACT_BELOW = 25  # McNemar: the exact binomial test when b + c < 25 (the usual rule; see `mcnemar`)
 
 
@@ -42,7 +43,7 @@ def bootstrap_ci(correct, confidence=0.95, resamples=10000, seed=0) -> tuple[flo
         return float(100 * values[0]), float(100 * values[0])
     result = bootstrap(
         (values,), np.mean, n_resamples=int(resamples), confidence_level=confidence, method="percentile",
-        vectorized=True, batch=1000, rng=np.random.default_rng(seed),
+        vectorized=True, batch=max(1, BATCH_ELEMENTS // values.size), rng=np.random.default_rng(seed),
     )
     low, high = result.confidence_interval
     return float(100 * low), float(100 * high)
