@@ -30,7 +30,7 @@ from emovlm_kd.training.cache import (
     sha256_file,
     with_files_fingerprint,
 )
-from emovlm_kd.training.calibration import calibrate_bundle
+from emovlm_kd.training.calibration import calibrate_bundle, calibration_rows, test_calibration
 from emovlm_kd.training.config import DEMO, DEMO_BACKBONE, check_instruction_sources, demo_backbone
 from emovlm_kd.training.demo import prepare_demo_inputs
 from emovlm_kd.training.gatedata import (
@@ -156,11 +156,16 @@ def run_stages(cfg, dataset=None):
     bundle, processor = load_bundle_to_train(cfg, merged_dir, names)
     logger.info("== Caches: one VLM pass and one teacher pass per image")
     passes = cache_passes(cfg, run_dir, dataset, bundle, processor, teacher_dir)
-    outputs = train_head_and_gate(cfg, run_dir, bundle, passes)
-    logger.info("== Calibration: temperatures of the gate and the head, fitted on val")
-    calibrate_bundle(cfg, bundle, passes, outputs)
+    rows = calibration_rows(cfg.gate_data, passes["val"]["labels"], cfg.seed) if "val" in passes else (None, [])
+    outputs = train_head_and_gate(cfg, run_dir, bundle, passes, gate_rows=rows[0])
+    logger.info("== Calibration: temperatures of the gate and the head, fitted on val images they never trained on")
+    val_ids = dataset["val"]["id"] if "val" in dataset and "id" in dataset["val"].column_names else None
+    calibration = calibrate_bundle(cfg, bundle, passes, outputs, rows, val_ids=val_ids)
     results = test_results(passes["test"], outputs)
-    results.update(instruction_mix=mix, gate_data=gate_data_summary(cfg, passes))
+    if calibration:
+        results["calibration"] = test_calibration(calibration, passes["test"]["labels"], {
+            "gate": outputs["test"]["gate_logits"], "head": outputs["test"]["head_logits"]})
+    results.update(instruction_mix=mix, gate_data=gate_data_summary(cfg, passes, rows[0]))
     card = model_card(cfg, names, results, vlm_path, backbone_type=bundle.config.vlm_config.model_type,
                       examples=widget_example_names(names) if ships_examples(cfg) else ())
     export(cfg, run_dir, bundle, processor, card, results, split_file)
@@ -242,9 +247,10 @@ def cache_passes(cfg, run_dir, dataset, bundle, processor, teacher_dir):
     return passes
 
 
-def train_head_and_gate(cfg, run_dir, bundle, passes):
+def train_head_and_gate(cfg, run_dir, bundle, passes, gate_rows=None):
     """Stages 3 and 4 on the cached tensors; per split the head's logits, its probabilities, the VLM vectors and,
-    for test, the gate's logits."""
+    for test, the gate's logits. `gate_rows`: the val rows the gate trains on under `--gate-data val` (the rest
+    calibrates it)."""
     dtype = resolve_dtype(cfg.dtype)
     logger.info("== Stage 3: distillation")
     train = passes["train"]
@@ -260,7 +266,8 @@ def train_head_and_gate(cfg, run_dir, bundle, passes):
     logger.info("== Stage 4: gate (%s, on %s data)", cfg.gate_type, cfg.gate_data)
     gate_data = gate_training_set(cfg.gate_data, {s: o["vlm_scores"] for s, o in outputs.items()},
                                   {s: o["head_probs"] for s, o in outputs.items()},
-                                  {s: p["labels"] for s, p in passes.items()}, passes["train"].get("vlm_samples"))
+                                  {s: p["labels"] for s, p in passes.items()}, passes["train"].get("vlm_samples"),
+                                  val_rows=gate_rows)
     bundle.gate.requires_grad_(True).float()
     run_stage4(cfg, run_dir, bundle, *gate_data)
     bundle.gate.requires_grad_(False).to(dtype)
