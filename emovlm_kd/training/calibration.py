@@ -153,7 +153,8 @@ def calibrate_bundle(cfg, bundle, passes, outputs, rows, val_ids=None):
 
 def test_calibration(record, labels, logits, n_bins=15):
     """`record` with each part's ECE on the test split before and after its temperature (`test_ece_before`,
-    `test_ece_after`): `logits` is `{"gate": (N, C), "head": (N, C)}` of the test images, `labels` (N,)."""
+    `test_ece_after`), its numbers rounded to 4 decimals for RUN/eval_results.json (the config keeps the exact
+    temperatures): `logits` is `{"gate": (N, C), "head": (N, C)}` of the test images, `labels` (N,)."""
     from emovlm_kd.metrics import load_metric
 
     ece = load_metric("ece")
@@ -166,4 +167,7 @@ def test_calibration(record, labels, logits, n_bins=15):
     for name, part in record.items():
         part.update(test_ece_before=measure(logits[name], 1.0), test_ece_after=measure(logits[name],
                                                                                         part["temperature"]))
+        for key in ("temperature", "fitted", "val_nll_before", "val_nll_after"):  # as the accuracies: 4 decimals
+            if key in part:  # (runs that differ in the last bits, e.g. under torchrun, give the same results)
+                part[key] = round(part[key], 4)
     return record
