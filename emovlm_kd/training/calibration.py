@@ -120,8 +120,9 @@ def fit_part(name, logits, labels, fitted_on):
     return record
 
 
-def calibrate_bundle(cfg, bundle, passes, outputs, rows, val_ids=None):
-    """Fit the gate's and the head's temperatures on val images each never trained on; store them in `bundle.config`.
+def calibrate_bundle(settings, bundle, passes, outputs, rows, val_ids=None, seed=None):
+    """Fit the gate's and the head's temperatures on val images each never trained on; store them in `bundle.config`
+    (`settings`: stage 4's `GateArguments`; `seed`: the run's, which drew the calibration rows).
 
     `passes` / `outputs` are the runner's per-split cached tensors (labels) and stage 3-4 outputs (`head_logits`,
     `head_probs`, `vlm_scores`); `rows`: `calibration_rows`' pair. The head (trained on train) is fitted on all of
@@ -139,7 +140,7 @@ def calibrate_bundle(cfg, bundle, passes, outputs, rows, val_ids=None):
     index = torch.as_tensor(calibration, dtype=torch.long)
     gate_logits = gate_outputs(bundle.gate, val["vlm_scores"][index], val["head_probs"][index])
     gate_fitted_on = "val" if gate_rows is None else (
-        f"val's calibration part ({len(calibration)} of {len(labels)} images, stratified, seed {cfg.seed}; the gate "
+        f"val's calibration part ({len(calibration)} of {len(labels)} images, stratified, seed {seed}; the gate "
         f"trained on the other {len(gate_rows)})")
     record = {"gate": fit_part("gate", gate_logits, labels[index], gate_fitted_on),
               "head": fit_part("head", val["head_logits"], labels, "val (the head trained on train)")}

@@ -55,6 +55,66 @@ def _positive(obj, *names, strict=True):
         yield (value > 0 if strict else value >= 1), name.replace("_", "-"), "must be > 0" if strict else "must be >= 1"
 
 
+class StageArguments(_Checked):
+    """The settings of one stage: each field is a knob, and a knob is one field and nothing else.
+
+    A field is a flag and a YAML key (`train_parser` reads the groups), enters the stage's key (`stage_key` hashes
+    `dataclasses.asdict(self)` with the stage's inputs) and reaches the stage's Trainer: `training_arguments`
+    derives the stage's `TrainingArguments` subclass (`training_class`, e.g. `DistillTrainingArguments`, which
+    subclasses TrainingArguments and this group as TRL's `GKDConfig` subclasses `TrainingArguments`), holding every
+    field under its own name (`args.alpha`); a field named in `renames` also sets the TrainingArguments field it
+    stands for (`sft_lr` -> `learning_rate`: the flags keep their stage prefix). Stage 0 trains nothing: no
+    `training_class`.
+    """
+
+    stage = None  # the stage's folder and key name (RUN/<stage>_...)
+    training_class = None  # "module.Class" of the stage's TrainingArguments subclass
+    renames = {}  # {field: the TrainingArguments field it also sets}
+
+    @classmethod
+    def of(cls, settings):
+        """This group's fields of `settings` (the group itself, or any settings object holding its fields, such as
+        the flat `TrainConfig`): a new instance of this exact class, so that keys see this group only."""
+        if type(settings) is cls:
+            return settings
+        return cls(**{f.name: getattr(settings, f.name) for f in dataclasses.fields(cls)})
+
+    def stage_key(self, *inputs):
+        """The stage's key: every field of the group and the stage's inputs (fingerprints, shared runtime values)."""
+        from emovlm_kd.training.cache import fingerprint
+
+        return fingerprint(self.stage, dataclasses.asdict(self), *inputs)
+
+    def recipe(self):
+        """The TrainingArguments values the stage fixes (not knobs)."""
+        return {}
+
+    def training_arguments(self, output_dir, seed, **values):
+        """The stage's `training_class`: the shared base (`stage.base_training_arguments`), the stage's `recipe`,
+        every field of the group under its own name (and under its TrainingArguments name where `renames` gives
+        one), then `values` (values derived at run time, or overrides such as the ablations' save-nothing)."""
+        import importlib
+
+        from emovlm_kd.training.stage import base_training_arguments
+
+        module, name = self.training_class.rsplit(".", 1)
+        knobs = dataclasses.asdict(self)
+        renamed = {to: knobs[name] for name, to in self.renames.items()}
+        return getattr(importlib.import_module(module), name)(
+            **{**base_training_arguments(output_dir, seed), **self.recipe(), **knobs, **renamed, **values})
+
+
+class CachedRowsArguments(StageArguments):
+    """Stages 2-4: one log line an epoch, the rows as they are, one global batch split across processes (the same
+    updates under torchrun as in one process)."""
+
+    def recipe(self):
+        from emovlm_kd.logs import interactive
+
+        return dict(logging_strategy="epoch", remove_unused_columns=False, dataloader_num_workers=0,
+                    disable_tqdm=not interactive(), accelerator_config={"split_batches": True})
+
+
 @dataclass
 class DataArguments(_Checked):
     _argument_group_name = "Data"
@@ -125,8 +185,9 @@ class ModelArguments(_Checked):
 
 
 @dataclass
-class InstructionArguments(_Checked):
+class InstructionArguments(StageArguments):
     _argument_group_name = "Stage 0: instruction data"
+    stage = "stage0"
     instructions: str | None = _help("JSONL of conversation/reasoning answers ('demo': the synthetic dataset's)")
     annotator: str | None = _help("'openai' (OpenAI-compatible URL) or a local VLM")
     annotator_url: str | None = _help("chat endpoint base URL (key: $EMOVLM_KD_API_KEY)")
@@ -151,8 +212,12 @@ class InstructionArguments(_Checked):
 
 
 @dataclass
-class SFTArguments(_Checked):
+class SFTArguments(StageArguments):
     _argument_group_name = "Stage 1: instruction tuning (TRL SFTTrainer, LoRA / QLoRA)"
+    stage = "stage1"
+    training_class = "emovlm_kd.training.sft.SFTStageConfig"
+    renames = {"sft_epochs": "num_train_epochs", "sft_lr": "learning_rate",
+               "sft_batch_size": "per_device_train_batch_size", "sft_grad_accum": "gradient_accumulation_steps"}
     sft_epochs: float = field(default=5.0, metadata={"help": "stage 1 epochs over the instruction rows"})
     sft_lr: float = field(default=1e-4, metadata={"help": "stage 1 learning rate (LoRA weights)"})
     sft_batch_size: int = field(default=1, metadata={"help": "stage 1 rows per device and step"})
@@ -165,6 +230,16 @@ class SFTArguments(_Checked):
         default="auto", metadata={"help": "4bit, none, or auto (4-bit nf4 when CUDA is present)"}
     )
 
+    def recipe(self):
+        """The official code's schedule (constant after a 3 % warm-up, gradient norm clipped at 0.3), a log line
+        every 10 steps, rows as long as they are, one global batch split across processes where it divides."""
+        from emovlm_kd.distributed import world_size
+
+        return dict(lr_scheduler_type="constant_with_warmup", warmup_steps=0.03,  # a ratio of the total steps
+                    max_grad_norm=0.3, max_length=None, logging_strategy="steps", logging_steps=10,
+                    accelerator_config={"split_batches": world_size() > 1
+                                        and self.sft_batch_size % world_size() == 0})
+
     def _checks(self):
         yield self.quantize in ("auto", "4bit", "none"), "quantize", "must be auto, 4bit or none"
         yield from _positive(self, "sft_epochs", "sft_lr")
@@ -172,8 +247,13 @@ class SFTArguments(_Checked):
 
 
 @dataclass
-class TeacherArguments(_Checked):
+class TeacherArguments(CachedRowsArguments):
     _argument_group_name = "Stage 2: teacher"
+    stage = "stage2"
+    training_class = "emovlm_kd.training.trainers.TeacherTrainingArguments"
+    renames = {"teacher_epochs": "num_train_epochs", "teacher_lr": "learning_rate",
+               "teacher_batch_size": "per_device_train_batch_size", "teacher_weight_decay": "weight_decay",
+               "teacher_scheduler": "lr_scheduler_type"}
     # The official train_ViT.py's recipe (the paper gives none): Adam (L2 weight decay on every parameter),
     # lr 3e-5, weight decay 1e-5, batch 10, 10 epochs, no schedule.
     teacher_epochs: float = field(default=10.0, metadata={"help": "stage 2 epochs (teacher fine-tuning)"})
@@ -198,8 +278,12 @@ class TeacherArguments(_Checked):
 
 
 @dataclass
-class DistillArguments(_Checked):
+class DistillArguments(CachedRowsArguments):
     _argument_group_name = "Stage 3: distillation"
+    stage = "stage3"
+    training_class = "emovlm_kd.training.trainers.DistillTrainingArguments"
+    renames = {"distill_epochs": "num_train_epochs", "distill_lr": "learning_rate",
+               "distill_batch_size": "per_device_train_batch_size"}
     head_hidden_sizes: list[int] = field(default_factory=lambda: [1024], metadata={"help": "head widths, e.g. 1024 512"})
     head_dropout: float = field(default=0.1, metadata={"help": "dropout between the head's layers, in [0, 1)"})
     alpha: float = field(default=0.5, metadata={"help": "weight of the KL term, in [0, 1]"})
@@ -207,6 +291,9 @@ class DistillArguments(_Checked):
     distill_epochs: float = field(default=5.0, metadata={"help": "stage 3 epochs (head distillation)"})
     distill_lr: float = field(default=1e-3, metadata={"help": "stage 3 learning rate"})
     distill_batch_size: int = field(default=32, metadata={"help": "stage 3 images per step"})
+
+    def recipe(self):
+        return {**super().recipe(), "weight_decay": 1e-4}
 
     def _checks(self):
         self.head_hidden_sizes = [int(h) for h in self.head_hidden_sizes]
@@ -219,8 +306,12 @@ class DistillArguments(_Checked):
 
 
 @dataclass
-class GateArguments(_Checked):
+class GateArguments(CachedRowsArguments):
     _argument_group_name = "Stage 4: gate"
+    stage = "stage4"
+    training_class = "emovlm_kd.training.trainers.GateTrainingArguments"
+    renames = {"gate_epochs": "num_train_epochs", "gate_lr": "learning_rate",
+               "gate_batch_size": "per_device_train_batch_size"}
     gate_type: Literal[GATE_TYPES] = field(
         default="concat_linear", metadata={"help": "how the gate combines the VLM branch's vector with the head's"}
     )
@@ -240,6 +331,9 @@ class GateArguments(_Checked):
     gate_temperature: float = field(default=0.8, metadata={"help": "sampling temperature (gate-data sampled)"})
     gate_train_split: Literal["train", "val"] | None = _help("old name of --gate-data train|val (sets it)")
 
+    def recipe(self):
+        return {**super().recipe(), "weight_decay": 1e-4}
+
     def _checks(self):
         if self.gate_train_split is not None:  # the old setting: folded into gate_data
             self.gate_data, self.gate_train_split = self.gate_train_split, None
@@ -254,14 +348,31 @@ class GateArguments(_Checked):
         yield from _positive(self, "gate_batch_size", strict=False)
 
 
-GROUPS = (DataArguments, ModelArguments, InstructionArguments, SFTArguments, TeacherArguments, DistillArguments,
-          GateArguments)
+STAGE_GROUPS = (InstructionArguments, SFTArguments, TeacherArguments, DistillArguments, GateArguments)
+GROUPS = (DataArguments, ModelArguments, *STAGE_GROUPS)
+
+
+class _Group:
+    """A `TrainConfig` attribute giving one stage's group of its settings (`StageArguments.of`)."""
+
+    def __init__(self, group):
+        self.group = group
+
+    def __get__(self, settings, owner=None):
+        return self if settings is None else self.group.of(settings)
 
 
 @dataclass
 class TrainConfig(GateArguments, DistillArguments, TeacherArguments, SFTArguments, InstructionArguments,
                   ModelArguments, DataArguments):
-    """Every setting of a run, flat (`cfg.alpha`, `cfg.vlm`, ...): the union of the argument groups."""
+    """Every setting of a run, flat (`cfg.alpha`, `cfg.vlm`, ...): the union of the argument groups. Each stage
+    receives its own group alone (`cfg.distill_args`, ...) and the shared runtime values it needs, by name."""
+
+    instruction_args = _Group(InstructionArguments)
+    sft_args = _Group(SFTArguments)
+    teacher_args = _Group(TeacherArguments)
+    distill_args = _Group(DistillArguments)
+    gate_args = _Group(GateArguments)
 
     @property
     def is_demo(self):
@@ -408,9 +519,10 @@ HOW_TO_GET_ANSWERS = (
 )
 
 
-def instruction_source_problems(cfg):
-    """Lines naming the fix when the mix needs conversation/reasoning answers and nothing gives them, or a source is
-    given that the mix does not use, or an `--instructions` file is missing (empty when all is well)."""
+def instruction_source_problems(cfg, dataset=None):
+    """Lines naming the fix when the mix of `cfg` (an `InstructionArguments`) needs conversation/reasoning answers
+    and nothing gives them, or a source is given that the mix does not use, or `--instructions demo` goes with
+    another `dataset` than the demo's, or an `--instructions` file is missing (empty when all is well)."""
     found = []
     wanted = [kind for kind in cfg.instruction_kinds if kind != "categorical"]
     given = [flag for flag, value in (("--instructions", cfg.instructions), ("--annotator", cfg.annotator)) if value]
@@ -421,15 +533,15 @@ def instruction_source_problems(cfg):
         found.append(f"{' and '.join(given)} given, but --instruction-kinds categorical uses no conversation or "
                      "reasoning answers: drop it, or add the kinds (--instruction-kinds categorical conversation "
                      "reasoning)")
-    if cfg.instructions == DEMO and cfg.dataset != DEMO:
+    if cfg.instructions == DEMO and dataset not in (None, DEMO):
         found.append("--instructions demo (the synthetic dataset's reasoning answers) goes with --dataset demo")
     if cfg.instructions and cfg.instructions != DEMO and not Path(cfg.instructions).is_file():
         found.append(f"--instructions {cfg.instructions}: no such file")
     return found
 
 
-def check_instruction_sources(cfg):
+def check_instruction_sources(cfg, dataset=None):
     """`InputError` with every line of `instruction_source_problems`, if any."""
-    found = instruction_source_problems(cfg)
+    found = instruction_source_problems(cfg, dataset)
     if found:
         raise InputError("; ".join(found))

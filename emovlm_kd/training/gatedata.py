@@ -75,26 +75,28 @@ def sample_answers(model, processor, images, seeds, temperature):
     return output.vlm_scores.float().cpu(), output.vlm_answer_found.cpu()
 
 
-def sampled_answer_cache(cfg, cache, model, processor, split):
-    """`{"vlm_samples": (N, K, C), "answer_found": (N, K)}`: K = cfg.gate_samples answers per image at
-    cfg.gate_temperature, computed once (each batch of images repeated K times) and cached."""
-    samples, max_side = cfg.gate_samples, model.config.max_image_side  # images as the VLM pass sees them
+def sampled_answer_cache(settings, cache, model, processor, split, *, seed, batch_size):
+    """`{"vlm_samples": (N, K, C), "answer_found": (N, K)}`: K = `settings.gate_samples` answers per image at
+    `settings.gate_temperature` (`settings`: stage 4's `GateArguments`), computed once (each batch of images repeated
+    K times, about `batch_size` rows a call) and cached."""
+    samples, temperature = settings.gate_samples, settings.gate_temperature
+    max_side = model.config.max_image_side  # images as the VLM pass sees them
     key = fingerprint("gate_samples", fingerprint_module(model.vlm), fingerprint_dataset(split),
                       model.config.classification_prompt(), model.config.vlm_max_new_tokens, max_side,
-                      processor.image_processor.size["longest_edge"], samples, cfg.gate_temperature, cfg.seed)
+                      processor.image_processor.size["longest_edge"], samples, temperature, seed)
 
     def compute_batch(indices):
         images = [prepare_image(split[i]["image"], max_side=max_side) for i in indices]
         rows = [image for image in images for _ in range(samples)]  # image-major: row i * K + k
-        seeds = [row_seed(cfg.seed, i, k) for i in indices for k in range(samples)]
-        vectors, found = sample_answers(model, processor, rows, seeds, cfg.gate_temperature)
+        seeds = [row_seed(seed, i, k) for i in indices for k in range(samples)]
+        vectors, found = sample_answers(model, processor, rows, seeds, temperature)
         return {"vlm_samples": vectors.view(len(indices), samples, -1), "answer_found": found.view(len(indices), -1)}
 
-    images_per_call = max(1, math.ceil(cfg.batch_size / samples))  # about --batch-size rows per generate call
+    images_per_call = max(1, math.ceil(batch_size / samples))  # about --batch-size rows per generate call
     tensors = cached_map(cache, SAMPLES_CACHE, key, len(split), images_per_call, compute_batch,
                          desc=f"sampled answers (x{samples})")
     logger.info("gate data: %d answers per train image sampled at T=%g; %.1f %% name a label", samples,
-                cfg.gate_temperature, 100 * float(tensors["answer_found"].float().mean()))
+                temperature, 100 * float(tensors["answer_found"].float().mean()))
     return tensors
 
 
@@ -148,15 +150,16 @@ def gate_training_set(gate_data, vlm_vectors, head_probs, labels, samples=None, 
     return vlm_vectors[split], head_probs[split], labels[split]
 
 
-def gate_data_summary(cfg, passes, val_rows=None):
-    """What the gate trained on, for RUN/eval_results.json and the model card (`val_rows`: as `gate_training_set`)."""
-    split = "train" if cfg.gate_data == "sampled" else gate_split(cfg.gate_data, passes)
+def gate_data_summary(settings, passes, val_rows=None):
+    """What the gate trained on (`settings`: stage 4's `GateArguments`; `val_rows`: as `gate_training_set`), for
+    RUN/eval_results.json and the model card."""
+    split = "train" if settings.gate_data == "sampled" else gate_split(settings.gate_data, passes)
     held_out = split == "val" and val_rows is not None
-    summary = {"protocol": cfg.gate_data, "split": split,
+    summary = {"protocol": settings.gate_data, "split": split,
                "images": len(val_rows) if held_out else len(passes[split]["labels"])}
     if held_out:
         summary["held_out_for_calibration"] = len(passes["val"]["labels"]) - len(val_rows)
-    if cfg.gate_data == "sampled":
-        summary.update(samples_per_image=cfg.gate_samples, temperature=cfg.gate_temperature,
+    if settings.gate_data == "sampled":
+        summary.update(samples_per_image=settings.gate_samples, temperature=settings.gate_temperature,
                        answers_naming_a_label=round(float(passes["train"]["answer_found"].float().mean()), 4))
     return summary

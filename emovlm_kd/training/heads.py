@@ -7,32 +7,32 @@ from functools import partial
 import torch
 from safetensors.torch import load_file, save_file
 
-from emovlm_kd.training.cache import fingerprint
-from emovlm_kd.training.stage import last_checkpoint, run_stage, run_trainer, trainer_args, trained
+from emovlm_kd.training.config import DistillArguments, GateArguments
+from emovlm_kd.training.stage import last_checkpoint, run_stage, run_trainer, trained
 
 logger = logging.getLogger(__name__)
 
 
-def run_stage3(cfg, run_dir, bundle, features, teacher_logits, labels):
-    """Distil the teacher into the head (only the head trains) on cached features and teacher logits."""
-    key = fingerprint("stage3", [fingerprint_tensor(features), fingerprint_tensor(teacher_logits)],
-                      cfg.head_hidden_sizes, cfg.head_dropout, cfg.alpha, cfg.tau, cfg.distill_epochs,
-                      cfg.distill_lr, cfg.distill_batch_size, cfg.seed)
+def run_stage3(settings, run_dir, bundle, features, teacher_logits, labels, *, seed):
+    """Distil the teacher into the head (only the head trains) on cached features and teacher logits, by the
+    stage's `DistillArguments` (`settings`)."""
+    settings = DistillArguments.of(settings)
+    key = settings.stage_key([fingerprint_tensor(features), fingerprint_tensor(teacher_logits)], seed)
     return run_module_stage(run_dir, "stage3_distill", key, "head.safetensors", bundle.distill_head,
                             "[stage 3] distillation: done, skipped",
-                            lambda folder: train_head(cfg, bundle.distill_head, features, teacher_logits, labels,
-                                                      folder, resume=True))
+                            lambda folder: train_head(settings, bundle.distill_head, features, teacher_logits, labels,
+                                                      folder, seed=seed, resume=True))
 
 
-def run_stage4(cfg, run_dir, bundle, vlm_scores, head_probs, labels):
+def run_stage4(settings, run_dir, bundle, vlm_scores, head_probs, labels, *, seed):
     """Train the gate (only the gate) on cached VLM vectors (or sampled answers, see `train_gate`) and head
-    probabilities."""
-    key = fingerprint("stage4", [fingerprint_tensor(vlm_scores), fingerprint_tensor(head_probs)], cfg.gate_type,
-                      cfg.vlm_vector, cfg.gate_epochs, cfg.gate_lr, cfg.gate_batch_size, cfg.gate_data, cfg.seed)
+    probabilities, by the stage's `GateArguments` (`settings`)."""
+    settings = GateArguments.of(settings)
+    key = settings.stage_key([fingerprint_tensor(vlm_scores), fingerprint_tensor(head_probs)], seed)
     return run_module_stage(run_dir, "stage4_gate", key, "gate.safetensors", bundle.gate,
                             "[stage 4] gate: done, skipped",
-                            lambda folder: train_gate(cfg, bundle.gate, vlm_scores, head_probs, labels, folder,
-                                                      resume=True))
+                            lambda folder: train_gate(settings, bundle.gate, vlm_scores, head_probs, labels, folder,
+                                                      seed=seed, resume=True))
 
 
 def run_module_stage(run_dir, name, key, file_name, module, skipped, train):
@@ -47,38 +47,37 @@ def run_module_stage(run_dir, name, key, file_name, module, skipped, train):
                      restore=lambda path: module.load_state_dict(load_file(path)))
 
 
-def train_head(cfg, head, features, teacher_logits, labels, output_dir, resume=False, **args_extra):
-    """Re-initialise `head` from cfg.seed and distil into it (DistillationTrainer; cfg's alpha, tau, epochs, lr).
+def train_head(settings, head, features, teacher_logits, labels, output_dir, *, seed, resume=False, **args_extra):
+    """Re-initialise `head` from `seed` and distil into it (DistillationTrainer; the `DistillTrainingArguments` of
+    `settings`, a `DistillArguments`: alpha, tau, epochs, lr...).
 
     No stage bookkeeping: stage 3 and the ablations share it. `resume` continues from the last checkpoint in
     `output_dir`; `args_extra` overrides TrainingArguments (the ablations save nothing and log nothing).
     """
     from emovlm_kd.training.trainers import DistillationTrainer, TensorDictDataset
 
-    reset_module(head, cfg.seed)
+    reset_module(head, seed)
     data = TensorDictDataset(image_embeds=features, teacher_logits=teacher_logits, labels=labels)
-    args = trainer_args(cfg, output_dir, cfg.distill_epochs, cfg.distill_lr, cfg.distill_batch_size,
-                        weight_decay=1e-4, **args_extra)
-    trainer = DistillationTrainer(model=head, args=args, train_dataset=data, alpha=cfg.alpha, tau=cfg.tau)
-    return _train(trainer, args, resume)
+    args = DistillArguments.of(settings).training_arguments(output_dir, seed, **args_extra)
+    return _train(DistillationTrainer(model=head, args=args, train_dataset=data), args, resume)
 
 
-def train_gate(cfg, gate, vlm_scores, head_probs, labels, output_dir, resume=False, **args_extra):
-    """Re-initialise `gate` from cfg.seed and train it with cross-entropy (GateTrainer; cfg's gate epochs, lr).
+def train_gate(settings, gate, vlm_scores, head_probs, labels, output_dir, *, seed, resume=False, **args_extra):
+    """Re-initialise `gate` from `seed` and train it with cross-entropy (GateTrainer; the `GateTrainingArguments`
+    of `settings`, a `GateArguments`: epochs, lr...).
 
     `vlm_scores`: (N, C) vectors, or (N, K, C) sampled answers of which epoch e trains on answer e % K.
     """
     from emovlm_kd.training.gatedata import CycledSamples
     from emovlm_kd.training.trainers import GateModule, GateTrainer, TensorDictDataset
 
-    reset_module(gate, cfg.seed)
+    reset_module(gate, seed)
     if vlm_scores.dim() == 3:
         data = CycledSamples(vlm_scores, head_probs, labels)
         callbacks = [data.callback()]
     else:
         data, callbacks = TensorDictDataset(vlm_scores=vlm_scores, head_probs=head_probs, labels=labels), []
-    args = trainer_args(cfg, output_dir, cfg.gate_epochs, cfg.gate_lr, cfg.gate_batch_size, weight_decay=1e-4,
-                        **args_extra)
+    args = GateArguments.of(settings).training_arguments(output_dir, seed, **args_extra)
     trainer = GateTrainer(model=GateModule(gate), args=args, train_dataset=data, callbacks=callbacks)
     return _train(trainer, args, resume)
 

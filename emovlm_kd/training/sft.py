@@ -9,27 +9,29 @@ cast to the run's dtype: a merge in bfloat16 rounds LoRA updates smaller than ha
 
 import json
 import logging
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
 import torch
 from transformers import set_seed
+from trl import SFTConfig
 
 from configuration_emovlm_kd import DEFAULT_MAX_IMAGE_SIDE
-from emovlm_kd.distributed import is_main_process, world_size
+from emovlm_kd.distributed import is_main_process
 from emovlm_kd.hub import reset_tokenizer_call_state
 from emovlm_kd.images import limit_processor_pixels, prepare_image
 from emovlm_kd.runtime import resolve_dtype
-from emovlm_kd.training.cache import fingerprint, fingerprint_checkpoint, fingerprint_dataset
-from emovlm_kd.training.stage import (
-    base_training_arguments,
-    last_checkpoint,
-    run_stage,
-    run_trainer,
-    trained,
-)
+from emovlm_kd.training.cache import fingerprint_checkpoint, fingerprint_dataset
+from emovlm_kd.training.config import SFTArguments
+from emovlm_kd.training.stage import last_checkpoint, run_stage, run_trainer, trained
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass
+class SFTStageConfig(SFTConfig, SFTArguments):
+    """Stage 1's `SFTConfig`, with every `SFTArguments` field (built by `SFTArguments.training_arguments`)."""
 
 
 def sft_dataset(train, instructions_path, max_side=DEFAULT_MAX_IMAGE_SIDE):
@@ -66,95 +68,83 @@ class PreparedImages:
         return batch
 
 
-def model_config(cfg):
+def model_config(settings):
     """TRL's `ModelConfig` of stage 1: LoRA on the LLM's projections (`--lora-targets`, not the vision tower's), and
     4-bit nf4 double quantisation computing in bfloat16 (QLoRA) when asked, or by default when CUDA is present."""
     from trl import ModelConfig
 
-    targets = "|".join(t.strip() for t in cfg.lora_targets.split(",") if t.strip())
+    settings = SFTArguments.of(settings)
+    targets = "|".join(t.strip() for t in settings.lora_targets.split(",") if t.strip())
     return ModelConfig(
         use_peft=True,
-        lora_r=cfg.lora_r,
-        lora_alpha=cfg.lora_alpha,
-        lora_dropout=cfg.lora_dropout,
+        lora_r=settings.lora_r,
+        lora_alpha=settings.lora_alpha,
+        lora_dropout=settings.lora_dropout,
         lora_target_modules=rf".*language_model.*\.({targets})",
         lora_task_type="CAUSAL_LM",
-        load_in_4bit=cfg.quantize == "4bit" or (cfg.quantize == "auto" and torch.cuda.is_available()),
+        load_in_4bit=settings.quantize == "4bit" or (settings.quantize == "auto" and torch.cuda.is_available()),
         bnb_4bit_quant_type="nf4",
         use_bnb_nested_quant=True,
         dtype="bfloat16",  # read by `get_quantization_config` only (the 4-bit compute dtype); the run's is `--dtype`
     )
 
 
-def quantization_config(cfg):
-    """`trl.get_quantization_config` of `model_config(cfg)` (None without 4-bit), the visual tower and `lm_head` left
-    unquantised (TRL's `ModelConfig` has no skip list): 4-bit layers narrower than 64 features fail."""
+def quantization_config(settings):
+    """`trl.get_quantization_config` of `model_config(settings)` (None without 4-bit), the visual tower and `lm_head`
+    left unquantised (TRL's `ModelConfig` has no skip list): 4-bit layers narrower than 64 features fail."""
     from trl import get_quantization_config
 
-    quant = get_quantization_config(model_config(cfg))
+    quant = get_quantization_config(model_config(settings))
     if quant is not None:
         quant.llm_int8_skip_modules = ["model.visual", "lm_head"]
     return quant
 
 
-def lora_config(cfg):
-    """`trl.get_peft_config` of `model_config(cfg)`: a `peft.LoraConfig`."""
+def lora_config(settings):
+    """`trl.get_peft_config` of `model_config(settings)`: a `peft.LoraConfig`."""
     from trl import get_peft_config
 
-    return get_peft_config(model_config(cfg))
+    return get_peft_config(model_config(settings))
 
 
-def run_stage1(cfg, run_dir, dataset, vlm_path, instructions_path):
-    """Instruction-tune the VLM with LoRA (QLoRA on CUDA), merge the adapter, save RUN/stage1_sft/merged."""
-    key = fingerprint("stage1", fingerprint_checkpoint(vlm_path), fingerprint_dataset(dataset["train"]),
-                      Path(instructions_path).read_text(encoding="utf-8"),
-                      cfg.sft_epochs, cfg.sft_lr, cfg.sft_batch_size, cfg.sft_grad_accum, cfg.lora_r, cfg.lora_alpha,
-                      cfg.lora_dropout, cfg.lora_targets, cfg.quantize, cfg.dtype, cfg.seed, cfg.max_image_side)
+def run_stage1(settings, run_dir, dataset, vlm_path, instructions_path, *, seed, dtype, max_image_side):
+    """Instruction-tune the VLM with LoRA (QLoRA on CUDA) by the stage's `SFTArguments` (`settings`), merge the
+    adapter, save RUN/stage1_sft/merged; `dtype` is the run's `--dtype`."""
+    settings = SFTArguments.of(settings)
+    key = settings.stage_key(fingerprint_checkpoint(vlm_path), fingerprint_dataset(dataset["train"]),
+                             Path(instructions_path).read_text(encoding="utf-8"), dtype, seed, max_image_side)
     return run_stage(run_dir, "stage1_sft", key, "merged",
-                     partial(instruction_tune, cfg, dataset["train"], vlm_path, instructions_path),
+                     partial(instruction_tune, settings, dataset["train"], vlm_path, instructions_path, seed=seed,
+                             dtype=dtype, max_image_side=max_image_side),
                      skipped="[stage 1] instruction tuning: done, skipped", log=logger, folder=True)
 
 
-def instruction_tune(cfg, train, vlm_path, instructions_path, stage):
+def instruction_tune(settings, train, vlm_path, instructions_path, stage, *, seed, dtype, max_image_side):
     """Stage 1's work (`run_stage`): SFT with LoRA, the adapter saved in RUN/stage1_sft/adapter and merged by the main
     process; returns (how the merged model is written into the stage's temp folder, the DONE.json summary)."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
-    from trl import SFTConfig, SFTTrainer
+    from trl import SFTTrainer
 
     from emovlm_kd.training.trainers import with_verified_resume
 
-    dtype = resolve_dtype(cfg.dtype)
-    quant = quantization_config(cfg)
+    dtype = resolve_dtype(dtype)
+    quant = quantization_config(settings)
     if quant is not None:
         logger.info("[stage 1] QLoRA: loading %s in 4-bit nf4 with double quantisation", vlm_path)
-    set_seed(cfg.seed)  # LoRA's initialisation draws from the global generator: same start in every process
+    set_seed(seed)  # LoRA's initialisation draws from the global generator: same start in every process
     processor = AutoProcessor.from_pretrained(vlm_path)
-    limit_processor_pixels(processor, cfg.max_image_side)  # saved with the merged model, hence with the bundle
+    limit_processor_pixels(processor, max_image_side)  # saved with the merged model, hence with the bundle
     vlm = AutoModelForImageTextToText.from_pretrained(
         vlm_path, dtype=dtype, quantization_config=quant, use_safetensors=True
     )
-    args = SFTConfig(
-        **base_training_arguments(cfg, stage.checkpoints()),
-        num_train_epochs=cfg.sft_epochs,
-        learning_rate=cfg.sft_lr,
-        lr_scheduler_type="constant_with_warmup",
-        warmup_steps=0.03,  # a ratio of the total steps, as the official code's 3%
-        max_grad_norm=0.3,
-        per_device_train_batch_size=cfg.sft_batch_size,
-        gradient_accumulation_steps=cfg.sft_grad_accum,
-        max_length=None,
-        logging_strategy="steps",
-        logging_steps=10,
-        bf16=dtype == torch.bfloat16,
-        gradient_checkpointing=quant is not None,
-        accelerator_config={"split_batches": world_size() > 1 and cfg.sft_batch_size % world_size() == 0},
-    )
+    args = settings.training_arguments(stage.checkpoints(), seed, bf16=dtype == torch.bfloat16,
+                                       gradient_checkpointing=quant is not None)
     trainer = with_verified_resume(SFTTrainer)(
         model=vlm,
         args=args,
-        train_dataset=sft_dataset(train, instructions_path, max_side=cfg.max_image_side),
+        train_dataset=sft_dataset(train, instructions_path, max_side=max_image_side),
         processing_class=processor,
-        peft_config=lora_config(cfg),
+        peft_config=lora_config(settings),
     )
     result = run_trainer(trainer, last_checkpoint(args.output_dir))
     adapter_dir = stage.dir / "adapter"
