@@ -168,7 +168,7 @@ def test_calibration(record, labels, logits, n_bins=15):
     for name, part in record.items():
         part.update(test_ece_before=measure(logits[name], 1.0), test_ece_after=measure(logits[name],
                                                                                         part["temperature"]))
-        for key in ("temperature", "fitted", "val_nll_before", "val_nll_after"):  # as the accuracies: 4 decimals
-            if key in part:  # (runs that differ in the last bits, e.g. under torchrun, give the same results)
+        for key in ("temperature", "fitted", "val_nll_before", "val_nll_after"):  # 4 decimals, as the accuracies
+            if key in part:
                 part[key] = round(part[key], 4)
     return record
