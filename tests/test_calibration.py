@@ -3,6 +3,7 @@ saved in the config, applied by the model's outputs and the pipeline, and shown 
 
 import json
 import shutil
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -10,7 +11,7 @@ import torch
 from conftest import tiny_settings
 
 from emovlm_kd.cli import main
-from emovlm_kd.training.calibration import fit_temperature, nll
+from emovlm_kd.training.calibration import BOUNDS, calibration_rows, fit_part, fit_temperature, nll
 
 # ---------------------------------------------------------------------------------------------------------------
 # The fit: a pure function
@@ -46,6 +47,47 @@ def test_fit_is_the_minimum_of_the_nll_and_keeps_every_argmax():
 def test_fit_stops_at_the_bound_when_every_val_sample_is_right():
     logits = torch.tensor([[2.0, 0.0], [0.0, 3.0], [1.0, -1.0]])
     assert fit_temperature(logits, torch.tensor([0, 1, 0]), bounds=(0.05, 20.0)) == pytest.approx(0.05, rel=1e-4)
+
+
+def test_a_fit_at_a_bound_is_an_error_and_leaves_the_part_uncalibrated(caplog):
+    # every image right: the NLL falls all the way to the lower bound, which is no calibration (scores of 0 and 1)
+    logits, labels = torch.tensor([[2.0, 0.0], [0.0, 3.0], [1.0, -1.0]]), torch.tensor([0, 1, 0])
+    assert fit_temperature(logits, labels) == pytest.approx(BOUNDS[0], rel=1e-4)
+    with caplog.at_level("WARNING", logger="emovlm_kd.training.calibration"):
+        record = fit_part("head", logits, labels, "val")
+    assert record["temperature"] == 1.0 and record["fitted"] == pytest.approx(BOUNDS[0], rel=1e-4)
+    assert "sits at a bound" in record["error"] and "0 misclassified" in record["error"]
+    assert "head" in caplog.text and "sits at a bound" in caplog.text
+    # a fit with a minimum inside the bounds is kept, without error
+    logits, labels = sampled(n=2000, seed=3)
+    record = fit_part("gate", logits * 3, labels, "val")
+    assert record["error"] is None and record["temperature"] == pytest.approx(3.0, rel=0.1)
+    assert record["val_nll_after"] < record["val_nll_before"] and record["images"] == 2000
+    # nothing to fit on: uncalibrated, said
+    empty = fit_part("gate", torch.zeros(0, 2), torch.zeros(0, dtype=torch.long), "val's calibration part")
+    assert empty["temperature"] == 1.0 and "no image" in empty["error"]
+
+
+def test_the_gate_trained_on_val_is_calibrated_on_a_stratified_part_it_never_saw():
+    from emovlm_kd.training.gatedata import gate_training_set
+
+    labels = torch.tensor([0, 1, 2] * 8 + [2, 2])  # 8, 8 and 10 images per class
+    gate_rows, calibration = calibration_rows("val", labels, seed=5)
+    assert sorted(gate_rows + calibration) == list(range(len(labels))) and not set(gate_rows) & set(calibration)
+    assert np.bincount(labels[calibration].numpy()).tolist() == [4, 4, 5]  # half of each class
+    assert calibration_rows("val", labels, seed=5) == (gate_rows, calibration)  # seeded
+    assert calibration_rows("val", labels, seed=6)[1] != calibration
+    # the gate's training rows are the others
+    vectors = {"val": torch.arange(len(labels), dtype=torch.float32)[:, None], "train": torch.zeros(3, 1)}
+    head = {"val": vectors["val"] * 10, "train": torch.zeros(3, 1)}
+    scores, probs, targets = gate_training_set("val", vectors, head, {"val": labels, "train": torch.zeros(3)},
+                                               val_rows=gate_rows)
+    assert scores[:, 0].long().tolist() == gate_rows and targets.tolist() == labels[gate_rows].tolist()
+    assert probs[:, 0].tolist() == [10.0 * row for row in gate_rows]
+    # a gate that never trains on val is calibrated on all of it
+    for protocol in ("train", "sampled"):
+        assert calibration_rows(protocol, labels, seed=5) == (None, list(range(len(labels))))
+    assert calibration_rows("val", torch.tensor([3]), seed=0) == ([0], [])  # one image: nothing to hold out
 
 
 def test_fit_rejects_bad_inputs():
@@ -156,6 +198,43 @@ def test_training_fits_and_saves_the_temperatures(noisy_run):
     saved = json.loads((out / "model" / "config.json").read_text())
     assert saved["gate_calibration_temperature"] != 1.0 and saved["head_calibration_temperature"] != 1.0
     assert saved["max_image_side"] == cfg.max_image_side == 1024
+    # eval_results.json and the model card: each temperature, what it was fitted on, test ECE before and after
+    record = json.loads((out / "eval_results.json").read_text())["calibration"]
+    assert record["gate"]["temperature"] == round(saved["gate_calibration_temperature"], 4)
+    assert record["head"]["temperature"] == round(saved["head_calibration_temperature"], 4)
+    for part in ("gate", "head"):
+        assert record[part]["error"] is None and record[part]["images"] == 96  # sampled gate data: all of val
+        assert 0 <= record[part]["test_ece_after"] <= 1 and 0 <= record[part]["test_ece_before"] <= 1
+    assert record["gate"]["test_ece_after"] < record["gate"]["test_ece_before"]
+    card = (out / "model" / "README.md").read_text()
+    assert f"| {record['gate']['temperature']:.4f} | val | {record['gate']['test_ece_before']:.4f} |" in card
+
+
+def test_a_gate_trained_on_val_is_calibrated_on_the_val_images_it_never_saw(tiny_inputs, tmp_path):
+    """`--gate-data val` (the demo's): the gate trains on a stratified half of val, its temperature is fitted on the
+    other half (recorded by id), the head's on all of val; the results say so."""
+    from emovlm_kd.data import make_synthetic_dataset
+    from emovlm_kd.training.runner import run_training
+
+    _, vlm, teacher = tiny_inputs
+    data = make_synthetic_dataset(tmp_path / "data", per_class=(4, 4, 2), held_out_noise=0.25, seed=3)
+    results = run_training(tiny_settings(data, vlm, teacher, tmp_path / "run", gate_data="val"))
+    calibration, gate_data = results["calibration"], results["gate_data"]
+    ids = calibration["gate"]["ids"]
+    val_ids = json.loads((tmp_path / "run" / "splits.json").read_text())["val"]
+    assert len(set(ids)) == len(ids) and set(ids) <= set(val_ids) and len(val_ids) == 32
+    held_out = len(ids)
+    assert (gate_data["split"], gate_data["images"], gate_data["held_out_for_calibration"]) == (
+        "val", 32 - held_out, held_out)
+    # half of each class (ids are "val/<class folder>/<file>"; the noise leaves the classes with 2 to 6 images)
+    for label, count in Counter(i.split("/")[1] for i in val_ids).items():
+        assert sum(i.split("/")[1] == label for i in ids) in (count // 2, (count + 1) // 2), label
+    assert calibration["gate"]["images"] == held_out and f"{held_out} of 32" in calibration["gate"]["fitted_on"]
+    assert calibration["head"]["images"] == 32
+    saved = json.loads((tmp_path / "run" / "model" / "config.json").read_text())
+    for part in ("gate", "head"):
+        assert calibration[part]["error"] is None
+        assert round(saved[f"{part}_calibration_temperature"], 4) == calibration[part]["temperature"] != 1.0
 
 
 def test_evaluate_reports_calibrated_ece_and_the_same_accuracy(noisy_run, tmp_path):

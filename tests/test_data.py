@@ -367,6 +367,20 @@ def test_synthetic_dataset_is_deterministic_and_has_the_right_counts(tmp_path):
     assert file_digests(make_synthetic_dataset(tmp_path / "three", seed=1)) != file_digests(first)
 
 
+def test_synthetic_held_out_noise_moves_val_and_test_labels_only(tmp_path):
+    clean = make_synthetic_dataset(tmp_path / "clean", labels=("x", "y", "z"), per_class=(8, 10, 10))
+    noisy = make_synthetic_dataset(tmp_path / "noisy", labels=("x", "y", "z"), per_class=(8, 10, 10),
+                                   held_out_noise=0.1)
+    assert file_digests(clean / "train") == file_digests(noisy / "train")  # train as before, byte for byte
+    for split in ("val", "test"):
+        counts = {c: len(list((noisy / split / c).glob("*.png"))) for c in ("x", "y", "z")}
+        assert sum(counts.values()) == 30 and set(counts.values()) != {10}  # 3 of 30 under a wrong folder
+        # the images are the clean dataset's, only filed under other folders
+        assert sorted(file_digests(noisy / split).values()) == sorted(file_digests(clean / split).values())
+    with pytest.raises(ValueError, match="held_out_noise"):
+        make_synthetic_dataset(tmp_path / "bad", held_out_noise=1.0)
+
+
 def test_synthetic_classes_differ_visibly(tmp_path):
     root = make_synthetic_dataset(tmp_path / "s", per_class=(4, 4, 8))
 

@@ -31,16 +31,19 @@ STRIPE_NAMES = ((0, "vertical"), (45, "diagonal"), (90, "horizontal"), (135, "di
 STRIPE_WIDTHS = ("narrow", "medium", "wide")
 
 
-def make_synthetic_dataset(root, labels=MIKELS8, per_class=(24, 6, 8), image_size=48, label_noise=0.05, seed=0):
+def make_synthetic_dataset(root, labels=MIKELS8, per_class=(24, 6, 8), image_size=48, label_noise=0.05, seed=0,
+                           held_out_noise=0.0):
     """Write a small, learnable dataset in the official layout `<root>/{train,val,test}/<class>/<class>_<i>.png`.
 
     Each class has its own dominant hue and stripe orientation/period; images vary in size (about 5/6 to 4/3 of
     `image_size`, some non-square), brightness, stripe position and noise. A `label_noise` fraction of train
-    images is written under a wrong class folder. Same arguments, same bytes; a folder already holding a complete
+    images is written under a wrong class folder, and a `held_out_noise` fraction of val and of test images (real
+    datasets' held-out labels are noisy too: without a single wrong label there, a held-out split cannot
+    calibrate a classifier that gets every clean image right). Same arguments, same bytes; a folder already holding a complete
     dataset written with the same arguments (see `synthetic.json`) is returned as is.
     """
     root = Path(root)
-    args = _synthetic_args(labels, per_class, image_size, label_noise, seed)
+    args = _synthetic_args(labels, per_class, image_size, label_noise, seed, held_out_noise)
     if _synthetic_is_complete(root, args):
         return root
     _clear_synthetic(root)
@@ -66,7 +69,7 @@ def make_synthetic_dataset(root, labels=MIKELS8, per_class=(24, 6, 8), image_siz
     return root
 
 
-def _synthetic_args(labels, per_class, image_size, label_noise, seed):
+def _synthetic_args(labels, per_class, image_size, label_noise, seed, held_out_noise=0.0):
     """The arguments of `make_synthetic_dataset`, checked, as a JSON-ready dict."""
     labels = [str(label) for label in labels]
     per_class = [int(count) for count in per_class]
@@ -76,10 +79,13 @@ def _synthetic_args(labels, per_class, image_size, label_noise, seed):
         raise ValueError(f"per_class must be (train >= 1, val >= 0, test >= 0) counts, got {per_class}")
     if image_size < 8:
         raise ValueError(f"image_size must be at least 8, got {image_size}")
-    if not 0 <= label_noise < 1:
-        raise ValueError(f"label_noise must be in [0, 1), got {label_noise}")
-    return {"labels": labels, "per_class": per_class, "image_size": int(image_size),
+    if not 0 <= label_noise < 1 or not 0 <= held_out_noise < 1:
+        raise ValueError(f"label_noise and held_out_noise must be in [0, 1), got {label_noise}, {held_out_noise}")
+    args = {"labels": labels, "per_class": per_class, "image_size": int(image_size),
             "label_noise": float(label_noise), "seed": int(seed)}  # fmt: skip
+    if held_out_noise:  # absent when 0: a dataset written before the setting existed is the same dataset
+        args["held_out_noise"] = float(held_out_noise)
+    return args
 
 
 def _synthetic_is_complete(root, args):
@@ -110,15 +116,19 @@ def _clear_synthetic(root):
 
 
 def _synthetic_plan(args, rng):
-    """`[(split, folder_class_indices, true_class_indices)]`: train has `label_noise` of its folders wrong."""
+    """`[(split, folder_class_indices, true_class_indices)]`: train has `label_noise` of its folders wrong, val and
+    test `held_out_noise`."""
     num_classes = len(args["labels"])
     plan = []
     for split, count in zip(SPLITS, args["per_class"]):
         classes = np.repeat(np.arange(num_classes), count)
         folders = classes.copy()
-        if split == "train" and num_classes > 1:
-            noisy = rng.choice(len(classes), size=round(args["label_noise"] * len(classes)), replace=False)
-            folders[noisy] = (classes[noisy] + rng.integers(1, num_classes, size=len(noisy))) % num_classes
+        noise = args["label_noise"] if split == "train" else args.get("held_out_noise", 0.0)
+        # held-out noise from its own generator: the images (drawn from `rng` next) are those of a clean dataset
+        draw = rng if split == "train" else np.random.default_rng([args["seed"], SPLITS.index(split)])
+        if num_classes > 1 and (split == "train" or noise):
+            noisy = draw.choice(len(classes), size=round(noise * len(classes)), replace=False)
+            folders[noisy] = (classes[noisy] + draw.integers(1, num_classes, size=len(noisy))) % num_classes
         plan.append((split, folders.tolist(), classes.tolist()))
     return plan
 

@@ -37,6 +37,7 @@ from emovlm_kd.evaluation.paper import FIGURE3, TABLE3, TABLE4_FI
 from emovlm_kd.evaluation.report import write_json, write_text
 from emovlm_kd.runtime import resolve_dtype, run_device
 from emovlm_kd.training import heads
+from emovlm_kd.training.calibration import calibration_rows
 from emovlm_kd.training.gatedata import gate_split, gate_training_set
 from emovlm_kd.training.runner import accuracy
 from modeling_emovlm_kd import GATE_CLASSES, EmoVLMKDDistillationHead
@@ -112,7 +113,10 @@ def gate_data_of(cfg, data, head_logits):
             raise UsageError(f"--gate-data sampled with {cfg.gate_samples} samples: the run cached {have}; train "
                              f"with --gate-data sampled --gate-samples {cfg.gate_samples} (stages 0-3 are reused)")
         samples = samples[:, : cfg.gate_samples]
-    return gate_training_set(cfg.gate_data, vlm_scores, head_probs, data.labels, samples), vlm_scores["test"]
+    # under --gate-data val the gate trains on val less the part its temperature is fitted on, as in stage 4
+    val_rows = calibration_rows(cfg.gate_data, data.labels["val"], cfg.seed)[0] if "val" in data.labels else None
+    return (gate_training_set(cfg.gate_data, vlm_scores, head_probs, data.labels, samples, val_rows=val_rows),
+            vlm_scores["test"])
 
 
 def fit_gate(cfg, data, head_logits, num_experts=3):

@@ -6,6 +6,13 @@ from pathlib import Path
 from emovlm_kd.distributed import barrier, is_main_process
 from emovlm_kd.folders import staged_folder
 
+# The demo's synthetic data: 24 train, 12 val and 8 test images per class; 5 % of the labels wrong in every split
+# (train's: make_synthetic_dataset's default). With clean held-out labels the head classified every val image right
+# and no temperature could be fitted (the NLL falls all the way to T -> 0); 12 val images per class leave half of
+# val to calibrate the gate, which trains on the other half (`--gate-data val`, demo.yaml).
+DEMO_PER_CLASS = (24, 12, 8)
+DEMO_HELD_OUT_NOISE = 0.05
+
 
 def prepare_demo_inputs(run_dir, seed, backbone="qwen2_vl", data=True, vlm=True, teacher=True):
     """The embedded demo's synthetic dataset and tiny base models, written under RUN/ like real inputs; only the parts
@@ -21,7 +28,7 @@ def prepare_demo_inputs(run_dir, seed, backbone="qwen2_vl", data=True, vlm=True,
     data_dir, vlm_dir, teacher_dir = run_dir / "data" / "synthetic", run_dir / "base" / vlm_name, run_dir / "base" / "teacher"
     if is_main_process():
         if data:
-            make_synthetic_dataset(data_dir)
+            make_synthetic_dataset(data_dir, per_class=DEMO_PER_CLASS, held_out_noise=DEMO_HELD_OUT_NOISE)
         if vlm and not (vlm_dir / "config.json").exists():
             processor = build_tiny_processor(backbone=backbone)
             model = build_tiny_vlm(processor.tokenizer, seed=seed, hidden_size=128, num_heads=4, num_layers=2,

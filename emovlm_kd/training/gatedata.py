@@ -134,22 +134,31 @@ def gate_split(gate_data, splits):
     return "val" if gate_data == "val" and "val" in splits else "train"
 
 
-def gate_training_set(gate_data, vlm_vectors, head_probs, labels, samples=None):
+def gate_training_set(gate_data, vlm_vectors, head_probs, labels, samples=None, val_rows=None):
     """(vlm_scores, head_probs, labels) the gate trains on, from per-split dicts of the VLM vectors, the head's
-    probabilities and the labels; `samples` (N, K, C): the sampled answers on train (`gate_data` sampled)."""
+    probabilities and the labels; `samples` (N, K, C): the sampled answers on train (`gate_data` sampled);
+    `val_rows`: the rows of val the gate trains on when it trains on val (the others calibrate it, see
+    `calibration.calibration_rows`; None: all of val)."""
     if gate_data == "sampled":
         if samples is None:
             raise ValueError("--gate-data sampled: no sampled answers")
         return samples, head_probs["train"], labels["train"]
     split = gate_split(gate_data, labels)
+    if split == "val" and val_rows is not None:
+        rows = torch.as_tensor(val_rows, dtype=torch.long)
+        return vlm_vectors[split][rows], head_probs[split][rows], labels[split][rows]
     return vlm_vectors[split], head_probs[split], labels[split]
 
 
-def gate_data_summary(settings, passes):
-    """What the gate trained on (`settings`: stage 4's `GateArguments`), for RUN/eval_results.json and the model
-    card."""
+def gate_data_summary(settings, passes, val_rows=None):
+    """What the gate trained on (`settings`: stage 4's `GateArguments`; `val_rows`: as `gate_training_set`), for
+    RUN/eval_results.json and the model card."""
     split = "train" if settings.gate_data == "sampled" else gate_split(settings.gate_data, passes)
-    summary = {"protocol": settings.gate_data, "split": split, "images": len(passes[split]["labels"])}
+    held_out = split == "val" and val_rows is not None
+    summary = {"protocol": settings.gate_data, "split": split,
+               "images": len(val_rows) if held_out else len(passes[split]["labels"])}
+    if held_out:
+        summary["held_out_for_calibration"] = len(passes["val"]["labels"]) - len(val_rows)
     if settings.gate_data == "sampled":
         summary.update(samples_per_image=settings.gate_samples, temperature=settings.gate_temperature,
                        answers_naming_a_label=round(float(passes["train"]["answer_found"].float().mean()), 4))

@@ -77,7 +77,19 @@ emovlm-kd demo --model {{ repo_id }}
 {% for part, value in results.accuracy.items() -%}
 | {{ part_names[part] }} | {{ "%.2f" | format(100 * value) }} |
 {% endfor %}
-## Training
+{% if results.calibration %}
+Calibration (temperature scaling: the logits divided by T, fitted on held-out images; ECE on the
+{{ results.split }} split, 15 bins):
+
+| part | temperature | fitted on | ECE before | ECE after |
+|---|---|---|---|---|
+{% for name, part in results.calibration.items() -%}
+| {{ part_names["emovlm_kd" if name == "gate" else "distill"] }} | {{ "%.4f" | format(part.temperature) }} | {{ part.fitted_on }} | {{ "%.4f" | format(part.test_ece_before) }} | {{ "%.4f" | format(part.test_ece_after) }} |
+{% endfor %}
+{% for name, part in results.calibration.items() if part.error -%}
+**Calibration error ({{ name }}):** {{ part.error }}.
+{% endfor %}
+{% endif %}## Training
 
 Head {{ cfg.head_hidden_sizes }}, alpha {{ cfg.alpha }}, tau {{ cfg.tau }}; learning rates {{ cfg.sft_lr }} (LoRA r={{ cfg.lora_r }},
 alpha={{ cfg.lora_alpha }} on {{ cfg.lora_targets }}), {{ cfg.distill_lr }} (head), {{ cfg.gate_lr }} (gate); seed {{ cfg.seed }}.

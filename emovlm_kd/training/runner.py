@@ -30,7 +30,7 @@ from emovlm_kd.training.cache import (
     sha256_file,
     with_files_fingerprint,
 )
-from emovlm_kd.training.calibration import calibrate_bundle
+from emovlm_kd.training.calibration import calibrate_bundle, calibration_rows, test_calibration
 from emovlm_kd.training.config import DEMO, DEMO_BACKBONE, check_instruction_sources, demo_backbone
 from emovlm_kd.training.demo import prepare_demo_inputs
 from emovlm_kd.training.gatedata import (
@@ -161,11 +161,17 @@ def run_stages(cfg, dataset=None):
     gate = cfg.gate_args
     passes = cache_passes(gate, run_dir, dataset, bundle, processor, teacher_dir, seed=cfg.seed, dtype=cfg.dtype,
                           batch_size=cfg.batch_size)
-    outputs = train_head_and_gate(cfg.distill_args, gate, run_dir, bundle, passes, seed=cfg.seed, dtype=cfg.dtype)
-    logger.info("== Calibration: temperatures of the gate and the head, fitted on val")
-    calibrate_bundle(gate, bundle, passes, outputs)
+    rows = calibration_rows(gate.gate_data, passes["val"]["labels"], cfg.seed) if "val" in passes else (None, [])
+    outputs = train_head_and_gate(cfg.distill_args, gate, run_dir, bundle, passes, seed=cfg.seed, dtype=cfg.dtype,
+                                  gate_rows=rows[0])
+    logger.info("== Calibration: temperatures of the gate and the head, fitted on val images they never trained on")
+    val_ids = dataset["val"]["id"] if "val" in dataset and "id" in dataset["val"].column_names else None
+    calibration = calibrate_bundle(gate, bundle, passes, outputs, rows, val_ids=val_ids, seed=cfg.seed)
     results = test_results(passes["test"], outputs)
-    results.update(instruction_mix=mix, gate_data=gate_data_summary(gate, passes))
+    if calibration:
+        results["calibration"] = test_calibration(calibration, passes["test"]["labels"], {
+            "gate": outputs["test"]["gate_logits"], "head": outputs["test"]["head_logits"]})
+    results.update(instruction_mix=mix, gate_data=gate_data_summary(gate, passes, rows[0]))
     card = model_card(cfg, names, results, vlm_path, backbone_type=bundle.config.vlm_config.model_type,
                       examples=widget_example_names(names) if ships_examples(cfg) else ())
     export(run_dir, bundle, processor, card, results, split_file, examples=ships_examples(cfg),
@@ -251,9 +257,10 @@ def cache_passes(gate, run_dir, dataset, bundle, processor, teacher_dir, *, seed
     return passes
 
 
-def train_head_and_gate(distill, gate, run_dir, bundle, passes, *, seed, dtype):
+def train_head_and_gate(distill, gate, run_dir, bundle, passes, *, seed, dtype, gate_rows=None):
     """Stages 3 and 4 (their `DistillArguments` and `GateArguments`) on the cached tensors; per split the head's
-    logits, its probabilities, the VLM vectors and, for test, the gate's logits."""
+    logits, its probabilities, the VLM vectors and, for test, the gate's logits. `gate_rows`: the val rows the gate
+    trains on under `--gate-data val` (the rest calibrates it)."""
     dtype = resolve_dtype(dtype)
     logger.info("== Stage 3: distillation")
     train = passes["train"]
@@ -270,7 +277,8 @@ def train_head_and_gate(distill, gate, run_dir, bundle, passes, *, seed, dtype):
     logger.info("== Stage 4: gate (%s, on %s data)", gate.gate_type, gate.gate_data)
     gate_data = gate_training_set(gate.gate_data, {s: o["vlm_scores"] for s, o in outputs.items()},
                                   {s: o["head_probs"] for s, o in outputs.items()},
-                                  {s: p["labels"] for s, p in passes.items()}, passes["train"].get("vlm_samples"))
+                                  {s: p["labels"] for s, p in passes.items()}, passes["train"].get("vlm_samples"),
+                                  val_rows=gate_rows)
     bundle.gate.requires_grad_(True).float()
     run_stage4(gate, run_dir, bundle, *gate_data, seed=seed)
     bundle.gate.requires_grad_(False).to(dtype)
