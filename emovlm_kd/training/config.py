@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Literal
 
 from configuration_emovlm_kd import DEFAULT_MAX_IMAGE_SIDE, GATE_TYPES, MIN_IMAGE_SIDE, SUPPORTED_BACKBONES
+from emovlm_kd import protocol as protocols
 from emovlm_kd.errors import InputError
 
 DEMO = "demo"
@@ -38,6 +39,19 @@ def _help(text):
     return field(default=None, metadata={"help": text})
 
 
+def _knob(text):
+    """A field of the `--protocol` preset (emovlm_kd/protocol.py): None until the run's protocol fills it."""
+    paper, official, _ = protocols.KNOBS[text[0]]
+    return field(default=None, metadata={"help": f"{text[1]} (default: the --protocol's: paper {paper}, official "
+                                                 f"{official})"})
+
+
+def _one_of(obj, name, allowed):
+    """(ok, flag, why) of a knob that is None (filled later by the protocol) or one of `allowed`."""
+    value = getattr(obj, name)
+    return value is None or value in allowed, name.replace("_", "-"), f"must be one of {', '.join(map(str, allowed))}"
+
+
 class _Checked:
     """`__post_init__` runs every group's `_checks` (ok, flag, why) and raises `ValueError` naming the flag."""
 
@@ -52,6 +66,8 @@ class _Checked:
 def _positive(obj, *names, strict=True):
     for name in names:
         value = getattr(obj, name)
+        if value is None and name in protocols.KNOBS:  # a knob the protocol fills later
+            continue
         yield (value > 0 if strict else value >= 1), name.replace("_", "-"), "must be > 0" if strict else "must be >= 1"
 
 
@@ -79,6 +95,9 @@ class DataArguments(_Checked):
     leakage: Literal["warn", "error"] = field(
         default="warn", metadata={"help": "identical images in two splits: warn, or stop the run"}
     )
+    split_rule: Literal["paper", "official"] | None = _knob((
+        "split_rule", "where a dataset has no val split: paper (the dataset's protocol) or official (val a stratified "
+        "10 % of train, sklearn train_test_split random_state 42, for EmoSet and Emotion6: data_utils.py:107-128)"))
     verify_data: Literal["stat", "content"] = field(
         default="stat", metadata={"help": "what cache and stage keys see of each image file: stat (its size and "
                                           "modification time) or content (its size and sha256: reads every file; "
@@ -94,11 +113,17 @@ class DataArguments(_Checked):
             "must be three shares (train val test) summing to 1, train and test > 0"
         yield self.leakage in ("warn", "error"), "leakage", "must be warn or error"
         yield self.verify_data in ("stat", "content"), "verify-data", "must be stat or content"
+        yield _one_of(self, "split_rule", ("paper", "official"))
 
 
 @dataclass
 class ModelArguments(_Checked):
     _argument_group_name = "Models and output"
+    protocol: Literal["paper", "official"] = field(
+        default="paper", metadata={"help": "paper (the paper's text, this project's defaults) or official (what the "
+                                           "authors' code ran: fills every knob marked 'the --protocol's' that is "
+                                           "not set; README: What differs from the paper and its code)"}
+    )
     vlm: str = field(default=DEMO, metadata={"help": "Qwen2-VL, Qwen2.5-VL or Qwen3-VL checkpoint (name or path), or "
                                                      "'demo' (tiny Qwen2-VL, offline), 'demo:qwen2_5_vl', "
                                                      "'demo:qwen3_vl'"})
@@ -117,6 +142,7 @@ class ModelArguments(_Checked):
     )
 
     def _checks(self):
+        yield self.protocol in protocols.PROTOCOLS, "protocol", f"must be one of {', '.join(protocols.PROTOCOLS)}"
         yield self.dtype in ("auto", "float32", "bfloat16", "float16"), "dtype", "must be auto/float32/bfloat16/float16"
         yield from _positive(self, "batch_size", strict=False)
         yield self.max_image_side >= MIN_IMAGE_SIDE, "max-image-side", f"must be >= {MIN_IMAGE_SIDE}"
@@ -137,6 +163,13 @@ class InstructionArguments(_Checked):
                           "conversation and reasoning need --instructions or --annotator; 'categorical' alone "
                           "trains on a third of the paper's data"},
     )
+    chat_format: Literal["paper", "official"] | None = _knob((
+        "chat_format", "the chat of stages 0-1 and of the model: paper (the backbone's system message, image then "
+        "text, the paper's questions) or official (the official system message, text then image, the questions with "
+        "their 'Example:' passages, the categorical prompt 'None')"))
+    annotator_prompt: Literal["paper", "official"] | None = _knob((
+        "annotator_prompt", "what --annotator is asked: paper (this project's wording, the dataset's labels) or "
+        "official (prompt_template.txt: the 8 Mikels labels for every dataset)"))
 
     def _checks(self):
         kinds = self.instruction_kinds
@@ -148,6 +181,8 @@ class InstructionArguments(_Checked):
         yield "categorical" in self.instruction_kinds, "instruction-kinds", \
             "must include categorical (the rows that teach the answer the VLM branch scores)"
         yield len(set(self.instruction_kinds)) == len(self.instruction_kinds), "instruction-kinds", "lists a kind twice"
+        yield _one_of(self, "chat_format", ("paper", "official"))
+        yield _one_of(self, "annotator_prompt", ("paper", "official"))
 
 
 @dataclass
@@ -164,8 +199,20 @@ class SFTArguments(_Checked):
     quantize: Literal["auto", "4bit", "none"] = field(
         default="auto", metadata={"help": "4bit, none, or auto (4-bit nf4 when CUDA is present)"}
     )
+    quantize_scope: Literal["llm", "all"] | None = _knob((
+        "quantize_scope", "what 4-bit quantises: llm (the vision tower and lm_head kept) or all (transformers' "
+        "default skip list only, as the official BitsAndBytesConfig)"))
+    sft_loss: Literal["answer", "all_tokens"] | None = _knob((
+        "sft_loss", "stage 1 loss: answer (the assistant's tokens) or all_tokens (every token but padding and "
+        "image tokens, system and user prompt included)"))
+    sft_scheduler: Literal["constant_with_warmup", "constant"] | None = _knob((
+        "sft_scheduler", "stage 1 schedule: constant_with_warmup (3 % warmup) or constant (no warmup)"))
+    tf32: bool | None = _knob(("tf32", "stage 1 TF32 matmuls (CUDA with TF32 only; elsewhere ignored with a log line)"))
 
     def _checks(self):
+        yield _one_of(self, "quantize_scope", ("llm", "all"))
+        yield _one_of(self, "sft_loss", ("answer", "all_tokens"))
+        yield _one_of(self, "sft_scheduler", ("constant_with_warmup", "constant"))
         yield self.quantize in ("auto", "4bit", "none"), "quantize", "must be auto, 4bit or none"
         yield from _positive(self, "sft_epochs", "sft_lr")
         yield from _positive(self, "sft_batch_size", "sft_grad_accum", strict=False)
@@ -206,13 +253,20 @@ class DistillArguments(_Checked):
     tau: float = field(default=2.0, metadata={"help": "distillation temperature, > 0"})
     distill_epochs: float = field(default=5.0, metadata={"help": "stage 3 epochs (head distillation)"})
     distill_lr: float = field(default=1e-3, metadata={"help": "stage 3 learning rate"})
-    distill_batch_size: int = field(default=32, metadata={"help": "stage 3 images per step"})
+    distill_batch_size: int | None = _knob(("distill_batch_size", "stage 3 images per step"))
+    distill_optimizer: Literal["adamw", "adam"] | None = _knob((
+        "distill_optimizer", "stage 3 optimiser: adamw (Trainer's, linear decay) or adam (torch.optim.Adam, L2 "
+        "weight decay 1e-4, constant rate)"))
+    distill_init: Literal["normal", "pytorch"] | None = _knob((
+        "distill_init", "the head's initial weights: normal (N(0, 0.02), zero bias) or pytorch (nn.Linear's)"))
 
     def _checks(self):
         self.head_hidden_sizes = [int(h) for h in self.head_hidden_sizes]
         yield all(h > 0 for h in self.head_hidden_sizes), "head-hidden-sizes", "must be positive integers"
         yield 0.0 <= self.head_dropout < 1.0, "head-dropout", "must be in [0, 1)"
         yield 0.0 <= self.alpha <= 1.0, "alpha", "must be in [0, 1]"
+        yield _one_of(self, "distill_optimizer", ("adamw", "adam"))
+        yield _one_of(self, "distill_init", ("normal", "pytorch"))
         yield self.tau > 0, "tau", "must be > 0"
         yield from _positive(self, "distill_epochs", "distill_lr")
         yield from _positive(self, "distill_batch_size", strict=False)
@@ -229,7 +283,18 @@ class GateArguments(_Checked):
     )
     gate_epochs: float = field(default=10.0, metadata={"help": "stage 4 epochs (gate)"})
     gate_lr: float = field(default=1e-3, metadata={"help": "stage 4 learning rate"})
-    gate_batch_size: int = field(default=32, metadata={"help": "stage 4 images per step"})
+    gate_batch_size: int | None = _knob(("gate_batch_size", "stage 4 images per step"))
+    gate_optimizer: Literal["adamw", "adam"] | None = _knob((
+        "gate_optimizer", "stage 4 optimiser: adamw (Trainer's, linear decay) or adam (torch.optim.Adam, L2 weight "
+        "decay 1e-4, constant rate)"))
+    gate_init: Literal["normal", "pytorch"] | None = _knob((
+        "gate_init", "the gate's initial weights: normal (N(0, 0.02), zero bias) or pytorch (nn.Linear's)"))
+    gate_input: Literal["probs", "logits"] | None = _knob((
+        "gate_input", "what the gate reads of the head: probs (softmax) or logits (raw)"))
+    answer_protocol: Literal["score", "official"] | None = _knob((
+        "answer_protocol", "the VLM branch of the gate's val/test vectors and of the model: score (label "
+        "log-likelihoods, deterministic) or official (one answer sampled at T 0.8, 256 new tokens, seeded, after a "
+        "prompt without the generation prompt, parsed as the official code)"))
     gate_data: Literal["sampled", "val", "train"] = field(
         default="train", metadata={"help": "what the gate trains on: sampled (the paper's: --gate-samples answers "
                                            "per train image sampled at --gate-temperature, one per epoch, cycled; "
@@ -244,6 +309,10 @@ class GateArguments(_Checked):
         if self.gate_train_split is not None:  # the old setting: folded into gate_data
             self.gate_data, self.gate_train_split = self.gate_train_split, None
         yield self.gate_type in GATE_TYPES, "gate-type", f"must be one of {', '.join(GATE_TYPES)}"
+        yield _one_of(self, "gate_optimizer", ("adamw", "adam"))
+        yield _one_of(self, "gate_init", ("normal", "pytorch"))
+        yield _one_of(self, "gate_input", ("probs", "logits"))
+        yield _one_of(self, "answer_protocol", ("score", "official"))
         yield self.vlm_vector in ("probs", "onehot"), "vlm-vector", "must be probs or onehot"
         yield self.gate_data in ("sampled", "val", "train"), "gate-data", "must be sampled, val or train"
         yield self.gate_data != "sampled" or self.vlm_vector == "onehot", "gate-data", \
@@ -261,7 +330,12 @@ GROUPS = (DataArguments, ModelArguments, InstructionArguments, SFTArguments, Tea
 @dataclass
 class TrainConfig(GateArguments, DistillArguments, TeacherArguments, SFTArguments, InstructionArguments,
                   ModelArguments, DataArguments):
-    """Every setting of a run, flat (`cfg.alpha`, `cfg.vlm`, ...): the union of the argument groups."""
+    """Every setting of a run, flat (`cfg.alpha`, `cfg.vlm`, ...): the union of the argument groups. The knobs
+    left unset are filled from `protocol` (emovlm_kd/protocol.py) before the checks run."""
+
+    def __post_init__(self):
+        protocols.fill(self)
+        super().__post_init__()
 
     @property
     def is_demo(self):

@@ -1,12 +1,14 @@
 """Stages 3 and 4: the distillation head and the gate, trained on cached tensors (milliseconds an epoch); the same
 `train_head` / `train_gate` serve the ablations. Also the small helpers that apply them to cached tensors."""
 
+import copy
 import logging
 from functools import partial
 
 import torch
 from safetensors.torch import load_file, save_file
 
+from emovlm_kd import protocol as protocols
 from emovlm_kd.training.cache import fingerprint
 from emovlm_kd.training.stage import last_checkpoint, run_stage, run_trainer, trainer_args, trained
 
@@ -17,7 +19,8 @@ def run_stage3(cfg, run_dir, bundle, features, teacher_logits, labels):
     """Distil the teacher into the head (only the head trains) on cached features and teacher logits."""
     key = fingerprint("stage3", [fingerprint_tensor(features), fingerprint_tensor(teacher_logits)],
                       cfg.head_hidden_sizes, cfg.head_dropout, cfg.alpha, cfg.tau, cfg.distill_epochs,
-                      cfg.distill_lr, cfg.distill_batch_size, cfg.seed)
+                      cfg.distill_lr, cfg.distill_batch_size, cfg.seed,
+                      *protocols.changed(cfg, "distill_optimizer", "distill_init"))
     return run_module_stage(run_dir, "stage3_distill", key, "head.safetensors", bundle.distill_head,
                             "[stage 3] distillation: done, skipped",
                             lambda folder: train_head(cfg, bundle.distill_head, features, teacher_logits, labels,
@@ -28,7 +31,8 @@ def run_stage4(cfg, run_dir, bundle, vlm_scores, head_probs, labels):
     """Train the gate (only the gate) on cached VLM vectors (or sampled answers, see `train_gate`) and head
     probabilities."""
     key = fingerprint("stage4", [fingerprint_tensor(vlm_scores), fingerprint_tensor(head_probs)], cfg.gate_type,
-                      cfg.vlm_vector, cfg.gate_epochs, cfg.gate_lr, cfg.gate_batch_size, cfg.gate_data, cfg.seed)
+                      cfg.vlm_vector, cfg.gate_epochs, cfg.gate_lr, cfg.gate_batch_size, cfg.gate_data, cfg.seed,
+                      *protocols.changed(cfg, "gate_optimizer", "gate_init", "gate_input", "answer_protocol"))
     return run_module_stage(run_dir, "stage4_gate", key, "gate.safetensors", bundle.gate,
                             "[stage 4] gate: done, skipped",
                             lambda folder: train_gate(cfg, bundle.gate, vlm_scores, head_probs, labels, folder,
@@ -55,11 +59,12 @@ def train_head(cfg, head, features, teacher_logits, labels, output_dir, resume=F
     """
     from emovlm_kd.training.trainers import DistillationTrainer, TensorDictDataset
 
-    reset_module(head, cfg.seed)
+    reset_module(head, cfg.seed, cfg.distill_init)
     data = TensorDictDataset(image_embeds=features, teacher_logits=teacher_logits, labels=labels)
     args = trainer_args(cfg, output_dir, cfg.distill_epochs, cfg.distill_lr, cfg.distill_batch_size,
-                        weight_decay=1e-4, **args_extra)
-    trainer = DistillationTrainer(model=head, args=args, train_dataset=data, alpha=cfg.alpha, tau=cfg.tau)
+                        weight_decay=1e-4, **optimizer_args(cfg.distill_optimizer), **args_extra)
+    trainer = DistillationTrainer(model=head, args=args, train_dataset=data, alpha=cfg.alpha, tau=cfg.tau,
+                                  optimizer_cls_and_kwargs=adam(cfg.distill_optimizer, head, cfg.distill_lr))
     return _train(trainer, args, resume)
 
 
@@ -71,16 +76,40 @@ def train_gate(cfg, gate, vlm_scores, head_probs, labels, output_dir, resume=Fal
     from emovlm_kd.training.gatedata import CycledSamples
     from emovlm_kd.training.trainers import GateModule, GateTrainer, TensorDictDataset
 
-    reset_module(gate, cfg.seed)
+    reset_module(gate, cfg.seed, cfg.gate_init)
     if vlm_scores.dim() == 3:
         data = CycledSamples(vlm_scores, head_probs, labels)
         callbacks = [data.callback()]
     else:
         data, callbacks = TensorDictDataset(vlm_scores=vlm_scores, head_probs=head_probs, labels=labels), []
     args = trainer_args(cfg, output_dir, cfg.gate_epochs, cfg.gate_lr, cfg.gate_batch_size, weight_decay=1e-4,
-                        **args_extra)
-    trainer = GateTrainer(model=GateModule(gate), args=args, train_dataset=data, callbacks=callbacks)
+                        **optimizer_args(cfg.gate_optimizer), **args_extra)
+    trainer = GateTrainer(model=GateModule(gate), args=args, train_dataset=data, callbacks=callbacks,
+                          optimizer_cls_and_kwargs=adam(cfg.gate_optimizer, gate, cfg.gate_lr))
     return _train(trainer, args, resume)
+
+
+OFFICIAL_WEIGHT_DECAY = 1e-4  # train_distillation.py:111,155 and train_gate.py:336,358: Adam(weight_decay=1e-4)
+
+
+def optimizer_args(optimizer):
+    """TrainingArguments of a head/gate optimiser: `adamw` is Trainer's own (AdamW, linear decay); `adam` runs at a
+    constant rate, as the official loops (no scheduler)."""
+    return {"lr_scheduler_type": "constant"} if optimizer == "adam" else {}
+
+
+def adam(optimizer, module, lr):
+    """`Trainer(optimizer_cls_and_kwargs=...)`: for `adam`, torch.optim.Adam with L2 weight decay 1e-4 on every
+    parameter of `module` (biases included), as the official code; None (Trainer's AdamW) otherwise."""
+    if optimizer != "adam":
+        return None
+    params = [p for p in module.parameters() if p.requires_grad]
+    return torch.optim.Adam, {"params": params, "lr": lr, "weight_decay": OFFICIAL_WEIGHT_DECAY}
+
+
+def gate_head_input(head_logits, gate_input):
+    """What the gate reads of the head: its probabilities (`probs`, the paper's text) or its logits (`logits`)."""
+    return head_logits if gate_input == "logits" else head_logits.softmax(-1)
 
 
 def _train(trainer, args, resume):
@@ -112,16 +141,24 @@ def gate_outputs(gate, vlm_scores, head_probs):
     return gate(vlm_scores.to(param.device, param.dtype), head_probs.to(param.device, param.dtype)).float().cpu()
 
 
-def reset_module(module, seed):
+def reset_module(module, seed, init="normal"):
     """Re-initialise a small module deterministically (so a rerun trains from the same start): weights drawn from the
     CPU generator seeded with `seed` and copied to the module's device, so the start is the same on a CPU and a GPU
-    (a CUDA tensor's own `normal_` would draw from the CUDA generator)."""
+    (a CUDA tensor's own `normal_` would draw from the CUDA generator). `normal`: N(0, 0.02), zero bias; `pytorch`:
+    each layer's own `reset_parameters` (nn.Linear's Kaiming-uniform weight and uniform bias, as the official code,
+    which never re-initialises), drawn on a CPU copy."""
     torch.manual_seed(seed)
     with torch.no_grad():
         for layer in module.modules():
             if isinstance(layer, (torch.nn.Linear, torch.nn.Bilinear)):
-                layer.weight.copy_(torch.empty(layer.weight.shape).normal_(0.0, 0.02))
-                layer.bias.zero_()
+                if init == "pytorch":
+                    fresh = copy.deepcopy(layer).cpu()  # its draws from the seeded CPU generator
+                    fresh.reset_parameters()
+                    layer.weight.copy_(fresh.weight)
+                    layer.bias.copy_(fresh.bias)
+                else:
+                    layer.weight.copy_(torch.empty(layer.weight.shape).normal_(0.0, 0.02))
+                    layer.bias.zero_()
 
 
 def write_module(module, path):

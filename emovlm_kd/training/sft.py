@@ -16,13 +16,13 @@ import torch
 from transformers import set_seed
 
 from configuration_emovlm_kd import DEFAULT_MAX_IMAGE_SIDE
+from emovlm_kd import protocol as protocols
 from emovlm_kd.distributed import is_main_process, world_size
 from emovlm_kd.hub import reset_tokenizer_call_state
 from emovlm_kd.images import limit_processor_pixels, prepare_image
 from emovlm_kd.runtime import resolve_dtype
 from emovlm_kd.training.cache import fingerprint, fingerprint_checkpoint, fingerprint_dataset
 from emovlm_kd.training.stage import (
-    base_training_arguments,
     last_checkpoint,
     run_stage,
     run_trainer,
@@ -32,21 +32,26 @@ from emovlm_kd.training.stage import (
 logger = logging.getLogger(__name__)
 
 
-def sft_dataset(train, instructions_path, max_side=DEFAULT_MAX_IMAGE_SIDE):
-    """TRL's vision prompt/completion format: `images`, `prompt` and `completion` (loss on the completion only).
+def sft_dataset(train, instructions_path, max_side=DEFAULT_MAX_IMAGE_SIDE, chat_format="paper"):
+    """TRL's vision prompt/completion format: `images`, `prompt` and `completion` (the loss: `sft_collator`). The
+    prompt is `scoring_emovlm_kd.chat_messages` (`chat_format` paper: image then question; official: the official
+    system message, then question then image, data_utils.py:37,165-176), the chat the model is asked at inference.
 
     The images are decoded when a row is read and made ready by `prepare_image(image, max_side=max_side)`, the
     inference path (upright, RGB, long side at most `max_side`, fitted): nothing is decoded or held up front.
     """
     from datasets import Dataset, Image, Sequence
 
+    from scoring_emovlm_kd import chat_messages
+
+    layout = type("ChatFormat", (), {"chat_format": chat_format})()
+
     raw_images = dict(zip(train["id"], train.cast_column("image", Image(decode=False))["image"]))
     rows = [json.loads(line) for line in Path(instructions_path).read_text(encoding="utf-8").splitlines() if line]
     data = Dataset.from_dict(
         {
             "images": [[raw_images[r["id"]]] for r in rows],
-            "prompt": [[{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": r["question"]}]}]
-                       for r in rows],
+            "prompt": [chat_messages(r["question"], layout) for r in rows],
             "completion": [[{"role": "assistant", "content": [{"type": "text", "text": r["answer"]}]}] for r in rows],
         }
     )
@@ -64,6 +69,73 @@ class PreparedImages:
             batch["images"] = [[prepare_image(image, max_side=self.max_side) for image in images]
                                for images in batch["images"]]
         return batch
+
+
+class ImageTokensMasked:
+    """`sft_loss: all_tokens`, the official collate_fn (train_vlm.py:118-128): TRL's vision collator with the loss on
+    every token (`completion_only_loss=False`: padding is already -100), and the image tokens masked too (the
+    official code's [151652, 151653, 151655] are Qwen2-VL's vision start, vision end and image pad ids; here read from
+    the backbone's config, so that every backbone and the tiny demo model get theirs)."""
+
+    def __init__(self, processor, image_token_ids):
+        from trl.trainer.sft_trainer import DataCollatorForVisionLanguageModeling
+
+        self.collator = DataCollatorForVisionLanguageModeling(processor=processor, completion_only_loss=False)
+        self.image_token_ids = torch.tensor(sorted(set(image_token_ids)))
+
+    def __call__(self, examples):
+        batch = self.collator(examples)
+        batch["labels"][torch.isin(batch["input_ids"], self.image_token_ids)] = -100
+        return batch
+
+
+def image_token_ids(vlm_config):
+    """The ids of the tokens that stand for an image in the backbone's text: vision start/end and image pad."""
+    return [getattr(vlm_config, name) for name in ("vision_start_token_id", "vision_end_token_id", "image_token_id")
+            if getattr(vlm_config, name, None) is not None]
+
+
+def sft_collator(cfg, processor, vlm_config):
+    """None (TRL's own: the loss on the answer only, `sft_loss: answer`) or `ImageTokensMasked` (`all_tokens`)."""
+    return ImageTokensMasked(processor, image_token_ids(vlm_config)) if cfg.sft_loss == "all_tokens" else None
+
+
+def sft_arguments(cfg, output_dir, dtype, quantized):
+    """The `SFTConfig` of stage 1. `sft_scheduler` constant_with_warmup: 3 % warmup then constant; constant: no
+    warmup, as the official `warmup_ratio=0.03` with `lr_scheduler_type="constant"` (train_vlm.py:102-103), which
+    transformers' `get_scheduler` builds without warmup. `tf32` where CUDA has it (TrainingArguments refuses it
+    elsewhere: logged and left off)."""
+    from trl import SFTConfig
+
+    from emovlm_kd.training.stage import base_training_arguments
+
+    extra = {}
+    if cfg.tf32:
+        from transformers.utils import is_torch_tf32_available
+
+        if is_torch_tf32_available():
+            extra["tf32"] = True
+        else:
+            logger.info("[stage 1] tf32 asked (protocol %s) but this device has no TF32: left off", cfg.protocol)
+    if cfg.sft_loss == "all_tokens":
+        extra["completion_only_loss"] = False
+    return SFTConfig(
+        **base_training_arguments(cfg, output_dir),
+        num_train_epochs=cfg.sft_epochs,
+        learning_rate=cfg.sft_lr,
+        lr_scheduler_type=cfg.sft_scheduler,
+        warmup_steps=0.03 if cfg.sft_scheduler == "constant_with_warmup" else 0,  # a ratio of the total steps
+        max_grad_norm=0.3,
+        per_device_train_batch_size=cfg.sft_batch_size,
+        gradient_accumulation_steps=cfg.sft_grad_accum,
+        max_length=None,
+        logging_strategy="steps",
+        logging_steps=10,
+        bf16=dtype == torch.bfloat16,
+        gradient_checkpointing=quantized,
+        accelerator_config={"split_batches": world_size() > 1 and cfg.sft_batch_size % world_size() == 0},
+        **extra,
+    )
 
 
 def model_config(cfg):
@@ -92,8 +164,8 @@ def quantization_config(cfg):
     from trl import get_quantization_config
 
     quant = get_quantization_config(model_config(cfg))
-    if quant is not None:
-        quant.llm_int8_skip_modules = ["model.visual", "lm_head"]
+    if quant is not None and cfg.quantize_scope != "all":  # all: transformers' default skip list, as the official
+        quant.llm_int8_skip_modules = ["model.visual", "lm_head"]  # BitsAndBytesConfig (train_vlm.py:69-74)
     return quant
 
 
@@ -109,7 +181,8 @@ def run_stage1(cfg, run_dir, dataset, vlm_path, instructions_path):
     key = fingerprint("stage1", fingerprint_checkpoint(vlm_path), fingerprint_dataset(dataset["train"]),
                       Path(instructions_path).read_text(encoding="utf-8"),
                       cfg.sft_epochs, cfg.sft_lr, cfg.sft_batch_size, cfg.sft_grad_accum, cfg.lora_r, cfg.lora_alpha,
-                      cfg.lora_dropout, cfg.lora_targets, cfg.quantize, cfg.dtype, cfg.seed, cfg.max_image_side)
+                      cfg.lora_dropout, cfg.lora_targets, cfg.quantize, cfg.dtype, cfg.seed, cfg.max_image_side,
+                      *protocols.changed(cfg, "sft_loss", "sft_scheduler", "chat_format", "quantize_scope", "tf32"))
     return run_stage(run_dir, "stage1_sft", key, "merged",
                      partial(instruction_tune, cfg, dataset["train"], vlm_path, instructions_path),
                      skipped="[stage 1] instruction tuning: done, skipped", log=logger, folder=True)
@@ -119,7 +192,7 @@ def instruction_tune(cfg, train, vlm_path, instructions_path, stage):
     """Stage 1's work (`run_stage`): SFT with LoRA, the adapter saved in RUN/stage1_sft/adapter and merged by the main
     process; returns (how the merged model is written into the stage's temp folder, the DONE.json summary)."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
-    from trl import SFTConfig, SFTTrainer
+    from trl import SFTTrainer
 
     from emovlm_kd.training.trainers import with_verified_resume
 
@@ -133,27 +206,13 @@ def instruction_tune(cfg, train, vlm_path, instructions_path, stage):
     vlm = AutoModelForImageTextToText.from_pretrained(
         vlm_path, dtype=dtype, quantization_config=quant, use_safetensors=True
     )
-    args = SFTConfig(
-        **base_training_arguments(cfg, stage.checkpoints()),
-        num_train_epochs=cfg.sft_epochs,
-        learning_rate=cfg.sft_lr,
-        lr_scheduler_type="constant_with_warmup",
-        warmup_steps=0.03,  # a ratio of the total steps, as the official code's 3%
-        max_grad_norm=0.3,
-        per_device_train_batch_size=cfg.sft_batch_size,
-        gradient_accumulation_steps=cfg.sft_grad_accum,
-        max_length=None,
-        logging_strategy="steps",
-        logging_steps=10,
-        bf16=dtype == torch.bfloat16,
-        gradient_checkpointing=quant is not None,
-        accelerator_config={"split_batches": world_size() > 1 and cfg.sft_batch_size % world_size() == 0},
-    )
+    args = sft_arguments(cfg, stage.checkpoints(), dtype, quant is not None)
     trainer = with_verified_resume(SFTTrainer)(
         model=vlm,
         args=args,
-        train_dataset=sft_dataset(train, instructions_path, max_side=cfg.max_image_side),
+        train_dataset=sft_dataset(train, instructions_path, max_side=cfg.max_image_side, chat_format=cfg.chat_format),
         processing_class=processor,
+        data_collator=sft_collator(cfg, processor, vlm.config),
         peft_config=lora_config(cfg),
     )
     result = run_trainer(trainer, last_checkpoint(args.output_dir))
