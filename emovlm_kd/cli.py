@@ -9,8 +9,11 @@
     emovlm-kd ablate {head-depth,alpha,gate,gate-data} --run RUN   the ablations from a training run's caches
     emovlm-kd table1 --model DIR --data-root ROOT        the paper's Table 1 over several datasets
 
-Each subcommand is a module of `emovlm_kd.commands` with `add_arguments(parser)` and `run(args) -> int`; the
-modules import their heavy dependencies inside `run`, so `--help` is fast. The speed benchmark is a script of the
+Each subcommand is a module of `emovlm_kd.commands` with `ARGUMENTS`, its settings dataclass (composed from the
+shared groups of `emovlm_kd.settings`; every field a flag), and `run(arguments) -> int`, which receives it parsed and
+checked (`train` parses its own words with TRL's `TrlParser`: `--config YAML`; `predict` still has
+`add_arguments(parser)` and `run(namespace)`). The modules import their heavy dependencies inside `run`, so `--help`
+is fast. The speed benchmark is a script of the
 source tree: `python -m benchmarks.bench`.
 
 Exit status: what `run` returns (0 done; `predict`: 1 some images skipped); 1 an OS error (a full disk, no
@@ -30,6 +33,7 @@ from emovlm_kd.errors import ModelCheckError, UsageError
 from emovlm_kd.folders import describe_os_error
 from emovlm_kd.helptext import HelpFormatter, parsers_of
 from emovlm_kd.logs import setup_logging
+from emovlm_kd.settings import add_arguments, read
 
 EXIT_OS_ERROR = 1  # a full disk, no permission, ...: one line naming the file and the errno
 EXIT_MODEL = 3  # the model could not be loaded
@@ -61,8 +65,11 @@ def build_parser():
         own = getattr(module, "TAKES_ITS_OWN_ARGUMENTS", False)  # `train` parses its words with TrlParser
         sub_parser = sub.add_parser(name, help=help_text, description=help_text, add_help=not own,
                                     parents=[output_options(argparse.SUPPRESS)])
-        sub_parser.set_defaults(_run=module.run, _own_arguments=own)
-        module.add_arguments(sub_parser)
+        sub_parser.set_defaults(_module=module, _own_arguments=own)
+        if hasattr(module, "ARGUMENTS"):
+            add_arguments(sub_parser, module.ARGUMENTS)
+        else:
+            module.add_arguments(sub_parser)
     for each in parsers_of(parser):
         each.formatter_class = HelpFormatter
     return parser
@@ -89,7 +96,7 @@ def main(argv=None):
     for name, value in PROCESS_ENVIRONMENT.items():  # before torch is imported (the commands import it lazily)
         os.environ.setdefault(name, value)
     try:
-        return int(args._run(args) or 0)
+        return int(run_command(args) or 0)
     except UsageError as error:
         parser.error(str(error))  # exits with status 2
     except ModelCheckError as error:
@@ -110,6 +117,19 @@ def main(argv=None):
         logging.getLogger(__name__).debug("the OS error's traceback", exc_info=True)
         print(f"{parser.prog}: {line}", file=sys.stderr)
         return EXIT_OS_ERROR
+
+
+def run_command(args):
+    """The command's `run` with its settings dataclass read from `args` (a value its checks refuse: `UsageError`),
+    or with `args` itself for a command without `ARGUMENTS`."""
+    module = args._module
+    if not hasattr(module, "ARGUMENTS"):
+        return module.run(args)
+    try:
+        arguments = read(args, module.ARGUMENTS)
+    except ValueError as error:
+        raise UsageError(str(error)) from None
+    return module.run(arguments)
 
 
 def stdout_closed():

@@ -223,6 +223,25 @@ def default_file_mode():
     return 0o666 & ~mask
 
 
+def respect_umask(*paths, only_private=False):
+    """Give every file in `paths` (files, or folders searched recursively; symlinks left alone) the mode a new file
+    gets under the umask. safetensors (0.8) writes through a temporary file, created 0600, and renames it into
+    place: its files (weights, caches, checkpoints) would otherwise stay readable by their owner alone.
+    `only_private` changes only files at 0600 (what such writers leave), so other modes someone chose are kept."""
+    mode = default_file_mode()
+    for path in map(Path, paths):
+        if not path.exists():
+            continue
+        files = [path] if path.is_file() else (p for p in path.rglob("*") if p.is_file())
+        for file in files:
+            try:
+                current = file.lstat().st_mode & 0o777
+                if not file.is_symlink() and current != mode and (current == 0o600 or not only_private):
+                    file.chmod(mode)
+            except FileNotFoundError:  # removed meanwhile (a stale cache, an old checkpoint)
+                continue
+
+
 def atomic_write(path, write, mode="w"):
     """Write `path` through `write(handle)` into a temp file beside it, then `os.replace` it into place: `path`
     holds its old bytes or the new ones, never a part. `WriteError` on an OS error (nothing left behind) or when

@@ -14,7 +14,7 @@ from transformers import AutoModelForImageClassification
 from transformers.pipelines import PIPELINE_REGISTRY
 
 from configuration_emovlm_kd import EmoVLMKDConfig
-from emovlm_kd.folders import check_bundle_folder, staged_folder
+from emovlm_kd.folders import check_bundle_folder, respect_umask, staged_folder
 from modeling_emovlm_kd import EmoVLMKDForImageClassification
 from pipeline_emovlm_kd import EmoVLMKDImageClassificationPipeline
 
@@ -53,7 +53,6 @@ def save_bundle(model, processor, output_dir, model_card=None, extra_files=None,
     file gets the mode the umask gives new files (0644 under umask 022). The same model and processor give the
     same bytes, whatever the processor was last called with (see `reset_tokenizer_call_state`).
     """
-    from emovlm_kd.training.cache import respect_umask
 
     output_dir = Path(output_dir).resolve()
     check_bundle_folder(output_dir, overwrite)

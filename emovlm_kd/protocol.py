@@ -120,6 +120,12 @@ def config_changes(config):
     return tuple((k, getattr(config, k)) for k, v in PROTOCOL_FIELD_DEFAULTS.items() if getattr(config, k, v) != v)
 
 
+def knob_help(knob, text):
+    """A knob's flag help: `text` and what each protocol fills it with."""
+    paper, official, _ = KNOBS[knob]
+    return f"{text} (default: the --protocol's: paper {paper}, official {official})"
+
+
 def table_rows():
     """(knob, paper, official, source) per knob, for the README and `--help`."""
     return [(knob, *row) for knob, row in KNOBS.items()]

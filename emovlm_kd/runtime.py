@@ -1,13 +1,13 @@
-"""Where a command computes and in which dtype: the `--device` / `--dtype` flags every command shares, defined once,
-and the one resolver of each. Imports nothing heavy: the commands add these flags before `--help` is printed."""
+"""Where a command computes and in which dtype: the one resolver of each. The `--device` / `--dtype` flags are
+`emovlm_kd.settings.DeviceArguments`' fields."""
 
-DTYPES = ("float32", "bfloat16", "float16")
+from emovlm_kd.settings import DTYPES, DeviceArguments, add_arguments  # noqa: F401  (DTYPES: the choices of --dtype)
 
 
 def add_device_arguments(parser):
-    """--device and --dtype, as predict, evaluate, table1 and the demo take them."""
-    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
-    parser.add_argument("--dtype", choices=DTYPES, default=None, help="weights dtype (default: as saved)")
+    """--device and --dtype (`DeviceArguments`' fields) on an argparse parser: for a command not yet parsing a
+    settings dataclass (`predict`)."""
+    add_arguments(parser, DeviceArguments)
 
 
 def resolve_device(device=None):

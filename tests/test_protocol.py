@@ -300,3 +300,25 @@ def _sft_rows(cfg):
              "completion": [{"role": "assistant", "content": [{"type": "text", "text": answer}]}]}
             for seed, (question, answer) in enumerate([("which emotion?", "{'emotion': 'awe'}"),
                                                        ("describe it", "a calm lake at dusk, long")])]
+
+
+# -------------------------------------------------------------------------------------------- item 14: the splits
+
+
+def test_split_rule_switches_on_emoset(tmp_path):
+    from dataset_fixtures import write_emoset
+
+    from emovlm_kd.data import load_image_dataset
+    from emovlm_kd.settings import dataset_options
+
+    root = write_emoset(tmp_path / "EmoSet-118K", per_class=(10, 1, 2))
+    paper = load_image_dataset(root, **dataset_options(PAPER))
+    official = load_image_dataset(root, **dataset_options(OFFICIAL))
+    assert "split_rule" not in dataset_options(PAPER)  # RUN/splits.json of a paper run records what it did before
+    assert {k: v.num_rows for k, v in paper.items()} == {"train": 80, "val": 8, "test": 16}  # val.json kept
+    # data_utils.py:109-123: val.json unused, val a stratified 10 % of train (one per class here), test kept
+    assert {k: v.num_rows for k, v in official.items()} == {"train": 72, "val": 8, "test": 16}
+    assert set(official["val"]["id"]) <= set(paper["train"]["id"]) and official["test"]["id"] == paper["test"]["id"]
+    assert sorted(official["val"]["label"]) == list(range(8))  # stratified
+    again = load_image_dataset(root, **dataset_options(dataclasses.replace(OFFICIAL, seed=7)))
+    assert again["val"]["id"] == official["val"]["id"]  # random_state 42 whatever the run's seed

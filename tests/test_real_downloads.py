@@ -184,7 +184,7 @@ def test_label_column_flag_names_the_label_column(tmp_path, capsys):
 
 def test_label_column_is_a_flag_of_train_and_evaluate(tmp_path):
     from emovlm_kd.cli import build_parser
-    from emovlm_kd.evaluation.options import dataset_options
+    from emovlm_kd.settings import dataset_options
     from emovlm_kd.training.config import parse_train_args
 
     assert parse_train_args(["--label-column", "sentiment"]).label_column == "sentiment"

@@ -12,11 +12,12 @@ and `<name>.md` (default RUN/ablations) and prints the Markdown table. It holds 
 meanwhile: with a training run writing in RUN it stops at once, with the message `train` gives.
 """
 
-import argparse
+from dataclasses import dataclass
 from pathlib import Path
 
 from emovlm_kd.errors import UsageError
 from emovlm_kd.evaluation.paper import GATE_TITLES
+from emovlm_kd.settings import REQUIRED, Subcommands, help_field
 
 DEFAULT_DEPTHS = "1024;1024,512;1024,512,256;1024,512,256,128;1024,512,256,128,64"
 DEFAULT_ALPHAS = ",".join(f"{i / 10:g}" for i in range(11))
@@ -26,51 +27,83 @@ OVERRIDABLE = ("seed", "gate_epochs", "gate_lr", "tau", "head_dropout", "distill
 GATE_DATA = ("sampled", "val", "train")
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--run", required=True, help="a finished `emovlm-kd train` run folder (RUN)")
-    common.add_argument("--output-dir", default=None, help="where the tables go (default: RUN/ablations)")
-    common.add_argument("--seed", type=int, default=None, help="seed of initialisation and training (default: run's)")
-    common.add_argument("--gate-epochs", type=float, default=None, help="gate epochs (default: the run's)")
-    common.add_argument("--gate-lr", type=float, default=None, help="gate learning rate (default: the run's)")
-    head = argparse.ArgumentParser(add_help=False)
-    head.add_argument("--tau", type=float, default=None, help="distillation temperature (default: the run's)")
-    head.add_argument("--head-dropout", type=float, default=None, help="head dropout (default: the run's)")
-    head.add_argument("--distill-epochs", type=float, default=None, help="distillation epochs (default: the run's)")
-    head.add_argument("--distill-lr", type=float, default=None, help="distillation learning rate (default: the run's)")
-    head.add_argument("--gate-type", default=None, help="the gate trained on each head (default: the run's)")
+@dataclass(kw_only=True)
+class AblateArguments:
+    """What every ablation takes: the run, where the tables go, and the gate's training settings."""
 
-    sub = parser.add_subparsers(dest="ablation", required=True, metavar="ABLATION")
-    depth = sub.add_parser("head-depth", parents=[common, head], help="Table 3: head depth",
-                           description="Table 3: retrain the head (and the gate on it) for each head depth")
-    depth.add_argument("--depths", default=DEFAULT_DEPTHS,
-                       help=f"heads as hidden widths, ';' between heads (default: the paper's, {DEFAULT_DEPTHS})")
-    depth.add_argument("--alpha", type=float, default=None, help="weight of the KL term (default: the run's)")
-    alpha = sub.add_parser("alpha", parents=[common, head], help="Figure 3: alpha",
-                           description="Figure 3: retrain the head (and the gate on it) for each alpha")
-    alpha.add_argument("--alphas", default=DEFAULT_ALPHAS, help=f"comma-separated (default: {DEFAULT_ALPHAS})")
-    alpha.add_argument("--head-hidden-sizes", default=None, help="head widths, e.g. 1024 (default: the run's)")
-    gate = sub.add_parser("gate", parents=[common], help="Table 4: gate type",
-                          description="Table 4: train each gate type on the run's trained head")
-    gate.add_argument("--gates", default=",".join(GATE_TITLES), help="comma-separated gate types (default: all five)")
-    data = sub.add_parser("gate-data", parents=[common], help="what the gate trains on",
-                          description="Train the run's gate type on the run's head with each gate-data protocol: "
-                                      "sampled train answers (cached by a run with --gate-data sampled), held-out "
-                                      "val answers, deterministic train answers")
-    data.add_argument("--protocols", default=",".join(GATE_DATA),
-                      help=f"comma-separated (default: {','.join(GATE_DATA)})")
-    data.add_argument("--gate-type", default=None, help="the gate trained on each protocol (default: the run's)")
-    data.add_argument("--gate-samples", type=int, default=None,
-                      help="sampled answers per image, at most the run's (default: the run's)")
+    run: str = help_field("a finished `emovlm-kd train` run folder (RUN)", REQUIRED)
+    output_dir: str | None = help_field("where the tables go (default: RUN/ablations)")
+    seed: int | None = help_field("seed of initialisation and training (default: run's)")
+    gate_epochs: float | None = help_field("gate epochs (default: the run's)")
+    gate_lr: float | None = help_field("gate learning rate (default: the run's)")
 
 
-def run(args: argparse.Namespace) -> int:
-    name, values = {
-        "head-depth": lambda: ("head_depth", parse_depths(args.depths)),
-        "alpha": lambda: ("alpha", parse_alphas(args.alphas)),
-        "gate": lambda: ("gate", parse_gates(args.gates)),
-        "gate-data": lambda: ("gate_data", parse_protocols(args.protocols)),
-    }[args.ablation]()
+@dataclass(kw_only=True)
+class GateTypeArguments(AblateArguments):
+    gate_type: str | None = help_field("the gate type trained (default: the run's)")
+
+
+@dataclass(kw_only=True)
+class HeadArguments(GateTypeArguments):
+    """The ablations that retrain the head: its distillation settings."""
+
+    tau: float | None = help_field("distillation temperature (default: the run's)")
+    head_dropout: float | None = help_field("head dropout (default: the run's)")
+    distill_epochs: float | None = help_field("distillation epochs (default: the run's)")
+    distill_lr: float | None = help_field("distillation learning rate (default: the run's)")
+
+
+@dataclass(kw_only=True)
+class HeadDepthArguments(HeadArguments):
+    ablation, _help = "head_depth", "Table 3: head depth"
+    _description = "Table 3: retrain the head (and the gate on it) for each head depth"
+    depths: str = help_field(f"heads as hidden widths, ';' between heads (default: the paper's, {DEFAULT_DEPTHS})",
+                             DEFAULT_DEPTHS)
+    alpha: float | None = help_field("weight of the KL term (default: the run's)")
+
+    def values(self):
+        return parse_depths(self.depths)
+
+
+@dataclass(kw_only=True)
+class AlphaArguments(HeadArguments):
+    ablation, _help = "alpha", "Figure 3: alpha"
+    _description = "Figure 3: retrain the head (and the gate on it) for each alpha"
+    alphas: str = help_field(f"comma-separated (default: {DEFAULT_ALPHAS})", DEFAULT_ALPHAS)
+    head_hidden_sizes: str | None = help_field("head widths, e.g. 1024 (default: the run's)")
+
+    def values(self):
+        return parse_alphas(self.alphas)
+
+
+@dataclass(kw_only=True)
+class GateAblationArguments(AblateArguments):
+    ablation, _help = "gate", "Table 4: gate type"
+    _description = "Table 4: train each gate type on the run's trained head"
+    gates: str = help_field("comma-separated gate types (default: all five)", ",".join(GATE_TITLES))
+
+    def values(self):
+        return parse_gates(self.gates)
+
+
+@dataclass(kw_only=True)
+class GateDataAblationArguments(GateTypeArguments):
+    ablation, _help = "gate_data", "what the gate trains on"
+    _description = ("Train the run's gate type on the run's head with each gate-data protocol: sampled train answers "
+                    "(cached by a run with --gate-data sampled), held-out val answers, deterministic train answers")
+    protocols: str = help_field(f"comma-separated (default: {','.join(GATE_DATA)})", ",".join(GATE_DATA))
+    gate_samples: int | None = help_field("sampled answers per image, at most the run's (default: the run's)")
+
+    def values(self):
+        return parse_protocols(self.protocols)
+
+
+ARGUMENTS = Subcommands({"head-depth": HeadDepthArguments, "alpha": AlphaArguments, "gate": GateAblationArguments,
+                         "gate-data": GateDataAblationArguments}, metavar="ABLATION")
+
+
+def run(args: AblateArguments) -> int:
+    name, values = args.ablation, args.values()
     overrides = {flag: getattr(args, flag, None) for flag in OVERRIDABLE}
     output_dir = Path(args.output_dir) if args.output_dir else Path(args.run) / "ablations"
     check_outputs(output_dir, name)

@@ -12,31 +12,35 @@ cannot be loaded); the server runs until interrupted (Ctrl-C). `app.py` at the r
 as a Hugging Face Space does.
 """
 
-import argparse
 import logging
 import os
+from dataclasses import dataclass
 
 from emovlm_kd.errors import UsageError
-from emovlm_kd.runtime import add_device_arguments
+from emovlm_kd.settings import REQUIRED, DeviceArguments, help_field
 
 logger = logging.getLogger(__name__)
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True, help="bundle folder or Hub id")
-    parser.add_argument("--host", default="127.0.0.1",
-                        help="address to listen on (default 127.0.0.1, this machine only; 0.0.0.0 for every interface)")
-    parser.add_argument("--port", type=int, default=7860, help="port to listen on (default 7860)")
-    parser.add_argument("--share", action="store_true",
-                        help="also open a temporary public link through gradio's share servers (needs the internet)")
-    add_device_arguments(parser)
+@dataclass(kw_only=True)
+class DemoArguments(DeviceArguments):
+    model: str = help_field("bundle folder or Hub id", REQUIRED)
+    host: str = help_field("address to listen on (default 127.0.0.1, this machine only; 0.0.0.0 for every interface)",
+                           "127.0.0.1")
+    port: int = help_field("port to listen on (default 7860)", 7860)
+    share: bool = help_field("also open a temporary public link through gradio's share servers (needs the internet)",
+                             False)
+
+    def _checks(self):
+        yield 0 < self.port < 65536, "port", "must be between 1 and 65535"
 
 
-def run(args: argparse.Namespace) -> int:
+ARGUMENTS = DemoArguments
+
+
+def run(args: DemoArguments) -> int:
     from emovlm_kd.modelcheck import local_model_folder
 
-    if not 0 < args.port < 65536:
-        raise UsageError(f"--port must be between 1 and 65535, got {args.port}")
     try:
         local_model_folder(args.model)
     except OSError as error:

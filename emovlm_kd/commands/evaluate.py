@@ -19,39 +19,33 @@ the file when it cannot be used); no code from a model folder runs unless `--tru
 that are not EmoVLM-KD bundles: a zero-shot VLM or a teacher that ship their own code).
 """
 
-import argparse
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 from emovlm_kd.errors import UsageError
-from emovlm_kd.evaluation.options import (
-    add_common_arguments,
-    add_dataset_arguments,
-    check_common_arguments,
-    dataset_options,
-)
+from emovlm_kd.evaluation.options import EvaluationArguments
+from emovlm_kd.settings import REQUIRED, DatasetArguments, RuntimeArguments, dataset_options, help_field
 
 logger = logging.getLogger(__name__)
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True, help="EmoVLM-KD bundle folder or Hub id, or a bare Qwen2-VL")
-    parser.add_argument("--dataset", required=True,
-                        help="dataset folder, manifest, save_to_disk folder or Hub id (see emovlm_kd.data)")
-    parser.add_argument("--teacher", default=None,
-                        help="an AutoModelForImageClassification folder or Hub id (the ViT teacher) to compare")
-    parser.add_argument("--splits", default=None,
-                        help="split file to take the split's ids from (default: the model folder's splits.json, "
-                             "the split it was trained on, when it holds this dataset's images)")
-    parser.add_argument("--trust-remote-code", action="store_true",
-                        help="run the code a checkpoint that is not an EmoVLM-KD bundle ships (a zero-shot VLM, the "
-                             "teacher); EmoVLM-KD bundles always load with the installed classes")
-    add_dataset_arguments(parser)
-    add_common_arguments(parser)
+@dataclass(kw_only=True)
+class EvaluateArguments(RuntimeArguments, EvaluationArguments, DatasetArguments):
+    model: str = help_field("EmoVLM-KD bundle folder or Hub id, or a bare Qwen2-VL", REQUIRED)
+    dataset: str = help_field("dataset folder, manifest, save_to_disk folder or Hub id (see emovlm_kd.data)", REQUIRED)
+    teacher: str | None = help_field("an AutoModelForImageClassification folder or Hub id (the ViT teacher) to compare")
+    splits: str | None = help_field("split file to take the split's ids from (default: the model folder's "
+                                    "splits.json, the split it was trained on, when it holds this dataset's images)")
+    trust_remote_code: bool = help_field("run the code a checkpoint that is not an EmoVLM-KD bundle ships (a zero-shot "
+                                         "VLM, the teacher); EmoVLM-KD bundles always load with the installed classes",
+                                         False)
 
 
-def run(args: argparse.Namespace) -> int:
-    check_common_arguments(args)
+ARGUMENTS = EvaluateArguments
+
+
+def run(args: EvaluateArguments) -> int:
     _check_paths(args)
     from emovlm_kd.training.runlock import hold_run_locks_of
 

@@ -8,23 +8,22 @@ The file holds the ids of every split (the dataset's `id` column, as in `predict
 fingerprint. Files whose content is identical in two splits are named in a warning (`--leakage error` stops).
 """
 
-import argparse
 import logging
+from dataclasses import dataclass
 
 from emovlm_kd.errors import UsageError
-from emovlm_kd.evaluation.options import add_dataset_arguments, dataset_options
+from emovlm_kd.settings import REQUIRED, DatasetArguments, LeakageArguments, dataset_options, help_field
 
 logger = logging.getLogger(__name__)
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("dataset", help="dataset folder, manifest, save_to_disk folder or Hub id")
-    parser.add_argument("--output", required=True, help="the split file to write (JSON)")
-    parser.add_argument("--val-fraction", type=float, default=None,
-                        help="stratified share of train used as val where only val is missing (default: 0.1)")
-    parser.add_argument("--leakage", choices=["warn", "error"], default="warn",
-                        help="identical images in two splits: warn (default) or stop")
-    add_dataset_arguments(parser)
+@dataclass(kw_only=True)
+class SplitArguments(LeakageArguments, DatasetArguments):
+    dataset: str = help_field("dataset folder, manifest, save_to_disk folder or Hub id", REQUIRED, positional=True)
+    output: str = help_field("the split file to write (JSON)", REQUIRED)
+
+
+ARGUMENTS = SplitArguments
 
 
 def check_splits_usable(dataset):
@@ -40,7 +39,7 @@ def check_splits_usable(dataset):
         )
 
 
-def run(args: argparse.Namespace) -> int:
+def run(args: SplitArguments) -> int:
     from emovlm_kd.hubaccess import HubAccess
 
     problem = HubAccess().dataset_problem(args.dataset)  # in seconds, before `datasets` is imported: one Hub probe

@@ -13,25 +13,29 @@ zero-shot row. Each dataset's full report goes to `<output-dir>/<name>/`; the ta
 (see `emovlm_kd.evaluation.table1`).
 """
 
-import argparse
 import logging
+from dataclasses import dataclass
 
 from emovlm_kd.errors import UsageError
-from emovlm_kd.evaluation.options import add_common_arguments, check_common_arguments
+from emovlm_kd.evaluation.options import EvaluationArguments
 from emovlm_kd.evaluation.paper import TABLE1_DATASETS
+from emovlm_kd.settings import REQUIRED, RuntimeArguments, help_field
 
 logger = logging.getLogger(__name__)
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", action="append", required=True, metavar="[NAME=]MODEL",
-                        help="bundle or bare Qwen2-VL; NAME=MODEL for one dataset only (repeatable)")
-    parser.add_argument("--data-root", default=None, help="folder holding emoset, fi, emotion6, flickr, instagram")
-    parser.add_argument("--dataset", action="append", default=[], metavar="NAME=PATH",
-                        help=f"a dataset's location, NAME one of {', '.join(TABLE1_DATASETS)} (repeatable)")
-    parser.add_argument("--splits", action="append", default=[], metavar="NAME=FILE",
-                        help="a split file for one dataset (default: each model folder's splits.json) (repeatable)")
-    add_common_arguments(parser)
+@dataclass(kw_only=True)
+class Table1Arguments(RuntimeArguments, EvaluationArguments):
+    model: list[str] = help_field("bundle or bare Qwen2-VL; NAME=MODEL for one dataset only (repeatable)", REQUIRED,
+                                  action="append", metavar="[NAME=]MODEL")
+    data_root: str | None = help_field("folder holding emoset, fi, emotion6, flickr, instagram")
+    dataset: list[str] = help_field(f"a dataset's location, NAME one of {', '.join(TABLE1_DATASETS)} (repeatable)",
+                                    [], action="append", metavar="NAME=PATH")
+    splits: list[str] = help_field("a split file for one dataset (default: each model folder's splits.json) "
+                                   "(repeatable)", [], action="append", metavar="NAME=FILE")
+
+
+ARGUMENTS = Table1Arguments
 
 
 def parse_models(values):
@@ -72,12 +76,11 @@ def parse_splits(values):
     return splits
 
 
-def run(args: argparse.Namespace) -> int:
+def run(args: Table1Arguments) -> int:
     from emovlm_kd.evaluation.runner import ModelLoadError
     from emovlm_kd.runtime import resolve_device, resolve_dtype
     from emovlm_kd.evaluation.table1 import find_datasets, render_table1_markdown, run_table1
 
-    check_common_arguments(args)
     default, per_dataset = parse_models(args.model)
     overrides = parse_datasets(args.dataset)
     if args.data_root is None and not overrides:

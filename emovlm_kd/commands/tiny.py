@@ -1,30 +1,33 @@
 """`emovlm-kd tiny OUT [--backbone qwen2_vl|qwen2_5_vl|qwen3_vl]`: a tiny randomly initialised bundle (model +
 processor, FI labels) on the chosen backbone, offline and seeded."""
 
-import argparse
+from dataclasses import dataclass
 
 from emovlm_kd.errors import UsageError
 from emovlm_kd.folders import check_bundle_folder
 from emovlm_kd.labels import KNOWN_LABEL_SETS
+from emovlm_kd.settings import REQUIRED, help_field
 
 # configuration_emovlm_kd.SUPPORTED_BACKBONES, spelt out so that `--help` imports no transformers (a test compares)
 BACKBONES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("output_dir", help="folder to write the bundle to")
-    parser.add_argument("--labels", default="mikels8", help=f"one of {sorted(KNOWN_LABEL_SETS)} or a comma list")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the random weights")
-    parser.add_argument("--gate-type", default="concat_linear", metavar="GATE_TYPE",
-                        help="concat_linear, moe, bilinear, dynamic_weighting or cross_gating")
-    parser.add_argument("--head-hidden-sizes", default="64", help="comma-separated widths, e.g. 64,32")
-    parser.add_argument("--backbone", default="qwen2_vl", choices=BACKBONES,
-                        help="the tiny VLM's model_type (default: %(default)s)")
-    parser.add_argument("--overwrite", action="store_true",
-                        help="replace OUTPUT_DIR even when it holds files that are not a bundle's")
+@dataclass(kw_only=True)
+class TinyArguments:
+    output_dir: str = help_field("folder to write the bundle to", REQUIRED, positional=True)
+    labels: str = help_field(f"one of {sorted(KNOWN_LABEL_SETS)} or a comma list", "mikels8")
+    seed: int = help_field("seed of the random weights", 0)
+    gate_type: str = help_field("concat_linear, moe, bilinear, dynamic_weighting or cross_gating", "concat_linear",
+                                metavar="GATE_TYPE")
+    head_hidden_sizes: str = help_field("comma-separated widths, e.g. 64,32", "64")
+    backbone: str = help_field("the tiny VLM's model_type (default: %(default)s)", "qwen2_vl", choices=BACKBONES)
+    overwrite: bool = help_field("replace OUTPUT_DIR even when it holds files that are not a bundle's", False)
 
 
-def run(args: argparse.Namespace) -> int:
+ARGUMENTS = TinyArguments
+
+
+def run(args: TinyArguments) -> int:
     labels = KNOWN_LABEL_SETS.get(args.labels) or [x.strip() for x in args.labels.split(",") if x.strip()]
     if len(labels) < 2:
         raise UsageError(f"--labels: need at least two labels, got {args.labels!r}")

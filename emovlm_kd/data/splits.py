@@ -2,11 +2,11 @@
 pool (`split_ratios`, e.g. FI's 80/5/15; by default 80/10/10)."""
 
 import logging
-import math
 
 import numpy as np
 
 from emovlm_kd.data.records import UNSPLIT
+from emovlm_kd.settings import check_split_ratios
 
 logger = logging.getLogger(__name__)
 
@@ -33,20 +33,6 @@ def stratified_split(labels, fraction, seed):
         split += [indices[i] for i in order[:count]]
         keep += [indices[i] for i in order[count:]]
     return sorted(keep), sorted(split)
-
-
-def check_split_ratios(ratios):
-    """`ratios` as a `(train, val, test)` tuple of floats, or a `ValueError` saying what is wrong."""
-    try:
-        values = tuple(float(value) for value in ratios)
-    except (TypeError, ValueError):
-        values = ()
-    if len(values) != 3 or min(values) < 0 or values[0] <= 0 or not math.isclose(sum(values), 1.0, abs_tol=1e-6):
-        raise ValueError(
-            f"split_ratios must be three non-negative numbers (train, val, test) with train > 0 summing to 1, "
-            f"got {ratios!r}"
-        )
-    return values
 
 
 def default_ratios(val_fraction):

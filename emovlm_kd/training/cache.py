@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from emovlm_kd.folders import default_file_mode, staged_file
+from emovlm_kd.folders import respect_umask, staged_file  # noqa: F401  (respect_umask: the runner's)
 
 logger = logging.getLogger(__name__)
 
@@ -142,25 +142,6 @@ def fingerprint(*parts):
     """Hash of JSON-serialisable parts (settings, other fingerprints)."""
     payload = json.dumps([CACHE_VERSION, *parts], sort_keys=True, default=str)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
-
-
-def respect_umask(*paths, only_private=False):
-    """Give every file in `paths` (files, or folders searched recursively; symlinks left alone) the mode a new file
-    gets under the umask. safetensors (0.8) writes through a temporary file, created 0600, and renames it into
-    place: its files (weights, caches, checkpoints) would otherwise stay readable by their owner alone.
-    `only_private` changes only files at 0600 (what such writers leave), so other modes someone chose are kept."""
-    mode = default_file_mode()
-    for path in map(Path, paths):
-        if not path.exists():
-            continue
-        files = [path] if path.is_file() else (p for p in path.rglob("*") if p.is_file())
-        for file in files:
-            try:
-                current = file.lstat().st_mode & 0o777
-                if not file.is_symlink() and current != mode and (current == 0o600 or not only_private):
-                    file.chmod(mode)
-            except FileNotFoundError:  # removed meanwhile (a stale cache, an old checkpoint)
-                continue
 
 
 class TensorCache:

@@ -19,8 +19,11 @@ from typing import Literal
 from configuration_emovlm_kd import DEFAULT_MAX_IMAGE_SIDE, GATE_TYPES, MIN_IMAGE_SIDE, SUPPORTED_BACKBONES
 from emovlm_kd import protocol as protocols
 from emovlm_kd.errors import InputError
+from emovlm_kd.settings import DEMO, DataArguments
+from emovlm_kd.settings import Checked as _Checked
+from emovlm_kd.settings import help_field as _help
+from emovlm_kd.settings import positive as _positive_set
 
-DEMO = "demo"
 DEMO_BACKBONE = "qwen2_vl"  # `--vlm demo` is `--vlm demo:qwen2_vl`
 INSTRUCTION_KINDS = ("categorical", "conversation", "reasoning")  # the paper's three kinds of stage 1 rows
 DEFAULT_CONFIG = "demo"
@@ -35,15 +38,9 @@ def demo_backbone(vlm):
     return vlm[len(DEMO) + 1 :] if vlm.startswith(DEMO + ":") else None
 
 
-def _help(text):
-    return field(default=None, metadata={"help": text})
-
-
 def _knob(text):
     """A field of the `--protocol` preset (emovlm_kd/protocol.py): None until the run's protocol fills it."""
-    paper, official, _ = protocols.KNOBS[text[0]]
-    return field(default=None, metadata={"help": f"{text[1]} (default: the --protocol's: paper {paper}, official "
-                                                 f"{official})"})
+    return field(default=None, metadata={"help": protocols.knob_help(*text)})
 
 
 def _one_of(obj, name, allowed):
@@ -52,68 +49,10 @@ def _one_of(obj, name, allowed):
     return value is None or value in allowed, name.replace("_", "-"), f"must be one of {', '.join(map(str, allowed))}"
 
 
-class _Checked:
-    """`__post_init__` runs every group's `_checks` (ok, flag, why) and raises `ValueError` naming the flag."""
-
-    def __post_init__(self):
-        for klass in type(self).__mro__:
-            checks = klass.__dict__.get("_checks")
-            for ok, flag, why in checks(self) if checks else ():
-                if not ok:
-                    raise ValueError(f"--{flag} {why}, got {getattr(self, flag.replace('-', '_'))!r}")
-
-
 def _positive(obj, *names, strict=True):
-    for name in names:
-        value = getattr(obj, name)
-        if value is None and name in protocols.KNOBS:  # a knob the protocol fills later
-            continue
-        yield (value > 0 if strict else value >= 1), name.replace("_", "-"), "must be > 0" if strict else "must be >= 1"
-
-
-@dataclass
-class DataArguments(_Checked):
-    _argument_group_name = "Data"
-    dataset: str = field(default=DEMO, metadata={"help": "dataset folder/manifest/Hub id, or 'demo' (synthetic)"})
-    val_fraction: float = field(default=0.1, metadata={"help": "stratified share of train used as val when absent"})
-    seed: int = field(default=42, metadata={"help": "seed of splits, initialisation and training"})
-    max_train_samples: int | None = field(default=None, metadata={"help": "cap the train split (debugging)"})
-    dataset_format: str | None = _help("fi, emoset, emotion6, flickr, instagram, imagefolder, manifest or hub "
-                                       "(default: detected)")
-    split_ratios: list[float] | None = _help("train val test shares where a dataset has no split (default: the "
-                                             "dataset's protocol, 0.8 0.05 0.15 for FI)")
-    emotion6_labels: Literal["folder", "argmax"] = field(
-        default="folder", metadata={"help": "Emotion6 labels: the class folder (the paper's) or the argmax of "
-                                            "ground_truth.txt"}
-    )
-    vote_rule: Literal["majority", "unanimous", "plurality"] = field(
-        default="majority", metadata={"help": "Flickr/Instagram: the votes that make a positive/negative label"}
-    )
-    label_column: str | None = _help("save_to_disk/Hub/parquet datasets: the column holding the labels (default: "
-                                     "label, labels, emotion or the first ClassLabel)")
-    splits: str | None = _help("a split file (emovlm-kd split / RUN/splits.json) to use instead of deriving one")
-    leakage: Literal["warn", "error"] = field(
-        default="warn", metadata={"help": "identical images in two splits: warn, or stop the run"}
-    )
-    split_rule: Literal["paper", "official"] | None = _knob((
-        "split_rule", "where a dataset has no val split: paper (the dataset's protocol) or official (val a stratified "
-        "10 % of train, sklearn train_test_split random_state 42, for EmoSet and Emotion6: data_utils.py:107-128)"))
-    verify_data: Literal["stat", "content"] = field(
-        default="stat", metadata={"help": "what cache and stage keys see of each image file: stat (its size and "
-                                          "modification time) or content (its size and sha256: reads every file; "
-                                          "catches a change that keeps both, and a file rewritten with the same "
-                                          "bytes keeps its caches)"}
-    )
-
-    def _checks(self):
-        yield 0.0 < self.val_fraction < 1.0, "val-fraction", "must be in (0, 1)"
-        ratios = self.split_ratios
-        yield ratios is None or (len(ratios) == 3 and min(ratios) >= 0 and abs(sum(ratios) - 1) < 1e-6
-                                 and ratios[0] > 0 and ratios[2] > 0), "split-ratios", \
-            "must be three shares (train val test) summing to 1, train and test > 0"
-        yield self.leakage in ("warn", "error"), "leakage", "must be warn or error"
-        yield self.verify_data in ("stat", "content"), "verify-data", "must be stat or content"
-        yield _one_of(self, "split_rule", ("paper", "official"))
+    """settings.positive over `names`, skipping a protocol knob still None (the protocol fills it later)."""
+    yield from _positive_set(obj, *(n for n in names if not (n in protocols.KNOBS and getattr(obj, n) is None)),
+                             strict=strict)
 
 
 @dataclass

@@ -92,7 +92,7 @@ def read_dataset(cfg, source=None):
 def _read_dataset(cfg, source):
     from emovlm_kd.data import load_image_dataset
     from emovlm_kd.data.splitfile import apply_splits, check_leakage, read_splits
-    from emovlm_kd.evaluation.options import dataset_options
+    from emovlm_kd.settings import dataset_options
 
     dataset = load_image_dataset(source, **dataset_options(cfg))
     if cfg.splits:

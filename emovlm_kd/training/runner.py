@@ -20,7 +20,7 @@ from emovlm_kd import folders
 from emovlm_kd import protocol as protocols
 from emovlm_kd.determinism import deterministic
 from emovlm_kd.distributed import barrier, is_main_process, main_process_decides, state
-from emovlm_kd.evaluation.options import dataset_options
+from emovlm_kd.settings import dataset_options
 from emovlm_kd.logs import tidy_transformers_bars
 from emovlm_kd.training.cache import (
     TensorCache,
