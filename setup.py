@@ -30,6 +30,7 @@ setup(
         "bitsandbytes",
         "datasets",
         "evaluate",
+        "scipy",  # emovlm_kd.evaluation.stats (bootstrap, McNemar); evaluate imports it for its own bootstrap
         "huggingface-hub",
         "safetensors",
         "accelerate",

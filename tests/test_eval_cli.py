@@ -206,10 +206,20 @@ def test_table1_over_present_datasets(tiny_bundle_dir, dataset_dir, tmp_path, ca
         report = json.loads((out / name / "report.json").read_text())
         assert report["num_samples"] == 4
         assert table["this_model"][name] == round(100 * report["accuracy"]["emovlm_kd"], 2)
+        assert table["datasets"][name]["accuracy_ci"] == report["accuracy_ci"]
+        assert table["datasets"][name]["mcnemar"] == report["mcnemar"]
+        assert set(report["mcnemar"]) == {"vlm_vs_emovlm_kd", "distill_vs_emovlm_kd"}
     assert table["datasets"]["emoset"]["accuracy"] == table["datasets"]["fi"]["accuracy"]  # same images, same model
     markdown = (out / "table1.md").read_text()
     assert "| EmoVLM-KD (paper) | 79.83 | 79.51 | 73.91 | 88.90 | 89.59 |" in markdown
     assert "**this model**" in markdown and "Skipped" in markdown
+    # per dataset: this model's accuracy with its interval, the paper's EmoVLM-KD number beside it, paired tests
+    low, high = table["datasets"]["fi"]["accuracy_ci"]["emovlm_kd"]
+    accuracy = table["this_model"]["fi"]
+    test = table["datasets"]["fi"]["mcnemar"]["vlm_vs_emovlm_kd"]
+    assert (f"| FI | 4 | {accuracy:.2f} [{100 * low:.2f}, {100 * high:.2f}] | 79.51 | "
+            in markdown), markdown
+    assert f"{test['b']}/{test['c']}, p = " in markdown and "not on a sample (`--limit`)" in markdown
     assert "Table 1" in capsys.readouterr().out
 
 

@@ -10,6 +10,7 @@ from emovlm_kd.evaluation.report import (
     atomic_write,
     build_report,
     complementarity,
+    correctness,
     gate_decisions,
     prediction_records,
     render_markdown,
@@ -104,9 +105,41 @@ def test_records_carry_every_part_and_recompute_the_accuracies(report, tmp_path)
     assert accuracies_from_records(lines) == report["accuracy"]
 
 
+def test_each_accuracy_has_a_bootstrap_interval_and_each_branch_a_paired_test(report, tmp_path):
+    from emovlm_kd.evaluation.stats import bootstrap_ci, mcnemar, paired_correctness
+
+    right = correctness(PREDICTIONS, REFERENCES)
+    assert right["vlm"].tolist() == [True, True, False, False, True, False]  # -1 (no answer) is wrong
+    for part, (low, high) in report["accuracy_ci"].items():
+        assert 0 <= low <= report["accuracy"][part] <= high <= 1
+        assert [100 * low, 100 * high] == pytest.approx(bootstrap_ci(right[part]), abs=1e-4)
+    assert report["accuracy_ci_method"]["resamples"] == 10000 and report["accuracy_ci_method"]["confidence"] == 0.95
+    # VLM right, gate wrong: sample 4; gate right, VLM wrong: samples 2, 3. Head only: 5; gate only: 1.
+    assert report["mcnemar"]["vlm_vs_emovlm_kd"] | {"p_value": None} == {
+        "b": 1, "c": 2, "statistic": 1.0, "p_value": None, "method": "exact"}
+    assert report["mcnemar"]["vlm_vs_emovlm_kd"]["p_value"] == pytest.approx(1.0)  # 2 * P(X <= 1 | Bin(3, 1/2))
+    assert (report["mcnemar"]["distill_vs_emovlm_kd"]["b"], report["mcnemar"]["distill_vs_emovlm_kd"]["c"]) == (1, 1)
+    # The same test from the written predictions, paired by image id (how two runs are compared).
+    records = prediction_records(LABELS, REFERENCES, PREDICTIONS, ids=[f"s{i}" for i in range(6)])
+    vlm, gate, _ = paired_correctness(records, list(reversed(records)), "vlm", "emovlm_kd")
+    assert mcnemar(vlm, gate).as_dict() == report["mcnemar"]["vlm_vs_emovlm_kd"]
+    assert "gate" not in build_report(LABELS, REFERENCES, {"vlm": PREDICTIONS["vlm"]})["mcnemar"]
+
+
+def test_a_large_gap_is_significant_and_a_tie_is_not():
+    rng = np.random.default_rng(0)
+    references = rng.integers(0, 3, 400)
+    gate = np.where(rng.random(400) < 0.8, references, (references + 1) % 3)
+    vlm = np.where(rng.random(400) < 0.6, references, (references + 2) % 3)
+    tests = build_report(LABELS, references, {"vlm": vlm, "distill": gate.copy(), "emovlm_kd": gate})["mcnemar"]
+    assert tests["vlm_vs_emovlm_kd"]["method"] == "chi2" and tests["vlm_vs_emovlm_kd"]["p_value"] < 1e-6
+    assert tests["distill_vs_emovlm_kd"] == {"b": 0, "c": 0, "statistic": 0.0, "p_value": 1.0, "method": "exact"}
+
+
 def test_markdown_has_every_table(report):
     text = render_markdown(report)
-    for heading in ("Table 2", "Figure 1", "disagree", "Per-class accuracy", "Confusion matrix of EmoVLM-KD"):
+    for heading in ("Table 2", "Figure 1", "disagree", "Per-class accuracy", "Confusion matrix of EmoVLM-KD",
+                    "95 % CI", "Paired tests (McNemar)", "| VLM vs EmoVLM-KD | 1 | 2 | exact binomial | 1.000 |"):
         assert heading in text
     assert "| VLM | 100 | 50.00 |" in text
     assert "named no label" in text and "complementarity.png" in text

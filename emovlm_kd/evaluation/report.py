@@ -12,11 +12,14 @@ import numpy as np
 
 from emovlm_kd.metrics import load_metric
 from emovlm_kd.evaluation.paper import TABLE2_FI
+from emovlm_kd.evaluation.stats import bootstrap_ci, mcnemar
 from emovlm_kd.folders import atomic_write  # the writer of every report file (all or nothing)
 
 PARTS = ("vlm", "distill", "teacher", "emovlm_kd")  # the order of the paper's Table 2
 PART_TITLES = {"vlm": "VLM", "distill": "Distill head", "emovlm_kd": "EmoVLM-KD", "teacher": "ViT teacher"}
 COMPLEMENTARITY_PAIRS = (("vlm", "distill"), ("vlm", "teacher"))
+GATE_TESTS = ("vlm", "distill")  # McNemar between each branch and the gate (EmoVLM-KD), on the same images
+CI = {"confidence": 0.95, "resamples": 10000, "seed": 0}  # the bootstrap of every reported accuracy
 NO_ANSWER = -1
 
 
@@ -41,6 +44,27 @@ def complementarity(correct_a, correct_b, name_a="vlm", name_b="distill"):
         f"{name_b}_only": int((~a & b).sum()),
         "neither": int((~a & ~b).sum()),
     }
+
+
+def correctness(predictions, references):
+    """`{part: (N,) bool}`: whether each part got each image right (no answer, -1, is wrong). The per-image vector
+    that `stats.bootstrap_ci` and `stats.mcnemar` take; across two runs, pair the `predictions.jsonl` records by
+    image id with `stats.paired_correctness`."""
+    references = np.asarray(references, dtype=np.int64)
+    return {part: np.asarray(pred, dtype=np.int64) == references for part, pred in predictions.items()}
+
+
+def significance(correct, ci=CI):
+    """`(accuracy_ci, paired_tests)` of per-part correctness vectors: `{part: [low, high]}`, the percentile
+    bootstrap interval of each accuracy over the images (fractions, like the accuracies), and `{"<branch>_vs_emovlm_kd":
+    McNemar's test as a dict}` for each branch in `GATE_TESTS` beside the gate."""
+    intervals = {}
+    for part, right in correct.items():
+        low, high = bootstrap_ci(right, confidence=ci["confidence"], resamples=ci["resamples"], seed=ci["seed"])
+        intervals[part] = [round(low / 100, 6), round(high / 100, 6)]
+    tests = {f"{branch}_vs_emovlm_kd": mcnemar(correct[branch], correct["emovlm_kd"]).as_dict()
+             for branch in GATE_TESTS if branch in correct and "emovlm_kd" in correct}
+    return intervals, tests
 
 
 def gate_decisions(vlm_pred, distill_pred, final_pred, references):
@@ -157,7 +181,9 @@ def build_report(labels, references, predictions, probabilities=None, *, meta=No
             "confusion_matrix": {part: metrics[part]["confusion_matrix"] for part in parts},
         }
     )
-    correct = {part: np.asarray(predictions[part]) == references for part in parts}
+    correct = correctness({part: predictions[part] for part in parts}, references)
+    report["accuracy_ci"], report["mcnemar"] = significance(correct)
+    report["accuracy_ci_method"] = {"method": "percentile bootstrap over the images", **CI}
     for a, b in COMPLEMENTARITY_PAIRS:
         if a in correct and b in correct:
             report["complementarity"][f"{a}_vs_{b}"] = complementarity(correct[a], correct[b], a, b)
@@ -243,17 +269,33 @@ def _table(header, rows):
 
 def accuracy_table(report):
     """A short plain-text table of the accuracies (what the command prints at the end)."""
-    rows = [(PART_TITLES[p], _pct(report["accuracy"][p]), _pct(report["macro_f1"][p])) for p in report["accuracy"]]
+    intervals = report.get("accuracy_ci", {})
+    rows = [(PART_TITLES[p], _pct(report["accuracy"][p]), _ci(intervals.get(p)), _pct(report["macro_f1"][p]))
+            for p in report["accuracy"]]
     width = max(len(r[0]) for r in rows)
-    lines = [f"{'part':<{width}}  accuracy  macro-F1"]
-    lines += [f"{name:<{width}}  {acc:>8}  {f1:>8}" for name, acc, f1 in rows]
+    lines = [f"{'part':<{width}}  accuracy  {'95 % CI':<16}  macro-F1"]
+    lines += [f"{name:<{width}}  {acc:>8}  {ci:<16}  {f1:>8}" for name, acc, ci, f1 in rows]
+    tests = report.get("mcnemar", {})
+    if tests:
+        lines.append("McNemar vs EmoVLM-KD: " + "; ".join(
+            f"{PART_TITLES[pair.split('_vs_')[0]]} p = {_p(test['p_value'])}" for pair, test in tests.items()))
     return "\n".join(lines)
+
+
+def _ci(interval):
+    return "-" if interval is None else f"[{_pct(interval[0])}, {_pct(interval[1])}]"
+
+
+def _p(value):
+    return f"{value:.2g}" if value < 0.001 else f"{value:.3f}"
 
 
 def render_markdown(report, images=("confusion_matrix.png", "complementarity.png")):
     """`report.md`: components (Table 2), complementarity (Figure 1), the gate, per-class accuracy, confusion."""
     out = _overview(report)
     out += _components_section(report)
+    if report.get("mcnemar"):
+        out += _paired_tests_section(report)
     if report.get("calibration", {}).get("temperature"):
         out += _calibration_section(report)
     if report["complementarity"]:
@@ -286,19 +328,39 @@ def _components_section(report):
     out = ["## Components (the paper's Table 2)", ""]
     params = report.get("parameters", {})
     paper = is_the_papers_fi_test(report)
-    header = ["part", "parameters", "accuracy (%)", "macro-F1 (%)", f"ECE ({report['ece_n_bins']} bins)"]
+    intervals = report.get("accuracy_ci", {})
+    header = ["part", "parameters", "accuracy (%)", "95 % CI", "macro-F1 (%)", f"ECE ({report['ece_n_bins']} bins)"]
     header += ["paper, FI (%)"] if paper else []
     rows = []
     for part in report["accuracy"]:
         ece = report["ece"].get(part)
         rows.append((PART_TITLES[part], f"{params[part]:,}" if part in params else "-", _pct(report["accuracy"][part]),
-                     _pct(report["macro_f1"][part]), "-" if ece is None else f"{ece:.4f}",
+                     _ci(intervals.get(part)), _pct(report["macro_f1"][part]), "-" if ece is None else f"{ece:.4f}",
                      *([TABLE2_FI[part][1]] if paper else [])))
     out += [_table(header, rows), ""]
+    if intervals:
+        method = report.get("accuracy_ci_method", CI)
+        out += [f"95 % CI: percentile bootstrap of the accuracy over the {report['num_samples']} images "
+                f"({method['resamples']} resamples, seed {method['seed']}).", ""]
     if report.get("no_answer"):
         missing = ", ".join(f"{PART_TITLES[p]} {n}" for p, n in report["no_answer"].items())
         out += [f"Answers that named no label (counted as wrong): {missing}.", ""]
     return out
+
+
+def _paired_tests_section(report):
+    """McNemar's test of each branch against the gate on the same images."""
+    rows = []
+    for pair, test in report["mcnemar"].items():
+        branch = PART_TITLES[pair.split("_vs_")[0]]
+        rows.append((f"{branch} vs EmoVLM-KD", test["b"], test["c"],
+                     "exact binomial" if test["method"] == "exact" else f"chi-square {test['statistic']:.3f}",
+                     _p(test["p_value"])))
+    explanation = ("McNemar's test on the images where exactly one of the two is right (the first: only the branch; "
+                   "the second: only EmoVLM-KD); exact binomial below 25 such images, else chi-square with continuity "
+                   "correction. A small p means the accuracies differ by more than chance on these images.")
+    header = ["pair", "branch only right", "EmoVLM-KD only right", "test", "p (two-sided)"]
+    return ["## Paired tests (McNemar)", "", explanation, "", _table(header, rows), ""]
 
 
 def _calibration_section(report):
@@ -373,10 +435,12 @@ __all__ = [
     "build_report",
     "calibration",
     "complementarity",
+    "correctness",
     "gate_decisions",
     "part_metrics",
     "prediction_records",
     "render_markdown",
+    "significance",
     "write_json",
     "write_jsonl",
     "write_text",
