@@ -112,6 +112,28 @@ def model_fields(cfg):
     return fields
 
 
+PAPER_ANSWERING = {"vlm_mode": "score", "vlm_do_sample": False, "answer_parsing": "lenient", "generation_prompt": True}
+
+
+def apply_to_model(model, processor, name):
+    """Evaluate a loaded bundle under protocol `name` (evaluate, table1 `--protocol`): how its VLM branch answers.
+    `official`: one answer sampled at T 0.8 (256 new tokens; the evaluation seeds it), parsed as train_gate.py:83-93,
+    after a prompt without the generation prompt; `paper`: the label scores (deterministic). What the bundle was
+    trained with stays (its chat layout, the gate's input): changing those would feed the gate what it never saw.
+    The answers' token ids are recomputed when the prompt's end changes. Returns `model`."""
+    if name is None:
+        return model
+    config = model.config
+    values = dict(OFFICIAL_SAMPLING, answer_parsing="official", generation_prompt=False) if check(name) == "official" \
+        else PAPER_ANSWERING
+    before = config.generation_prompt
+    for key, value in values.items():
+        setattr(config, key, value)
+    if config.generation_prompt != before and processor is not None and hasattr(model, "set_answer_tokens"):
+        model.set_answer_tokens(processor)
+    return model
+
+
 def config_changes(config):
     """(field, value) of a bundle config's protocol fields that differ from the paper's: what the cache keys of the
     VLM passes add (nothing for a paper bundle, whose keys stay what they were)."""

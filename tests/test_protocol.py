@@ -322,3 +322,39 @@ def test_split_rule_switches_on_emoset(tmp_path):
     assert sorted(official["val"]["label"]) == list(range(8))  # stratified
     again = load_image_dataset(root, **dataset_options(dataclasses.replace(OFFICIAL, seed=7)))
     assert again["val"]["id"] == official["val"]["id"]  # random_state 42 whatever the run's seed
+
+
+# ------------------------------------------------------------------------------------ table1 --protocol both
+
+
+def test_table1_both_protocols_side_by_side(tiny_bundle_dir, tmp_path, capsys):
+    import json
+
+    import numpy as np
+
+    from emovlm_kd.cli import main
+    from emovlm_kd.data import make_synthetic_dataset
+    from emovlm_kd.evaluation.stats import mcnemar
+
+    data = make_synthetic_dataset(tmp_path / "FI", per_class=(1, 0, 2), image_size=40)
+    out = tmp_path / "table1"
+    # 4 images: the official protocol generates up to 256 tokens per image (train_gate.py:69)
+    assert main(["table1", "--protocol", "both", "--model", str(tiny_bundle_dir), "--dataset", f"fi={data}",
+                 "--limit", "4", "--batch-size", "4", "--device", "cpu", "--output-dir", str(out)]) == 0
+    rows = json.loads((out / "table1_protocols.json").read_text())["datasets"]
+    assert list(rows) == ["fi"] and rows["fi"]["paper_published"] == 79.51
+    correct = {}
+    for name in ("paper", "official"):
+        report = json.loads((out / name / "fi" / "report.json").read_text())
+        records = [json.loads(line) for line in (out / name / "fi" / "predictions.jsonl").read_text().splitlines()]
+        assert report["protocol"] == name and report["vlm_mode"] == ("generate" if name == "official" else "score")
+        assert rows["fi"][name]["accuracy"] == round(100 * report["accuracy"][report["final"]], 2)
+        answers = [record.get("vlm_answer") for record in records]
+        # official: a generated, sampled answer per image; paper: label scores, no text
+        assert all(isinstance(a, str) for a in answers) if name == "official" else not any(answers)
+        correct[name] = np.array([r["predictions"][report["final"]] == r["label"] for r in records])
+    expected = mcnemar(correct["paper"], correct["official"]).as_dict()
+    assert rows["fi"]["mcnemar"] == {**expected, "images": 4}
+    markdown = (out / "table1_protocols.md").read_text()
+    assert f"| FI | {rows['fi']['paper']['accuracy']:.2f} [" in markdown and "| 79.51 |" in markdown
+    assert "Table 1 under both protocols" in capsys.readouterr().out
