@@ -143,9 +143,9 @@ def config_changes(config):
 
 
 def knob_help(knob, text):
-    """A knob's flag help: `text` and what each protocol fills it with."""
+    """A knob's flag help: `text` and what each protocol fills it with (`%` doubled: argparse formats help)."""
     paper, official, _ = KNOBS[knob]
-    return f"{text} (default: the --protocol's: paper {paper}, official {official})"
+    return f"{text} (default: the --protocol's: paper {paper}, official {official})".replace("%", "%%")
 
 
 def table_rows():
