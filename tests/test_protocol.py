@@ -358,3 +358,20 @@ def test_table1_both_protocols_side_by_side(tiny_bundle_dir, tmp_path, capsys):
     markdown = (out / "table1_protocols.md").read_text()
     assert f"| FI | {rows['fi']['paper']['accuracy']:.2f} [" in markdown and "| 79.51 |" in markdown
     assert "Table 1 under both protocols" in capsys.readouterr().out
+
+
+def test_ablate_protocol_retrains_head_and_gate_with_the_other_preset(tmp_path):
+    import json
+
+    from emovlm_kd.evaluation.ablation_data import load_settings
+
+    (tmp_path / "train_config.json").write_text(json.dumps(dataclasses.replace(PAPER, gate_lr=0.5).to_dict()))
+    run_cfg, cfg = load_settings(tmp_path, {"protocol": "official", "gate_epochs": 3.0})
+    assert (run_cfg.gate_optimizer, run_cfg.gate_batch_size, run_cfg.gate_input) == ("adamw", 32, "probs")
+    assert (cfg.gate_optimizer, cfg.gate_batch_size, cfg.gate_input, cfg.distill_init) == ("adam", 1, "logits",
+                                                                                            "pytorch")
+    assert (cfg.gate_lr, cfg.gate_epochs) == (0.5, 3.0)  # the run's own settings and the flags stay
+    # a run from before the knobs existed (no knob in its train_config.json) reads as paper
+    old = {k: v for k, v in PAPER.to_dict().items() if k not in protocol.KNOBS and k != "protocol"}
+    (tmp_path / "train_config.json").write_text(json.dumps(old))
+    assert load_settings(tmp_path, {})[0] == PAPER
