@@ -17,12 +17,15 @@ DEFAULT_MODEL = "runs/demo/model"
 
 def main():
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # read by gradio (gradio/analytics.py)
+    from functools import partial
+
+    from emovlm_kd.data.examples import example_files
     from emovlm_kd.demo import build_demo, launch, load_model
     from emovlm_kd.logs import setup_logging
 
     setup_logging(os.environ.get("EMOVLM_KD_LOG_LEVEL", "INFO"))
     model, processor = load_model(os.environ.get(MODEL_VARIABLE) or DEFAULT_MODEL)
-    launch(build_demo(model, processor))
+    launch(build_demo(model, processor, examples=partial(example_files, model)))  # its own, else synthetic ones
     return 0
 
 

@@ -120,7 +120,7 @@ def ours_distill(model, cfg, data):
     cached = clock.stop()
     head = copy.deepcopy(model.distill_head).float().requires_grad_(True)
     tensors = (features, data.teacher_logits.float().cpu(), data.labels.cpu())
-    return cached, _timed_training(heads.train_head, model, cfg, head, tensors)
+    return cached, _timed_training(heads.train_head, "distill_args", model, cfg, head, tensors)
 
 
 def ours_gate(model, cfg, data):
@@ -130,20 +130,23 @@ def ours_gate(model, cfg, data):
     vlm_scores, head_probs = cache_gate_inputs(model, data.batches)
     cached = clock.stop()
     gate = copy.deepcopy(model.gate).float().requires_grad_(True)
-    return cached, _timed_training(heads.train_gate, model, cfg, gate, (vlm_scores, head_probs, data.labels.cpu()))
+    return cached, _timed_training(heads.train_gate, "gate_args", model, cfg, gate,
+                                   (vlm_scores, head_probs, data.labels.cpu()))
 
 
-def _timed_training(train, model, cfg, module, tensors):
-    """Seconds of `train(cfg, module, *tensors, output_dir)`, after an untimed one-epoch call on two rows: the
+def _timed_training(train, group, model, cfg, module, tensors):
+    """Seconds of `train(cfg.<group>, module, *tensors, output_dir, seed=cfg.seed)` (`group`: the stage's settings,
+    `distill_args` or `gate_args`), after an untimed one-epoch call on two rows: the
     imports and one-time set-up of the Trainer stack, paid once per process, stay out of the timing (the reference
     is warm too: the inference timings ran its encoder and generation)."""
     overrides = _trainer_overrides(model.device)
     clock = Stopwatch(model.device)
     with tempfile.TemporaryDirectory(prefix="emovlm-kd-bench-") as tmp:
         warm_up = stage_config(model, 1, 1, cfg.seed)
-        train(warm_up, copy.deepcopy(module), *(t[:2] for t in tensors), tmp, **overrides)
+        train(getattr(warm_up, group), copy.deepcopy(module), *(t[:2] for t in tensors), tmp, seed=warm_up.seed,
+              **overrides)
         clock.start()
-        train(cfg, module, *tensors, tmp, **overrides)
+        train(getattr(cfg, group), module, *tensors, tmp, seed=cfg.seed, **overrides)
         return clock.stop()
 
 

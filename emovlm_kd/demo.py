@@ -30,6 +30,8 @@ import tempfile
 import threading
 from pathlib import Path
 
+from emovlm_kd.folders import bundle_examples
+
 logger = logging.getLogger(__name__)
 
 CSV_NAME = "emovlm_kd_predictions.csv"
@@ -94,20 +96,6 @@ def write_csv(rows, folder):
     with open(path, "w", encoding="utf-8", newline="") as handle:
         csv.writer(handle).writerows(rows)
     return path
-
-
-def example_files(model, folder=None):
-    """Example images for the page: the bundle's own `examples/*.png` when its folder has some, else the same seeded
-    synthetic images the export ships (`modelcard.write_widget_examples`: one per label, the demo dataset's
-    generator) written into `folder` (default: a new temporary folder)."""
-    from emovlm_kd.training.modelcard import EXAMPLES_FOLDER, write_widget_examples
-
-    source = Path(model.name_or_path or "") / EXAMPLES_FOLDER
-    shipped = sorted(source.glob("*.png")) if model.name_or_path and source.is_dir() else []
-    if shipped:
-        return shipped
-    folder = Path(folder or tempfile.mkdtemp(prefix="emovlm_kd_examples_"))
-    return list(write_widget_examples(folder, model.config.labels).values())
 
 
 class DemoModel:
@@ -199,15 +187,19 @@ def payload_path(payload):
 
 
 def build_demo(model, processor, examples=None, title="EmoVLM-KD"):
-    """The demo page for `model` and `processor` (see the module docstring); `examples`: image files to offer
-    (default `example_files(model)`). Generated examples and the batch tab's CSV files live in one temporary folder,
-    removed with the returned `Blocks` (or at exit)."""
+    """The demo page for `model` and `processor` (see the module docstring); `examples`: image files to offer, or a
+    function writing them into a given folder (`partial(emovlm_kd.data.examples.example_files, model)`: the
+    bundle's own, else synthetic ones, as `emovlm-kd demo` and app.py pass), called with a folder inside the demo's
+    temporary one; default: the bundle's own examples (`folders.bundle_examples`). Generated examples and the batch
+    tab's CSV files live in one temporary folder, removed with the returned `Blocks` (or at exit)."""
     gr = require_gradio()
     app = DemoModel(model, processor)
     labels = app.labels
     scratch = tempfile.TemporaryDirectory(prefix="emovlm_kd_demo_")  # under the system temp dir: gradio serves it
     if examples is None:
-        examples = example_files(model, Path(scratch.name) / "examples")
+        examples = bundle_examples(model.name_or_path)
+    elif callable(examples):
+        examples = examples(Path(scratch.name) / "examples")
     examples = [str(path) for path in examples]
 
     def readable(error):

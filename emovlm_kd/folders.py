@@ -350,7 +350,8 @@ BUNDLE_FILES = {
     "special_tokens_map.json", "added_tokens.json", "vocab.json", "merges.txt", "chat_template.jinja",
     "chat_template.json", "README.md", "splits.json",
 }
-BUNDLE_FOLDERS = {"examples": lambda path: path.suffix == ".png"}  # the widget's and the demo's example images
+EXAMPLES_FOLDER = "examples"  # in a bundle: the widget's and the demo's example images (emovlm_kd.data.examples)
+BUNDLE_FOLDERS = {EXAMPLES_FOLDER: lambda path: path.suffix == ".png"}
 SHARD = re.compile(r"^model-\d+-of-\d+\.safetensors$")
 
 
@@ -370,3 +371,10 @@ def bundle_conflicts(folder):
     folder = Path(folder)
     shards = {p.name for p in folder.glob("model-*.safetensors")} if folder.is_dir() else set()
     return folder_conflicts(folder, BUNDLE_FILES | {s for s in shards if SHARD.match(s)}, BUNDLE_FOLDERS)
+
+
+def bundle_examples(name_or_path):
+    """The example images a bundle's folder holds (`examples/*.png`, as the export writes them), sorted; [] for a Hub
+    id, or a folder without them."""
+    source = Path(name_or_path or "") / EXAMPLES_FOLDER
+    return sorted(source.glob("*.png")) if name_or_path and source.is_dir() else []

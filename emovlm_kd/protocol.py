@@ -32,7 +32,7 @@ KNOBS = {
     "quantize_scope": ("llm", "all",
                        "[7] train_vlm.py:69-80: BitsAndBytesConfig with no skip list (transformers still keeps "
                        "lm_head, the output embedding, unquantised)"),
-    "tf32": (False, True, "[17] train_vlm.py:100"),
+    "sft_tf32": (False, True, "[17] train_vlm.py:100: SFTConfig(tf32=True)"),
     # stage 3 (head) and stage 4 (gate)
     "distill_optimizer": ("adamw", "adam", "[8] train_distillation.py:155: optim.Adam(weight_decay=1e-4), constant"),
     "gate_optimizer": ("adamw", "adam", "[8] train_gate.py:358: optim.Adam(weight_decay=1e-4), constant"),

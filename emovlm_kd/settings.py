@@ -227,7 +227,7 @@ def add_arguments(parser, settings):
 
 def _add_field(parser, spec, hint):
     kwargs = {k: v for k, v in spec.metadata.items() if k != "positional"}
-    hint, optional = _strip_optional(hint)
+    hint = _strip_optional(hint)
     origin = typing.get_origin(hint)
     if spec.default is not MISSING:
         kwargs["default"] = spec.default
@@ -237,6 +237,8 @@ def _add_field(parser, spec, hint):
         kwargs["choices"] = typing.get_args(hint)
         kwargs.setdefault("type", type(kwargs["choices"][0]))
     elif hint is bool:
+        if spec.default is not False:
+            raise TypeError(f"{spec.name}: a bool field is a switch, off by default (default=False)")
         kwargs["action"] = "store_true"  # a switch, as before (HfArgumentParser: `--flag [BOOL]`)
     elif origin is list:
         if kwargs.get("action") != "append":
@@ -256,12 +258,12 @@ def _add_field(parser, spec, hint):
 
 
 def _strip_optional(hint):
-    """`(X, True)` for `X | None` / `Optional[X]`, else `(hint, False)`."""
+    """`X` for `X | None` / `Optional[X]`, else `hint`."""
     if typing.get_origin(hint) in (typing.Union, types.UnionType):
         args = [arg for arg in typing.get_args(hint) if arg is not type(None)]
         if len(args) == 1:
-            return args[0], True
-    return hint, False
+            return args[0]
+    return hint
 
 
 def read(namespace, settings):

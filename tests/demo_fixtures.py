@@ -149,7 +149,8 @@ def screenshot(model_id, output, image=None, explain=True):
     `explain`, explained, saved as a PNG at `output` (palette-quantised to stay small)."""
     from PIL import Image
 
-    from emovlm_kd.demo import build_demo, example_files, load_model
+    from emovlm_kd.data.examples import example_files
+    from emovlm_kd.demo import build_demo, load_model
 
     model, processor = load_model(model_id, device="cpu")
     with tempfile.TemporaryDirectory() as tmp:

@@ -181,9 +181,10 @@ def test_head_and_gate_training_twice_under_strict_determinism_give_the_same_wei
     def train_both(folder):
         head = EmoVLMKDDistillationHead(8, [4], 3, 0.1).to(run_device())
         gate = GATE_CLASSES["concat_linear"](3).to(run_device())
-        heads.train_head(cfg, head, data.features["train"], data.teacher_logits["train"], data.labels["train"],
-                         folder / "head", **QUIET)
-        heads.train_gate(cfg, gate, probs, probs, data.labels["train"], folder / "gate", **QUIET)
+        heads.train_head(cfg.distill_args, head, data.features["train"], data.teacher_logits["train"],
+                         data.labels["train"], folder / "head", seed=cfg.seed, **QUIET)
+        heads.train_gate(cfg.gate_args, gate, probs, probs, data.labels["train"], folder / "gate", seed=cfg.seed,
+                         **QUIET)
         return {**head.state_dict(), **{f"gate.{k}": v for k, v in gate.state_dict().items()}}
 
     with deterministic(warn_only=False):

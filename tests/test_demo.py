@@ -56,7 +56,7 @@ def classify(tiny_bundle_dir, demo_model):
 
 @pytest.fixture(scope="module")
 def examples(demo_model, tmp_path_factory):
-    from emovlm_kd.demo import example_files
+    from emovlm_kd.data.examples import example_files
 
     return example_files(demo_model[0], tmp_path_factory.mktemp("examples"))
 

@@ -78,8 +78,8 @@ def test_the_gate_trains_on_sample_epoch_mod_k(tmp_path, monkeypatch):
 
     monkeypatch.setattr(trainers.GateTrainer, "compute_loss", recording)
     cfg = TrainConfig(gate_epochs=5.0, gate_batch_size=4, gate_lr=1e-2, seed=0)
-    heads.train_gate(cfg, GATE_CLASSES["concat_linear"](c), samples, torch.full((n, c), 1 / c),
-                     torch.zeros(n, dtype=torch.long), tmp_path, save_strategy="no", disable_tqdm=True)
+    heads.train_gate(cfg.gate_args, GATE_CLASSES["concat_linear"](c), samples, torch.full((n, c), 1 / c),
+                     torch.zeros(n, dtype=torch.long), tmp_path, seed=cfg.seed, save_strategy="no", disable_tqdm=True)
     assert [epoch for epoch, _ in seen] == [0, 0, 1, 1, 2, 2, 3, 3, 4, 4]
     assert all(answers == {epoch % k} for epoch, answers in seen)
 

@@ -4,7 +4,6 @@ processor's `max_pixels` is lowered to the same budget and saved with it."""
 
 import json
 import shutil
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -169,12 +168,12 @@ def test_evaluate_and_the_training_cache_use_the_models_limit(small_side_bundle,
     arrays = predict_split(model, processor, data, batch_size=2)
     np.testing.assert_allclose(arrays["final_probs"], expected.logits.softmax(-1).numpy(), atol=1e-5)
     cache = TensorCache(tmp_path / "cache")
-    cached = vlm_pass_cache(SimpleNamespace(batch_size=2), cache, model, processor, data, "test")
+    cached = vlm_pass_cache(cache, model, processor, data, "test", batch_size=2)
     torch.testing.assert_close(cached["image_embeds"], expected.image_embeds)
     first = sorted(p.name for p in cache.root.iterdir())
     model.config.max_image_side = 1024
     try:
-        vlm_pass_cache(SimpleNamespace(batch_size=2), cache, model, processor, data, "test")
+        vlm_pass_cache(cache, model, processor, data, "test", batch_size=2)
     finally:
         model.config.max_image_side = SIDE
     assert sorted(p.name for p in cache.root.iterdir()) != first  # another limit, another cache

@@ -243,7 +243,7 @@ def test_the_annotator_is_asked_once_per_image_the_official_way_and_resumes(tiny
     monkeypatch.setattr(annotate, "build_annotator", lambda cfg: annotator)
     cfg = tiny_settings(data, vlm, teacher, tmp_path / "run", annotator="openai", instruction_kinds=PAPER_MIX)
     config = EmoVLMKDConfig(id2label=dict(enumerate(names)), label2id={n: i for i, n in enumerate(names)})
-    path = instructions.run_stage0(cfg, tmp_path / "run", dataset, config)
+    path = instructions.run_stage0(cfg.instruction_args, tmp_path / "run", dataset, config)
     assert len(asked) == len(dataset["train"])  # one request per image for both answers
     label = names[dataset["train"][0]["label"]]
     assert f"Emotion information for this image: {label}" in asked[0] and ", ".join(names) in asked[0]
@@ -251,7 +251,7 @@ def test_the_annotator_is_asked_once_per_image_the_official_way_and_resumes(tiny
     assert instructions.instruction_mix(path) == {"categorical": 32, "conversation": 32, "reasoning": 32,
                                                   "train_images": 32}
     (tmp_path / "run" / "stage0_instructions" / "DONE.json").unlink()
-    instructions.run_stage0(cfg, tmp_path / "run", dataset, config)
+    instructions.run_stage0(cfg.instruction_args, tmp_path / "run", dataset, config)
     assert len(asked) == 32  # every image already answered: nothing asked again
 
 

@@ -83,6 +83,45 @@ def test_no_module_imports_one_that_imports_it_back():
     assert "emovlm_kd.cli" not in set().union(*graph.values()), "only the entry point imports the CLI"
 
 
+# The floors, lowest first: a module imports only modules on its own floor or below (at module level or inside a
+# function). Training and evaluation share floor 3, where evaluation may import training (the ablations retrain the
+# head and the gate with the stage code, on a run's caches) and training never imports evaluation: (3, 0) < (3, 1).
+HUB_FLOOR, LIBRARY_FLOOR, DATA_FLOOR, TRAINING_FLOOR, EVALUATION_FLOOR = (0,), (1,), (2,), (3, 0), (3, 1)
+PACKAGE_FLOORS = {"data": DATA_FLOOR, "training": TRAINING_FLOOR, "evaluation": EVALUATION_FLOOR, "commands": (4,),
+                  "cli": (5,)}
+
+
+def floor_of(name):
+    """The floor of a project module; None for the source tree's scripts (app.py, benchmarks/), which sit on top."""
+    if name in HUB_MODULES:
+        return HUB_FLOOR
+    parts = name.split(".")
+    if parts[0] != "emovlm_kd":
+        return None
+    return PACKAGE_FLOORS.get(parts[1], LIBRARY_FLOOR) if len(parts) > 1 else LIBRARY_FLOOR
+
+
+def test_no_import_runs_back_up_a_floor():
+    """Hub files 0, emovlm_kd/*.py 1 (settings, runtime, hub, demo...), emovlm_kd/data 2, emovlm_kd/training and
+    emovlm_kd/evaluation 3 (evaluation above training), emovlm_kd/commands 4, the CLI 5: no arrow points up."""
+    modules = project_modules()
+    upward = []
+    for name, path in sorted(modules.items()):
+        low = floor_of(name)
+        for target in sorted(imports_of(name, path, modules)):
+            high = floor_of(target)
+            if low is not None and high is not None and high > low:
+                upward.append(f"{name} (floor {'.'.join(map(str, low))}) imports {target} "
+                              f"(floor {'.'.join(map(str, high))})")
+    assert not upward, "imports running back up a floor:\n" + "\n".join(upward)
+
+
+def test_the_floors_cover_every_package():
+    """A new package of emovlm_kd gets a floor here (else it would count as floor 1 unnoticed)."""
+    packages = {path.parent.name for path in (ROOT / "emovlm_kd").glob("*/__init__.py")}
+    assert packages <= set(PACKAGE_FLOORS), sorted(packages - set(PACKAGE_FLOORS))
+
+
 def test_nothing_is_imported_by_a_name_in_a_string():
     dynamic = {"import_module", "__import__", "run_module", "run_path", "spec_from_file_location", "load_source"}
     offenders = []

@@ -33,7 +33,7 @@ def test_every_knob_switches_and_a_set_knob_stays():
     mixed = TrainConfig(protocol="official", gate_batch_size=4, sft_loss="answer")
     assert (mixed.gate_batch_size, mixed.sft_loss, mixed.distill_batch_size) == (4, "answer", 1)
     back = protocol.with_protocol(mixed, "paper")  # the knobs that held official's values take paper's
-    assert (back.gate_batch_size, back.sft_loss, back.distill_batch_size, back.tf32) == (4, "answer", 32, False)
+    assert (back.gate_batch_size, back.sft_loss, back.distill_batch_size, back.sft_tf32) == (4, "answer", 32, False)
     with pytest.raises(ValueError, match="--protocol"):
         TrainConfig(protocol="authors")
 
@@ -181,8 +181,8 @@ def _train_gate(cfg, tmp_path, monkeypatch):
     gate = GATE_CLASSES["concat_linear"](3)
     g = torch.Generator().manual_seed(0)
     vlm, head, labels = torch.rand(8, 3, generator=g), torch.rand(8, 3, generator=g), torch.arange(8) % 3
-    heads.train_gate(cfg, gate, vlm, head, labels, str(tmp_path), save_strategy="no", logging_strategy="no",
-                     use_cpu=True)
+    heads.train_gate(cfg.gate_args, gate, vlm, head, labels, str(tmp_path), seed=0, save_strategy="no",
+                     logging_strategy="no", use_cpu=True)
     return trainers[0]
 
 
@@ -227,7 +227,7 @@ def test_sft_schedule_learning_rates_switch(tmp_path):
 
     rates = {}
     for cfg in (PAPER, OFFICIAL):
-        args = sft_arguments(dataclasses.replace(cfg, sft_lr=1e-3), tmp_path, torch.float32, False)
+        args = sft_arguments(dataclasses.replace(cfg, sft_lr=1e-3).sft_args, tmp_path, 0, torch.float32, False)
         optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1e-3)
         scheduler = get_scheduler(args.lr_scheduler_type, optimizer, num_warmup_steps=args.get_warmup_steps(100),
                                   num_training_steps=100)
@@ -245,9 +245,9 @@ def test_sft_tf32_switches_where_the_device_has_it(tmp_path, caplog):
 
     from emovlm_kd.training.sft import sft_arguments
 
-    assert sft_arguments(PAPER, tmp_path, torch.float32, False).tf32 is None
+    assert sft_arguments(PAPER.sft_args, tmp_path, 0, torch.float32, False).tf32 is None
     with caplog.at_level(logging.INFO, logger="emovlm_kd.training.sft"):
-        official = sft_arguments(OFFICIAL, tmp_path, torch.float32, False)
+        official = sft_arguments(OFFICIAL.sft_args, tmp_path, 0, torch.float32, False)
     if is_torch_tf32_available():
         assert official.tf32 is True
     else:  # TrainingArguments refuses tf32 without an Ampere GPU: left off, said in the log
@@ -258,8 +258,8 @@ def test_quantisation_scope_switches():
     pytest.importorskip("bitsandbytes")
     from emovlm_kd.training.sft import quantization_config
 
-    paper = quantization_config(dataclasses.replace(PAPER, quantize="4bit"))
-    official = quantization_config(dataclasses.replace(OFFICIAL, quantize="4bit"))
+    paper = quantization_config(dataclasses.replace(PAPER, quantize="4bit").sft_args)
+    official = quantization_config(dataclasses.replace(OFFICIAL, quantize="4bit").sft_args)
     assert paper.llm_int8_skip_modules == ["model.visual", "lm_head"]
     assert official.llm_int8_skip_modules is None  # transformers' own list (the output embedding), train_vlm.py:69
 
@@ -275,7 +275,7 @@ def test_sft_loss_mask_switches(tiny_bundle):
     image_ids = torch.tensor([vlm.vision_start_token_id, vlm.vision_end_token_id, vlm.image_token_id])
     for cfg in (PAPER, OFFICIAL):
         # paper: None, so SFTTrainer builds TRL's collator, with completion_only_loss for prompt/completion rows
-        collator = sft_collator(cfg, processor, vlm) or DataCollatorForVisionLanguageModeling(
+        collator = sft_collator(cfg.sft_args, processor, vlm) or DataCollatorForVisionLanguageModeling(
             processor=processor, completion_only_loss=True)
         batch = collator(_sft_rows(cfg))
         ids, labels, mask = batch["input_ids"], batch["labels"], batch["attention_mask"].bool()

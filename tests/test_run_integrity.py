@@ -23,7 +23,8 @@ import torch
 from conftest import tiny_settings
 from PIL import Image
 
-from emovlm_kd.training.cache import default_file_mode, fingerprint_dataset, image_stamp
+from emovlm_kd.folders import default_file_mode
+from emovlm_kd.training.cache import fingerprint_dataset, image_stamp
 from emovlm_kd.training.runlock import LOCK_FILE, RunFolderBusy, hold_run_lock
 
 REPO = Path(__file__).resolve().parents[1]

@@ -36,7 +36,7 @@ def tiny_teacher(tmp_path_factory):
 
 
 def optimizer_and_schedule(cfg, model, tmp_path, steps=6):
-    trainer = stage2.teacher_trainer(cfg, model, train=None, output_dir=tmp_path)
+    trainer = stage2.teacher_trainer(cfg.teacher_args, model, train=None, output_dir=tmp_path, seed=cfg.seed)
     trainer.create_optimizer_and_scheduler(num_training_steps=steps)
     rates = []
     for _ in range(steps):
@@ -97,7 +97,7 @@ def test_stage2_saves_the_teacher_with_its_evaluation_transform(tiny_inputs, tmp
     data, vlm, teacher = tiny_inputs
     cfg = tiny_settings(data, vlm, teacher, tmp_path / "run", teacher_epochs=1.0)
     dataset = load_image_dataset(str(data))
-    model_dir = stage2.run_stage2(cfg, tmp_path / "run", dataset, teacher)
+    model_dir = stage2.run_stage2(cfg.teacher_args, tmp_path / "run", dataset, teacher, seed=cfg.seed)
     processor = AutoImageProcessor.from_pretrained(model_dir)
     assert processor.do_center_crop and processor.size["shortest_edge"] == 48
     assert (processor.crop_size["height"], processor.crop_size["width"]) == (48, 48)

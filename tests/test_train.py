@@ -359,9 +359,10 @@ def test_qlora_stage_quantises_trains_and_merges_into_full_precision(tiny_inputs
 
     names = dataset["train"].features["label"].names
     prompt_config = EmoVLMKDConfig(id2label=dict(enumerate(names)), label2id={n: i for i, n in enumerate(names)})
-    instructions = instructions.run_stage0(cfg, tmp_path / "run", dataset, prompt_config)
+    instructions = instructions.run_stage0(cfg.instruction_args, tmp_path / "run", dataset, prompt_config)
     with caplog.at_level("INFO"):
-        merged = sft.run_stage1(cfg, tmp_path / "run", dataset, vlm, instructions)
+        merged = sft.run_stage1(cfg.sft_args, tmp_path / "run", dataset, vlm, instructions, seed=cfg.seed,
+                                dtype=cfg.dtype, max_image_side=cfg.max_image_side)
     assert any("4-bit nf4" in r.getMessage() for r in caplog.records)
     weights = load_file(merged / "model.safetensors")
     assert not [k for k in weights if "absmax" in k or "quant" in k]
@@ -409,7 +410,7 @@ def test_stage0_adds_user_conversation_and_reasoning_answers(tiny_inputs, tmp_pa
     names = dataset["train"].features["label"].names
     prompt_config = EmoVLMKDConfig(id2label=dict(enumerate(names)), label2id={n: i for i, n in enumerate(names)})
     with caplog.at_level("WARNING"):
-        path = instructions.run_stage0(cfg, tmp_path / "run", dataset, prompt_config)
+        path = instructions.run_stage0(cfg.instruction_args, tmp_path / "run", dataset, prompt_config)
     rows = [json.loads(line) for line in path.read_text().splitlines()]
     kinds = [r["kind"] for r in rows]
     assert kinds.count("categorical") == len(ids) and kinds.count("conversation") == 1 and kinds.count("reasoning") == 1
@@ -422,5 +423,5 @@ def test_stage0_adds_user_conversation_and_reasoning_answers(tiny_inputs, tmp_pa
     bad.write_text(json.dumps({"id": ids[0], "kind": "poem", "answer": "x"}) + "\n")
     with pytest.raises(ValueError, match="bad.jsonl:1"):
         instructions.run_stage0(tiny_settings(data, vlm, teacher, tmp_path / "run2", instructions=str(bad),
-                                              instruction_kinds=paper_mix),
-                          tmp_path / "run2", dataset, prompt_config)
+                                              instruction_kinds=paper_mix).instruction_args,
+                                tmp_path / "run2", dataset, prompt_config)

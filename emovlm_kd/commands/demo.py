@@ -15,6 +15,7 @@ as a Hugging Face Space does.
 import logging
 import os
 from dataclasses import dataclass
+from functools import partial
 
 from emovlm_kd.errors import UsageError
 from emovlm_kd.settings import REQUIRED, DeviceArguments, help_field
@@ -58,7 +59,9 @@ def run(args: DemoArguments) -> int:
         model, processor = load_model(args.model, device=args.device, dtype=resolve_dtype(args.dtype))
     except (OSError, ValueError) as error:  # ModelCheckError propagates: exit status 3, one line
         raise UsageError(f"--model: cannot load {args.model!r}: {error}")
-    demo = build_demo(model, processor)
+    from emovlm_kd.data.examples import example_files
+
+    demo = build_demo(model, processor, examples=partial(example_files, model))  # its own, else synthetic ones
     logger.info("serving %s on http://%s:%d (Ctrl-C to stop)", args.model, args.host, args.port)
     try:
         launch(demo, host=args.host, port=args.port, share=args.share,

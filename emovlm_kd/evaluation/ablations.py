@@ -87,8 +87,8 @@ def fit_head(cfg, data):
     head = EmoVLMKDDistillationHead(data.features["train"].shape[-1], cfg.head_hidden_sizes, len(data.names),
                                     cfg.head_dropout).float().to(run_device())
     with tempfile.TemporaryDirectory(prefix="emovlm-kd-ablation-") as tmp:
-        heads.train_head(cfg, head, data.features["train"], data.teacher_logits["train"], data.labels["train"], tmp,
-                         **QUIET)
+        heads.train_head(cfg.distill_args, head, data.features["train"], data.teacher_logits["train"],
+                         data.labels["train"], tmp, seed=cfg.seed, **QUIET)
     evaluated = as_evaluated(head, cfg)
     return head.requires_grad_(False).cpu(), {s: heads.head_outputs(evaluated, data.features[s]) for s in data.splits}
 
@@ -122,7 +122,7 @@ def fit_gate(cfg, data, head_logits, num_experts=3):
     gate = GATE_CLASSES[cfg.gate_type](len(data.names), num_experts=num_experts).float().to(run_device())
     (vlm_scores, head_probs, labels), test_vectors = gate_data_of(cfg, data, head_logits)
     with tempfile.TemporaryDirectory(prefix="emovlm-kd-ablation-") as tmp:
-        heads.train_gate(cfg, gate, vlm_scores, head_probs, labels, tmp, **QUIET)
+        heads.train_gate(cfg.gate_args, gate, vlm_scores, head_probs, labels, tmp, seed=cfg.seed, **QUIET)
     test_logits = heads.gate_outputs(as_evaluated(gate, cfg), test_vectors,
                                       heads.gate_head_input(head_logits["test"], cfg.gate_input))
     return gate.requires_grad_(False).cpu(), test_logits

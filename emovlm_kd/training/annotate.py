@@ -360,7 +360,8 @@ def annotate_images(cfg, split, out_path, annotator=None):
         row = split[index]
         label = names[row["label"]]
         return {"id": row["id"], "label": label,
-                "response": annotator(prepare_image(row["image"]), annotation_prompt(label, names, cfg.annotator_prompt or "paper"))}
+                "response": annotator(prepare_image(row["image"]),
+                                      annotation_prompt(label, names, cfg.annotator_prompt or "paper"))}
 
     for _, record in _append_answers(out_path, text, todo, ask, desc="annotate"):
         done[record["id"]] = record["response"]

@@ -61,8 +61,9 @@ def fit_temperature(logits, labels, bounds=BOUNDS, tolerance=1e-6):
     return math.exp(best)
 
 
-def calibrate_bundle(cfg, bundle, passes, outputs):
-    """Fit the gate's and the head's temperatures on the val split and store them in `bundle.config`.
+def calibrate_bundle(settings, bundle, passes, outputs):
+    """Fit the gate's and the head's temperatures on the val split and store them in `bundle.config` (`settings`:
+    stage 4's `GateArguments`, whose `gate_data` says whether the gate trained on val).
 
     `passes` / `outputs` are the runner's per-split cached tensors (labels) and stage 3-4 outputs (`head_logits`,
     `head_probs`, `vlm_scores`). Without a val split the temperatures stay 1.0. Returns
@@ -73,7 +74,7 @@ def calibrate_bundle(cfg, bundle, passes, outputs):
     if "val" not in passes or len(passes["val"]["labels"]) == 0:
         logger.warning("calibration: no val split, the temperatures stay 1.0")
         return {}
-    if cfg.gate_data == "val":
+    if settings.gate_data == "val":
         # the consequence of a setting chosen on purpose (the demo's: its val split is its only held-out data), not
         # a problem: a line at INFO, not a warning (`--quiet` shows only what the user can act on)
         logger.info("calibration: the gate trained on val, so its temperature is fitted on its own training data "

@@ -11,6 +11,7 @@ synthetic data's reasoning answers). Each group checks its own ranges in `__post
 """
 
 import argparse
+import copy
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,9 +39,9 @@ def demo_backbone(vlm):
     return vlm[len(DEMO) + 1 :] if vlm.startswith(DEMO + ":") else None
 
 
-def _knob(text):
+def _knob(knob, text):
     """A field of the `--protocol` preset (emovlm_kd/protocol.py): None until the run's protocol fills it."""
-    return field(default=None, metadata={"help": protocols.knob_help(*text)})
+    return field(default=None, metadata={"help": protocols.knob_help(knob, text)})
 
 
 def _one_of(obj, name, allowed):
@@ -53,6 +54,71 @@ def _positive(obj, *names, strict=True):
     """settings.positive over `names`, skipping a protocol knob still None (the protocol fills it later)."""
     yield from _positive_set(obj, *(n for n in names if not (n in protocols.KNOBS and getattr(obj, n) is None)),
                              strict=strict)
+
+
+class StageArguments(_Checked):
+    """The settings of one stage: each field is a knob, and a knob is one field and nothing else.
+
+    A field is a flag and a YAML key (`train_parser` reads the groups), enters the stage's key (`stage_key` hashes
+    `dataclasses.asdict(self)` with the stage's inputs) and reaches the stage's Trainer: `training_arguments`
+    derives the stage's `TrainingArguments` subclass (`training_class`, e.g. `DistillTrainingArguments`, which
+    subclasses TrainingArguments and this group as TRL's `GKDConfig` subclasses `TrainingArguments`), holding every
+    field under its own name (`args.alpha`); a field named in `renames` also sets the TrainingArguments field it
+    stands for (`sft_lr` -> `learning_rate`: the flags keep their stage prefix). Stage 0 trains nothing: no
+    `training_class`.
+    """
+
+    stage = None  # the stage's folder and key name (RUN/<stage>_...)
+
+    def __post_init__(self):
+        protocols.fill(self)  # the knobs left unset: the protocol's (a group on its own: paper's)
+        super().__post_init__()
+    training_class = None  # "module.Class" of the stage's TrainingArguments subclass
+    renames = {}  # {field: the TrainingArguments field it also sets}
+
+    @classmethod
+    def of(cls, settings):
+        """This group's fields of `settings`, settings already checked that hold them (the flat `TrainConfig`, whose
+        construction ran every group's checks): a new instance of this exact class, so that keys see this group
+        only. The values are copied as they are, not checked again."""
+        group = object.__new__(cls)
+        group.__dict__.update({f.name: copy.copy(getattr(settings, f.name)) for f in dataclasses.fields(cls)})
+        return group
+
+    def stage_key(self, *inputs):
+        """The stage's key: every field of the group and the stage's inputs (fingerprints, shared runtime values)."""
+        from emovlm_kd.training.cache import fingerprint
+
+        return fingerprint(self.stage, dataclasses.asdict(self), *inputs)
+
+    def recipe(self):
+        """The TrainingArguments values the stage fixes (not knobs)."""
+        return {}
+
+    def training_arguments(self, output_dir, seed, **values):
+        """The stage's `training_class`: the shared base (`stage.base_training_arguments`), the stage's `recipe`,
+        every field of the group under its own name (and under its TrainingArguments name where `renames` gives
+        one), then `values` (values derived at run time, or overrides such as the ablations' save-nothing)."""
+        import importlib
+
+        from emovlm_kd.training.stage import base_training_arguments
+
+        module, name = self.training_class.rsplit(".", 1)
+        knobs = dataclasses.asdict(self)
+        renamed = {to: knobs[name] for name, to in self.renames.items()}
+        return getattr(importlib.import_module(module), name)(
+            **{**base_training_arguments(output_dir, seed), **self.recipe(), **knobs, **renamed, **values})
+
+
+class CachedRowsArguments(StageArguments):
+    """Stages 2-4: one log line an epoch, the rows as they are, one global batch split across processes (the same
+    updates under torchrun as in one process)."""
+
+    def recipe(self):
+        from emovlm_kd.logs import interactive
+
+        return dict(logging_strategy="epoch", remove_unused_columns=False, dataloader_num_workers=0,
+                    disable_tqdm=not interactive(), accelerator_config={"split_batches": True})
 
 
 @dataclass
@@ -90,8 +156,9 @@ class ModelArguments(_Checked):
 
 
 @dataclass
-class InstructionArguments(_Checked):
+class InstructionArguments(StageArguments):
     _argument_group_name = "Stage 0: instruction data"
+    stage = "stage0"
     instructions: str | None = _help("JSONL of conversation/reasoning answers ('demo': the synthetic dataset's)")
     annotator: str | None = _help("'openai' (OpenAI-compatible URL) or a local VLM")
     annotator_url: str | None = _help("chat endpoint base URL (key: $EMOVLM_KD_API_KEY)")
@@ -102,13 +169,13 @@ class InstructionArguments(_Checked):
                           "conversation and reasoning need --instructions or --annotator; 'categorical' alone "
                           "trains on a third of the paper's data"},
     )
-    chat_format: Literal["paper", "official"] | None = _knob((
+    chat_format: Literal["paper", "official"] | None = _knob(
         "chat_format", "the chat of stages 0-1 and of the model: paper (the backbone's system message, image then "
         "text, the paper's questions) or official (the official system message, text then image, the questions with "
-        "their 'Example:' passages, the categorical prompt 'None')"))
-    annotator_prompt: Literal["paper", "official"] | None = _knob((
+        "their 'Example:' passages, the categorical prompt 'None')")
+    annotator_prompt: Literal["paper", "official"] | None = _knob(
         "annotator_prompt", "what --annotator is asked: paper (this project's wording, the dataset's labels) or "
-        "official (prompt_template.txt: the 8 Mikels labels for every dataset)"))
+        "official (prompt_template.txt: the 8 Mikels labels for every dataset)")
 
     def _checks(self):
         kinds = self.instruction_kinds
@@ -125,8 +192,12 @@ class InstructionArguments(_Checked):
 
 
 @dataclass
-class SFTArguments(_Checked):
+class SFTArguments(StageArguments):
     _argument_group_name = "Stage 1: instruction tuning (TRL SFTTrainer, LoRA / QLoRA)"
+    stage = "stage1"
+    training_class = "emovlm_kd.training.sft.SFTStageConfig"
+    renames = {"sft_epochs": "num_train_epochs", "sft_lr": "learning_rate",
+               "sft_batch_size": "per_device_train_batch_size", "sft_grad_accum": "gradient_accumulation_steps"}
     sft_epochs: float = field(default=5.0, metadata={"help": "stage 1 epochs over the instruction rows"})
     sft_lr: float = field(default=1e-4, metadata={"help": "stage 1 learning rate (LoRA weights)"})
     sft_batch_size: int = field(default=1, metadata={"help": "stage 1 rows per device and step"})
@@ -138,15 +209,31 @@ class SFTArguments(_Checked):
     quantize: Literal["auto", "4bit", "none"] = field(
         default="auto", metadata={"help": "4bit, none, or auto (4-bit nf4 when CUDA is present)"}
     )
-    quantize_scope: Literal["llm", "all"] | None = _knob((
+    quantize_scope: Literal["llm", "all"] | None = _knob(
         "quantize_scope", "what 4-bit quantises: llm (the vision tower and lm_head kept) or all (transformers' "
-        "default skip list only, as the official BitsAndBytesConfig)"))
-    sft_loss: Literal["answer", "all_tokens"] | None = _knob((
+        "default skip list only, as the official BitsAndBytesConfig)")
+    sft_loss: Literal["answer", "all_tokens"] | None = _knob(
         "sft_loss", "stage 1 loss: answer (the assistant's tokens) or all_tokens (every token but padding and "
-        "image tokens, system and user prompt included)"))
-    sft_scheduler: Literal["constant_with_warmup", "constant"] | None = _knob((
-        "sft_scheduler", "stage 1 schedule: constant_with_warmup (3 % warmup) or constant (no warmup)"))
-    tf32: bool | None = _knob(("tf32", "stage 1 TF32 matmuls (CUDA with TF32 only; elsewhere ignored with a log line)"))
+        "image tokens, system and user prompt included)")
+    sft_scheduler: Literal["constant_with_warmup", "constant"] | None = _knob(
+        "sft_scheduler", "stage 1 schedule: constant_with_warmup (3 % warmup) or constant (no warmup)")
+    sft_tf32: bool | None = _knob("sft_tf32", "stage 1 TF32 matmuls (TrainingArguments' tf32, where CUDA has TF32; "
+                                            "elsewhere left off with a log line)")
+
+    def recipe(self):
+        """The schedule (`sft_scheduler` constant_with_warmup: constant after a 3 % warm-up; constant: no warm-up,
+        as the official `warmup_ratio=0.03` with `lr_scheduler_type="constant"`, train_vlm.py:102-103, which
+        transformers' `get_scheduler` builds without warm-up), gradient norm clipped at 0.3, a log line every 10
+        steps, rows as long as they are, one global batch split across processes where it divides; `sft_loss`
+        all_tokens: TRL's loss on every token (`completion_only_loss=False`; the image tokens: `sft_collator`)."""
+        from emovlm_kd.distributed import world_size
+
+        return dict(lr_scheduler_type=self.sft_scheduler,
+                    warmup_steps=0.03 if self.sft_scheduler == "constant_with_warmup" else 0,  # a ratio of the steps
+                    max_grad_norm=0.3, max_length=None, logging_strategy="steps", logging_steps=10,
+                    accelerator_config={"split_batches": world_size() > 1
+                                        and self.sft_batch_size % world_size() == 0},
+                    **({"completion_only_loss": False} if self.sft_loss == "all_tokens" else {}))
 
     def _checks(self):
         yield _one_of(self, "quantize_scope", ("llm", "all"))
@@ -158,8 +245,13 @@ class SFTArguments(_Checked):
 
 
 @dataclass
-class TeacherArguments(_Checked):
+class TeacherArguments(CachedRowsArguments):
     _argument_group_name = "Stage 2: teacher"
+    stage = "stage2"
+    training_class = "emovlm_kd.training.trainers.TeacherTrainingArguments"
+    renames = {"teacher_epochs": "num_train_epochs", "teacher_lr": "learning_rate",
+               "teacher_batch_size": "per_device_train_batch_size", "teacher_weight_decay": "weight_decay",
+               "teacher_scheduler": "lr_scheduler_type"}
     # The official train_ViT.py's recipe (the paper gives none): Adam (L2 weight decay on every parameter),
     # lr 3e-5, weight decay 1e-5, batch 10, 10 epochs, no schedule.
     teacher_epochs: float = field(default=10.0, metadata={"help": "stage 2 epochs (teacher fine-tuning)"})
@@ -184,20 +276,28 @@ class TeacherArguments(_Checked):
 
 
 @dataclass
-class DistillArguments(_Checked):
+class DistillArguments(CachedRowsArguments):
     _argument_group_name = "Stage 3: distillation"
+    stage = "stage3"
+    training_class = "emovlm_kd.training.trainers.DistillTrainingArguments"
+    renames = {"distill_epochs": "num_train_epochs", "distill_lr": "learning_rate",
+               "distill_batch_size": "per_device_train_batch_size"}
     head_hidden_sizes: list[int] = field(default_factory=lambda: [1024], metadata={"help": "head widths, e.g. 1024 512"})
     head_dropout: float = field(default=0.1, metadata={"help": "dropout between the head's layers, in [0, 1)"})
     alpha: float = field(default=0.5, metadata={"help": "weight of the KL term, in [0, 1]"})
     tau: float = field(default=2.0, metadata={"help": "distillation temperature, > 0"})
     distill_epochs: float = field(default=5.0, metadata={"help": "stage 3 epochs (head distillation)"})
     distill_lr: float = field(default=1e-3, metadata={"help": "stage 3 learning rate"})
-    distill_batch_size: int | None = _knob(("distill_batch_size", "stage 3 images per step"))
-    distill_optimizer: Literal["adamw", "adam"] | None = _knob((
+    distill_batch_size: int | None = _knob("distill_batch_size", "stage 3 images per step")
+    distill_optimizer: Literal["adamw", "adam"] | None = _knob(
         "distill_optimizer", "stage 3 optimiser: adamw (Trainer's, linear decay) or adam (torch.optim.Adam, L2 "
-        "weight decay 1e-4, constant rate)"))
-    distill_init: Literal["normal", "pytorch"] | None = _knob((
-        "distill_init", "the head's initial weights: normal (N(0, 0.02), zero bias) or pytorch (nn.Linear's)"))
+        "weight decay 1e-4, constant rate)")
+    distill_init: Literal["normal", "pytorch"] | None = _knob(
+        "distill_init", "the head's initial weights: normal (N(0, 0.02), zero bias) or pytorch (nn.Linear's)")
+
+    def recipe(self):
+        return {**super().recipe(), "weight_decay": 1e-4,
+                **({"lr_scheduler_type": "constant"} if self.distill_optimizer == "adam" else {})}
 
     def _checks(self):
         self.head_hidden_sizes = [int(h) for h in self.head_hidden_sizes]
@@ -212,8 +312,12 @@ class DistillArguments(_Checked):
 
 
 @dataclass
-class GateArguments(_Checked):
+class GateArguments(CachedRowsArguments):
     _argument_group_name = "Stage 4: gate"
+    stage = "stage4"
+    training_class = "emovlm_kd.training.trainers.GateTrainingArguments"
+    renames = {"gate_epochs": "num_train_epochs", "gate_lr": "learning_rate",
+               "gate_batch_size": "per_device_train_batch_size"}
     gate_type: Literal[GATE_TYPES] = field(
         default="concat_linear", metadata={"help": "how the gate combines the VLM branch's vector with the head's"}
     )
@@ -222,18 +326,18 @@ class GateArguments(_Checked):
     )
     gate_epochs: float = field(default=10.0, metadata={"help": "stage 4 epochs (gate)"})
     gate_lr: float = field(default=1e-3, metadata={"help": "stage 4 learning rate"})
-    gate_batch_size: int | None = _knob(("gate_batch_size", "stage 4 images per step"))
-    gate_optimizer: Literal["adamw", "adam"] | None = _knob((
+    gate_batch_size: int | None = _knob("gate_batch_size", "stage 4 images per step")
+    gate_optimizer: Literal["adamw", "adam"] | None = _knob(
         "gate_optimizer", "stage 4 optimiser: adamw (Trainer's, linear decay) or adam (torch.optim.Adam, L2 weight "
-        "decay 1e-4, constant rate)"))
-    gate_init: Literal["normal", "pytorch"] | None = _knob((
-        "gate_init", "the gate's initial weights: normal (N(0, 0.02), zero bias) or pytorch (nn.Linear's)"))
-    gate_input: Literal["probs", "logits"] | None = _knob((
-        "gate_input", "what the gate reads of the head: probs (softmax) or logits (raw)"))
-    answer_protocol: Literal["score", "official"] | None = _knob((
+        "decay 1e-4, constant rate)")
+    gate_init: Literal["normal", "pytorch"] | None = _knob(
+        "gate_init", "the gate's initial weights: normal (N(0, 0.02), zero bias) or pytorch (nn.Linear's)")
+    gate_input: Literal["probs", "logits"] | None = _knob(
+        "gate_input", "what the gate reads of the head: probs (softmax) or logits (raw)")
+    answer_protocol: Literal["score", "official"] | None = _knob(
         "answer_protocol", "the VLM branch of the gate's val/test vectors and of the model: score (label "
         "log-likelihoods, deterministic) or official (one answer sampled at T 0.8, 256 new tokens, seeded, after a "
-        "prompt without the generation prompt, parsed as the official code)"))
+        "prompt without the generation prompt, parsed as the official code)")
     gate_data: Literal["sampled", "val", "train"] = field(
         default="train", metadata={"help": "what the gate trains on: sampled (the paper's: --gate-samples answers "
                                            "per train image sampled at --gate-temperature, one per epoch, cycled; "
@@ -243,6 +347,10 @@ class GateArguments(_Checked):
     gate_samples: int = field(default=10, metadata={"help": "sampled answers per train image (gate-data sampled)"})
     gate_temperature: float = field(default=0.8, metadata={"help": "sampling temperature (gate-data sampled)"})
     gate_train_split: Literal["train", "val"] | None = _help("old name of --gate-data train|val (sets it)")
+
+    def recipe(self):
+        return {**super().recipe(), "weight_decay": 1e-4,
+                **({"lr_scheduler_type": "constant"} if self.gate_optimizer == "adam" else {})}
 
     def _checks(self):
         if self.gate_train_split is not None:  # the old setting: folded into gate_data
@@ -262,19 +370,36 @@ class GateArguments(_Checked):
         yield from _positive(self, "gate_batch_size", strict=False)
 
 
-GROUPS = (DataArguments, ModelArguments, InstructionArguments, SFTArguments, TeacherArguments, DistillArguments,
-          GateArguments)
+STAGE_GROUPS = (InstructionArguments, SFTArguments, TeacherArguments, DistillArguments, GateArguments)
+GROUPS = (DataArguments, ModelArguments, *STAGE_GROUPS)
+
+
+class _Group:
+    """A `TrainConfig` attribute giving one stage's group of its settings (`StageArguments.of`)."""
+
+    def __init__(self, group):
+        self.group = group
+
+    def __get__(self, settings, owner=None):
+        return self if settings is None else self.group.of(settings)
 
 
 @dataclass
 class TrainConfig(GateArguments, DistillArguments, TeacherArguments, SFTArguments, InstructionArguments,
                   ModelArguments, DataArguments):
-    """Every setting of a run, flat (`cfg.alpha`, `cfg.vlm`, ...): the union of the argument groups. The knobs
-    left unset are filled from `protocol` (emovlm_kd/protocol.py) before the checks run."""
+    """Every setting of a run, flat (`cfg.alpha`, `cfg.vlm`, ...): the union of the argument groups. Each stage
+    receives its own group alone (`cfg.distill_args`, ...) and the shared runtime values it needs, by name. The
+    knobs left unset are filled from `protocol` (emovlm_kd/protocol.py) before the checks run."""
 
     def __post_init__(self):
         protocols.fill(self)
         super().__post_init__()
+
+    instruction_args = _Group(InstructionArguments)
+    sft_args = _Group(SFTArguments)
+    teacher_args = _Group(TeacherArguments)
+    distill_args = _Group(DistillArguments)
+    gate_args = _Group(GateArguments)
 
     @property
     def is_demo(self):
@@ -346,6 +471,7 @@ def parse_train_args(argv):
     except ValueError as error:
         raise ValueError(f"--config {where}: {error}") if "config" in str(error).lower() else error from None
     cfg = TrainConfig.from_groups(*(part for part in parsed if dataclasses.is_dataclass(part)))
+    cfg = preset_knobs(cfg, argv, where)
     shipped_demo = Path(where).resolve() == Path(str(resolve_config_path(DEFAULT_CONFIG))).resolve()
     if implicit_demo and cfg.dataset != DEMO:  # `train --dataset DIR`: not the synthetic data's settings
         cfg = for_a_users_dataset(cfg, argv)
@@ -353,6 +479,17 @@ def parse_train_args(argv):
         # the shipped demo on another backbone gets its own run folder (runs/demo-qwen3_vl), not the Qwen2-VL demo's
         cfg = dataclasses.replace(cfg, output_dir=f"{cfg.output_dir}-{demo_backbone(cfg.vlm)}")
     return cfg
+
+
+def preset_knobs(cfg, argv, config_path):
+    """`cfg` with every protocol knob that neither a flag nor the YAML sets taken from `cfg.protocol`: the parser
+    builds each group on its own, which fills its knobs with the paper's values (a group knows no protocol)."""
+    import yaml
+
+    given = set(yaml.safe_load(Path(config_path).read_text(encoding="utf-8")) or {})
+    unset = {knob: None for knob in protocols.KNOBS
+             if hasattr(cfg, knob) and knob not in given and not _given(argv, knob.replace("_", "-"))}
+    return dataclasses.replace(cfg, **unset) if cfg.protocol != protocols.DEFAULT_PROTOCOL and unset else cfg
 
 
 def for_a_users_dataset(cfg, argv):
@@ -421,9 +558,10 @@ HOW_TO_GET_ANSWERS = (
 )
 
 
-def instruction_source_problems(cfg):
-    """Lines naming the fix when the mix needs conversation/reasoning answers and nothing gives them, or a source is
-    given that the mix does not use, or an `--instructions` file is missing (empty when all is well)."""
+def instruction_source_problems(cfg, dataset=None):
+    """Lines naming the fix when the mix of `cfg` (an `InstructionArguments`) needs conversation/reasoning answers
+    and nothing gives them, or a source is given that the mix does not use, or `--instructions demo` goes with
+    another `dataset` than the demo's, or an `--instructions` file is missing (empty when all is well)."""
     found = []
     wanted = [kind for kind in cfg.instruction_kinds if kind != "categorical"]
     given = [flag for flag, value in (("--instructions", cfg.instructions), ("--annotator", cfg.annotator)) if value]
@@ -434,15 +572,15 @@ def instruction_source_problems(cfg):
         found.append(f"{' and '.join(given)} given, but --instruction-kinds categorical uses no conversation or "
                      "reasoning answers: drop it, or add the kinds (--instruction-kinds categorical conversation "
                      "reasoning)")
-    if cfg.instructions == DEMO and cfg.dataset != DEMO:
+    if cfg.instructions == DEMO and dataset not in (None, DEMO):
         found.append("--instructions demo (the synthetic dataset's reasoning answers) goes with --dataset demo")
     if cfg.instructions and cfg.instructions != DEMO and not Path(cfg.instructions).is_file():
         found.append(f"--instructions {cfg.instructions}: no such file")
     return found
 
 
-def check_instruction_sources(cfg):
+def check_instruction_sources(cfg, dataset=None):
     """`InputError` with every line of `instruction_source_problems`, if any."""
-    found = instruction_source_problems(cfg)
+    found = instruction_source_problems(cfg, dataset)
     if found:
         raise InputError("; ".join(found))

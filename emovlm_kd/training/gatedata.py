@@ -76,30 +76,32 @@ def sample_answers(model, processor, images, seeds, temperature):
     return output.vlm_scores.float().cpu(), output.vlm_answer_found.cpu()
 
 
-def sampled_answer_cache(cfg, cache, model, processor, split, split_name="train", samples=None):
-    """`{"vlm_samples": (N, K, C), "answer_found": (N, K)}`: K = cfg.gate_samples answers per image at
-    cfg.gate_temperature, computed once (each batch of images repeated K times) and cached. `answer_protocol:
-    official` also asks for one answer per val/test image (`split_name`, `samples=1`): the official evaluation."""
-    samples = samples or cfg.gate_samples
+def sampled_answer_cache(settings, cache, model, processor, split, *, seed, batch_size, split_name="train",
+                         samples=None):
+    """`{"vlm_samples": (N, K, C), "answer_found": (N, K)}`: K = `settings.gate_samples` answers per image at
+    `settings.gate_temperature` (`settings`: stage 4's `GateArguments`), computed once (each batch of images repeated
+    K times, about `batch_size` rows a call) and cached. `answer_protocol: official` also asks for one answer per
+    val/test image (`split_name`, `samples=1`): the official evaluation."""
+    samples, temperature = samples or settings.gate_samples, settings.gate_temperature
     max_side = model.config.max_image_side  # images as the VLM pass sees them
     key = fingerprint("gate_samples", fingerprint_module(model.vlm), fingerprint_dataset(split),
                       model.config.classification_prompt(), model.config.vlm_max_new_tokens, max_side,
-                      processor.image_processor.size["longest_edge"], samples, cfg.gate_temperature, cfg.seed,
+                      processor.image_processor.size["longest_edge"], samples, temperature, seed,
                       *protocols.config_changes(model.config), *(() if split_name == "train" else (split_name,)))
 
     def compute_batch(indices):
         images = [prepare_image(split[i]["image"], max_side=max_side) for i in indices]
         rows = [image for image in images for _ in range(samples)]  # image-major: row i * K + k
-        seeds = [row_seed(cfg.seed, i, k) for i in indices for k in range(samples)]
-        vectors, found = sample_answers(model, processor, rows, seeds, cfg.gate_temperature)
+        seeds = [row_seed(seed, i, k) for i in indices for k in range(samples)]
+        vectors, found = sample_answers(model, processor, rows, seeds, temperature)
         return {"vlm_samples": vectors.view(len(indices), samples, -1), "answer_found": found.view(len(indices), -1)}
 
-    images_per_call = max(1, math.ceil(cfg.batch_size / samples))  # about --batch-size rows per generate call
+    images_per_call = max(1, math.ceil(batch_size / samples))  # about --batch-size rows per generate call
     name = SAMPLES_CACHE if split_name == "train" else f"answers-{split_name}"
     tensors = cached_map(cache, name, key, len(split), images_per_call, compute_batch,
                          desc=f"sampled answers (x{samples})")
     logger.info("%d answers per %s image sampled at T=%g; %.1f %% name a label", samples, split_name,
-                cfg.gate_temperature, 100 * float(tensors["answer_found"].float().mean()))
+                temperature, 100 * float(tensors["answer_found"].float().mean()))
     return tensors
 
 
@@ -148,11 +150,12 @@ def gate_training_set(gate_data, vlm_vectors, head_probs, labels, samples=None):
     return vlm_vectors[split], head_probs[split], labels[split]
 
 
-def gate_data_summary(cfg, passes):
-    """What the gate trained on, for RUN/eval_results.json and the model card."""
-    split = "train" if cfg.gate_data == "sampled" else gate_split(cfg.gate_data, passes)
-    summary = {"protocol": cfg.gate_data, "split": split, "images": len(passes[split]["labels"])}
-    if cfg.gate_data == "sampled":
-        summary.update(samples_per_image=cfg.gate_samples, temperature=cfg.gate_temperature,
+def gate_data_summary(settings, passes):
+    """What the gate trained on (`settings`: stage 4's `GateArguments`), for RUN/eval_results.json and the model
+    card."""
+    split = "train" if settings.gate_data == "sampled" else gate_split(settings.gate_data, passes)
+    summary = {"protocol": settings.gate_data, "split": split, "images": len(passes[split]["labels"])}
+    if settings.gate_data == "sampled":
+        summary.update(samples_per_image=settings.gate_samples, temperature=settings.gate_temperature,
                        answers_naming_a_label=round(float(passes["train"]["answer_found"].float().mean()), 4))
     return summary

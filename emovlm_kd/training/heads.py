@@ -8,35 +8,29 @@ from functools import partial
 import torch
 from safetensors.torch import load_file, save_file
 
-from emovlm_kd import protocol as protocols
-from emovlm_kd.training.cache import fingerprint
-from emovlm_kd.training.stage import last_checkpoint, run_stage, run_trainer, trainer_args, trained
+from emovlm_kd.training.stage import last_checkpoint, run_stage, run_trainer, trained
 
 logger = logging.getLogger(__name__)
 
 
-def run_stage3(cfg, run_dir, bundle, features, teacher_logits, labels):
-    """Distil the teacher into the head (only the head trains) on cached features and teacher logits."""
-    key = fingerprint("stage3", [fingerprint_tensor(features), fingerprint_tensor(teacher_logits)],
-                      cfg.head_hidden_sizes, cfg.head_dropout, cfg.alpha, cfg.tau, cfg.distill_epochs,
-                      cfg.distill_lr, cfg.distill_batch_size, cfg.seed,
-                      *protocols.changed(cfg, "distill_optimizer", "distill_init"))
+def run_stage3(settings, run_dir, bundle, features, teacher_logits, labels, *, seed):
+    """Distil the teacher into the head (only the head trains) on cached features and teacher logits, by the
+    stage's `DistillArguments` (`settings`)."""
+    key = settings.stage_key([fingerprint_tensor(features), fingerprint_tensor(teacher_logits)], seed)
     return run_module_stage(run_dir, "stage3_distill", key, "head.safetensors", bundle.distill_head,
                             "[stage 3] distillation: done, skipped",
-                            lambda folder: train_head(cfg, bundle.distill_head, features, teacher_logits, labels,
-                                                      folder, resume=True))
+                            lambda folder: train_head(settings, bundle.distill_head, features, teacher_logits, labels,
+                                                      folder, seed=seed, resume=True))
 
 
-def run_stage4(cfg, run_dir, bundle, vlm_scores, head_probs, labels):
+def run_stage4(settings, run_dir, bundle, vlm_scores, head_probs, labels, *, seed):
     """Train the gate (only the gate) on cached VLM vectors (or sampled answers, see `train_gate`) and head
-    probabilities."""
-    key = fingerprint("stage4", [fingerprint_tensor(vlm_scores), fingerprint_tensor(head_probs)], cfg.gate_type,
-                      cfg.vlm_vector, cfg.gate_epochs, cfg.gate_lr, cfg.gate_batch_size, cfg.gate_data, cfg.seed,
-                      *protocols.changed(cfg, "gate_optimizer", "gate_init", "gate_input", "answer_protocol"))
+    probabilities, by the stage's `GateArguments` (`settings`)."""
+    key = settings.stage_key([fingerprint_tensor(vlm_scores), fingerprint_tensor(head_probs)], seed)
     return run_module_stage(run_dir, "stage4_gate", key, "gate.safetensors", bundle.gate,
                             "[stage 4] gate: done, skipped",
-                            lambda folder: train_gate(cfg, bundle.gate, vlm_scores, head_probs, labels, folder,
-                                                      resume=True))
+                            lambda folder: train_gate(settings, bundle.gate, vlm_scores, head_probs, labels, folder,
+                                                      seed=seed, resume=True))
 
 
 def run_module_stage(run_dir, name, key, file_name, module, skipped, train):
@@ -51,56 +45,51 @@ def run_module_stage(run_dir, name, key, file_name, module, skipped, train):
                      restore=lambda path: module.load_state_dict(load_file(path)))
 
 
-def train_head(cfg, head, features, teacher_logits, labels, output_dir, resume=False, **args_extra):
-    """Re-initialise `head` from cfg.seed and distil into it (DistillationTrainer; cfg's alpha, tau, epochs, lr).
+def train_head(settings, head, features, teacher_logits, labels, output_dir, *, seed, resume=False, **args_extra):
+    """Re-initialise `head` from `seed` and distil into it (DistillationTrainer; the `DistillTrainingArguments` of
+    `settings`, a `DistillArguments`: alpha, tau, epochs, lr...).
 
     No stage bookkeeping: stage 3 and the ablations share it. `resume` continues from the last checkpoint in
     `output_dir`; `args_extra` overrides TrainingArguments (the ablations save nothing and log nothing).
     """
     from emovlm_kd.training.trainers import DistillationTrainer, TensorDictDataset
 
-    reset_module(head, cfg.seed, cfg.distill_init)
+    reset_module(head, seed, settings.distill_init)
     data = TensorDictDataset(image_embeds=features, teacher_logits=teacher_logits, labels=labels)
-    args = trainer_args(cfg, output_dir, cfg.distill_epochs, cfg.distill_lr, cfg.distill_batch_size,
-                        weight_decay=1e-4, **optimizer_args(cfg.distill_optimizer), **args_extra)
-    trainer = DistillationTrainer(model=head, args=args, train_dataset=data, alpha=cfg.alpha, tau=cfg.tau,
-                                  optimizer_cls_and_kwargs=adam(cfg.distill_optimizer, head, cfg.distill_lr))
+    args = settings.training_arguments(output_dir, seed, **args_extra)
+    trainer = DistillationTrainer(model=head, args=args, train_dataset=data,
+                                  optimizer_cls_and_kwargs=adam(settings.distill_optimizer, head, settings.distill_lr))
     return _train(trainer, args, resume)
 
 
-def train_gate(cfg, gate, vlm_scores, head_probs, labels, output_dir, resume=False, **args_extra):
-    """Re-initialise `gate` from cfg.seed and train it with cross-entropy (GateTrainer; cfg's gate epochs, lr).
+def train_gate(settings, gate, vlm_scores, head_probs, labels, output_dir, *, seed, resume=False, **args_extra):
+    """Re-initialise `gate` from `seed` and train it with cross-entropy (GateTrainer; the `GateTrainingArguments`
+    of `settings`, a `GateArguments`: epochs, lr...).
 
     `vlm_scores`: (N, C) vectors, or (N, K, C) sampled answers of which epoch e trains on answer e % K.
     """
     from emovlm_kd.training.gatedata import CycledSamples
     from emovlm_kd.training.trainers import GateModule, GateTrainer, TensorDictDataset
 
-    reset_module(gate, cfg.seed, cfg.gate_init)
+    reset_module(gate, seed, settings.gate_init)
     if vlm_scores.dim() == 3:
         data = CycledSamples(vlm_scores, head_probs, labels)
         callbacks = [data.callback()]
     else:
         data, callbacks = TensorDictDataset(vlm_scores=vlm_scores, head_probs=head_probs, labels=labels), []
-    args = trainer_args(cfg, output_dir, cfg.gate_epochs, cfg.gate_lr, cfg.gate_batch_size, weight_decay=1e-4,
-                        **optimizer_args(cfg.gate_optimizer), **args_extra)
+    args = settings.training_arguments(output_dir, seed, **args_extra)
     trainer = GateTrainer(model=GateModule(gate), args=args, train_dataset=data, callbacks=callbacks,
-                          optimizer_cls_and_kwargs=adam(cfg.gate_optimizer, gate, cfg.gate_lr))
+                          optimizer_cls_and_kwargs=adam(settings.gate_optimizer, gate, settings.gate_lr))
     return _train(trainer, args, resume)
 
 
 OFFICIAL_WEIGHT_DECAY = 1e-4  # train_distillation.py:111,155 and train_gate.py:336,358: Adam(weight_decay=1e-4)
 
 
-def optimizer_args(optimizer):
-    """TrainingArguments of a head/gate optimiser: `adamw` is Trainer's own (AdamW, linear decay); `adam` runs at a
-    constant rate, as the official loops (no scheduler)."""
-    return {"lr_scheduler_type": "constant"} if optimizer == "adam" else {}
-
-
 def adam(optimizer, module, lr):
     """`Trainer(optimizer_cls_and_kwargs=...)`: for `adam`, torch.optim.Adam with L2 weight decay 1e-4 on every
-    parameter of `module` (biases included), as the official code; None (Trainer's AdamW) otherwise."""
+    parameter of `module` (biases included), as the official code (its constant rate: the group's `recipe`); None
+    (Trainer's AdamW, linear decay) otherwise."""
     if optimizer != "adam":
         return None
     params = [p for p in module.parameters() if p.requires_grad]

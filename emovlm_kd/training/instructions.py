@@ -32,13 +32,12 @@ from pathlib import Path
 from emovlm_kd.distributed import is_main_process
 from emovlm_kd.errors import InputError, few
 from emovlm_kd.training.annotate import annotate_images, parse_annotation
-from emovlm_kd.training.cache import fingerprint, fingerprint_dataset
+from emovlm_kd.training.cache import fingerprint_dataset
 from emovlm_kd.training.config import (
     HOW_TO_GET_ANSWERS,
     INSTRUCTION_KINDS,
     check_instruction_sources,
 )
-from emovlm_kd import protocol as protocols
 from emovlm_kd.training.stage import run_stage
 from scoring_emovlm_kd import EXPLANATION_QUESTION
 
@@ -278,12 +277,12 @@ def _report_left_out(path, items, why):
         logger.warning("%s: %d answer(s) %s, left out: %s", path, len(items), why, few(items))
 
 
-def annotated_rows(cfg, train, have, folder):
+def annotated_rows(settings, train, have, folder):
     """Rows from the annotator for the train images without answers yet (`have`: ids answered), resumable."""
     missing = [i for i, image_id in enumerate(train["id"]) if image_id not in have]
     if not missing:
         return []
-    responses = annotate_images(cfg, train.select(missing), folder / "annotations.jsonl")
+    responses = annotate_images(settings, train.select(missing), folder / "annotations.jsonl")
     rows = [row for image_id, response in responses.items() for row in answer_rows(image_id, response)]
     _report_left_out(folder / "annotations.jsonl", [i for i, r in responses.items() if not parse_annotation(r)],
                      "have no '1. key elements' and '2. reasoning' sections")
@@ -294,14 +293,14 @@ def file_digest(path):
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16] if path else None
 
 
-def run_stage0(cfg, run_dir, dataset, bundle_config):
-    """instructions.jsonl: the rows of cfg.instruction_kinds, categorical for every train image."""
-    check_instruction_sources(cfg)
+def run_stage0(settings, run_dir, dataset, bundle_config):
+    """instructions.jsonl: the rows of the kinds of `settings` (the stage's `InstructionArguments`), categorical for
+    every train image."""
+    check_instruction_sources(settings)
     train = dataset["train"]
-    kinds = list(cfg.instruction_kinds)
-    key = fingerprint("stage0", fingerprint_dataset(train), bundle_config.classification_prompt(),
-                      bundle_config.answer_template, kinds, file_digest(cfg.instructions), cfg.annotator,
-                      cfg.annotator_model, *protocols.changed(cfg, "chat_format", "annotator_prompt"))
+    kinds = list(settings.instruction_kinds)
+    key = settings.stage_key(fingerprint_dataset(train), bundle_config.classification_prompt(),
+                             bundle_config.answer_template, file_digest(settings.instructions))
 
     def work(stage):
         question = categorical_instruction(bundle_config)
@@ -309,12 +308,12 @@ def run_stage0(cfg, run_dir, dataset, bundle_config):
         rows = [{"id": image_id, "kind": "categorical", "question": question,
                  "answer": bundle_config.answer_for(names[label])}
                 for image_id, label in zip(train["id"], train["label"])]
-        if cfg.instructions:
-            rows += [r for r in read_instruction_file(cfg.instructions, train) if r["kind"] in kinds]
-        if cfg.annotator and is_main_process():
+        if settings.instructions:
+            rows += [r for r in read_instruction_file(settings.instructions, train) if r["kind"] in kinds]
+        if settings.annotator and is_main_process():
             have = {r["id"] for r in rows if r["kind"] != "categorical"}
-            rows += [r for r in annotated_rows(cfg, train, have, stage.dir) if r["kind"] in kinds]
-        if cfg.chat_format == "official":  # the official questions where a row asks the paper's
+            rows += [r for r in annotated_rows(settings, train, have, stage.dir) if r["kind"] in kinds]
+        if settings.chat_format == "official":  # the official questions where a row asks the paper's
             official = questions_for("official")
             rows = [{**r, "question": official[r["kind"]]} if r.get("question") == QUESTIONS.get(r["kind"]) else r
                     for r in rows]

@@ -20,18 +20,15 @@ The text shows the `pipeline` snippet and the demo command (`emovlm-kd demo --mo
 
 import logging
 import re
-import shutil
-import tempfile
 from pathlib import Path
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
+from emovlm_kd.data.examples import widget_example_names, write_widget_examples  # noqa: F401  (the export's)
 from emovlm_kd.training.config import demo_backbone
 
 logger = logging.getLogger(__name__)
 
-EXAMPLES_FOLDER = "examples"  # inside the bundle; `emovlm_kd.demo.example_files` offers the same files
-NUM_WIDGET_EXAMPLES = 4
 HUB_URL = "https://huggingface.co"
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 SNAPSHOT = re.compile(r"models--(?P<org>[^/]+?)--(?P<name>[^/]+)/snapshots/[^/]+/?$")
@@ -170,42 +167,6 @@ def card_license(cfg, base_model):
         logger.warning("the model card has no license: the base model's card (%s) could not be read; set --license",
                        base_model)
     return chosen
-
-
-def widget_example_names(labels, count=NUM_WIDGET_EXAMPLES):
-    """`{bundle-relative file name: label}` of the example images for the first `count` labels:
-    `examples/<label>.png`, the label made a safe file name (any text can be a label)."""
-    names = {}
-    for index, label in enumerate(str(label) for label in list(labels)[:count]):
-        name = f"{EXAMPLES_FOLDER}/{safe_file_name(label)}.png"
-        names[name if name not in names else f"{EXAMPLES_FOLDER}/{safe_file_name(label)}-{index}.png"] = label
-    return names
-
-
-def write_widget_examples(folder, labels, count=NUM_WIDGET_EXAMPLES, seed=0):
-    """Example images for the card's widget and the demo: the synthetic generator's picture of each of the first
-    `count` labels (`widget_example_names`), written into `folder` (created). Returns `{bundle-relative name: path}`,
-    ready for `save_bundle(extra_files=...)`. Same labels and seed, same bytes."""
-    from emovlm_kd.data import make_synthetic_dataset
-
-    labels = [str(label) for label in labels]
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    written = {}
-    with tempfile.TemporaryDirectory() as tmp:  # class folders by index: a label may be any text ("a/b" too)
-        classes = [f"class_{i}" for i in range(len(labels))]
-        root = make_synthetic_dataset(Path(tmp) / "synthetic", labels=classes, per_class=(1, 0, 0), image_size=96,
-                                      label_noise=0.0, seed=seed)
-        for index, name in enumerate(widget_example_names(labels, count)):
-            target = folder / Path(name).name
-            shutil.copyfile(next((root / "train" / classes[index]).glob("*.png")), target)
-            written[name] = target
-    return written
-
-
-def safe_file_name(label):
-    """A file name for a label (any text): word characters, '.' and '-' kept, the rest '_'."""
-    return re.sub(r"[^\w.-]+", "_", label).strip("._") or "label"
 
 
 def widget_examples(examples, repo_id=None):

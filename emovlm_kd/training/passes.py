@@ -20,7 +20,7 @@ from emovlm_kd.training.cache import (
 logger = logging.getLogger(__name__)
 
 
-def vlm_pass_cache(cfg, cache, model, processor, split, split_name):
+def vlm_pass_cache(cache, model, processor, split, split_name, *, batch_size):
     """One batched pass per image through the frozen bundle: pooled visual features + label log-likelihoods."""
     from emovlm_kd.inference import PromptPrefixCache, run_batch
 
@@ -36,7 +36,7 @@ def vlm_pass_cache(cfg, cache, model, processor, split, split_name):
         output = run_batch(model, processor, images, vlm_mode="score", prompt_cache=prompt_cache)
         return {"image_embeds": output.image_embeds, "vlm_log_likelihoods": output.vlm_log_likelihoods}
 
-    return cached_map(cache, f"vlm_pass-{split_name}", key, len(split), cfg.batch_size, compute_batch,
+    return cached_map(cache, f"vlm_pass-{split_name}", key, len(split), batch_size, compute_batch,
                       desc=f"VLM pass ({split_name})")
 
 

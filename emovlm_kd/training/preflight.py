@@ -151,7 +151,7 @@ def check_output(cfg):
 def problems(cfg):
     """Every problem with the run's inputs but the dataset's contents (a list of lines; empty when all resolve)."""
     hub = HubAccess()
-    found = list(instruction_source_problems(cfg))
+    found = list(instruction_source_problems(cfg.instruction_args, cfg.dataset))
     if cfg.instructions and cfg.instructions != DEMO and Path(cfg.instructions).is_file():
         from emovlm_kd.training.instructions import instruction_file_problem  # every line's shape, file:line
 

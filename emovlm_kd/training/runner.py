@@ -53,7 +53,7 @@ from emovlm_kd.training.passes import vlm_pass_cache
 from emovlm_kd.training.runlock import hold_run_lock
 from emovlm_kd.training.sft import run_stage1
 from emovlm_kd.runtime import resolve_dtype, run_device
-from emovlm_kd.training.stage import Stage
+from emovlm_kd.training.stage import run_stage
 from emovlm_kd.training.teacher import check_teacher_labels, run_stage2, teacher_cache
 
 logger = logging.getLogger(__name__)
@@ -113,7 +113,8 @@ def run_training(cfg, dataset=None):
     state()  # joins the process group under torchrun before any collective
     tidy_transformers_bars()
     torch.manual_seed(cfg.seed)
-    check_instruction_sources(cfg)  # the paper's mix needs conversation/reasoning answers: stop before any work
+    # the paper's mix needs conversation/reasoning answers: stop before any work
+    check_instruction_sources(cfg.instruction_args, cfg.dataset)
     with hold_run_lock(cfg.output_dir), deterministic():  # the lock before anything is written in RUN
         results = run_stages(cfg, dataset)
         if is_main_process():
@@ -149,24 +150,29 @@ def run_stages(cfg, dataset=None):
                                    **protocols.model_fields(cfg))
 
     logger.info("== Stage 0: instruction data")
-    instructions = run_stage0(cfg, run_dir, dataset, prompt_config)
+    instructions = run_stage0(cfg.instruction_args, run_dir, dataset, prompt_config)
     mix = instruction_mix(instructions)
     logger.info("== Stage 1: instruction tuning (%s)", vlm_path)
-    merged_dir = run_stage1(cfg, run_dir, dataset, vlm_path, instructions)
+    merged_dir = run_stage1(cfg.sft_args, run_dir, dataset, vlm_path, instructions, seed=cfg.seed, dtype=cfg.dtype,
+                            max_image_side=cfg.max_image_side, chat_format=cfg.chat_format)
     logger.info("== Stage 2: teacher (%s)", cfg.teacher_trained or teacher_path)
-    teacher_dir = run_stage2(cfg, run_dir, dataset, teacher_path)
+    teacher_dir = Path(cfg.teacher_trained) if cfg.teacher_trained else \
+        run_stage2(cfg.teacher_args, run_dir, dataset, teacher_path, seed=cfg.seed)
 
     bundle, processor = load_bundle_to_train(cfg, merged_dir, names)
     logger.info("== Caches: one VLM pass and one teacher pass per image")
-    passes = cache_passes(cfg, run_dir, dataset, bundle, processor, teacher_dir)
-    outputs = train_head_and_gate(cfg, run_dir, bundle, passes)
+    gate = cfg.gate_args
+    passes = cache_passes(gate, run_dir, dataset, bundle, processor, teacher_dir, seed=cfg.seed, dtype=cfg.dtype,
+                          batch_size=cfg.batch_size)
+    outputs = train_head_and_gate(cfg.distill_args, gate, run_dir, bundle, passes, seed=cfg.seed, dtype=cfg.dtype)
     logger.info("== Calibration: temperatures of the gate and the head, fitted on val")
-    calibrate_bundle(cfg, bundle, passes, outputs)
+    calibrate_bundle(gate, bundle, passes, outputs)
     results = test_results(passes["test"], outputs)
-    results.update(instruction_mix=mix, gate_data=gate_data_summary(cfg, passes))
+    results.update(instruction_mix=mix, gate_data=gate_data_summary(gate, passes))
     card = model_card(cfg, names, results, vlm_path, backbone_type=bundle.config.vlm_config.model_type,
                       examples=widget_example_names(names) if ships_examples(cfg) else ())
-    export(cfg, run_dir, bundle, processor, card, results, split_file)
+    export(run_dir, bundle, processor, card, results, split_file, examples=ships_examples(cfg),
+           push_to_hub=cfg.push_to_hub)
     return results
 
 
@@ -227,54 +233,59 @@ def load_bundle_to_train(cfg, merged_dir, names):
     return bundle, processor
 
 
-def cache_passes(cfg, run_dir, dataset, bundle, processor, teacher_dir):
-    """Per split: pooled visual features and label log-likelihoods (one VLM pass), teacher logits, labels."""
+def cache_passes(gate, run_dir, dataset, bundle, processor, teacher_dir, *, seed, dtype, batch_size):
+    """Per split: pooled visual features and label log-likelihoods (one VLM pass), teacher logits, labels; and the
+    sampled answers the gate trains on where stage 4's `GateArguments` (`gate`) asks for them."""
     from transformers import AutoImageProcessor, AutoModelForImageClassification
 
     teacher = AutoModelForImageClassification.from_pretrained(
-        teacher_dir, dtype=resolve_dtype(cfg.dtype), use_safetensors=True
+        teacher_dir, dtype=resolve_dtype(dtype), use_safetensors=True
     ).to(run_device()).eval()
     teacher_processor = AutoImageProcessor.from_pretrained(teacher_dir)
     cache = TensorCache(run_dir / "cache")
     passes = {}
     for split in (s for s in ("train", "val", "test") if s in dataset):
-        passes[split] = dict(vlm_pass_cache(cfg, cache, bundle, processor, dataset[split], split))
-        passes[split].update(teacher_cache(cfg, cache, teacher, teacher_processor, dataset[split], split))
+        passes[split] = dict(vlm_pass_cache(cache, bundle, processor, dataset[split], split, batch_size=batch_size))
+        passes[split].update(teacher_cache(cache, teacher, teacher_processor, dataset[split], split,
+                                           batch_size=batch_size))
         passes[split]["labels"] = torch.tensor(dataset[split]["label"])
-    if cfg.gate_data == "sampled":  # the gate's training data: K sampled answers per train image
-        passes["train"].update(sampled_answer_cache(cfg, cache, bundle, processor, dataset["train"]))
-    if cfg.answer_protocol == "official":  # the official evaluation: one sampled answer per val/test image
+    if gate.gate_data == "sampled":  # the gate's training data: K sampled answers per train image
+        passes["train"].update(sampled_answer_cache(gate, cache, bundle, processor, dataset["train"], seed=seed,
+                                                    batch_size=batch_size))
+    if gate.answer_protocol == "official":  # the official evaluation: one sampled answer per val/test image
         for split in (s for s in ("val", "test") if s in dataset):
-            answers = sampled_answer_cache(cfg, cache, bundle, processor, dataset[split], split, samples=1)
+            answers = sampled_answer_cache(gate, cache, bundle, processor, dataset[split], seed=seed,
+                                           batch_size=batch_size, split_name=split, samples=1)
             passes[split].update(vlm_answer=answers["vlm_samples"][:, 0], vlm_answer_found=answers["answer_found"][:, 0])
     return passes
 
 
-def train_head_and_gate(cfg, run_dir, bundle, passes):
-    """Stages 3 and 4 on the cached tensors; per split the head's logits, its probabilities, the VLM vectors and,
-    for test, the gate's logits."""
-    dtype = resolve_dtype(cfg.dtype)
+def train_head_and_gate(distill, gate, run_dir, bundle, passes, *, seed, dtype):
+    """Stages 3 and 4 (their `DistillArguments` and `GateArguments`) on the cached tensors; per split the head's
+    logits, its probabilities, the VLM vectors and, for test, the gate's logits."""
+    dtype = resolve_dtype(dtype)
     logger.info("== Stage 3: distillation")
     train = passes["train"]
     bundle.distill_head.requires_grad_(True).float()
-    run_stage3(cfg, run_dir, bundle, train["image_embeds"].float(), train["teacher_logits"], train["labels"])
+    run_stage3(distill, run_dir, bundle, train["image_embeds"].float(), train["teacher_logits"], train["labels"],
+               seed=seed)
     bundle.distill_head.requires_grad_(False).to(dtype)
     outputs = {}
     for split, tensors in passes.items():
         head_logits = head_outputs(bundle.distill_head, tensors["image_embeds"])
         vlm_scores = tensors.get("vlm_answer")  # answer_protocol official: the sampled answer's vector
         if vlm_scores is None:
-            vlm_scores = vlm_vectors(tensors["vlm_log_likelihoods"], cfg.vlm_vector)
+            vlm_scores = vlm_vectors(tensors["vlm_log_likelihoods"], gate.vlm_vector)
         # "head_probs": what the gate reads of the head (its probabilities, or its logits with gate_input logits)
-        outputs[split] = {"head_logits": head_logits, "head_probs": gate_head_input(head_logits, cfg.gate_input),
+        outputs[split] = {"head_logits": head_logits, "head_probs": gate_head_input(head_logits, gate.gate_input),
                           "vlm_scores": vlm_scores}
 
-    logger.info("== Stage 4: gate (%s, on %s data)", cfg.gate_type, cfg.gate_data)
-    gate_data = gate_training_set(cfg.gate_data, {s: o["vlm_scores"] for s, o in outputs.items()},
+    logger.info("== Stage 4: gate (%s, on %s data)", gate.gate_type, gate.gate_data)
+    gate_data = gate_training_set(gate.gate_data, {s: o["vlm_scores"] for s, o in outputs.items()},
                                   {s: o["head_probs"] for s, o in outputs.items()},
                                   {s: p["labels"] for s, p in passes.items()}, passes["train"].get("vlm_samples"))
     bundle.gate.requires_grad_(True).float()
-    run_stage4(cfg, run_dir, bundle, *gate_data)
+    run_stage4(gate, run_dir, bundle, *gate_data, seed=seed)
     bundle.gate.requires_grad_(False).to(dtype)
     with torch.inference_mode():
         outputs["test"]["gate_logits"] = gate_outputs(bundle.gate, outputs["test"]["vlm_scores"],
@@ -305,33 +316,32 @@ def test_results(test_pass, outputs):
     }
 
 
-def export(cfg, run_dir, bundle, processor, card, results, split_file):
-    """RUN/model (the Hub bundle, with the split it was trained on) and RUN/eval_results.json, rewritten when their
-    inputs change or a file of theirs no longer has the sha256 the export recorded; then the push."""
+def export(run_dir, bundle, processor, card, results, split_file, *, examples=False, push_to_hub=None):
+    """Stage 5 (`run_stage`): RUN/model (the Hub bundle, with the split it was trained on and, with `examples`, the
+    widget's example pictures) and RUN/eval_results.json, rewritten when their inputs change or a file of theirs no
+    longer has the sha256 the export recorded (RUN/stage5_export/files.json, the stage's output); then the push to
+    the Hub repo `push_to_hub`."""
     from emovlm_kd.data.splitfile import SPLITS_FILE
     from emovlm_kd.hub import save_bundle
 
     key = fingerprint("export", fingerprint_module(bundle), str(card), results, split_file["dataset"]["fingerprint"],
                       bundle.config.gate_calibration_temperature, bundle.config.head_calibration_temperature)
-    done = Stage(run_dir, "stage5_export", key)
-    finished = done.done
-    damage = main_process_decides(lambda: export_damage(run_dir, done.dir)) if finished else None
-    if finished and damage is None:
-        logger.info("[export] RUN/model is up to date, not rewritten")
-    else:
-        if damage:
-            logger.warning("[export] %s: rebuilding RUN/model and eval_results.json", damage)
-        if is_main_process():
-            # the synthetic pictures go with the synthetic dataset only: a model of real data gets no made-up examples
-            examples = write_widget_examples(run_dir / "examples", bundle.config.labels) if ships_examples(cfg) else {}
-            save_bundle(bundle, processor, run_dir / "model", model_card=card,
-                        extra_files={SPLITS_FILE: run_dir / SPLITS_FILE, **examples})
-            folders.atomic_write_text(run_dir / "eval_results.json", json.dumps(results, indent=2))
-            record_export(run_dir, done.dir)
-        done.finish(model=str(run_dir / "model"))
-    if is_main_process() and cfg.push_to_hub:
-        push_folder(run_dir / "model", cfg.push_to_hub)
-        logger.info("pushed %s to the Hub as %s", run_dir / "model", cfg.push_to_hub)
+
+    def write(record):
+        # the synthetic pictures go with the synthetic dataset only: a model of real data gets no made-up examples
+        pictures = write_widget_examples(run_dir / "examples", bundle.config.labels) if examples else {}
+        save_bundle(bundle, processor, run_dir / "model", model_card=card,
+                    extra_files={SPLITS_FILE: run_dir / SPLITS_FILE, **pictures})
+        folders.atomic_write_text(run_dir / "eval_results.json", json.dumps(results, indent=2))
+        write_export_record(run_dir, record)
+
+    run_stage(run_dir, "stage5_export", key, EXPORT_RECORD, lambda stage: (write, {"model": str(run_dir / "model")}),
+              skipped="[export] RUN/model is up to date, not rewritten", log=logger,
+              damage=lambda stage: export_damage(run_dir, stage.dir),
+              damaged="[export] %s: rebuilding RUN/model and eval_results.json")
+    if is_main_process() and push_to_hub:
+        push_folder(run_dir / "model", push_to_hub)
+        logger.info("pushed %s to the Hub as %s", run_dir / "model", push_to_hub)
     barrier()
 
 
@@ -342,10 +352,11 @@ def exported_files(run_dir):
     return [*files, "eval_results.json"]
 
 
-def record_export(run_dir, stage_dir):
-    """RUN/stage5_export/files.json: the sha256 of every file the export wrote (written before its DONE.json)."""
+def write_export_record(run_dir, record):
+    """{RUN-relative path: sha256} of every file the export wrote, as JSON in `record` (the stage's temp file of
+    RUN/stage5_export/files.json, renamed into place before its DONE.json is written)."""
     digests = {name: sha256_file(run_dir / name) for name in exported_files(run_dir)}
-    folders.atomic_write_text(stage_dir / EXPORT_RECORD, json.dumps(digests, indent=1))
+    Path(record).write_text(json.dumps(digests, indent=1), encoding="utf-8")
 
 
 def export_damage(run_dir, stage_dir):

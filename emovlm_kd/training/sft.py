@@ -9,27 +9,29 @@ cast to the run's dtype: a merge in bfloat16 rounds LoRA updates smaller than ha
 
 import json
 import logging
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
 import torch
 from transformers import set_seed
+from trl import SFTConfig
 
 from configuration_emovlm_kd import DEFAULT_MAX_IMAGE_SIDE
-from emovlm_kd import protocol as protocols
-from emovlm_kd.distributed import is_main_process, world_size
+from emovlm_kd.distributed import is_main_process
 from emovlm_kd.hub import reset_tokenizer_call_state
 from emovlm_kd.images import limit_processor_pixels, prepare_image
 from emovlm_kd.runtime import resolve_dtype
-from emovlm_kd.training.cache import fingerprint, fingerprint_checkpoint, fingerprint_dataset
-from emovlm_kd.training.stage import (
-    last_checkpoint,
-    run_stage,
-    run_trainer,
-    trained,
-)
+from emovlm_kd.training.cache import fingerprint_checkpoint, fingerprint_dataset
+from emovlm_kd.training.config import SFTArguments
+from emovlm_kd.training.stage import last_checkpoint, run_stage, run_trainer, trained
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass
+class SFTStageConfig(SFTConfig, SFTArguments):
+    """Stage 1's `SFTConfig`, with every `SFTArguments` field (built by `SFTArguments.training_arguments`)."""
 
 
 def sft_dataset(train, instructions_path, max_side=DEFAULT_MAX_IMAGE_SIDE, chat_format="paper"):
@@ -71,6 +73,26 @@ class PreparedImages:
         return batch
 
 
+def model_config(settings):
+    """TRL's `ModelConfig` of stage 1: LoRA on the LLM's projections (`--lora-targets`, not the vision tower's), and
+    4-bit nf4 double quantisation computing in bfloat16 (QLoRA) when asked, or by default when CUDA is present."""
+    from trl import ModelConfig
+
+    targets = "|".join(t.strip() for t in settings.lora_targets.split(",") if t.strip())
+    return ModelConfig(
+        use_peft=True,
+        lora_r=settings.lora_r,
+        lora_alpha=settings.lora_alpha,
+        lora_dropout=settings.lora_dropout,
+        lora_target_modules=rf".*language_model.*\.({targets})",
+        lora_task_type="CAUSAL_LM",
+        load_in_4bit=settings.quantize == "4bit" or (settings.quantize == "auto" and torch.cuda.is_available()),
+        bnb_4bit_quant_type="nf4",
+        use_bnb_nested_quant=True,
+        dtype="bfloat16",  # read by `get_quantization_config` only (the 4-bit compute dtype); the run's is `--dtype`
+    )
+
+
 class ImageTokensMasked:
     """`sft_loss: all_tokens`, the official collate_fn (train_vlm.py:118-128): TRL's vision collator with the loss on
     every token (`completion_only_loss=False`: padding is already -100), and the image tokens masked too (the
@@ -95,100 +117,65 @@ def image_token_ids(vlm_config):
             if getattr(vlm_config, name, None) is not None]
 
 
-def sft_collator(cfg, processor, vlm_config):
+def sft_collator(settings, processor, vlm_config):
     """None (TRL's own: the loss on the answer only, `sft_loss: answer`) or `ImageTokensMasked` (`all_tokens`)."""
-    return ImageTokensMasked(processor, image_token_ids(vlm_config)) if cfg.sft_loss == "all_tokens" else None
+    return ImageTokensMasked(processor, image_token_ids(vlm_config)) if settings.sft_loss == "all_tokens" else None
 
 
-def sft_arguments(cfg, output_dir, dtype, quantized):
-    """The `SFTConfig` of stage 1. `sft_scheduler` constant_with_warmup: 3 % warmup then constant; constant: no
-    warmup, as the official `warmup_ratio=0.03` with `lr_scheduler_type="constant"` (train_vlm.py:102-103), which
-    transformers' `get_scheduler` builds without warmup. `tf32` where CUDA has it (TrainingArguments refuses it
-    elsewhere: logged and left off)."""
-    from trl import SFTConfig
+def tf32_value(settings):
+    """What `TrainingArguments.tf32` gets: True where `settings.sft_tf32` asks for it and CUDA has TF32; None (left as
+    torch has it) otherwise; TrainingArguments refuses tf32 without it, so that case is logged and left off."""
+    if not settings.sft_tf32:
+        return None
+    from transformers.utils import is_torch_tf32_available
 
-    from emovlm_kd.training.stage import base_training_arguments
-
-    extra = {}
-    if cfg.tf32:
-        from transformers.utils import is_torch_tf32_available
-
-        if is_torch_tf32_available():
-            extra["tf32"] = True
-        else:
-            logger.info("[stage 1] tf32 asked (protocol %s) but this device has no TF32: left off", cfg.protocol)
-    if cfg.sft_loss == "all_tokens":
-        extra["completion_only_loss"] = False
-    return SFTConfig(
-        **base_training_arguments(cfg, output_dir),
-        num_train_epochs=cfg.sft_epochs,
-        learning_rate=cfg.sft_lr,
-        lr_scheduler_type=cfg.sft_scheduler,
-        warmup_steps=0.03 if cfg.sft_scheduler == "constant_with_warmup" else 0,  # a ratio of the total steps
-        max_grad_norm=0.3,
-        per_device_train_batch_size=cfg.sft_batch_size,
-        gradient_accumulation_steps=cfg.sft_grad_accum,
-        max_length=None,
-        logging_strategy="steps",
-        logging_steps=10,
-        bf16=dtype == torch.bfloat16,
-        gradient_checkpointing=quantized,
-        accelerator_config={"split_batches": world_size() > 1 and cfg.sft_batch_size % world_size() == 0},
-        **extra,
-    )
+    if is_torch_tf32_available():
+        return True
+    logger.info("[stage 1] tf32 asked (protocol official) but this device has no TF32: left off")
+    return None
 
 
-def model_config(cfg):
-    """TRL's `ModelConfig` of stage 1: LoRA on the LLM's projections (`--lora-targets`, not the vision tower's), and
-    4-bit nf4 double quantisation computing in bfloat16 (QLoRA) when asked, or by default when CUDA is present."""
-    from trl import ModelConfig
-
-    targets = "|".join(t.strip() for t in cfg.lora_targets.split(",") if t.strip())
-    return ModelConfig(
-        use_peft=True,
-        lora_r=cfg.lora_r,
-        lora_alpha=cfg.lora_alpha,
-        lora_dropout=cfg.lora_dropout,
-        lora_target_modules=rf".*language_model.*\.({targets})",
-        lora_task_type="CAUSAL_LM",
-        load_in_4bit=cfg.quantize == "4bit" or (cfg.quantize == "auto" and torch.cuda.is_available()),
-        bnb_4bit_quant_type="nf4",
-        use_bnb_nested_quant=True,
-        dtype="bfloat16",  # read by `get_quantization_config` only (the 4-bit compute dtype); the run's is `--dtype`
-    )
+def sft_arguments(settings, output_dir, seed, dtype, quantized):
+    """Stage 1's `SFTStageConfig` (`settings.training_arguments`) with the run-time values: bf16, gradient
+    checkpointing under 4-bit, `tf32_value`."""
+    return settings.training_arguments(output_dir, seed, bf16=dtype == torch.bfloat16,
+                                       gradient_checkpointing=quantized, tf32=tf32_value(settings))
 
 
-def quantization_config(cfg):
-    """`trl.get_quantization_config` of `model_config(cfg)` (None without 4-bit), the visual tower and `lm_head` left
-    unquantised (TRL's `ModelConfig` has no skip list): 4-bit layers narrower than 64 features fail."""
+def quantization_config(settings):
+    """`trl.get_quantization_config` of `model_config(settings)` (None without 4-bit), the visual tower and `lm_head`
+    left unquantised (TRL's `ModelConfig` has no skip list): 4-bit layers narrower than 64 features fail."""
     from trl import get_quantization_config
 
-    quant = get_quantization_config(model_config(cfg))
-    if quant is not None and cfg.quantize_scope != "all":  # all: transformers' default skip list, as the official
-        quant.llm_int8_skip_modules = ["model.visual", "lm_head"]  # BitsAndBytesConfig (train_vlm.py:69-74)
+    quant = get_quantization_config(model_config(settings))
+    if quant is not None and settings.quantize_scope != "all":  # all: transformers' default skip list, as the
+        quant.llm_int8_skip_modules = ["model.visual", "lm_head"]  # official BitsAndBytesConfig (train_vlm.py:69-74)
     return quant
 
 
-def lora_config(cfg):
-    """`trl.get_peft_config` of `model_config(cfg)`: a `peft.LoraConfig`."""
+def lora_config(settings):
+    """`trl.get_peft_config` of `model_config(settings)`: a `peft.LoraConfig`."""
     from trl import get_peft_config
 
-    return get_peft_config(model_config(cfg))
+    return get_peft_config(model_config(settings))
 
 
-def run_stage1(cfg, run_dir, dataset, vlm_path, instructions_path):
-    """Instruction-tune the VLM with LoRA (QLoRA on CUDA), merge the adapter, save RUN/stage1_sft/merged."""
-    key = fingerprint("stage1", fingerprint_checkpoint(vlm_path), fingerprint_dataset(dataset["train"]),
-                      Path(instructions_path).read_text(encoding="utf-8"),
-                      cfg.sft_epochs, cfg.sft_lr, cfg.sft_batch_size, cfg.sft_grad_accum, cfg.lora_r, cfg.lora_alpha,
-                      cfg.lora_dropout, cfg.lora_targets, cfg.quantize, cfg.dtype, cfg.seed, cfg.max_image_side,
-                      *protocols.changed(cfg, "sft_loss", "sft_scheduler", "chat_format", "quantize_scope", "tf32"))
+def run_stage1(settings, run_dir, dataset, vlm_path, instructions_path, *, seed, dtype, max_image_side,
+               chat_format="paper"):
+    """Instruction-tune the VLM with LoRA (QLoRA on CUDA) by the stage's `SFTArguments` (`settings`), merge the
+    adapter, save RUN/stage1_sft/merged; `dtype` is the run's `--dtype`, `chat_format` stage 0's (the chat layout of
+    the rows)."""
+    key = settings.stage_key(fingerprint_checkpoint(vlm_path), fingerprint_dataset(dataset["train"]),
+                             Path(instructions_path).read_text(encoding="utf-8"), dtype, seed, max_image_side,
+                             *(() if chat_format == "paper" else (chat_format,)))
     return run_stage(run_dir, "stage1_sft", key, "merged",
-                     partial(instruction_tune, cfg, dataset["train"], vlm_path, instructions_path),
+                     partial(instruction_tune, settings, dataset["train"], vlm_path, instructions_path, seed=seed,
+                             dtype=dtype, max_image_side=max_image_side, chat_format=chat_format),
                      skipped="[stage 1] instruction tuning: done, skipped", log=logger, folder=True)
 
 
-def instruction_tune(cfg, train, vlm_path, instructions_path, stage):
+def instruction_tune(settings, train, vlm_path, instructions_path, stage, *, seed, dtype, max_image_side,
+                     chat_format="paper"):
     """Stage 1's work (`run_stage`): SFT with LoRA, the adapter saved in RUN/stage1_sft/adapter and merged by the main
     process; returns (how the merged model is written into the stage's temp folder, the DONE.json summary)."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
@@ -196,24 +183,24 @@ def instruction_tune(cfg, train, vlm_path, instructions_path, stage):
 
     from emovlm_kd.training.trainers import with_verified_resume
 
-    dtype = resolve_dtype(cfg.dtype)
-    quant = quantization_config(cfg)
+    dtype = resolve_dtype(dtype)
+    quant, peft_config = quantization_config(settings), lora_config(settings)
     if quant is not None:
         logger.info("[stage 1] QLoRA: loading %s in 4-bit nf4 with double quantisation", vlm_path)
-    set_seed(cfg.seed)  # LoRA's initialisation draws from the global generator: same start in every process
+    set_seed(seed)  # LoRA's initialisation draws from the global generator: same start in every process
     processor = AutoProcessor.from_pretrained(vlm_path)
-    limit_processor_pixels(processor, cfg.max_image_side)  # saved with the merged model, hence with the bundle
+    limit_processor_pixels(processor, max_image_side)  # saved with the merged model, hence with the bundle
     vlm = AutoModelForImageTextToText.from_pretrained(
         vlm_path, dtype=dtype, quantization_config=quant, use_safetensors=True
     )
-    args = sft_arguments(cfg, stage.checkpoints(), dtype, quant is not None)
+    args = sft_arguments(settings, stage.checkpoints(), seed, dtype, quant is not None)
     trainer = with_verified_resume(SFTTrainer)(
         model=vlm,
         args=args,
-        train_dataset=sft_dataset(train, instructions_path, max_side=cfg.max_image_side, chat_format=cfg.chat_format),
+        train_dataset=sft_dataset(train, instructions_path, max_side=max_image_side, chat_format=chat_format),
         processing_class=processor,
-        data_collator=sft_collator(cfg, processor, vlm.config),
-        peft_config=lora_config(cfg),
+        data_collator=sft_collator(settings, processor, vlm.config),
+        peft_config=peft_config,
     )
     result = run_trainer(trainer, last_checkpoint(args.output_dir))
     adapter_dir = stage.dir / "adapter"

@@ -1,6 +1,6 @@
 """What every stage shares: one skeleton (`run_stage`: key -> done? -> work -> output written in a temp place and
 renamed -> DONE.json), a stage folder with a `DONE.json` keyed by the stage's inputs, Trainer checkpoints kept per key
-(resumed from the newest complete one), and the `TrainingArguments` every stage derives its own from."""
+(resumed from the newest complete one), and the `TrainingArguments` values all stages share."""
 
 import json
 import logging
@@ -18,7 +18,6 @@ from emovlm_kd.distributed import (
     world_size,
 )
 from emovlm_kd.folders import atomic_write_text, staged_file, staged_folder, writing
-from emovlm_kd.logs import interactive
 
 logger = logging.getLogger(__name__)
 
@@ -53,22 +52,28 @@ class Stage:
         logger.info("[%s] done: %s", self.name, ", ".join(f"{k}={v}" for k, v in summary.items()))
 
 
-def run_stage(run_dir, name, key, output, work, *, skipped, log, restore=None, folder=False):
-    """The skeleton of stages 0-4; returns the path of the stage's output, `RUN/name/output`.
+def run_stage(run_dir, name, key, output, work, *, skipped, log, restore=None, folder=False, damage=None,
+              damaged=None):
+    """The skeleton of stages 0-5; returns the path of the stage's output, `RUN/name/output`.
 
-    Done with `key` (its DONE.json says so): `restore(path)` where the caller needs the output loaded back, then the
-    line `skipped` logged by `log` (the stage module's logger). Otherwise `work(stage)` runs on every process and
-    returns `(write, summary)`; the main process writes the output through `write(tmp)` into a temp file
-    (`folders.staged_file`) or, with `folder`, a temp folder (`folders.staged_folder`), renamed into place when
-    complete; then DONE.json records `key` and `summary`.
+    Done with `key` (its DONE.json says so) and, where the stage checks its output (`damage`), undamaged:
+    `restore(path)` where the caller needs the output loaded back, then the line `skipped` logged by `log` (the
+    stage module's logger). Otherwise `work(stage)` runs on every process and returns `(write, summary)`; the main
+    process writes the output through `write(tmp)` into a temp file (`folders.staged_file`) or, with `folder`, a
+    temp folder (`folders.staged_folder`), renamed into place when complete; then DONE.json records `key` and
+    `summary`. `damage(stage)`: what is wrong with a done stage's output in words, or None (decided by the main
+    process); a damaged stage runs again after the warning `damaged % damage`.
     """
     stage = Stage(run_dir, name, key)
     path = stage.dir / output
     if stage.done:
-        if restore is not None:
-            restore(path)
-        log.info(skipped)
-        return path
+        problem = main_process_decides(lambda: damage(stage)) if damage is not None else None
+        if problem is None:
+            if restore is not None:
+                restore(path)
+            log.info(skipped)
+            return path
+        log.warning(damaged, problem)
     write, summary = work(stage)
     if is_main_process():
         with (staged_folder if folder else staged_file)(path) as tmp:
@@ -190,37 +195,17 @@ def run_trainer(trainer, resume_from_checkpoint=None):
         return trainer.train(resume_from_checkpoint=resume_from_checkpoint)
 
 
-def base_training_arguments(cfg, output_dir):
+def base_training_arguments(output_dir, seed):
     """What every stage's `TrainingArguments` (and stage 1's `SFTConfig`) shares: seeded, a checkpoint every epoch
-    (the last one kept), on the CPU when there is no CUDA, no reporting integrations."""
+    (the last one kept), on the CPU when there is no CUDA, no reporting integrations (`StageArguments.
+    training_arguments` adds the stage's own)."""
     return dict(
         output_dir=str(output_dir),
         save_strategy="epoch",
         save_total_limit=1,
         report_to=[],
-        seed=cfg.seed,
-        data_seed=cfg.seed,
+        seed=seed,
+        data_seed=seed,
         use_cpu=not torch.cuda.is_available(),
         ddp_find_unused_parameters=False,
     )
-
-
-def trainer_args(cfg, output_dir, epochs, lr, batch_size, **extra):
-    """The `TrainingArguments` of stages 2-4: the shared base, one log line an epoch, the run's cached rows as they
-    are, one global batch split across processes (the same updates under torchrun as in one process); `extra`
-    overrides."""
-    from transformers import TrainingArguments
-
-    values = dict(
-        base_training_arguments(cfg, output_dir),
-        num_train_epochs=epochs,
-        learning_rate=lr,
-        per_device_train_batch_size=batch_size,
-        logging_strategy="epoch",
-        remove_unused_columns=False,
-        dataloader_num_workers=0,
-        disable_tqdm=not interactive(),
-        accelerator_config={"split_batches": True},
-    )
-    values.update(extra)
-    return TrainingArguments(**values)

@@ -9,7 +9,6 @@ teacher pass see the same pixels; a `--teacher-trained` model is evaluated with 
 """
 
 import logging
-from pathlib import Path
 
 import torch
 from transformers import set_seed
@@ -23,7 +22,7 @@ from emovlm_kd.training.cache import (
     fingerprint_module,
 )
 from emovlm_kd.training.passes import cached_map
-from emovlm_kd.training.stage import last_checkpoint, run_stage, run_trainer, trainer_args, trained
+from emovlm_kd.training.stage import last_checkpoint, run_stage, run_trainer, trained
 
 logger = logging.getLogger(__name__)
 
@@ -59,25 +58,24 @@ def eval_image_processor(image_processor):
     )
 
 
-def teacher_optimizer(cfg, model):
-    """`Trainer(optimizer_cls_and_kwargs=...)` for cfg.teacher_optimizer `adam`: torch.optim.Adam with L2 weight
-    decay on every parameter, as the official train_ViT.py; None for `adamw` (transformers' default optimizer, with
-    no decay on biases and norms)."""
-    if cfg.teacher_optimizer != "adam":
+def teacher_optimizer(args, model):
+    """`Trainer(optimizer_cls_and_kwargs=...)` for `args.teacher_optimizer` `adam` (`args`: the stage's
+    `TeacherTrainingArguments`): torch.optim.Adam with L2 weight decay on every parameter, as the official
+    train_ViT.py; None for `adamw` (transformers' default optimizer, with no decay on biases and norms)."""
+    if args.teacher_optimizer != "adam":
         return None
     params = [p for p in model.parameters() if p.requires_grad]
-    return torch.optim.Adam, {"params": params, "lr": cfg.teacher_lr, "weight_decay": cfg.teacher_weight_decay}
+    return torch.optim.Adam, {"params": params, "lr": args.learning_rate, "weight_decay": args.weight_decay}
 
 
-def teacher_trainer(cfg, teacher, train, output_dir, callbacks=()):
-    """The HF `Trainer` of stage 2 with cfg's teacher recipe (optimizer, weight decay, schedule, epochs, lr, batch),
-    resuming with every weight verified."""
+def teacher_trainer(settings, teacher, train, output_dir, *, seed, callbacks=()):
+    """The HF `Trainer` of stage 2 with the teacher recipe of `settings` (a `TeacherArguments`: optimizer, weight
+    decay, schedule, epochs, lr, batch), resuming with every weight verified."""
     from emovlm_kd.training.trainers import VerifiedTrainer
 
-    args = trainer_args(cfg, output_dir, cfg.teacher_epochs, cfg.teacher_lr, cfg.teacher_batch_size,
-                        weight_decay=cfg.teacher_weight_decay, lr_scheduler_type=cfg.teacher_scheduler)
+    args = settings.training_arguments(output_dir, seed)
     return VerifiedTrainer(model=teacher, args=args, train_dataset=train, callbacks=list(callbacks),
-                           optimizer_cls_and_kwargs=teacher_optimizer(cfg, teacher))
+                           optimizer_cls_and_kwargs=teacher_optimizer(args, teacher))
 
 
 class SeededAugmentation:
@@ -131,25 +129,22 @@ def load_teacher_with_new_classifier(auto_class, teacher_path, names):
     return teacher
 
 
-def run_stage2(cfg, run_dir, dataset, teacher_path):
-    """Fine-tune the teacher (any AutoModelForImageClassification) with the HF Trainer."""
+def run_stage2(settings, run_dir, dataset, teacher_path, *, seed):
+    """Fine-tune the teacher (any AutoModelForImageClassification) with the HF Trainer, by the stage's
+    `TeacherArguments` (`settings`)."""
     from transformers import AutoImageProcessor, AutoModelForImageClassification
 
     names = dataset["train"].features["label"].names
-    if cfg.teacher_trained:
-        check_teacher_labels(cfg.teacher_trained, names)
-        return Path(cfg.teacher_trained)
-    key = fingerprint("stage2", fingerprint_checkpoint(teacher_path), fingerprint_dataset(dataset["train"]), names,
-                      cfg.teacher_epochs, cfg.teacher_lr, cfg.teacher_batch_size, cfg.teacher_weight_decay,
-                      cfg.teacher_optimizer, cfg.teacher_scheduler, cfg.seed)
+    key = settings.stage_key(fingerprint_checkpoint(teacher_path), fingerprint_dataset(dataset["train"]), names, seed)
 
     def work(stage):
         image_processor = AutoImageProcessor.from_pretrained(teacher_path)
-        set_seed(cfg.seed)  # the new classifier layer is initialised from the global generator
+        set_seed(seed)  # the new classifier layer is initialised from the global generator
         teacher = load_teacher_with_new_classifier(AutoModelForImageClassification, teacher_path, names)
-        augment = SeededAugmentation(train_transform(image_processor), cfg.seed)
+        augment = SeededAugmentation(train_transform(image_processor), seed)
         train = dataset["train"].add_column("row", list(range(len(dataset["train"])))).with_transform(augment)
-        trainer = teacher_trainer(cfg, teacher, train, stage.checkpoints(), callbacks=[augment.callback()])
+        trainer = teacher_trainer(settings, teacher, train, stage.checkpoints(), seed=seed,
+                                  callbacks=[augment.callback()])
         result = run_trainer(trainer, last_checkpoint(trainer.args.output_dir))
 
         def write(folder):
@@ -171,7 +166,7 @@ def check_teacher_labels(teacher_path, names):
         raise InputError(f"teacher {teacher_path} has labels {teacher_names}, the dataset has {list(names)}")
 
 
-def teacher_cache(cfg, cache, teacher, image_processor, split, split_name):
+def teacher_cache(cache, teacher, image_processor, split, split_name, *, batch_size):
     """Teacher logits per image, computed once, with the teacher's own image processor (as `emovlm-kd evaluate`)."""
     key = fingerprint("teacher", fingerprint_module(teacher), fingerprint_dataset(split), image_processor.to_dict())
     param = next(teacher.parameters())
@@ -182,5 +177,5 @@ def teacher_cache(cfg, cache, teacher, image_processor, split, split_name):
         pixels = image_processor(images=images, return_tensors="pt")["pixel_values"].to(param.device, param.dtype)
         return {"teacher_logits": teacher(pixel_values=pixels).logits.float().cpu()}
 
-    return cached_map(cache, f"teacher-{split_name}", key, len(split), cfg.batch_size, compute_batch,
+    return cached_map(cache, f"teacher-{split_name}", key, len(split), batch_size, compute_batch,
                       desc=f"teacher ({split_name})")

@@ -1,0 +1,112 @@
+"""Every command's settings are dataclasses (`emovlm_kd.settings`): the dataset flags defined once for `evaluate`,
+`split` and `train`, one split-ratio rule for the flags and the loader, and a new field is a new flag."""
+
+import dataclasses
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from emovlm_kd.settings import (
+    REQUIRED,
+    DatasetArguments,
+    RuntimeArguments,
+    help_field,
+    parser_for,
+    read,
+    split_ratios_ok,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def actions_by_dest(parser):
+    return {action.dest: action for action in parser._actions}
+
+
+def command_parser(name):
+    from emovlm_kd.cli import build_parser
+    from emovlm_kd.helptext import parsers_of
+
+    return next(parser for parser in parsers_of(build_parser()) if parser.prog == f"emovlm-kd {name}")
+
+
+def test_the_dataset_flags_are_one_definition_in_evaluate_split_and_train():
+    from emovlm_kd.training.config import train_parser
+
+    parsers = {"evaluate": command_parser("evaluate"), "split": command_parser("split"), "train": train_parser()}
+    for spec in dataclasses.fields(DatasetArguments):
+        seen = {}
+        for command, parser in parsers.items():
+            action = actions_by_dest(parser)[spec.name]
+            seen[command] = (action.help, tuple(action.choices or ()), action.default)
+            assert f"--{spec.name.replace('_', '-')}" in action.option_strings, (command, action.option_strings)
+        assert len(set(seen.values())) == 1, (spec.name, seen)
+        assert seen["train"][0] == spec.metadata["help"]
+
+
+@pytest.mark.parametrize("ratios", [(0.8, 0.1, 0.1), (0.85, 0.0, 0.15), (0.5, 0.5, 0.0), (0.0, 0.5, 0.5),
+                                    (0.5, 0.2, 0.2), (1.1, -0.05, -0.05)])
+def test_one_split_ratio_rule_for_the_flags_and_the_loader(ratios, tmp_path):
+    from emovlm_kd.data import load_image_dataset
+
+    ok = split_ratios_ok(ratios)
+    assert ok == (ratios in [(0.8, 0.1, 0.1), (0.85, 0.0, 0.15)])
+    refusals = 0
+    try:
+        DatasetArguments(split_ratios=list(ratios))
+    except ValueError as error:
+        assert "--split-ratios" in str(error)
+        refusals += 1
+    try:  # the ratios are checked before the (missing) folder is looked at
+        load_image_dataset(tmp_path / "missing", split_ratios=ratios)
+    except ValueError as error:
+        refusals += "split_ratios" in str(error)
+    assert refusals == (0 if ok else 2)
+
+
+def test_a_new_field_is_a_new_flag_read_back_into_the_dataclass():
+    @dataclasses.dataclass(kw_only=True)
+    class WithAKnob(RuntimeArguments):
+        knob: float = help_field("a new setting", 0.5)
+        where: str = help_field("required", REQUIRED)
+
+    parser = parser_for(WithAKnob)
+    parsed = read(parser.parse_args(["--knob", "0.25", "--where", "x", "--batch-size", "2"]), WithAKnob)
+    assert (parsed.knob, parsed.where, parsed.batch_size, parsed.dtype) == (0.25, "x", 2, None)
+    assert read(parser.parse_args(["--where", "x"]), WithAKnob).knob == 0.5
+    assert "a new setting" in parser.format_help()
+    with pytest.raises(SystemExit):
+        parser.parse_args([])  # --where is required
+    with pytest.raises(ValueError, match="--batch-size must be >= 1, got 0"):
+        read(parser.parse_args(["--where", "x", "--batch-size", "0"]), WithAKnob)
+
+
+def test_switches_positionals_and_repeated_flags_keep_their_forms():
+    @dataclasses.dataclass(kw_only=True)
+    class Forms:
+        target: str = help_field("a positional", REQUIRED, positional=True)
+        flag: bool = help_field("a switch", False)
+        many: list[str] = help_field("repeatable", [], action="append")
+
+    parser = parser_for(Forms)
+    parsed = read(parser.parse_args(["--flag", "out", "--many", "a", "--many", "b"]), Forms)
+    assert (parsed.target, parsed.flag, parsed.many) == ("out", True, ["a", "b"])
+    assert read(parser.parse_args(["out"]), Forms).many == []
+
+
+def test_every_command_module_has_a_settings_dataclass_and_its_help_imports_nothing_heavy():
+    code = ("import sys\nfrom emovlm_kd.cli import main\n"
+            "for command in ('tiny', 'split', 'evaluate', 'table1', 'demo', 'ablate'):\n"
+            "    try:\n        main([command, '--help'])\n    except SystemExit:\n        pass\n"
+            "print(sorted({'torch', 'transformers'} & set(sys.modules)))\n")
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip().splitlines()[-1] == "[]"
+    from emovlm_kd.commands import ablate, demo, evaluate, split, table1, tiny
+
+    for module in (ablate, demo, evaluate, split, table1, tiny):
+        arguments = module.ARGUMENTS
+        for klass in arguments.values() if isinstance(arguments, dict) else (arguments,):
+            assert dataclasses.is_dataclass(klass), module.__name__
