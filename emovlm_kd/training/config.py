@@ -60,12 +60,12 @@ class StageArguments(_Checked):
     """The settings of one stage: each field is a knob, and a knob is one field and nothing else.
 
     A field is a flag and a YAML key (`train_parser` reads the groups), enters the stage's key (`stage_key` hashes
-    `dataclasses.asdict(self)` with the stage's inputs) and reaches the stage's Trainer: `training_arguments`
-    derives the stage's `TrainingArguments` subclass (`training_class`, e.g. `DistillTrainingArguments`, which
+    `dataclasses.asdict(self)` with the stage's inputs) and reaches the stage's Trainer: `training.arguments.
+    training_arguments` derives the stage's `TrainingArguments` subclass (e.g. `DistillTrainingArguments`, which
     subclasses TrainingArguments and this group as TRL's `GKDConfig` subclasses `TrainingArguments`), holding every
-    field under its own name (`args.alpha`); a field named in `renames` also sets the TrainingArguments field it
-    stands for (`sft_lr` -> `learning_rate`: the flags keep their stage prefix). Stage 0 trains nothing: no
-    `training_class`.
+    field under its own name (`args.alpha`), with the stage's fixed values (`recipe`); a field named in `renames`
+    also sets the TrainingArguments field it stands for (`sft_lr` -> `learning_rate`: the flags keep their stage
+    prefix). Stage 0 trains nothing.
     """
 
     stage = None  # the stage's folder and key name (RUN/<stage>_...)
@@ -73,7 +73,6 @@ class StageArguments(_Checked):
     def __post_init__(self):
         protocols.fill(self)  # the knobs left unset: the protocol's (a group on its own: paper's)
         super().__post_init__()
-    training_class = None  # "module.Class" of the stage's TrainingArguments subclass
     renames = {}  # {field: the TrainingArguments field it also sets}
 
     @classmethod
@@ -94,20 +93,6 @@ class StageArguments(_Checked):
     def recipe(self):
         """The TrainingArguments values the stage fixes (not knobs)."""
         return {}
-
-    def training_arguments(self, output_dir, seed, **values):
-        """The stage's `training_class`: the shared base (`stage.base_training_arguments`), the stage's `recipe`,
-        every field of the group under its own name (and under its TrainingArguments name where `renames` gives
-        one), then `values` (values derived at run time, or overrides such as the ablations' save-nothing)."""
-        import importlib
-
-        from emovlm_kd.training.stage import base_training_arguments
-
-        module, name = self.training_class.rsplit(".", 1)
-        knobs = dataclasses.asdict(self)
-        renamed = {to: knobs[name] for name, to in self.renames.items()}
-        return getattr(importlib.import_module(module), name)(
-            **{**base_training_arguments(output_dir, seed), **self.recipe(), **knobs, **renamed, **values})
 
 
 class CachedRowsArguments(StageArguments):
@@ -195,7 +180,7 @@ class InstructionArguments(StageArguments):
 class SFTArguments(StageArguments):
     _argument_group_name = "Stage 1: instruction tuning (TRL SFTTrainer, LoRA / QLoRA)"
     stage = "stage1"
-    training_class = "emovlm_kd.training.sft.SFTStageConfig"
+
     renames = {"sft_epochs": "num_train_epochs", "sft_lr": "learning_rate",
                "sft_batch_size": "per_device_train_batch_size", "sft_grad_accum": "gradient_accumulation_steps"}
     sft_epochs: float = field(default=5.0, metadata={"help": "stage 1 epochs over the instruction rows"})
@@ -248,7 +233,7 @@ class SFTArguments(StageArguments):
 class TeacherArguments(CachedRowsArguments):
     _argument_group_name = "Stage 2: teacher"
     stage = "stage2"
-    training_class = "emovlm_kd.training.trainers.TeacherTrainingArguments"
+
     renames = {"teacher_epochs": "num_train_epochs", "teacher_lr": "learning_rate",
                "teacher_batch_size": "per_device_train_batch_size", "teacher_weight_decay": "weight_decay",
                "teacher_scheduler": "lr_scheduler_type"}
@@ -279,7 +264,7 @@ class TeacherArguments(CachedRowsArguments):
 class DistillArguments(CachedRowsArguments):
     _argument_group_name = "Stage 3: distillation"
     stage = "stage3"
-    training_class = "emovlm_kd.training.trainers.DistillTrainingArguments"
+
     renames = {"distill_epochs": "num_train_epochs", "distill_lr": "learning_rate",
                "distill_batch_size": "per_device_train_batch_size"}
     head_hidden_sizes: list[int] = field(default_factory=lambda: [1024], metadata={"help": "head widths, e.g. 1024 512"})
@@ -315,7 +300,7 @@ class DistillArguments(CachedRowsArguments):
 class GateArguments(CachedRowsArguments):
     _argument_group_name = "Stage 4: gate"
     stage = "stage4"
-    training_class = "emovlm_kd.training.trainers.GateTrainingArguments"
+
     renames = {"gate_epochs": "num_train_epochs", "gate_lr": "learning_rate",
                "gate_batch_size": "per_device_train_batch_size"}
     gate_type: Literal[GATE_TYPES] = field(

@@ -52,11 +52,12 @@ def train_head(settings, head, features, teacher_logits, labels, output_dir, *, 
     No stage bookkeeping: stage 3 and the ablations share it. `resume` continues from the last checkpoint in
     `output_dir`; `args_extra` overrides TrainingArguments (the ablations save nothing and log nothing).
     """
+    from emovlm_kd.training.arguments import training_arguments
     from emovlm_kd.training.trainers import DistillationTrainer, TensorDictDataset
 
     reset_module(head, seed, settings.distill_init)
     data = TensorDictDataset(image_embeds=features, teacher_logits=teacher_logits, labels=labels)
-    args = settings.training_arguments(output_dir, seed, **args_extra)
+    args = training_arguments(settings, output_dir, seed, **args_extra)
     trainer = DistillationTrainer(model=head, args=args, train_dataset=data,
                                   optimizer_cls_and_kwargs=adam(settings.distill_optimizer, head, settings.distill_lr))
     return _train(trainer, args, resume)
@@ -69,6 +70,7 @@ def train_gate(settings, gate, vlm_scores, head_probs, labels, output_dir, *, se
     `vlm_scores`: (N, C) vectors, or (N, K, C) sampled answers of which epoch e trains on answer e % K.
     """
     from emovlm_kd.training.gatedata import CycledSamples
+    from emovlm_kd.training.arguments import training_arguments
     from emovlm_kd.training.trainers import GateModule, GateTrainer, TensorDictDataset
 
     reset_module(gate, seed, settings.gate_init)
@@ -77,7 +79,7 @@ def train_gate(settings, gate, vlm_scores, head_probs, labels, output_dir, *, se
         callbacks = [data.callback()]
     else:
         data, callbacks = TensorDictDataset(vlm_scores=vlm_scores, head_probs=head_probs, labels=labels), []
-    args = settings.training_arguments(output_dir, seed, **args_extra)
+    args = training_arguments(settings, output_dir, seed, **args_extra)
     trainer = GateTrainer(model=GateModule(gate), args=args, train_dataset=data, callbacks=callbacks,
                           optimizer_cls_and_kwargs=adam(settings.gate_optimizer, gate, settings.gate_lr))
     return _train(trainer, args, resume)

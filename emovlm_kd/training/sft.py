@@ -9,13 +9,11 @@ cast to the run's dtype: a merge in bfloat16 rounds LoRA updates smaller than ha
 
 import json
 import logging
-from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
 import torch
 from transformers import set_seed
-from trl import SFTConfig
 
 from configuration_emovlm_kd import DEFAULT_MAX_IMAGE_SIDE
 from emovlm_kd.distributed import is_main_process
@@ -23,15 +21,9 @@ from emovlm_kd.hub import reset_tokenizer_call_state
 from emovlm_kd.images import limit_processor_pixels, prepare_image
 from emovlm_kd.runtime import resolve_dtype
 from emovlm_kd.training.cache import fingerprint_checkpoint, fingerprint_dataset
-from emovlm_kd.training.config import SFTArguments
 from emovlm_kd.training.stage import last_checkpoint, run_stage, run_trainer, trained
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class SFTStageConfig(SFTConfig, SFTArguments):
-    """Stage 1's `SFTConfig`, with every `SFTArguments` field (built by `SFTArguments.training_arguments`)."""
 
 
 def sft_dataset(train, instructions_path, max_side=DEFAULT_MAX_IMAGE_SIDE, chat_format="paper"):
@@ -136,10 +128,12 @@ def tf32_value(settings):
 
 
 def sft_arguments(settings, output_dir, seed, dtype, quantized):
-    """Stage 1's `SFTStageConfig` (`settings.training_arguments`) with the run-time values: bf16, gradient
+    """Stage 1's `SFTStageConfig` (`arguments.training_arguments`) with the run-time values: bf16, gradient
     checkpointing under 4-bit, `tf32_value`."""
-    return settings.training_arguments(output_dir, seed, bf16=dtype == torch.bfloat16,
-                                       gradient_checkpointing=quantized, tf32=tf32_value(settings))
+    from emovlm_kd.training.arguments import training_arguments
+
+    return training_arguments(settings, output_dir, seed, bf16=dtype == torch.bfloat16,
+                              gradient_checkpointing=quantized, tf32=tf32_value(settings))
 
 
 def quantization_config(settings):

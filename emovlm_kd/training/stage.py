@@ -197,7 +197,7 @@ def run_trainer(trainer, resume_from_checkpoint=None):
 
 def base_training_arguments(output_dir, seed):
     """What every stage's `TrainingArguments` (and stage 1's `SFTConfig`) shares: seeded, a checkpoint every epoch
-    (the last one kept), on the CPU when there is no CUDA, no reporting integrations (`StageArguments.
+    (the last one kept), on the CPU when there is no CUDA, no reporting integrations (`arguments.
     training_arguments` adds the stage's own)."""
     return dict(
         output_dir=str(output_dir),

@@ -71,9 +71,10 @@ def teacher_optimizer(args, model):
 def teacher_trainer(settings, teacher, train, output_dir, *, seed, callbacks=()):
     """The HF `Trainer` of stage 2 with the teacher recipe of `settings` (a `TeacherArguments`: optimizer, weight
     decay, schedule, epochs, lr, batch), resuming with every weight verified."""
+    from emovlm_kd.training.arguments import training_arguments
     from emovlm_kd.training.trainers import VerifiedTrainer
 
-    args = settings.training_arguments(output_dir, seed)
+    args = training_arguments(settings, output_dir, seed)
     return VerifiedTrainer(model=teacher, args=args, train_dataset=train, callbacks=list(callbacks),
                            optimizer_cls_and_kwargs=teacher_optimizer(args, teacher))
 

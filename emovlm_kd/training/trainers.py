@@ -13,7 +13,6 @@ keys no renaming touches. `VerifiedResume` restores through the loader that appl
 """
 
 import logging
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -21,32 +20,10 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch import nn
 from torch.utils.data import Dataset
-from transformers import PreTrainedModel, Trainer, TrainingArguments
+from transformers import PreTrainedModel, Trainer
 from transformers.utils import ADAPTER_SAFE_WEIGHTS_NAME, SAFE_WEIGHTS_NAME
 
-from emovlm_kd.training.config import DistillArguments, GateArguments, TeacherArguments
-
 logger = logging.getLogger(__name__)
-
-
-# Each stage's training arguments: `TrainingArguments` with the stage's group of settings as fields (as TRL's
-# `GKDConfig` subclasses `TrainingArguments` with `lmbda`, `beta`...), built by `StageArguments.training_arguments`;
-# the stage's Trainer reads its knobs from `self.args` (`self.args.alpha`).
-
-
-@dataclass
-class TeacherTrainingArguments(TrainingArguments, TeacherArguments):
-    """Stage 2's `TrainingArguments`, with every `TeacherArguments` field."""
-
-
-@dataclass
-class DistillTrainingArguments(TrainingArguments, DistillArguments):
-    """Stage 3's `TrainingArguments`, with every `DistillArguments` field (`alpha`, `tau`...)."""
-
-
-@dataclass
-class GateTrainingArguments(TrainingArguments, GateArguments):
-    """Stage 4's `TrainingArguments`, with every `GateArguments` field."""
 
 
 def distillation_loss(student_logits, teacher_logits, labels, alpha=0.5, tau=2.0):
@@ -188,7 +165,7 @@ def with_verified_resume(trainer_class):
 
 class DistillationTrainer(VerifiedTrainer):
     """Trains the distillation head on cached pooled visual features against cached teacher logits, with the
-    `alpha` and `tau` of its `DistillTrainingArguments`."""
+    `alpha` and `tau` of its `arguments.DistillTrainingArguments`."""
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         logits = model(inputs["image_embeds"])
