@@ -13,6 +13,18 @@ from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 GATE_TYPES = ("concat_linear", "moe", "bilinear", "dynamic_weighting", "cross_gating")
 VLM_MODES = ("score", "generate")
 VLM_VECTORS = ("probs", "onehot")
+CHAT_FORMATS = ("paper", "official")
+ANSWER_PARSINGS = ("lenient", "official")
+GATE_INPUTS = ("probs", "logits")
+# The official code's categorical prompt builder (github sange1104/EmoVLM-KD at fdffa10, data_utils.py:131-146) has
+# no `return`, so the prompt every official run trained and tested with is None, which Qwen2-VL's chat template
+# renders as the text "None" (Jinja prints None as "None"; checked: the same prompt text as the string "None").
+# Its chat layout (system message, text before the image) is `scoring_emovlm_kd.chat_messages`.
+OFFICIAL_PROMPT = "None"
+# Fields of issue 24's `protocol` (emovlm_kd/protocol.py) and their paper values: config.json holds one only when it
+# differs, so that a bundle saved under `paper` is the bundle saved before these fields existed.
+PROTOCOL_FIELD_DEFAULTS = {"chat_format": "paper", "generation_prompt": True, "answer_parsing": "lenient",
+                           "gate_input": "probs"}
 
 DEFAULT_PROMPT = (
     "Observe the image and select the emotion category that best matches this image from the following "
@@ -73,6 +85,18 @@ class EmoVLMKDConfig(PretrainedConfig):
             (temperature scaling, fitted on the val split after training): calibrated probabilities, the same argmax.
         head_calibration_temperature (`float`, *optional*, defaults to 1.0): the same for the head's `distill_logits`;
             the gate reads the head's uncalibrated probabilities, as it was trained.
+        chat_format (`str`, *optional*, defaults to `"paper"`): `paper`: the backbone's default system message and
+            the image before the instruction; `official`: the official code's system message
+            (`scoring_emovlm_kd.OFFICIAL_SYSTEM_MESSAGE`) and the instruction before the image (data_utils.py:37,165-176).
+        generation_prompt (`bool`, *optional*, defaults to `True`): end the classification prompt with the assistant
+            turn's header; the official code leaves it out at gate and test time (train_gate.py:50).
+        answer_parsing (`str`, *optional*, defaults to `"lenient"`): how a generated answer becomes a vector.
+            `lenient`: `parse_answer` (any spelling of `{'emotion': label}`, else the one label the text names; a
+            miss is a zero vector). `official`: train_gate.py:83-93: only the literal `{'emotion': '...'}`,
+            case-sensitive; a miss is a zero vector, except for two labels, where it is one-hot on the first label
+            in sorted order (`np.eye(2)[LabelBinarizer.transform(['none'])]`).
+        gate_input (`str`, *optional*, defaults to `"probs"`): what the gate reads of the head: its softmax
+            probabilities (the paper's text) or its raw logits (the official code, train_gate.py:197-200).
     """
 
     model_type = "emovlm_kd"
@@ -96,6 +120,10 @@ class EmoVLMKDConfig(PretrainedConfig):
         max_image_side: int | None = DEFAULT_MAX_IMAGE_SIDE,
         gate_calibration_temperature: float = 1.0,
         head_calibration_temperature: float = 1.0,
+        chat_format: str = "paper",
+        generation_prompt: bool = True,
+        answer_parsing: str = "lenient",
+        gate_input: str = "probs",
         **kwargs: Any,
     ) -> None:
         if vlm_config is None:
@@ -125,6 +153,10 @@ class EmoVLMKDConfig(PretrainedConfig):
         self.max_image_side = int(max_image_side) if max_image_side is not None else None
         self.gate_calibration_temperature = float(gate_calibration_temperature)
         self.head_calibration_temperature = float(head_calibration_temperature)
+        self.chat_format = chat_format
+        self.generation_prompt = bool(generation_prompt)
+        self.answer_parsing = answer_parsing
+        self.gate_input = gate_input
         super().__init__(**kwargs)
         self.validate()
 
@@ -142,6 +174,10 @@ class EmoVLMKDConfig(PretrainedConfig):
             raise ValueError(f"head_hidden_sizes must be positive, got {self.head_hidden_sizes}")
         if self.gate_num_experts < 1:
             raise ValueError(f"gate_num_experts must be >= 1, got {self.gate_num_experts}")
+        for name, allowed in (("chat_format", CHAT_FORMATS), ("answer_parsing", ANSWER_PARSINGS),
+                              ("gate_input", GATE_INPUTS)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
         if "{label}" not in self.answer_template:
             raise ValueError("answer_template must contain '{label}'")
         if self.max_image_side is not None and self.max_image_side < MIN_IMAGE_SIDE:
@@ -168,12 +204,16 @@ class EmoVLMKDConfig(PretrainedConfig):
 
     def to_dict(self):
         output = super().to_dict()
+        for name, default in PROTOCOL_FIELD_DEFAULTS.items():
+            if output.get(name, default) == default:
+                output.pop(name, None)
         if hasattr(self.vlm_config, "to_dict"):
             output["vlm_config"] = self.vlm_config.to_dict()
         return output
 
 
 __all__ = [
-    "DEFAULT_MAX_IMAGE_SIDE", "GATE_TYPES", "MIN_IMAGE_SIDE", "SUPPORTED_BACKBONES", "VLM_MODES", "VLM_VECTORS",
+    "ANSWER_PARSINGS", "CHAT_FORMATS", "GATE_INPUTS", "OFFICIAL_PROMPT",
+    "PROTOCOL_FIELD_DEFAULTS", "DEFAULT_MAX_IMAGE_SIDE", "GATE_TYPES", "MIN_IMAGE_SIDE", "SUPPORTED_BACKBONES", "VLM_MODES", "VLM_VECTORS",
     "EmoVLMKDConfig",
 ]

@@ -26,15 +26,15 @@ try:
     from .configuration_emovlm_kd import SUPPORTED_BACKBONES, EmoVLMKDConfig
     from .scoring_emovlm_kd import (
         EXPLANATION_MAX_NEW_TOKENS, EXPLANATION_QUESTION, LabelScoringPlan, PromptPrefixCache, build_prompt_text,
-        choices_to_vectors, explanation_inputs, match_answer_tokens, parse_answer, prepare_inputs,
-        score_label_answers, to_left_padding,
+        choices_to_vectors, explanation_inputs, match_answer_tokens, official_miss_index, parse_answer,
+        parse_answer_official, prepare_inputs, score_label_answers, to_left_padding,
     )  # fmt: skip
 except ImportError:  # imported as a plain module (not from a Hub folder)
     from configuration_emovlm_kd import SUPPORTED_BACKBONES, EmoVLMKDConfig
     from scoring_emovlm_kd import (
         EXPLANATION_MAX_NEW_TOKENS, EXPLANATION_QUESTION, LabelScoringPlan, PromptPrefixCache, build_prompt_text,
-        choices_to_vectors, explanation_inputs, match_answer_tokens, parse_answer, prepare_inputs,
-        score_label_answers, to_left_padding,
+        choices_to_vectors, explanation_inputs, match_answer_tokens, official_miss_index, parse_answer,
+        parse_answer_official, prepare_inputs, score_label_answers, to_left_padding,
     )  # fmt: skip
 
 logger = logging.get_logger(__name__)
@@ -408,10 +408,14 @@ class EmoVLMKDForImageClassification(EmoVLMKDPreTrainedModel):
         if tokenizer is not None:
             tokenizer = getattr(tokenizer, "tokenizer", tokenizer)  # a processor works too
             texts = tokenizer.batch_decode(generated_ids, skip_special_tokens=True)
-            choices = [parse_answer(text, labels) for text in texts]
+            parse = parse_answer_official if self.config.answer_parsing == "official" else parse_answer
+            choices = [parse(text, labels) for text in texts]
         else:
             choices = match_answer_tokens(generated_ids, self.config.label_answer_token_ids or [])
         vectors, found = choices_to_vectors(choices, len(labels), device=generated_ids.device)
+        miss = official_miss_index(labels) if self.config.answer_parsing == "official" else None
+        if miss is not None:  # the official two-class fallback: a miss is one-hot on the first sorted label
+            vectors[~found, miss] = 1.0
         return vectors, found, texts
 
     # -- entry points --------------------------------------------------------------------------------------------
@@ -437,9 +441,11 @@ class EmoVLMKDForImageClassification(EmoVLMKDPreTrainedModel):
 
     def _combine(self, vlm_scores, found, image_embeds, distill_logits, labels, **fields):
         """The gate over both branches, both outputs divided by their temperatures (calibration: same argmax), the
-        loss when `labels` are given, and the output. The gate reads the head's uncalibrated probabilities."""
+        loss when `labels` are given, and the output. The gate reads the head's uncalibrated probabilities (or, with
+        `config.gate_input == "logits"`, its raw logits, as the official code)."""
         config = self.config
-        logits = self.forward_gate(vlm_scores, distill_logits.softmax(-1)) / config.gate_calibration_temperature
+        head_input = distill_logits if config.gate_input == "logits" else distill_logits.softmax(-1)
+        logits = self.forward_gate(vlm_scores, head_input) / config.gate_calibration_temperature
         distill_logits = distill_logits / config.head_calibration_temperature
         loss = F.cross_entropy(logits.float(), labels.to(logits.device)) if labels is not None else None
         return EmoVLMKDOutput(loss=loss, logits=logits, distill_logits=distill_logits, vlm_scores=vlm_scores,

@@ -12,6 +12,7 @@ mode: a decoded answer is parsed to a label (`parse_answer`) or, without a token
 This file travels to the Hub with the model: it imports only torch, transformers and the standard library.
 """
 
+import ast
 import functools
 import re
 import unicodedata
@@ -29,6 +30,8 @@ logger = logging.get_logger(__name__)
 # The paper's reasoning instruction (stage 1 tunes the VLM on it): what `explain` asks about each image.
 EXPLANATION_QUESTION = "Observe the image and describe the process of inferring the emotions conveyed in the image."
 EXPLANATION_MAX_NEW_TOKENS = 128
+# The official code's system message (github sange1104/EmoVLM-KD at fdffa10, data_utils.py:37), `chat_format: official`
+OFFICIAL_SYSTEM_MESSAGE = "You are an AI visual assistant, and you are seeing a single image."
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -36,15 +39,29 @@ EXPLANATION_MAX_NEW_TOKENS = 128
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def chat_prompt(processor: Any, instruction: str) -> str:
-    """One user turn of an image placeholder and `instruction`, chat-formatted, ending with the assistant's turn."""
-    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": instruction}]}]
-    return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+def chat_messages(instruction: str, config: Any = None) -> list[dict[str, Any]]:
+    """The chat of one classification (or reasoning) question about one image: the paper's (a user turn of the image
+    then `instruction`, the backbone's default system message) or, with `config.chat_format == "official"`, the
+    official code's (its system message, then the user turn as [instruction, image]: data_utils.py:37,165-176)."""
+    if getattr(config, "chat_format", "paper") == "official":
+        return [{"role": "system", "content": [{"type": "text", "text": OFFICIAL_SYSTEM_MESSAGE}]},
+                {"role": "user", "content": [{"type": "text", "text": instruction}, {"type": "image"}]}]
+    return [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": instruction}]}]
+
+
+def chat_prompt(processor: Any, instruction: str, config: Any = None, generation_prompt: bool | None = None) -> str:
+    """One image and `instruction`, chat-formatted (`chat_messages`), ending with the assistant's turn unless
+    `generation_prompt` is False (default: `config.generation_prompt`, True without a config; the official code's
+    gate and test prompts leave it out, train_gate.py:50)."""
+    if generation_prompt is None:
+        generation_prompt = getattr(config, "generation_prompt", True)
+    messages = chat_messages(instruction, config)
+    return processor.apply_chat_template(messages, add_generation_prompt=generation_prompt, tokenize=False)
 
 
 def build_prompt_text(processor: Any, config: Any) -> str:
-    """The chat-formatted classification prompt (one image placeholder) ending with the assistant's turn."""
-    return chat_prompt(processor, config.classification_prompt())
+    """The chat-formatted classification prompt (one image placeholder), as `config` says (`chat_prompt`)."""
+    return chat_prompt(processor, config.classification_prompt(), config)
 
 
 def explanation_inputs(
@@ -56,7 +73,7 @@ def explanation_inputs(
     tokenizer = getattr(processor, "tokenizer", processor)
     image_token_id = config.vlm_config.image_token_id
     image_token = tokenizer.convert_ids_to_tokens(image_token_id)
-    prompt = chat_prompt(processor, question or EXPLANATION_QUESTION)
+    prompt = chat_prompt(processor, question or EXPLANATION_QUESTION, config, generation_prompt=True)
     if prompt.count(image_token) != 1:
         raise ValueError(f"the chat template should write one {image_token!r} per image, got: {prompt!r}")
     counts = (text["input_ids"] == image_token_id).sum(-1).tolist()
@@ -456,6 +473,30 @@ def parse_answer(text: str, labels: Sequence[str]) -> int | None:
     return found if found is not None else _single_label_named(text, patterns)
 
 
+_OFFICIAL_ANSWER_RE = re.compile(r"{'emotion':\s*'.*?'}")  # train_gate.py:83, verbatim
+
+
+def parse_answer_official(text: str, labels: Sequence[str]) -> int | None:
+    """The official code's parsing (train_gate.py:83-88): the first literal `{'emotion': '...'}` (the key quoted
+    with single quotes, exactly as written), evaluated with `ast.literal_eval`; its value must be a label exactly
+    (case-sensitive). None otherwise (the official code's `'none'`)."""
+    match = _OFFICIAL_ANSWER_RE.search(text)
+    try:
+        value = ast.literal_eval(match.group(0))["emotion"]
+    except Exception:  # no match, or not a literal: the official code's bare `except Exception`
+        return None
+    labels = list(labels)
+    return labels.index(value) if value in labels else None
+
+
+def official_miss_index(labels: Sequence[str]) -> int | None:
+    """The label a miss becomes under the official parsing: for two labels the first in sorted order (sklearn's
+    `LabelBinarizer` sorts its classes, transforms an unknown label to [[0]], and train_gate.py:91 takes
+    `np.eye(2)[0]` = [1, 0]: 'negative' for Flickr/Instagram); None (a zero vector) for more labels."""
+    labels = list(labels)
+    return labels.index(sorted(labels)[0]) if len(labels) == 2 else None
+
+
 def match_answer_tokens(generated_ids: torch.Tensor, answer_token_ids: Sequence[Sequence[int]]) -> list[int | None]:
     """Without a tokenizer: the label whose answer tokens start a generated row exactly, or None, per row."""
     choices = []
@@ -479,11 +520,15 @@ def choices_to_vectors(
 
 __all__ = [
     "EXPLANATION_QUESTION",
+    "OFFICIAL_SYSTEM_MESSAGE",
     "LabelScoringPlan",
     "PromptPrefixCache",
     "answer_logits",
     "build_prompt_text",
+    "chat_messages",
     "chat_prompt",
+    "official_miss_index",
+    "parse_answer_official",
     "choices_to_vectors",
     "drop_leading_tokens",
     "explanation_inputs",

@@ -28,6 +28,8 @@ import typing
 from dataclasses import MISSING, dataclass, field
 from typing import Literal
 
+from emovlm_kd import protocol as protocols  # stdlib only
+
 DEMO = "demo"  # the synthetic dataset (and the tiny models) of the offline demo
 DTYPES = ("float32", "bfloat16", "float16")
 VLM_MODES = ("score", "generate")
@@ -103,6 +105,10 @@ class DatasetArguments(Checked):
         "Flickr/Instagram: the votes that make a positive/negative label (majority: 2 of 3)", "majority")
     label_column: str | None = help_field("save_to_disk/Hub/parquet datasets: the column holding the labels (default: "
                                           "label, labels, emotion or the first ClassLabel)")
+    split_rule: Literal["paper", "official"] | None = help_field(protocols.knob_help(
+        "split_rule", "how splits are made where the dataset has none: paper (the dataset's protocol) or official "
+        "(EmoSet, Emotion6: val a stratified 10 % of train, sklearn train_test_split random_state 42, "
+        "data_utils.py:107-128)"))
 
     def _checks(self):
         yield 0.0 < self.val_fraction < 1.0, "val-fraction", "must be in (0, 1)"
@@ -110,6 +116,7 @@ class DatasetArguments(Checked):
         yield self.emotion6_labels in ("folder", "argmax"), "emotion6-labels", "must be folder or argmax"
         yield self.vote_rule in ("majority", "unanimous", "plurality"), "vote-rule", \
             "must be majority, unanimous or plurality"
+        yield self.split_rule in (None, "paper", "official"), "split-rule", "must be paper or official"
 
 
 DATASET_OPTIONS = tuple(f.name for f in dataclasses.fields(DatasetArguments))
@@ -121,6 +128,8 @@ def dataset_options(settings):
     options = {name: getattr(settings, name, None) for name in DATASET_OPTIONS}
     if options["split_ratios"]:
         options["split_ratios"] = tuple(options["split_ratios"])
+    if options.get("split_rule") == "paper":  # the loader's own rule: recorded as before the setting existed
+        options["split_rule"] = None
     return {k: v for k, v in options.items() if v is not None}
 
 
@@ -148,6 +157,17 @@ class DataArguments(LeakageArguments, DatasetArguments):
 
     def _checks(self):
         yield self.verify_data in ("stat", "content"), "verify-data", "must be stat or content"
+
+
+@dataclass
+class ProtocolArguments(Checked):
+    """`--protocol` of evaluate, table1 and ablate (emovlm_kd/protocol.py): None keeps what the model or run has."""
+
+    _argument_group_name = "Protocol"
+    protocol: Literal[protocols.PROTOCOLS] | None = help_field(
+        "paper or official: the VLM branch's answers and the split rule as the paper (deterministic label scores) or "
+        "as the authors' code (one answer sampled at T 0.8, seeded, parsed as train_gate.py:83-93) (default: the "
+        "model's own)")
 
 
 @dataclass

@@ -14,6 +14,7 @@ meanwhile: with a training run writing in RUN it stops at once, with the message
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 from emovlm_kd.errors import UsageError
 from emovlm_kd.evaluation.paper import GATE_TITLES
@@ -22,7 +23,7 @@ from emovlm_kd.settings import REQUIRED, Subcommands, help_field
 DEFAULT_DEPTHS = "1024;1024,512;1024,512,256;1024,512,256,128;1024,512,256,128,64"
 DEFAULT_ALPHAS = ",".join(f"{i / 10:g}" for i in range(11))
 # Flags that override a run setting of the same name.
-OVERRIDABLE = ("seed", "gate_epochs", "gate_lr", "tau", "head_dropout", "distill_epochs", "distill_lr", "gate_type",
+OVERRIDABLE = ("protocol", "seed", "gate_epochs", "gate_lr", "tau", "head_dropout", "distill_epochs", "distill_lr", "gate_type",
                "alpha", "head_hidden_sizes", "gate_samples")
 GATE_DATA = ("sampled", "val", "train")
 
@@ -36,6 +37,9 @@ class AblateArguments:
     seed: int | None = help_field("seed of initialisation and training (default: run's)")
     gate_epochs: float | None = help_field("gate epochs (default: the run's)")
     gate_lr: float | None = help_field("gate learning rate (default: the run's)")
+    protocol: Literal["paper", "official"] | None = help_field(
+        "train the head and gate as paper or official (optimiser, batch, initialisation, gate input: "
+        "emovlm_kd/protocol.py) on the run's caches (default: the run's)")
 
 
 @dataclass(kw_only=True)

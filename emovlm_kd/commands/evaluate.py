@@ -25,13 +25,20 @@ from pathlib import Path
 
 from emovlm_kd.errors import UsageError
 from emovlm_kd.evaluation.options import EvaluationArguments
-from emovlm_kd.settings import REQUIRED, DatasetArguments, RuntimeArguments, dataset_options, help_field
+from emovlm_kd.settings import (
+    REQUIRED,
+    DatasetArguments,
+    ProtocolArguments,
+    RuntimeArguments,
+    dataset_options,
+    help_field,
+)
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass(kw_only=True)
-class EvaluateArguments(RuntimeArguments, EvaluationArguments, DatasetArguments):
+class EvaluateArguments(ProtocolArguments, RuntimeArguments, EvaluationArguments, DatasetArguments):
     model: str = help_field("EmoVLM-KD bundle folder or Hub id, or a bare Qwen2-VL", REQUIRED)
     dataset: str = help_field("dataset folder, manifest, save_to_disk folder or Hub id (see emovlm_kd.data)", REQUIRED)
     teacher: str | None = help_field("an AutoModelForImageClassification folder or Hub id (the ViT teacher) to compare")
@@ -63,14 +70,21 @@ def _evaluate(args):
     )
     from emovlm_kd.runtime import resolve_device, resolve_dtype
 
+    from emovlm_kd import protocol
+
+    if args.protocol and args.split_rule is None:
+        args.split_rule = protocol.preset(args.protocol)["split_rule"]
     dataset = load_split(args.dataset, args.split, args.limit, splits=args.splits, model=args.model,
                          **dataset_options(args))
     device, dtype = resolve_device(args.device), resolve_dtype(args.dtype)
     labels = dataset_label_names(dataset)
     model, processor, zero_shot, perm = _load_model(args, labels, device, dtype)
+    if not zero_shot:
+        protocol.apply_to_model(model, processor, args.protocol)
     teacher, teacher_processor, teacher_perm = _load_teacher(args.teacher, labels, device, dtype,
                                                              args.trust_remote_code)
     meta = {"model": str(args.model), "dataset": str(args.dataset), "split": args.split, "limit": args.limit,
+            **({"protocol": args.protocol} if args.protocol else {}),
             "dataset_format": dataset_format_of(args.dataset, args.dataset_format)}
     if args.teacher:
         meta["teacher"] = str(args.teacher)

@@ -11,10 +11,21 @@ are datasets whose labels differ from the model's. The paper trains one model pe
 picks the model of one dataset, a plain `--model MODEL` serves the others. A bare Qwen2-VL checkpoint gives the
 zero-shot row. Each dataset's full report goes to `<output-dir>/<name>/`; the table to `table1.json` / `table1.md`
 (see `emovlm_kd.evaluation.table1`).
+
+`--protocol paper|official` evaluates every bundle's VLM branch as that protocol answers (issue 24;
+`emovlm_kd.protocol.apply_to_model`); `--protocol both` runs both into `<output-dir>/paper/` and
+`<output-dir>/official/` and writes the two side by side, with the paper's published numbers and McNemar's test
+between the protocols' predictions, to `<output-dir>/table1_protocols.json` / `.md`. `--official-model [NAME=]MODEL`
+names the runs trained with `--protocol official` (default: the `--model` ones, answering as the official code).
+
+    emovlm-kd table1 --protocol both --model fi=runs/fi/model --official-model fi=runs/fi-official/model \
+        --data-root data --output-dir results/table1-protocols
 """
 
 import logging
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
 
 from emovlm_kd.errors import UsageError
 from emovlm_kd.evaluation.options import EvaluationArguments
@@ -33,6 +44,13 @@ class Table1Arguments(RuntimeArguments, EvaluationArguments):
                                     [], action="append", metavar="NAME=PATH")
     splits: list[str] = help_field("a split file for one dataset (default: each model folder's splits.json) "
                                    "(repeatable)", [], action="append", metavar="NAME=FILE")
+    protocol: Literal["paper", "official", "both"] | None = help_field(
+        "how each bundle's VLM branch answers: paper (label scores), official (one answer sampled at T 0.8, seeded, "
+        "parsed as the authors' code), or both side by side with McNemar's test between them (default: each "
+        "model's own)")
+    official_model: list[str] = help_field("--protocol both: the official protocol's model, [NAME=]MODEL as --model "
+                                           "(repeatable; default: the --model ones)", [], action="append",
+                                           metavar="[NAME=]MODEL")
 
 
 ARGUMENTS = Table1Arguments
@@ -92,15 +110,41 @@ def run(args: Table1Arguments) -> int:
     for name, reason in missing.items():
         logger.info("skipping %s: %s", name, reason)
     models = {name: per_dataset.get(name, default) for name in found}
+    options = dict(split=args.split, limit=args.limit, batch_size=args.batch_size, vlm_mode=args.vlm_mode,
+                   device=resolve_device(args.device), dtype=resolve_dtype(args.dtype), skipped=missing,
+                   splits=parse_splits(args.splits), quantize=args.quantize)
+    if args.official_model and args.protocol != "both":
+        raise UsageError("--official-model goes with --protocol both")
     try:
-        table = run_table1(found, models, args.output_dir, split=args.split, limit=args.limit,
-                           batch_size=args.batch_size, vlm_mode=args.vlm_mode, device=resolve_device(args.device),
-                           dtype=resolve_dtype(args.dtype), skipped=missing, splits=parse_splits(args.splits),
-                           quantize=args.quantize)
+        if args.protocol == "both":
+            return _both(args, found, models, options)
+        table = run_table1(found, models, args.output_dir, protocol=args.protocol, **options)
     except ModelLoadError as error:
         raise UsageError(f"--model: {error}")
     print(render_table1_markdown(table))
     if not table["datasets"]:
+        print("no dataset was evaluated", flush=True)
+        return 1
+    return 0
+
+
+def _both(args, found, models, options):
+    """`--protocol both`: Table 1 under each protocol, then the two side by side (`compare_protocols`)."""
+    from emovlm_kd.evaluation.report import write_json, write_text
+    from emovlm_kd.evaluation.table1 import compare_protocols, render_protocols_markdown, run_table1
+
+    official_default, official_per = parse_models(args.official_model) if args.official_model else (None, {})
+    official_models = {name: official_per.get(name, official_default or models[name]) for name in found}
+    output_dir = Path(args.output_dir)
+    tables = {"paper": run_table1(found, models, output_dir / "paper", protocol="paper", **options),
+              "official": run_table1(found, official_models, output_dir / "official", protocol="official",
+                                     **options)}
+    rows = compare_protocols(output_dir, tables)
+    markdown = render_protocols_markdown(rows, limited=bool(args.limit))
+    write_json(output_dir / "table1_protocols.json", {"split": args.split, "limit": args.limit, "datasets": rows})
+    write_text(output_dir / "table1_protocols.md", markdown)
+    print(markdown)
+    if not rows:
         print("no dataset was evaluated", flush=True)
         return 1
     return 0

@@ -1,6 +1,7 @@
 """`load_image_dataset`: find which layout a source is (a local layout of `readers`, else a `save_to_disk` folder or
 a Hub dataset), or take the one named by `dataset_format`, and read it into the standard `DatasetDict`."""
 
+import logging
 import re
 from pathlib import Path
 
@@ -9,16 +10,37 @@ from emovlm_kd.data.emotion6 import EMOTION6_LABELS
 from emovlm_kd.data.hfdatasets import from_datasets, load_datasets
 from emovlm_kd.data.katsurai import resolve_vote_rule
 from emovlm_kd.data.readers import DATASET_FORMATS, HUB, MANIFEST_SUFFIXES, resolve_local
-from emovlm_kd.data.records import ReadOptions
+from emovlm_kd.data.records import UNSPLIT, Listing, ReadOptions
 from emovlm_kd.hubaccess import HubAccess
 from emovlm_kd.settings import check_split_ratios
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+logger = logging.getLogger(__name__)
+
+OFFICIAL_VAL_FROM_TRAIN = ("emoset", "emotion6")  # data_utils.py:109 ('abstract', 'artphoto', 'emotion6', 'emoset')
+OFFICIAL_VAL_FRACTION, OFFICIAL_SEED = 0.1, 42  # data_utils.py:114-119: test_size=0.1, random_state=42
+
+
+def official_val_rule(listing, reader_name, val_fraction, seed):
+    """`(listing, val_fraction, seed)` under the official split rule: for EmoSet and Emotion6 (and a train/test
+    layout without val) the dataset's own val is left out and val is drawn as 10 % of train with seed 42; a pool
+    without any split (FI, Emotion6 as distributed) keeps the paper's split, whose train is then what the authors'
+    unpublished folders held."""
+
+    if UNSPLIT in listing.splits or "train" not in listing.splits:
+        logger.info("split rule official: %s has no split of its own; the authors' folders are not published, so "
+                    "the paper's rule splits it", reader_name)
+        return listing, val_fraction, seed
+    if reader_name in OFFICIAL_VAL_FROM_TRAIN or "val" not in listing.splits:
+        kept = {name: records for name, records in listing.splits.items() if name != "val"}
+        return Listing(splits=kept, labels=listing.labels, ratios=listing.ratios), OFFICIAL_VAL_FRACTION, OFFICIAL_SEED
+    return listing, val_fraction, seed
 
 
 def load_image_dataset(
     source, *, dataset_format=None, val_fraction=0.1, split_ratios=None, seed=42, label_names=None,
     label_column=None, image_column=None, splits=None, emotion6_labels="folder", vote_rule="majority",
+    split_rule="paper",
 ):  # fmt: skip
     """A `DatasetDict` with splits among train/val/test, each with exactly the columns `image` (`Image()`),
     `label` (`ClassLabel`, canonical order, or `label_names` in their order) and `id` (string).
@@ -37,6 +59,11 @@ def load_image_dataset(
 
     `splits` (e.g. `["test"]`) keeps only those splits of a local file listing and checks only their images (a
     derived val split is then drawn before unreadable train files are dropped): evaluation need not read train.
+
+    `split_rule` "official" (issue 24 item 14): val as the official code draws it where it draws one
+    (data_utils.py:107-128: EmoSet, Emotion6 and any train/test layout without val): a stratified 10 % of train with
+    seed 42, EmoSet's own val.json left out. The official draw is sklearn's `train_test_split` over `os.listdir`
+    order on the authors' disk, which no one can repeat; this is the same rule with our seeded stratified draw.
     """
     if not 0 <= val_fraction < 1:
         raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
@@ -66,6 +93,8 @@ def load_image_dataset(
         )
     if reader is not None:
         listing = reader.read(location, ReadOptions(emotion6_labels=emotion6_labels, vote_rule=vote_rule))
+        if split_rule == "official":
+            listing, val_fraction, seed = official_val_rule(listing, reader.name, val_fraction, seed)
         return from_listing(listing, label_names, val_fraction, seed, splits, split_ratios)
     if local and location.is_file() and dataset_format is None:
         raise ValueError(f"{location}: a file that is not a manifest (expected {', '.join(MANIFEST_SUFFIXES)})")

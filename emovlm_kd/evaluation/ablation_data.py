@@ -12,6 +12,7 @@ from pathlib import Path
 import safetensors.torch
 import torch
 
+from emovlm_kd import protocol as protocols
 from emovlm_kd.errors import UsageError
 from emovlm_kd.training import heads
 from emovlm_kd.training.config import DEMO, TrainConfig
@@ -57,7 +58,10 @@ def load_settings(run_dir, overrides):
     except ValueError as error:
         raise UsageError(f"--run {run_dir}: bad train_config.json: {error}") from None
     try:
-        cfg = dataclasses.replace(run_cfg, **{k: v for k, v in overrides.items() if v is not None})
+        overrides = dict(overrides)
+        name = overrides.pop("protocol", None)
+        cfg = protocols.with_protocol(run_cfg, name) if name else run_cfg  # the knobs the run left to its protocol
+        cfg = dataclasses.replace(cfg, **{k: v for k, v in overrides.items() if v is not None})
     except ValueError as error:
         raise UsageError(str(error)) from None
     return run_cfg, cfg

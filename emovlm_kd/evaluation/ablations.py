@@ -105,7 +105,7 @@ def gate_data_of(cfg, data, head_logits):
     Sampled answers come from the run's cache: the first cfg.gate_samples of them (each answer is seeded by its
     image and index, so they are what a run with fewer samples would have drawn)."""
     vlm_scores = {s: heads.vlm_vectors(data.vlm_log_likelihoods[s], cfg.vlm_vector) for s in data.splits}
-    head_probs = {s: head_logits[s].softmax(-1) for s in data.splits}
+    head_probs = {s: heads.gate_head_input(head_logits[s], cfg.gate_input) for s in data.splits}
     samples = data.gate_samples
     if cfg.gate_data == "sampled":
         if samples is None or samples.shape[1] < cfg.gate_samples:
@@ -127,7 +127,8 @@ def fit_gate(cfg, data, head_logits, num_experts=3):
     (vlm_scores, head_probs, labels), test_vectors = gate_data_of(cfg, data, head_logits)
     with tempfile.TemporaryDirectory(prefix="emovlm-kd-ablation-") as tmp:
         heads.train_gate(cfg.gate_args, gate, vlm_scores, head_probs, labels, tmp, seed=cfg.seed, **QUIET)
-    test_logits = heads.gate_outputs(as_evaluated(gate, cfg), test_vectors, head_logits["test"].softmax(-1))
+    test_logits = heads.gate_outputs(as_evaluated(gate, cfg), test_vectors,
+                                      heads.gate_head_input(head_logits["test"], cfg.gate_input))
     return gate.requires_grad_(False).cpu(), test_logits
 
 

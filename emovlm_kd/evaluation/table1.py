@@ -9,6 +9,7 @@ Each dataset's full report goes to `<output_dir>/<name>/`; the table to `table1.
 """
 
 import gc
+import json
 import logging
 import re
 from pathlib import Path
@@ -96,18 +97,20 @@ class _Skip(Exception):
 
 
 def run_table1(datasets, models, output_dir, *, split="test", limit=None, batch_size=8, vlm_mode=None, device=None,
-               dtype=None, skipped=None, splits=None, quantize=None):
+               dtype=None, skipped=None, splits=None, protocol=None, quantize=None):
     """Evaluate `models[name]` on each of `datasets` (`{name: path}`), writing `<output_dir>/<name>/` reports, and
     return the Table 1 result (also written to `table1.json` and `table1.md`). `models` maps dataset -> model id;
     `skipped` (`{name: reason}`) lists datasets left out beforehand. A model that does not load raises
     `ModelLoadError`; a dataset that does not load or whose labels differ from the model's is skipped. Each
     dataset is split by `splits[name]` (a split file) or else by the model folder's split file, as
-    `emovlm-kd evaluate` does. `quantize` (4 or 8): each model's language model loaded in 4-/8-bit (`hub.load_model`).
+    `emovlm-kd evaluate` does. `protocol` (paper or official) is how each bundle's VLM branch answers
+    (`emovlm_kd.protocol.apply_to_model`); None keeps the bundle's own. `quantize` (4 or 8): each model's language
+    model loaded in 4-/8-bit (`hub.load_model`).
     """
     output_dir = Path(output_dir)
     results, skipped = {}, dict(skipped or {})
     cache = _OneModel(device, dtype, quantize)
-    options = {"split": split, "limit": limit, "batch_size": batch_size, "vlm_mode": vlm_mode}
+    options = {"split": split, "limit": limit, "batch_size": batch_size, "vlm_mode": vlm_mode, "protocol": protocol}
     for name, path in datasets.items():
         try:
             results[name] = _evaluate_dataset(name, path, models.get(name), cache, output_dir,
@@ -121,13 +124,15 @@ def run_table1(datasets, models, output_dir, *, split="test", limit=None, batch_
         "datasets": results,
         "skipped": skipped,
         "paper": TABLE1,
+        **({"protocol": protocol} if protocol else {}),
     }
     write_json(output_dir / "table1.json", table)
     write_text(output_dir / "table1.md", render_table1_markdown(table))
     return table
 
 
-def _evaluate_dataset(name, path, model_id, cache, output_dir, *, split, limit, batch_size, vlm_mode, splits=None):
+def _evaluate_dataset(name, path, model_id, cache, output_dir, *, split, limit, batch_size, vlm_mode, splits=None,
+                      protocol=None):
     """One dataset's Table 1 entry (its report written to `<output_dir>/<name>/`), or `_Skip` with the reason."""
     if model_id is None:
         logger.warning("skipping %s: %s", name, "no --model for it")
@@ -143,8 +148,13 @@ def _evaluate_dataset(name, path, model_id, cache, output_dir, *, split, limit, 
     except LabelMismatchError as error:
         logger.warning("skipping %s: %s", name, error)
         raise _Skip(str(error)) from None
+    if not zero_shot:
+        from emovlm_kd.protocol import apply_to_model
+
+        apply_to_model(model, processor, protocol)
     logger.info("Table 1: %s (%s, %d samples) with %s", name, path, len(dataset), model_id)
-    meta = {"model": str(model_id), "dataset": str(path), "split": split, "limit": limit}
+    meta = {"model": str(model_id), "dataset": str(path), "split": split, "limit": limit,
+            **({"protocol": protocol} if protocol else {})}
     report = evaluate_model(model, processor, dataset, output_dir / name, zero_shot=zero_shot, label_perm=perm,
                             batch_size=batch_size, vlm_mode=vlm_mode, meta=meta, desc=name)
     return {
@@ -229,4 +239,85 @@ def render_table1_markdown(table):
     if table["skipped"]:
         skipped = "; ".join(f"{TABLE1_TITLES[n]} ({why})" for n, why in table["skipped"].items())
         lines.append(f"Skipped: {skipped}.")
+    return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# `--protocol both`: the two protocols side by side
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def compare_protocols(output_dir, tables):
+    """`{dataset: entry}` for `tables` = {"paper": table, "official": table} (each `run_table1`'s, its reports under
+    `<output_dir>/<protocol>/<dataset>/`): per dataset both protocols' final accuracy with its 95 % bootstrap
+    interval, the paper's published number, and McNemar's test between the two protocols' final predictions on
+    the same images (`stats.paired_correctness`); where the two runs' test images differ (e.g. different splits),
+    no test and the reason."""
+    from emovlm_kd.evaluation.stats import mcnemar, paired_correctness
+
+    def read_jsonl(path):
+        return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+    output_dir = Path(output_dir)
+    rows = {}
+    for name in TABLE1_DATASETS:
+        results = {p: t["datasets"].get(name) for p, t in tables.items()}
+        if not any(results.values()):
+            continue
+        entry = {"paper_published": TABLE1["EmoVLM-KD"].get(name)}
+        for protocol, result in results.items():
+            if result is not None:
+                low, high = result["accuracy_ci"][result["final"]]
+                entry[protocol] = {"accuracy": round(100 * result["accuracy"][result["final"]], 2),
+                                   "ci95": [round(100 * low, 2), round(100 * high, 2)],
+                                   "model": result["model"], "num_samples": result["num_samples"]}
+        if all(results.values()):
+            records = {p: read_jsonl(output_dir / p / r["report"].replace("report.json", "predictions.jsonl"))
+                       for p, r in results.items()}
+            finals = {p: r["final"] for p, r in results.items()}
+            try:
+                a, b, ids = paired_correctness(records["paper"], records["official"], finals["paper"],
+                                               finals["official"])
+            except ValueError as error:
+                entry["mcnemar"] = {"not_paired": str(error)}
+            else:
+                entry["mcnemar"] = {**mcnemar(a, b).as_dict(), "images": len(ids)}
+        rows[name] = entry
+    return rows
+
+
+def render_protocols_markdown(rows, limited=False):
+    """The `--protocol both` table: per dataset the paper protocol, the official protocol, the published number and
+    the paired test."""
+    header = ["dataset", "protocol paper (%) [95 % CI]", "protocol official (%) [95 % CI]", "paper, published (%)",
+              "McNemar paper vs official"]
+    lines = ["# Table 1 under both protocols: accuracy (%)", "", "| " + " | ".join(header) + " |",
+             "|" + "---|" * len(header)]
+
+    def cell(entry):
+        if entry is None:
+            return "-"
+        low, high = entry["ci95"]
+        return f"{entry['accuracy']:.2f} [{low:.2f}, {high:.2f}]"
+
+    def test(entry):
+        found = entry.get("mcnemar")
+        if found is None:
+            return "-"
+        if "not_paired" in found:
+            return f"not paired: {found['not_paired']}"
+        p = found["p_value"]
+        return f"{found['b']}/{found['c']} of {found['images']}, p = " + (f"{p:.2g}" if p < 0.001 else f"{p:.3f}")
+
+    for name, entry in rows.items():
+        published = entry["paper_published"]
+        lines.append("| " + " | ".join([TABLE1_TITLES[name], cell(entry.get("paper")), cell(entry.get("official")),
+                                         "-" if published is None else f"{published:.2f}", test(entry)]) + " |")
+    lines += ["", "paper: the paper's text and this project's defaults (label scores); official: what the authors' "
+              "code ran (github sange1104/EmoVLM-KD; one answer sampled at T 0.8, seeded, parsed as its "
+              "train_gate.py:83-93; README: What differs from the paper and its code). Intervals: percentile "
+              "bootstrap over the test images (10000 resamples, seed 0). McNemar: images only the paper protocol got "
+              "right / only the official one did, two-sided p (exact below 25 such images, else chi-square with "
+              "continuity correction). Published: the paper's EmoVLM-KD row"
+              + (", on its full test sets, not on a sample (`--limit`)." if limited else "."), ""]
     return "\n".join(lines) + "\n"

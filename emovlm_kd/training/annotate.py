@@ -82,8 +82,50 @@ _SECTIONS = re.compile(
 )
 
 
-def annotation_prompt(label, labels):
-    """The request for one image of class `label` among the dataset's `labels` (as the official one)."""
+# `annotator_prompt: official`: the official prompt_template.txt (github sange1104/EmoVLM-KD at fdffa10) as it is,
+# the 8 Mikels labels for every dataset (Emotion6, Flickr and Instagram included), `{emotion}` the image's label
+# (generate_instruction.py:17-21). Its system message (generate_instruction.py:34) is not sent: our annotators take
+# one user message.
+OFFICIAL_ANNOTATION_TEMPLATE = "\n".join([
+    "Write about the key elements of an image and the reasoning process behind inferring emotions based on the image "
+    "and emotional information.",
+    "",
+    "The emotional information corresponds to the emotion category that best matches the image among the following 8 "
+    "categories:",
+    "",
+    "amusement, excitement, sadness, fear, contentment, anger, disgust, awe",
+    "",
+    "Base your response on the elements of the image that could lead to inferring this emotional information.",
+    "",
+    "Do not include the correct emotion category in your response. Instead, describe the key elements of the image "
+    "and the reasoning process that could lead to the emotional inference.",
+    "",
+    "==Emotion Information==",
+    "{emotion}",
+    "==",
+    "",
+    "Please follow this format in your response:",
+    "",
+    "1. key elements ",
+    "The dark sky serves as a dramatic background, emphasizing people holding tools. Objects resembling agricultural "
+    "tools appear threatening, creating tension. The synchronized movement of the crowd and strong silhouette "
+    "effects contribute to a striking atmosphere. The high contrast highlights the shapes of the tools as primary "
+    "visual elements.",
+    "",
+    "2. reasoning",
+    "The crowd holding various tools suggests intense energy and the excitement of collective action. The silhouette "
+    "contrasting with the dark sky evokes tension, potentially eliciting anxiety or fear. The threatening shapes of "
+    "the tools and the collective behavior may hint at anger or hostility. The overall scene's organized yet "
+    "uncertain atmosphere limits the possibility of comfort. There are no elements that evoke laughter or awe "
+    "directly; the primary mood is one of focused energy and intensity.",
+])
+
+
+def annotation_prompt(label, labels, style="paper"):
+    """The request for one image of class `label` among the dataset's `labels`: ours (`paper`, the official request
+    in our words with the dataset's labels) or the official prompt_template.txt (`official`)."""
+    if style == "official":
+        return OFFICIAL_ANNOTATION_TEMPLATE.format(emotion=label)
     return ANNOTATION_TEMPLATE.format(count=len(labels), categories=", ".join(labels), label=label)
 
 
@@ -318,7 +360,8 @@ def annotate_images(cfg, split, out_path, annotator=None):
         row = split[index]
         label = names[row["label"]]
         return {"id": row["id"], "label": label,
-                "response": annotator(prepare_image(row["image"]), annotation_prompt(label, names))}
+                "response": annotator(prepare_image(row["image"]),
+                                      annotation_prompt(label, names, cfg.annotator_prompt or "paper"))}
 
     for _, record in _append_answers(out_path, text, todo, ask, desc="annotate"):
         done[record["id"]] = record["response"]

@@ -18,11 +18,12 @@ from pathlib import Path
 from typing import Literal
 
 from configuration_emovlm_kd import DEFAULT_MAX_IMAGE_SIDE, GATE_TYPES, MIN_IMAGE_SIDE, SUPPORTED_BACKBONES
+from emovlm_kd import protocol as protocols
 from emovlm_kd.errors import InputError
 from emovlm_kd.settings import DEMO, DataArguments
 from emovlm_kd.settings import Checked as _Checked
 from emovlm_kd.settings import help_field as _help
-from emovlm_kd.settings import positive as _positive
+from emovlm_kd.settings import positive as _positive_set
 
 DEMO_BACKBONE = "qwen2_vl"  # `--vlm demo` is `--vlm demo:qwen2_vl`
 INSTRUCTION_KINDS = ("categorical", "conversation", "reasoning")  # the paper's three kinds of stage 1 rows
@@ -38,6 +39,23 @@ def demo_backbone(vlm):
     return vlm[len(DEMO) + 1 :] if vlm.startswith(DEMO + ":") else None
 
 
+def _knob(knob, text):
+    """A field of the `--protocol` preset (emovlm_kd/protocol.py): None until the run's protocol fills it."""
+    return field(default=None, metadata={"help": protocols.knob_help(knob, text)})
+
+
+def _one_of(obj, name, allowed):
+    """(ok, flag, why) of a knob that is None (filled later by the protocol) or one of `allowed`."""
+    value = getattr(obj, name)
+    return value is None or value in allowed, name.replace("_", "-"), f"must be one of {', '.join(map(str, allowed))}"
+
+
+def _positive(obj, *names, strict=True):
+    """settings.positive over `names`, skipping a protocol knob still None (the protocol fills it later)."""
+    yield from _positive_set(obj, *(n for n in names if not (n in protocols.KNOBS and getattr(obj, n) is None)),
+                             strict=strict)
+
+
 class StageArguments(_Checked):
     """The settings of one stage: each field is a knob, and a knob is one field and nothing else.
 
@@ -51,6 +69,10 @@ class StageArguments(_Checked):
     """
 
     stage = None  # the stage's folder and key name (RUN/<stage>_...)
+
+    def __post_init__(self):
+        protocols.fill(self)  # the knobs left unset: the protocol's (a group on its own: paper's)
+        super().__post_init__()
     renames = {}  # {field: the TrainingArguments field it also sets}
 
     @classmethod
@@ -87,6 +109,11 @@ class CachedRowsArguments(StageArguments):
 @dataclass
 class ModelArguments(_Checked):
     _argument_group_name = "Models and output"
+    protocol: Literal["paper", "official"] = field(
+        default="paper", metadata={"help": "paper (the paper's text, this project's defaults) or official (what the "
+                                           "authors' code ran: fills every knob marked 'the --protocol's' that is "
+                                           "not set; README: What differs from the paper and its code)"}
+    )
     vlm: str = field(default=DEMO, metadata={"help": "Qwen2-VL, Qwen2.5-VL or Qwen3-VL checkpoint (name or path), or "
                                                      "'demo' (tiny Qwen2-VL, offline), 'demo:qwen2_5_vl', "
                                                      "'demo:qwen3_vl'"})
@@ -105,6 +132,7 @@ class ModelArguments(_Checked):
     )
 
     def _checks(self):
+        yield self.protocol in protocols.PROTOCOLS, "protocol", f"must be one of {', '.join(protocols.PROTOCOLS)}"
         yield self.dtype in ("auto", "float32", "bfloat16", "float16"), "dtype", "must be auto/float32/bfloat16/float16"
         yield from _positive(self, "batch_size", strict=False)
         yield self.max_image_side >= MIN_IMAGE_SIDE, "max-image-side", f"must be >= {MIN_IMAGE_SIDE}"
@@ -126,6 +154,13 @@ class InstructionArguments(StageArguments):
                           "conversation and reasoning need --instructions or --annotator; 'categorical' alone "
                           "trains on a third of the paper's data"},
     )
+    chat_format: Literal["paper", "official"] | None = _knob(
+        "chat_format", "the chat of stages 0-1 and of the model: paper (the backbone's system message, image then "
+        "text, the paper's questions) or official (the official system message, text then image, the questions with "
+        "their 'Example:' passages, the categorical prompt 'None')")
+    annotator_prompt: Literal["paper", "official"] | None = _knob(
+        "annotator_prompt", "what --annotator is asked: paper (this project's wording, the dataset's labels) or "
+        "official (prompt_template.txt: the 8 Mikels labels for every dataset)")
 
     def _checks(self):
         kinds = self.instruction_kinds
@@ -137,6 +172,8 @@ class InstructionArguments(StageArguments):
         yield "categorical" in self.instruction_kinds, "instruction-kinds", \
             "must include categorical (the rows that teach the answer the VLM branch scores)"
         yield len(set(self.instruction_kinds)) == len(self.instruction_kinds), "instruction-kinds", "lists a kind twice"
+        yield _one_of(self, "chat_format", ("paper", "official"))
+        yield _one_of(self, "annotator_prompt", ("paper", "official"))
 
 
 @dataclass
@@ -157,18 +194,36 @@ class SFTArguments(StageArguments):
     quantize: Literal["auto", "4bit", "none"] = field(
         default="auto", metadata={"help": "4bit, none, or auto (4-bit nf4 when CUDA is present)"}
     )
+    quantize_scope: Literal["llm", "all"] | None = _knob(
+        "quantize_scope", "what 4-bit quantises: llm (the vision tower and lm_head kept) or all (transformers' "
+        "default skip list only, as the official BitsAndBytesConfig)")
+    sft_loss: Literal["answer", "all_tokens"] | None = _knob(
+        "sft_loss", "stage 1 loss: answer (the assistant's tokens) or all_tokens (every token but padding and "
+        "image tokens, system and user prompt included)")
+    sft_scheduler: Literal["constant_with_warmup", "constant"] | None = _knob(
+        "sft_scheduler", "stage 1 schedule: constant_with_warmup (3 % warmup) or constant (no warmup)")
+    sft_tf32: bool | None = _knob("sft_tf32", "stage 1 TF32 matmuls (TrainingArguments' tf32, where CUDA has TF32; "
+                                            "elsewhere left off with a log line)")
 
     def recipe(self):
-        """The official code's schedule (constant after a 3 % warm-up, gradient norm clipped at 0.3), a log line
-        every 10 steps, rows as long as they are, one global batch split across processes where it divides."""
+        """The schedule (`sft_scheduler` constant_with_warmup: constant after a 3 % warm-up; constant: no warm-up,
+        as the official `warmup_ratio=0.03` with `lr_scheduler_type="constant"`, train_vlm.py:102-103, which
+        transformers' `get_scheduler` builds without warm-up), gradient norm clipped at 0.3, a log line every 10
+        steps, rows as long as they are, one global batch split across processes where it divides; `sft_loss`
+        all_tokens: TRL's loss on every token (`completion_only_loss=False`; the image tokens: `sft_collator`)."""
         from emovlm_kd.distributed import world_size
 
-        return dict(lr_scheduler_type="constant_with_warmup", warmup_steps=0.03,  # a ratio of the total steps
+        return dict(lr_scheduler_type=self.sft_scheduler,
+                    warmup_steps=0.03 if self.sft_scheduler == "constant_with_warmup" else 0,  # a ratio of the steps
                     max_grad_norm=0.3, max_length=None, logging_strategy="steps", logging_steps=10,
                     accelerator_config={"split_batches": world_size() > 1
-                                        and self.sft_batch_size % world_size() == 0})
+                                        and self.sft_batch_size % world_size() == 0},
+                    **({"completion_only_loss": False} if self.sft_loss == "all_tokens" else {}))
 
     def _checks(self):
+        yield _one_of(self, "quantize_scope", ("llm", "all"))
+        yield _one_of(self, "sft_loss", ("answer", "all_tokens"))
+        yield _one_of(self, "sft_scheduler", ("constant_with_warmup", "constant"))
         yield self.quantize in ("auto", "4bit", "none"), "quantize", "must be auto, 4bit or none"
         yield from _positive(self, "sft_epochs", "sft_lr")
         yield from _positive(self, "sft_batch_size", "sft_grad_accum", strict=False)
@@ -218,16 +273,24 @@ class DistillArguments(CachedRowsArguments):
     tau: float = field(default=2.0, metadata={"help": "distillation temperature, > 0"})
     distill_epochs: float = field(default=5.0, metadata={"help": "stage 3 epochs (head distillation)"})
     distill_lr: float = field(default=1e-3, metadata={"help": "stage 3 learning rate"})
-    distill_batch_size: int = field(default=32, metadata={"help": "stage 3 images per step"})
+    distill_batch_size: int | None = _knob("distill_batch_size", "stage 3 images per step")
+    distill_optimizer: Literal["adamw", "adam"] | None = _knob(
+        "distill_optimizer", "stage 3 optimiser: adamw (Trainer's, linear decay) or adam (torch.optim.Adam, L2 "
+        "weight decay 1e-4, constant rate)")
+    distill_init: Literal["normal", "pytorch"] | None = _knob(
+        "distill_init", "the head's initial weights: normal (N(0, 0.02), zero bias) or pytorch (nn.Linear's)")
 
     def recipe(self):
-        return {**super().recipe(), "weight_decay": 1e-4}
+        return {**super().recipe(), "weight_decay": 1e-4,
+                **({"lr_scheduler_type": "constant"} if self.distill_optimizer == "adam" else {})}
 
     def _checks(self):
         self.head_hidden_sizes = [int(h) for h in self.head_hidden_sizes]
         yield all(h > 0 for h in self.head_hidden_sizes), "head-hidden-sizes", "must be positive integers"
         yield 0.0 <= self.head_dropout < 1.0, "head-dropout", "must be in [0, 1)"
         yield 0.0 <= self.alpha <= 1.0, "alpha", "must be in [0, 1]"
+        yield _one_of(self, "distill_optimizer", ("adamw", "adam"))
+        yield _one_of(self, "distill_init", ("normal", "pytorch"))
         yield self.tau > 0, "tau", "must be > 0"
         yield from _positive(self, "distill_epochs", "distill_lr")
         yield from _positive(self, "distill_batch_size", strict=False)
@@ -248,7 +311,18 @@ class GateArguments(CachedRowsArguments):
     )
     gate_epochs: float = field(default=10.0, metadata={"help": "stage 4 epochs (gate)"})
     gate_lr: float = field(default=1e-3, metadata={"help": "stage 4 learning rate"})
-    gate_batch_size: int = field(default=32, metadata={"help": "stage 4 images per step"})
+    gate_batch_size: int | None = _knob("gate_batch_size", "stage 4 images per step")
+    gate_optimizer: Literal["adamw", "adam"] | None = _knob(
+        "gate_optimizer", "stage 4 optimiser: adamw (Trainer's, linear decay) or adam (torch.optim.Adam, L2 weight "
+        "decay 1e-4, constant rate)")
+    gate_init: Literal["normal", "pytorch"] | None = _knob(
+        "gate_init", "the gate's initial weights: normal (N(0, 0.02), zero bias) or pytorch (nn.Linear's)")
+    gate_input: Literal["probs", "logits"] | None = _knob(
+        "gate_input", "what the gate reads of the head: probs (softmax) or logits (raw)")
+    answer_protocol: Literal["score", "official"] | None = _knob(
+        "answer_protocol", "the VLM branch of the gate's val/test vectors and of the model: score (label "
+        "log-likelihoods, deterministic) or official (one answer sampled at T 0.8, 256 new tokens, seeded, after a "
+        "prompt without the generation prompt, parsed as the official code)")
     gate_data: Literal["sampled", "val", "train"] = field(
         default="train", metadata={"help": "what the gate trains on: sampled (the paper's: --gate-samples answers "
                                            "per train image sampled at --gate-temperature, one per epoch, cycled; "
@@ -260,12 +334,17 @@ class GateArguments(CachedRowsArguments):
     gate_train_split: Literal["train", "val"] | None = _help("old name of --gate-data train|val (sets it)")
 
     def recipe(self):
-        return {**super().recipe(), "weight_decay": 1e-4}
+        return {**super().recipe(), "weight_decay": 1e-4,
+                **({"lr_scheduler_type": "constant"} if self.gate_optimizer == "adam" else {})}
 
     def _checks(self):
         if self.gate_train_split is not None:  # the old setting: folded into gate_data
             self.gate_data, self.gate_train_split = self.gate_train_split, None
         yield self.gate_type in GATE_TYPES, "gate-type", f"must be one of {', '.join(GATE_TYPES)}"
+        yield _one_of(self, "gate_optimizer", ("adamw", "adam"))
+        yield _one_of(self, "gate_init", ("normal", "pytorch"))
+        yield _one_of(self, "gate_input", ("probs", "logits"))
+        yield _one_of(self, "answer_protocol", ("score", "official"))
         yield self.vlm_vector in ("probs", "onehot"), "vlm-vector", "must be probs or onehot"
         yield self.gate_data in ("sampled", "val", "train"), "gate-data", "must be sampled, val or train"
         yield self.gate_data != "sampled" or self.vlm_vector == "onehot", "gate-data", \
@@ -294,7 +373,12 @@ class _Group:
 class TrainConfig(GateArguments, DistillArguments, TeacherArguments, SFTArguments, InstructionArguments,
                   ModelArguments, DataArguments):
     """Every setting of a run, flat (`cfg.alpha`, `cfg.vlm`, ...): the union of the argument groups. Each stage
-    receives its own group alone (`cfg.distill_args`, ...) and the shared runtime values it needs, by name."""
+    receives its own group alone (`cfg.distill_args`, ...) and the shared runtime values it needs, by name. The
+    knobs left unset are filled from `protocol` (emovlm_kd/protocol.py) before the checks run."""
+
+    def __post_init__(self):
+        protocols.fill(self)
+        super().__post_init__()
 
     instruction_args = _Group(InstructionArguments)
     sft_args = _Group(SFTArguments)
@@ -372,6 +456,7 @@ def parse_train_args(argv):
     except ValueError as error:
         raise ValueError(f"--config {where}: {error}") if "config" in str(error).lower() else error from None
     cfg = TrainConfig.from_groups(*(part for part in parsed if dataclasses.is_dataclass(part)))
+    cfg = preset_knobs(cfg, argv, where)
     shipped_demo = Path(where).resolve() == Path(str(resolve_config_path(DEFAULT_CONFIG))).resolve()
     if implicit_demo and cfg.dataset != DEMO:  # `train --dataset DIR`: not the synthetic data's settings
         cfg = for_a_users_dataset(cfg, argv)
@@ -379,6 +464,17 @@ def parse_train_args(argv):
         # the shipped demo on another backbone gets its own run folder (runs/demo-qwen3_vl), not the Qwen2-VL demo's
         cfg = dataclasses.replace(cfg, output_dir=f"{cfg.output_dir}-{demo_backbone(cfg.vlm)}")
     return cfg
+
+
+def preset_knobs(cfg, argv, config_path):
+    """`cfg` with every protocol knob that neither a flag nor the YAML sets taken from `cfg.protocol`: the parser
+    builds each group on its own, which fills its knobs with the paper's values (a group knows no protocol)."""
+    import yaml
+
+    given = set(yaml.safe_load(Path(config_path).read_text(encoding="utf-8")) or {})
+    unset = {knob: None for knob in protocols.KNOBS
+             if hasattr(cfg, knob) and knob not in given and not _given(argv, knob.replace("_", "-"))}
+    return dataclasses.replace(cfg, **unset) if cfg.protocol != protocols.DEFAULT_PROTOCOL and unset else cfg
 
 
 def for_a_users_dataset(cfg, argv):

@@ -23,6 +23,7 @@ import torch
 from torch.utils.data import Dataset
 from transformers import LogitsProcessor, LogitsProcessorList
 
+from emovlm_kd import protocol as protocols
 from emovlm_kd.images import prepare_image
 from emovlm_kd.training.cache import (
     fingerprint,
@@ -75,15 +76,18 @@ def sample_answers(model, processor, images, seeds, temperature):
     return output.vlm_scores.float().cpu(), output.vlm_answer_found.cpu()
 
 
-def sampled_answer_cache(settings, cache, model, processor, split, *, seed, batch_size):
+def sampled_answer_cache(settings, cache, model, processor, split, *, seed, batch_size, split_name="train",
+                         samples=None):
     """`{"vlm_samples": (N, K, C), "answer_found": (N, K)}`: K = `settings.gate_samples` answers per image at
     `settings.gate_temperature` (`settings`: stage 4's `GateArguments`), computed once (each batch of images repeated
-    K times, about `batch_size` rows a call) and cached."""
-    samples, temperature = settings.gate_samples, settings.gate_temperature
+    K times, about `batch_size` rows a call) and cached. `answer_protocol: official` also asks for one answer per
+    val/test image (`split_name`, `samples=1`): the official evaluation."""
+    samples, temperature = samples or settings.gate_samples, settings.gate_temperature
     max_side = model.config.max_image_side  # images as the VLM pass sees them
     key = fingerprint("gate_samples", fingerprint_module(model.vlm), fingerprint_dataset(split),
                       model.config.classification_prompt(), model.config.vlm_max_new_tokens, max_side,
-                      processor.image_processor.size["longest_edge"], samples, temperature, seed)
+                      processor.image_processor.size["longest_edge"], samples, temperature, seed,
+                      *protocols.config_changes(model.config), *(() if split_name == "train" else (split_name,)))
 
     def compute_batch(indices):
         images = [prepare_image(split[i]["image"], max_side=max_side) for i in indices]
@@ -93,9 +97,10 @@ def sampled_answer_cache(settings, cache, model, processor, split, *, seed, batc
         return {"vlm_samples": vectors.view(len(indices), samples, -1), "answer_found": found.view(len(indices), -1)}
 
     images_per_call = max(1, math.ceil(batch_size / samples))  # about --batch-size rows per generate call
-    tensors = cached_map(cache, SAMPLES_CACHE, key, len(split), images_per_call, compute_batch,
+    name = SAMPLES_CACHE if split_name == "train" else f"answers-{split_name}"
+    tensors = cached_map(cache, name, key, len(split), images_per_call, compute_batch,
                          desc=f"sampled answers (x{samples})")
-    logger.info("gate data: %d answers per train image sampled at T=%g; %.1f %% name a label", samples,
+    logger.info("%d answers per %s image sampled at T=%g; %.1f %% name a label", samples, split_name,
                 temperature, 100 * float(tensors["answer_found"].float().mean()))
     return tensors
 

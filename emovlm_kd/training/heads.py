@@ -1,6 +1,7 @@
 """Stages 3 and 4: the distillation head and the gate, trained on cached tensors (milliseconds an epoch); the same
 `train_head` / `train_gate` serve the ablations. Also the small helpers that apply them to cached tensors."""
 
+import copy
 import logging
 from functools import partial
 
@@ -54,10 +55,12 @@ def train_head(settings, head, features, teacher_logits, labels, output_dir, *, 
     from emovlm_kd.training.arguments import training_arguments
     from emovlm_kd.training.trainers import DistillationTrainer, TensorDictDataset
 
-    reset_module(head, seed)
+    reset_module(head, seed, settings.distill_init)
     data = TensorDictDataset(image_embeds=features, teacher_logits=teacher_logits, labels=labels)
     args = training_arguments(settings, output_dir, seed, **args_extra)
-    return _train(DistillationTrainer(model=head, args=args, train_dataset=data), args, resume)
+    trainer = DistillationTrainer(model=head, args=args, train_dataset=data,
+                                  optimizer_cls_and_kwargs=adam(settings.distill_optimizer, head, settings.distill_lr))
+    return _train(trainer, args, resume)
 
 
 def train_gate(settings, gate, vlm_scores, head_probs, labels, output_dir, *, seed, resume=False, **args_extra):
@@ -70,15 +73,34 @@ def train_gate(settings, gate, vlm_scores, head_probs, labels, output_dir, *, se
     from emovlm_kd.training.arguments import training_arguments
     from emovlm_kd.training.trainers import GateModule, GateTrainer, TensorDictDataset
 
-    reset_module(gate, seed)
+    reset_module(gate, seed, settings.gate_init)
     if vlm_scores.dim() == 3:
         data = CycledSamples(vlm_scores, head_probs, labels)
         callbacks = [data.callback()]
     else:
         data, callbacks = TensorDictDataset(vlm_scores=vlm_scores, head_probs=head_probs, labels=labels), []
     args = training_arguments(settings, output_dir, seed, **args_extra)
-    trainer = GateTrainer(model=GateModule(gate), args=args, train_dataset=data, callbacks=callbacks)
+    trainer = GateTrainer(model=GateModule(gate), args=args, train_dataset=data, callbacks=callbacks,
+                          optimizer_cls_and_kwargs=adam(settings.gate_optimizer, gate, settings.gate_lr))
     return _train(trainer, args, resume)
+
+
+OFFICIAL_WEIGHT_DECAY = 1e-4  # train_distillation.py:111,155 and train_gate.py:336,358: Adam(weight_decay=1e-4)
+
+
+def adam(optimizer, module, lr):
+    """`Trainer(optimizer_cls_and_kwargs=...)`: for `adam`, torch.optim.Adam with L2 weight decay 1e-4 on every
+    parameter of `module` (biases included), as the official code (its constant rate: the group's `recipe`); None
+    (Trainer's AdamW, linear decay) otherwise."""
+    if optimizer != "adam":
+        return None
+    params = [p for p in module.parameters() if p.requires_grad]
+    return torch.optim.Adam, {"params": params, "lr": lr, "weight_decay": OFFICIAL_WEIGHT_DECAY}
+
+
+def gate_head_input(head_logits, gate_input):
+    """What the gate reads of the head: its probabilities (`probs`, the paper's text) or its logits (`logits`)."""
+    return head_logits if gate_input == "logits" else head_logits.softmax(-1)
 
 
 def _train(trainer, args, resume):
@@ -110,16 +132,24 @@ def gate_outputs(gate, vlm_scores, head_probs):
     return gate(vlm_scores.to(param.device, param.dtype), head_probs.to(param.device, param.dtype)).float().cpu()
 
 
-def reset_module(module, seed):
+def reset_module(module, seed, init="normal"):
     """Re-initialise a small module deterministically (so a rerun trains from the same start): weights drawn from the
     CPU generator seeded with `seed` and copied to the module's device, so the start is the same on a CPU and a GPU
-    (a CUDA tensor's own `normal_` would draw from the CUDA generator)."""
+    (a CUDA tensor's own `normal_` would draw from the CUDA generator). `normal`: N(0, 0.02), zero bias; `pytorch`:
+    each layer's own `reset_parameters` (nn.Linear's Kaiming-uniform weight and uniform bias, as the official code,
+    which never re-initialises), drawn on a CPU copy."""
     torch.manual_seed(seed)
     with torch.no_grad():
         for layer in module.modules():
             if isinstance(layer, (torch.nn.Linear, torch.nn.Bilinear)):
-                layer.weight.copy_(torch.empty(layer.weight.shape).normal_(0.0, 0.02))
-                layer.bias.zero_()
+                if init == "pytorch":
+                    fresh = copy.deepcopy(layer).cpu()  # its draws from the seeded CPU generator
+                    fresh.reset_parameters()
+                    layer.weight.copy_(fresh.weight)
+                    layer.bias.copy_(fresh.bias)
+                else:
+                    layer.weight.copy_(torch.empty(layer.weight.shape).normal_(0.0, 0.02))
+                    layer.bias.zero_()
 
 
 def write_module(module, path):

@@ -46,6 +46,23 @@ logger = logging.getLogger(__name__)
 CONVERSATION_QUESTION = "Observe the image and describe key elements of the image."
 REASONING_QUESTION = EXPLANATION_QUESTION  # the paper's reasoning instruction; `model.explain` asks it too
 QUESTIONS = {"conversation": CONVERSATION_QUESTION, "reasoning": REASONING_QUESTION}
+# `chat_format: official`: the questions of the official train_vlm.py:20-33 (OBS_TASK_MESSAGE, INF_TASK_MESSAGE), each
+# the paper's question followed by an "Example: ..." passage
+OFFICIAL_QUESTIONS = {
+    "conversation": CONVERSATION_QUESTION + " Example: The dark sky serves as a dramatic background, emphasizing "
+    "people holding tools. Objects resembling agricultural tools appear threatening, creating tension. The "
+    "synchronized movement of the crowd and strong silhouette effects contribute to a striking atmosphere. The high "
+    "contrast highlights the shapes of the tools as primary visual elements.",
+    "reasoning": REASONING_QUESTION + " Example: The crowd holding various tools suggests intense energy and the "
+    "excitement of collective action. The silhouette contrasting with the dark sky evokes tension, potentially "
+    "eliciting anxiety or fear. The threatening shapes of the tools and the collective behavior may hint at anger or "
+    "hostility. The overall scene's organized yet uncertain atmosphere limits the possibility of comfort.",
+}
+
+
+def questions_for(chat_format):
+    """The conversation/reasoning questions of a `chat_format` (paper: the paper's; official: with their examples)."""
+    return OFFICIAL_QUESTIONS if chat_format == "official" else QUESTIONS
 
 
 def categorical_instruction(config):
@@ -296,6 +313,10 @@ def run_stage0(settings, run_dir, dataset, bundle_config):
         if settings.annotator and is_main_process():
             have = {r["id"] for r in rows if r["kind"] != "categorical"}
             rows += [r for r in annotated_rows(settings, train, have, stage.dir) if r["kind"] in kinds]
+        if settings.chat_format == "official":  # the official questions where a row asks the paper's
+            official = questions_for("official")
+            rows = [{**r, "question": official[r["kind"]]} if r.get("question") == QUESTIONS.get(r["kind"]) else r
+                    for r in rows]
         if is_main_process():
             check_coverage(rows, kinds, len(train))
         text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)

@@ -3,6 +3,7 @@ log-likelihoods (one batched pass), sharded over processes."""
 
 import logging
 
+from emovlm_kd import protocol as protocols
 from emovlm_kd.distributed import (
     barrier,
     is_main_process,
@@ -26,7 +27,7 @@ def vlm_pass_cache(cache, model, processor, split, split_name, *, batch_size):
     max_side = model.config.max_image_side  # the model's image size, as at inference
     key = fingerprint("vlm_pass", fingerprint_module(model.vlm), fingerprint_dataset(split),
                       model.config.classification_prompt(), model.config.label_answer_token_ids, max_side,
-                      processor.image_processor.size["longest_edge"])
+                      processor.image_processor.size["longest_edge"], *protocols.config_changes(model.config))
 
     prompt_cache = PromptPrefixCache()  # sound: the bundle is frozen for the whole pass
 

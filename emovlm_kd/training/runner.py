@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from emovlm_kd import folders
+from emovlm_kd import protocol as protocols
 from emovlm_kd.determinism import deterministic
 from emovlm_kd.distributed import barrier, is_main_process, main_process_decides, state
 from emovlm_kd.settings import dataset_options
@@ -39,6 +40,7 @@ from emovlm_kd.training.gatedata import (
     sampled_answer_cache,
 )
 from emovlm_kd.training.heads import (
+    gate_head_input,
     gate_outputs,
     head_outputs,
     run_stage3,
@@ -144,14 +146,15 @@ def run_stages(cfg, dataset=None):
     split_file = record_splits(cfg, run_dir, dataset, data_source)
     if cfg.teacher_trained:
         check_teacher_labels(cfg.teacher_trained, names)
-    prompt_config = EmoVLMKDConfig(id2label=dict(enumerate(names)), label2id={n: i for i, n in enumerate(names)})
+    prompt_config = EmoVLMKDConfig(id2label=dict(enumerate(names)), label2id={n: i for i, n in enumerate(names)},
+                                   **protocols.model_fields(cfg))
 
     logger.info("== Stage 0: instruction data")
     instructions = run_stage0(cfg.instruction_args, run_dir, dataset, prompt_config)
     mix = instruction_mix(instructions)
     logger.info("== Stage 1: instruction tuning (%s)", vlm_path)
     merged_dir = run_stage1(cfg.sft_args, run_dir, dataset, vlm_path, instructions, seed=cfg.seed, dtype=cfg.dtype,
-                            max_image_side=cfg.max_image_side)
+                            max_image_side=cfg.max_image_side, chat_format=cfg.chat_format)
     logger.info("== Stage 2: teacher (%s)", cfg.teacher_trained or teacher_path)
     teacher_dir = Path(cfg.teacher_trained) if cfg.teacher_trained else \
         run_stage2(cfg.teacher_args, run_dir, dataset, teacher_path, seed=cfg.seed)
@@ -230,6 +233,7 @@ def load_bundle_to_train(cfg, merged_dir, names):
     bundle = EmoVLMKDForImageClassification.from_vlm(
         vlm, names, processor=processor, head_hidden_sizes=cfg.head_hidden_sizes, head_dropout=cfg.head_dropout,
         gate_type=cfg.gate_type, vlm_vector=cfg.vlm_vector, max_image_side=cfg.max_image_side,
+        **protocols.model_fields(cfg),
     ).to(run_device()).eval()
     bundle.requires_grad_(False)
     return bundle, processor
@@ -254,6 +258,11 @@ def cache_passes(gate, run_dir, dataset, bundle, processor, teacher_dir, *, seed
     if gate.gate_data == "sampled":  # the gate's training data: K sampled answers per train image
         passes["train"].update(sampled_answer_cache(gate, cache, bundle, processor, dataset["train"], seed=seed,
                                                     batch_size=batch_size))
+    if gate.answer_protocol == "official":  # the official evaluation: one sampled answer per val/test image
+        for split in (s for s in ("val", "test") if s in dataset):
+            answers = sampled_answer_cache(gate, cache, bundle, processor, dataset[split], seed=seed,
+                                           batch_size=batch_size, split_name=split, samples=1)
+            passes[split].update(vlm_answer=answers["vlm_samples"][:, 0], vlm_answer_found=answers["answer_found"][:, 0])
     return passes
 
 
@@ -271,8 +280,12 @@ def train_head_and_gate(distill, gate, run_dir, bundle, passes, *, seed, dtype, 
     outputs = {}
     for split, tensors in passes.items():
         head_logits = head_outputs(bundle.distill_head, tensors["image_embeds"])
-        outputs[split] = {"head_logits": head_logits, "head_probs": head_logits.softmax(-1),
-                          "vlm_scores": vlm_vectors(tensors["vlm_log_likelihoods"], gate.vlm_vector)}
+        vlm_scores = tensors.get("vlm_answer")  # answer_protocol official: the sampled answer's vector
+        if vlm_scores is None:
+            vlm_scores = vlm_vectors(tensors["vlm_log_likelihoods"], gate.vlm_vector)
+        # "head_probs": what the gate reads of the head (its probabilities, or its logits with gate_input logits)
+        outputs[split] = {"head_logits": head_logits, "head_probs": gate_head_input(head_logits, gate.gate_input),
+                          "vlm_scores": vlm_scores}
 
     logger.info("== Stage 4: gate (%s, on %s data)", gate.gate_type, gate.gate_data)
     gate_data = gate_training_set(gate.gate_data, {s: o["vlm_scores"] for s, o in outputs.items()},
@@ -288,6 +301,14 @@ def train_head_and_gate(distill, gate, run_dir, bundle, passes, *, seed, dtype, 
     return outputs
 
 
+def vlm_predictions(test_pass):
+    """The VLM branch's test predictions: the argmax of its label scores, or (answer_protocol official) the label of
+    its sampled answer, -1 (wrong) where the answer names none."""
+    if "vlm_answer" in test_pass:
+        return torch.where(test_pass["vlm_answer_found"], test_pass["vlm_answer"].argmax(-1), -1)
+    return test_pass["vlm_log_likelihoods"].argmax(-1)
+
+
 def test_results(test_pass, outputs):
     """The four parts' accuracies on the test split (what RUN/eval_results.json holds)."""
     y, test = test_pass["labels"], outputs["test"]
@@ -295,7 +316,7 @@ def test_results(test_pass, outputs):
         "split": "test",
         "num_samples": len(y),
         "accuracy": {
-            "vlm": accuracy(test_pass["vlm_log_likelihoods"].argmax(-1), y),
+            "vlm": accuracy(vlm_predictions(test_pass), y),
             "distill": accuracy(test["head_logits"].argmax(-1), y),
             "teacher": accuracy(test_pass["teacher_logits"].argmax(-1), y),
             "emovlm_kd": accuracy(test["gate_logits"].argmax(-1), y),

@@ -26,21 +26,26 @@ from emovlm_kd.training.stage import last_checkpoint, run_stage, run_trainer, tr
 logger = logging.getLogger(__name__)
 
 
-def sft_dataset(train, instructions_path, max_side=DEFAULT_MAX_IMAGE_SIDE):
-    """TRL's vision prompt/completion format: `images`, `prompt` and `completion` (loss on the completion only).
+def sft_dataset(train, instructions_path, max_side=DEFAULT_MAX_IMAGE_SIDE, chat_format="paper"):
+    """TRL's vision prompt/completion format: `images`, `prompt` and `completion` (the loss: `sft_collator`). The
+    prompt is `scoring_emovlm_kd.chat_messages` (`chat_format` paper: image then question; official: the official
+    system message, then question then image, data_utils.py:37,165-176), the chat the model is asked at inference.
 
     The images are decoded when a row is read and made ready by `prepare_image(image, max_side=max_side)`, the
     inference path (upright, RGB, long side at most `max_side`, fitted): nothing is decoded or held up front.
     """
     from datasets import Dataset, Image, Sequence
 
+    from scoring_emovlm_kd import chat_messages
+
+    layout = type("ChatFormat", (), {"chat_format": chat_format})()
+
     raw_images = dict(zip(train["id"], train.cast_column("image", Image(decode=False))["image"]))
     rows = [json.loads(line) for line in Path(instructions_path).read_text(encoding="utf-8").splitlines() if line]
     data = Dataset.from_dict(
         {
             "images": [[raw_images[r["id"]]] for r in rows],
-            "prompt": [[{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": r["question"]}]}]
-                       for r in rows],
+            "prompt": [chat_messages(r["question"], layout) for r in rows],
             "completion": [[{"role": "assistant", "content": [{"type": "text", "text": r["answer"]}]}] for r in rows],
         }
     )
@@ -80,14 +85,65 @@ def model_config(settings):
     )
 
 
+class ImageTokensMasked:
+    """`sft_loss: all_tokens`, the official collate_fn (train_vlm.py:118-128): TRL's vision collator with the loss on
+    every token (`completion_only_loss=False`: padding is already -100), and the image tokens masked too (the
+    official code's [151652, 151653, 151655] are Qwen2-VL's vision start, vision end and image pad ids; here read from
+    the backbone's config, so that every backbone and the tiny demo model get theirs)."""
+
+    def __init__(self, processor, image_token_ids):
+        from trl.trainer.sft_trainer import DataCollatorForVisionLanguageModeling
+
+        self.collator = DataCollatorForVisionLanguageModeling(processor=processor, completion_only_loss=False)
+        self.image_token_ids = torch.tensor(sorted(set(image_token_ids)))
+
+    def __call__(self, examples):
+        batch = self.collator(examples)
+        batch["labels"][torch.isin(batch["input_ids"], self.image_token_ids)] = -100
+        return batch
+
+
+def image_token_ids(vlm_config):
+    """The ids of the tokens that stand for an image in the backbone's text: vision start/end and image pad."""
+    return [getattr(vlm_config, name) for name in ("vision_start_token_id", "vision_end_token_id", "image_token_id")
+            if getattr(vlm_config, name, None) is not None]
+
+
+def sft_collator(settings, processor, vlm_config):
+    """None (TRL's own: the loss on the answer only, `sft_loss: answer`) or `ImageTokensMasked` (`all_tokens`)."""
+    return ImageTokensMasked(processor, image_token_ids(vlm_config)) if settings.sft_loss == "all_tokens" else None
+
+
+def tf32_value(settings):
+    """What `TrainingArguments.tf32` gets: True where `settings.sft_tf32` asks for it and CUDA has TF32; None (left as
+    torch has it) otherwise; TrainingArguments refuses tf32 without it, so that case is logged and left off."""
+    if not settings.sft_tf32:
+        return None
+    from transformers.utils import is_torch_tf32_available
+
+    if is_torch_tf32_available():
+        return True
+    logger.info("[stage 1] tf32 asked (protocol official) but this device has no TF32: left off")
+    return None
+
+
+def sft_arguments(settings, output_dir, seed, dtype, quantized):
+    """Stage 1's `SFTStageConfig` (`arguments.training_arguments`) with the run-time values: bf16, gradient
+    checkpointing under 4-bit, `tf32_value`."""
+    from emovlm_kd.training.arguments import training_arguments
+
+    return training_arguments(settings, output_dir, seed, bf16=dtype == torch.bfloat16,
+                              gradient_checkpointing=quantized, tf32=tf32_value(settings))
+
+
 def quantization_config(settings):
     """`trl.get_quantization_config` of `model_config(settings)` (None without 4-bit), the visual tower and `lm_head`
     left unquantised (TRL's `ModelConfig` has no skip list): 4-bit layers narrower than 64 features fail."""
     from trl import get_quantization_config
 
     quant = get_quantization_config(model_config(settings))
-    if quant is not None:
-        quant.llm_int8_skip_modules = ["model.visual", "lm_head"]
+    if quant is not None and settings.quantize_scope != "all":  # all: transformers' default skip list, as the
+        quant.llm_int8_skip_modules = ["model.visual", "lm_head"]  # official BitsAndBytesConfig (train_vlm.py:69-74)
     return quant
 
 
@@ -98,24 +154,27 @@ def lora_config(settings):
     return get_peft_config(model_config(settings))
 
 
-def run_stage1(settings, run_dir, dataset, vlm_path, instructions_path, *, seed, dtype, max_image_side):
+def run_stage1(settings, run_dir, dataset, vlm_path, instructions_path, *, seed, dtype, max_image_side,
+               chat_format="paper"):
     """Instruction-tune the VLM with LoRA (QLoRA on CUDA) by the stage's `SFTArguments` (`settings`), merge the
-    adapter, save RUN/stage1_sft/merged; `dtype` is the run's `--dtype`."""
+    adapter, save RUN/stage1_sft/merged; `dtype` is the run's `--dtype`, `chat_format` stage 0's (the chat layout of
+    the rows)."""
     key = settings.stage_key(fingerprint_checkpoint(vlm_path), fingerprint_dataset(dataset["train"]),
-                             Path(instructions_path).read_text(encoding="utf-8"), dtype, seed, max_image_side)
+                             Path(instructions_path).read_text(encoding="utf-8"), dtype, seed, max_image_side,
+                             *(() if chat_format == "paper" else (chat_format,)))
     return run_stage(run_dir, "stage1_sft", key, "merged",
                      partial(instruction_tune, settings, dataset["train"], vlm_path, instructions_path, seed=seed,
-                             dtype=dtype, max_image_side=max_image_side),
+                             dtype=dtype, max_image_side=max_image_side, chat_format=chat_format),
                      skipped="[stage 1] instruction tuning: done, skipped", log=logger, folder=True)
 
 
-def instruction_tune(settings, train, vlm_path, instructions_path, stage, *, seed, dtype, max_image_side):
+def instruction_tune(settings, train, vlm_path, instructions_path, stage, *, seed, dtype, max_image_side,
+                     chat_format="paper"):
     """Stage 1's work (`run_stage`): SFT with LoRA, the adapter saved in RUN/stage1_sft/adapter and merged by the main
     process; returns (how the merged model is written into the stage's temp folder, the DONE.json summary)."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
     from trl import SFTTrainer
 
-    from emovlm_kd.training.arguments import training_arguments
     from emovlm_kd.training.trainers import with_verified_resume
 
     dtype = resolve_dtype(dtype)
@@ -128,13 +187,13 @@ def instruction_tune(settings, train, vlm_path, instructions_path, stage, *, see
     vlm = AutoModelForImageTextToText.from_pretrained(
         vlm_path, dtype=dtype, quantization_config=quant, use_safetensors=True
     )
-    args = training_arguments(settings, stage.checkpoints(), seed, bf16=dtype == torch.bfloat16,
-                              gradient_checkpointing=quant is not None)
+    args = sft_arguments(settings, stage.checkpoints(), seed, dtype, quant is not None)
     trainer = with_verified_resume(SFTTrainer)(
         model=vlm,
         args=args,
-        train_dataset=sft_dataset(train, instructions_path, max_side=max_image_side),
+        train_dataset=sft_dataset(train, instructions_path, max_side=max_image_side, chat_format=chat_format),
         processing_class=processor,
+        data_collator=sft_collator(settings, processor, vlm.config),
         peft_config=peft_config,
     )
     result = run_trainer(trainer, last_checkpoint(args.output_dir))
