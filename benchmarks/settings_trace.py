@@ -6,8 +6,11 @@ followed from `run_training` through one demo training run (a fresh run folder, 
 
 What it counts (issue 23's measure, computed the same way before and after a change):
 
-- a *stop* is one call of a function defined in this repository (tests and this file excepted) with a settings object
-  among its arguments (positional, keyword, `*args` or `**kwargs`): an instance of a dataclass defined in
+- a *stop* is one call, made by the project's own code (the calling frame is in this repository), of a function defined
+  in this repository (tests and this file excepted) with a settings object among its arguments (positional,
+  keyword, `*args` or `**kwargs`); a call that a library makes (a Trainer callback handed `args`, a dataclass's
+  generated `__init__`) is not a settings hand-over of ours and does not count. A settings object: an instance of a
+  dataclass defined in
   `emovlm_kd` whose class (or a base) is named `...Arguments`, `...Config` or `...Settings`, or a
   `transformers.TrainingArguments` subclass defined in `emovlm_kd`;
 - *files*: the distinct files of the stops;
@@ -89,7 +92,8 @@ def trace(function, *args, **kwargs):
 
     def ours(filename):
         if filename not in known:
-            relative = _relative(filename) if filename != this else None
+            real = filename.endswith(".py") and filename != this  # not `<string>` (generated code), not this file
+            relative = _relative(filename) if real else None
             known[filename] = relative if relative and not relative.startswith(("tests", "benchmarks")) else None
         return known[filename]
 
@@ -97,12 +101,12 @@ def trace(function, *args, **kwargs):
         if event != "call":
             return
         relative = ours(frame.f_code.co_filename)
-        if relative is None or not _carries_settings(frame):
-            return
         caller = frame.f_back
-        while caller is not None and ours(caller.f_code.co_filename) is None:
-            caller = caller.f_back
-        stops.append((relative, frame.f_code.co_qualname, ours(caller.f_code.co_filename) if caller else None))
+        by = caller.f_code.co_filename if caller is not None else None
+        if relative is None or by is None or (by != this and ours(by) is None):
+            return  # not ours, or called by a library (or the interpreter), not by our code or this trace
+        if _carries_settings(frame):
+            stops.append((relative, frame.f_code.co_qualname, ours(by)))
 
     sys.setprofile(profiler)
     try:
