@@ -245,7 +245,7 @@ def time_stage1(args, device, dtype):
         route_trainer_logs(trainer)  # the Trainer's metric dicts stay off stdout (the table is the output)
         memory = MemoryMeter(device).measure(trainer.train)
         vlm = trainer.model
-        entry = _stage1_entry(args, cfg, clock, memory, label, sft.quantization_config(cfg), depth)
+        entry = _stage1_entry(args, cfg, clock, memory, label, sft.quantization_config(sft.model_config(cfg), cfg.quantize_scope), depth)
         entry.update(params=params, trainable_params=sum(p.numel() for p in vlm.parameters() if p.requires_grad))
         del trainer, vlm
     return entry
@@ -295,11 +295,11 @@ class _StepClock(TrainerCallback):
 def _stage1_trainer(args, cfg, base, device, dtype, folder):
     """(SFTTrainer, its _StepClock): stage 1's settings for `warmup + steps` optimizer steps on random images."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
-    from trl import SFTConfig, SFTTrainer
+    from trl import SFTConfig, SFTTrainer, get_peft_config
 
     from emovlm_kd.training import sft
 
-    quant = sft.quantization_config(cfg)
+    quant = sft.quantization_config(sft.model_config(cfg), cfg.quantize_scope)
     vlm = AutoModelForImageTextToText.from_pretrained(base, dtype=dtype, quantization_config=quant,
                                                       use_safetensors=True)
     processor = AutoProcessor.from_pretrained(base)
@@ -311,7 +311,7 @@ def _stage1_trainer(args, cfg, base, device, dtype, folder):
         report_to=[], seed=args.seed, data_seed=args.seed, dataloader_num_workers=0, **QUIET,
     )
     clock = _StepClock(device)
-    trainer = SFTTrainer(model=vlm, args=config, processing_class=processor, peft_config=sft.lora_config(cfg),
+    trainer = SFTTrainer(model=vlm, args=config, processing_class=processor, peft_config=get_peft_config(sft.model_config(cfg)),
                          train_dataset=_stage1_rows(steps * args.train_batch_size, args.image_size, args.seed),
                          callbacks=[clock])
     return trainer, clock

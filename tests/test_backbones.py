@@ -323,16 +323,19 @@ def test_lora_and_4bit_settings_fit_every_backbones_module_names(backbone):
 
     from emovlm_kd.tiny import build_tiny_processor, build_tiny_vlm
     from emovlm_kd.training.config import TrainConfig
-    from emovlm_kd.training.sft import lora_config, quantization_config
+    from trl import get_peft_config
+
+    from emovlm_kd.training.sft import model_config, quantization_config
 
     processor = build_tiny_processor(backbone=backbone)
     vlm = build_tiny_vlm(processor.tokenizer, backbone=backbone)
     linear = [name for name, module in vlm.named_modules() if isinstance(module, torch.nn.Linear)]
-    pattern = re.compile(lora_config(TrainConfig(lora_targets="q_proj,k_proj,v_proj,gate_proj")).target_modules)
+    pattern = re.compile(get_peft_config(model_config(TrainConfig(lora_targets="q_proj,k_proj,v_proj,gate_proj")))
+                         .target_modules)
     targeted = [name for name in linear if pattern.fullmatch(name)]
     assert len(targeted) == 4 * vlm.config.get_text_config().num_hidden_layers
     assert all(name.startswith("model.language_model.layers.") for name in targeted)
-    skip = quantization_config(TrainConfig(quantize="4bit")).llm_int8_skip_modules
+    skip = quantization_config(model_config(TrainConfig(quantize="4bit"))).llm_int8_skip_modules
     skipped = [name for name in linear if any(name.startswith(prefix) for prefix in skip)]
     assert set(skipped) == {name for name in linear if name.startswith("model.visual.")} | {"lm_head"}
     if backbone == "qwen3_vl":

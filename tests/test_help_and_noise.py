@@ -135,7 +135,7 @@ def test_calibrating_a_gate_trained_on_val_is_no_warning(tiny_bundle, caplog, mo
            "head_probs": head_logits.softmax(-1), "head_logits": head_logits}
     monkeypatch.setattr(heads, "gate_outputs", lambda gate, vlm_scores, head_probs: 0.5 * head_probs.log())
     with caplog.at_level(logging.INFO, logger="emovlm_kd.training.calibration"):
-        record = calibrate_bundle(TrainConfig(gate_data="val"), model, {"val": {"labels": targets}}, {"val": val},
+        record = calibrate_bundle(model, {"val": {"labels": targets}}, {"val": val},
                                   calibration_rows("val", targets, 0))
     assert record["gate"]["error"] is None and record["head"]["error"] is None
     lines = [(r.levelno, r.getMessage()) for r in caplog.records]

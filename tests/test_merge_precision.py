@@ -34,7 +34,9 @@ def adapter_run(tmp_path_factory):
 
     from emovlm_kd.tiny import build_tiny_processor, build_tiny_vlm
     from emovlm_kd.training.config import TrainConfig
-    from emovlm_kd.training.sft import lora_config
+    from trl import get_peft_config
+
+    from emovlm_kd.training.sft import model_config
 
     root = tmp_path_factory.mktemp("merge")
     processor = build_tiny_processor()
@@ -47,7 +49,7 @@ def adapter_run(tmp_path_factory):
     images = [random_image(56 + 14 * i, 70, seed=i) for i in range(len(texts))]
     inputs = processor(text=texts, images=images, padding=True, return_tensors="pt")
     base = AutoModelForImageTextToText.from_pretrained(root / "base", dtype=torch.float32)
-    model = get_peft_model(base, lora_config(TrainConfig()))  # the paper's LoRA: r 8, alpha 8, q k v
+    model = get_peft_model(base, get_peft_config(model_config(TrainConfig())))  # the paper's LoRA: r 8, alpha 8, q k v
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LR)
     labels = inputs["input_ids"].masked_fill(inputs["attention_mask"] == 0, -100)
     torch.manual_seed(0)

@@ -176,8 +176,8 @@ def _train_gate(cfg, tmp_path, monkeypatch):
 
     trainers = []
     original = heads._train
-    monkeypatch.setattr(heads, "_train", lambda trainer, args, resume: trainers.append(trainer) or original(
-        trainer, args, resume))
+    monkeypatch.setattr(heads, "_train", lambda trainer, resume: trainers.append(trainer) or original(
+        trainer, resume))
     gate = GATE_CLASSES["concat_linear"](3)
     g = torch.Generator().manual_seed(0)
     vlm, head, labels = torch.rand(8, 3, generator=g), torch.rand(8, 3, generator=g), torch.arange(8) % 3
@@ -256,10 +256,11 @@ def test_sft_tf32_switches_where_the_device_has_it(tmp_path, caplog):
 
 def test_quantisation_scope_switches():
     pytest.importorskip("bitsandbytes")
-    from emovlm_kd.training.sft import quantization_config
+    from emovlm_kd.training.sft import model_config, quantization_config
 
-    paper = quantization_config(dataclasses.replace(PAPER, quantize="4bit").sft_args)
-    official = quantization_config(dataclasses.replace(OFFICIAL, quantize="4bit").sft_args)
+    paper, official = (dataclasses.replace(cfg, quantize="4bit").sft_args for cfg in (PAPER, OFFICIAL))
+    paper = quantization_config(model_config(paper), paper.quantize_scope)
+    official = quantization_config(model_config(official), official.quantize_scope)
     assert paper.llm_int8_skip_modules == ["model.visual", "lm_head"]
     assert official.llm_int8_skip_modules is None  # transformers' own list (the output embedding), train_vlm.py:69
 
@@ -275,7 +276,7 @@ def test_sft_loss_mask_switches(tiny_bundle):
     image_ids = torch.tensor([vlm.vision_start_token_id, vlm.vision_end_token_id, vlm.image_token_id])
     for cfg in (PAPER, OFFICIAL):
         # paper: None, so SFTTrainer builds TRL's collator, with completion_only_loss for prompt/completion rows
-        collator = sft_collator(cfg.sft_args, processor, vlm) or DataCollatorForVisionLanguageModeling(
+        collator = sft_collator(cfg.sft_args.sft_loss, processor, vlm) or DataCollatorForVisionLanguageModeling(
             processor=processor, completion_only_loss=True)
         batch = collator(_sft_rows(cfg))
         ids, labels, mask = batch["input_ids"], batch["labels"], batch["attention_mask"].bool()

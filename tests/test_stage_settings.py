@@ -91,7 +91,6 @@ def stage_key(group, settings, tmp_path, monkeypatch):
     seen = []
     for module in (instructions, sft, teacher, heads):
         monkeypatch.setattr(module, "run_stage", lambda run_dir, name, key, *args, **kwargs: seen.append(key))
-    monkeypatch.setattr(instructions, "check_instruction_sources", lambda *args: None)  # sources: not a key matter
     dataset, run = stage_dataset(), tmp_path / "run"
     rows = tmp_path / "instructions.jsonl"
     rows.write_text('{"id": "a.png", "kind": "categorical", "question": "q", "answer": "a"}\n')

@@ -327,15 +327,16 @@ def test_stage1_lora_and_quantisation_configs_from_trl_are_the_hand_written_ones
     bfloat16 compute, the visual tower and lm_head unquantised)."""
     from peft import LoraConfig
     from transformers import BitsAndBytesConfig
+    from trl import get_peft_config
 
     from emovlm_kd.training import sft
 
     cfg = TrainConfig(quantize=quantize, lora_r=8, lora_alpha=16, lora_dropout=0.1, lora_targets="q_proj, v_proj,")
-    assert sft.lora_config(cfg) == LoraConfig(
+    assert get_peft_config(sft.model_config(cfg)) == LoraConfig(
         r=8, lora_alpha=16, lora_dropout=0.1, target_modules=r".*language_model.*\.(q_proj|v_proj)",
         task_type="CAUSAL_LM",
     )
-    quant = sft.quantization_config(cfg)
+    quant = sft.quantization_config(sft.model_config(cfg), cfg.quantize_scope)
     if quantize == "4bit" or (quantize == "auto" and torch.cuda.is_available()):
         expected = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
@@ -358,7 +359,7 @@ def test_qlora_stage_quantises_trains_and_merges_into_full_precision(tiny_inputs
 
     data, vlm, teacher = tiny_inputs
     cfg = tiny_settings(data, vlm, teacher, tmp_path / "run", quantize="4bit", sft_epochs=1.0)
-    quant = sft.quantization_config(cfg)
+    quant = sft.quantization_config(sft.model_config(cfg), cfg.quantize_scope)
     assert isinstance(quant, BitsAndBytesConfig)
     assert quant.load_in_4bit and quant.bnb_4bit_quant_type == "nf4" and quant.bnb_4bit_use_double_quant
     assert sft.quantization_config(tiny_settings(data, vlm, teacher, tmp_path, quantize="none")) is None

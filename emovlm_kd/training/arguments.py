@@ -42,11 +42,12 @@ TRAINING_CLASSES = {SFTArguments: SFTStageConfig, TeacherArguments: TeacherTrain
 
 def training_arguments(settings, output_dir, seed, **values):
     """The training arguments of the stage whose group `settings` is (`TRAINING_CLASSES`): what every stage shares
-    (`stage.base_training_arguments`: `output_dir`, `seed`...), the stage's fixed values (`settings.recipe()`),
+    (`stage.base_training_arguments`: `output_dir`, `seed`...), the stage's fixed values (its class's `recipe`),
     every field of the group under its own name and, where the group's `renames` gives one, under its
     TrainingArguments name, then `values` (values derived at run time, or overrides such as the ablations'
     save-nothing)."""
+    group = type(settings)
     knobs = dataclasses.asdict(settings)
-    renamed = {to: knobs[name] for name, to in settings.renames.items()}
-    return TRAINING_CLASSES[type(settings)](
-        **{**base_training_arguments(output_dir, seed), **settings.recipe(), **knobs, **renamed, **values})
+    renamed = {to: knobs[name] for name, to in group.renames.items()}
+    return TRAINING_CLASSES[group](
+        **{**base_training_arguments(output_dir, seed), **group.recipe(knobs), **knobs, **renamed, **values})

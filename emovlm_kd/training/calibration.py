@@ -120,9 +120,9 @@ def fit_part(name, logits, labels, fitted_on):
     return record
 
 
-def calibrate_bundle(settings, bundle, passes, outputs, rows, val_ids=None, seed=None):
+def calibrate_bundle(bundle, passes, outputs, rows, val_ids=None, seed=None):
     """Fit the gate's and the head's temperatures on val images each never trained on; store them in `bundle.config`
-    (`settings`: stage 4's `GateArguments`; `seed`: the run's, which drew the calibration rows).
+    (`seed`: the run's, which drew the calibration rows).
 
     `passes` / `outputs` are the runner's per-split cached tensors (labels) and stage 3-4 outputs (`head_logits`,
     `head_probs`, `vlm_scores`); `rows`: `calibration_rows`' pair. The head (trained on train) is fitted on all of

@@ -15,7 +15,7 @@ import copy
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Literal, NamedTuple
 
 from configuration_emovlm_kd import DEFAULT_MAX_IMAGE_SIDE, GATE_TYPES, MIN_IMAGE_SIDE, SUPPORTED_BACKBONES
 from emovlm_kd import protocol as protocols
@@ -59,39 +59,40 @@ def _positive(obj, *names, strict=True):
 class StageArguments(_Checked):
     """The settings of one stage: each field is a knob, and a knob is one field and nothing else.
 
-    A field is a flag and a YAML key (`train_parser` reads the groups), enters the stage's key (`stage_key` hashes
-    `dataclasses.asdict(self)` with the stage's inputs) and reaches the stage's Trainer: `training.arguments.
+    A field is a flag and a YAML key (`train_parser` reads the groups), enters the stage's key (the stage
+    hashes the group's fields with the stage's inputs) and reaches the stage's Trainer: `training.arguments.
     training_arguments` derives the stage's `TrainingArguments` subclass (e.g. `DistillTrainingArguments`, which
     subclasses TrainingArguments and this group as TRL's `GKDConfig` subclasses `TrainingArguments`), holding every
     field under its own name (`args.alpha`), with the stage's fixed values (`recipe`); a field named in `renames`
     also sets the TrainingArguments field it stands for (`sft_lr` -> `learning_rate`: the flags keep their stage
-    prefix). Stage 0 trains nothing.
+    prefix). Stage 0 trains nothing. A run builds each group once (`TrainConfig.stage_groups`) and hands each stage
+    its own; the stage's helpers get values.
     """
 
     stage = None  # the stage's folder and key name (RUN/<stage>_...)
+    renames = {}  # {field: the TrainingArguments field it also sets}
 
     def __post_init__(self):
         protocols.fill(self)  # the knobs left unset: the protocol's (a group on its own: paper's)
         super().__post_init__()
-    renames = {}  # {field: the TrainingArguments field it also sets}
 
     @classmethod
     def of(cls, settings):
         """This group's fields of `settings`, settings already checked that hold them (the flat `TrainConfig`, whose
         construction ran every group's checks): a new instance of this exact class, so that keys see this group
         only. The values are copied as they are, not checked again."""
+        return cls.from_fields(vars(settings))
+
+    @classmethod
+    def from_fields(cls, values):
+        """`of` from a mapping of field values (checked already)."""
         group = object.__new__(cls)
-        group.__dict__.update({f.name: copy.copy(getattr(settings, f.name)) for f in dataclasses.fields(cls)})
+        group.__dict__.update({f.name: copy.copy(values[f.name]) for f in dataclasses.fields(cls)})
         return group
 
-    def stage_key(self, *inputs):
-        """The stage's key: every field of the group and the stage's inputs (fingerprints, shared runtime values)."""
-        from emovlm_kd.training.cache import fingerprint
-
-        return fingerprint(self.stage, dataclasses.asdict(self), *inputs)
-
-    def recipe(self):
-        """The TrainingArguments values the stage fixes (not knobs)."""
+    @classmethod
+    def recipe(cls, knobs):
+        """The TrainingArguments values the stage fixes (not knobs), given the group's field values `knobs`."""
         return {}
 
 
@@ -99,7 +100,8 @@ class CachedRowsArguments(StageArguments):
     """Stages 2-4: one log line an epoch, the rows as they are, one global batch split across processes (the same
     updates under torchrun as in one process)."""
 
-    def recipe(self):
+    @classmethod
+    def recipe(cls, knobs):
         from emovlm_kd.logs import interactive
 
         return dict(logging_strategy="epoch", remove_unused_columns=False, dataloader_num_workers=0,
@@ -205,7 +207,8 @@ class SFTArguments(StageArguments):
     sft_tf32: bool | None = _knob("sft_tf32", "stage 1 TF32 matmuls (TrainingArguments' tf32, where CUDA has TF32; "
                                             "elsewhere left off with a log line)")
 
-    def recipe(self):
+    @classmethod
+    def recipe(cls, knobs):
         """The schedule (`sft_scheduler` constant_with_warmup: constant after a 3 % warm-up; constant: no warm-up,
         as the official `warmup_ratio=0.03` with `lr_scheduler_type="constant"`, train_vlm.py:102-103, which
         transformers' `get_scheduler` builds without warm-up), gradient norm clipped at 0.3, a log line every 10
@@ -213,12 +216,13 @@ class SFTArguments(StageArguments):
         all_tokens: TRL's loss on every token (`completion_only_loss=False`; the image tokens: `sft_collator`)."""
         from emovlm_kd.distributed import world_size
 
-        return dict(lr_scheduler_type=self.sft_scheduler,
-                    warmup_steps=0.03 if self.sft_scheduler == "constant_with_warmup" else 0,  # a ratio of the steps
+        scheduler = knobs["sft_scheduler"]
+        return dict(lr_scheduler_type=scheduler,
+                    warmup_steps=0.03 if scheduler == "constant_with_warmup" else 0,  # a ratio of the steps
                     max_grad_norm=0.3, max_length=None, logging_strategy="steps", logging_steps=10,
                     accelerator_config={"split_batches": world_size() > 1
-                                        and self.sft_batch_size % world_size() == 0},
-                    **({"completion_only_loss": False} if self.sft_loss == "all_tokens" else {}))
+                                        and knobs["sft_batch_size"] % world_size() == 0},
+                    **({"completion_only_loss": False} if knobs["sft_loss"] == "all_tokens" else {}))
 
     def _checks(self):
         yield _one_of(self, "quantize_scope", ("llm", "all"))
@@ -280,9 +284,10 @@ class DistillArguments(CachedRowsArguments):
     distill_init: Literal["normal", "pytorch"] | None = _knob(
         "distill_init", "the head's initial weights: normal (N(0, 0.02), zero bias) or pytorch (nn.Linear's)")
 
-    def recipe(self):
-        return {**super().recipe(), "weight_decay": 1e-4,
-                **({"lr_scheduler_type": "constant"} if self.distill_optimizer == "adam" else {})}
+    @classmethod
+    def recipe(cls, knobs):
+        return {**super().recipe(knobs), "weight_decay": 1e-4,
+                **({"lr_scheduler_type": "constant"} if knobs["distill_optimizer"] == "adam" else {})}
 
     def _checks(self):
         self.head_hidden_sizes = [int(h) for h in self.head_hidden_sizes]
@@ -333,9 +338,10 @@ class GateArguments(CachedRowsArguments):
     gate_temperature: float = field(default=0.8, metadata={"help": "sampling temperature (gate-data sampled)"})
     gate_train_split: Literal["train", "val"] | None = _help("old name of --gate-data train|val (sets it)")
 
-    def recipe(self):
-        return {**super().recipe(), "weight_decay": 1e-4,
-                **({"lr_scheduler_type": "constant"} if self.gate_optimizer == "adam" else {})}
+    @classmethod
+    def recipe(cls, knobs):
+        return {**super().recipe(knobs), "weight_decay": 1e-4,
+                **({"lr_scheduler_type": "constant"} if knobs["gate_optimizer"] == "adam" else {})}
 
     def _checks(self):
         if self.gate_train_split is not None:  # the old setting: folded into gate_data
@@ -357,6 +363,16 @@ class GateArguments(CachedRowsArguments):
 
 STAGE_GROUPS = (InstructionArguments, SFTArguments, TeacherArguments, DistillArguments, GateArguments)
 GROUPS = (DataArguments, ModelArguments, *STAGE_GROUPS)
+
+
+class StageGroups(NamedTuple):
+    """Each stage's group of a run's settings (`TrainConfig.stage_groups`)."""
+
+    instruction: InstructionArguments
+    sft: SFTArguments
+    teacher: TeacherArguments
+    distill: DistillArguments
+    gate: GateArguments
 
 
 class _Group:
@@ -385,6 +401,11 @@ class TrainConfig(GateArguments, DistillArguments, TeacherArguments, SFTArgument
     teacher_args = _Group(TeacherArguments)
     distill_args = _Group(DistillArguments)
     gate_args = _Group(GateArguments)
+
+    def stage_groups(self):
+        """Every stage's group, built once (`StageGroups`): what `run_training` hands the stages, each its own."""
+        values = vars(self)
+        return StageGroups(*(group.from_fields(values) for group in STAGE_GROUPS))
 
     @property
     def is_demo(self):
@@ -543,29 +564,32 @@ HOW_TO_GET_ANSWERS = (
 )
 
 
-def instruction_source_problems(cfg, dataset=None):
-    """Lines naming the fix when the mix of `cfg` (an `InstructionArguments`) needs conversation/reasoning answers
-    and nothing gives them, or a source is given that the mix does not use, or `--instructions demo` goes with
-    another `dataset` than the demo's, or an `--instructions` file is missing (empty when all is well)."""
+def instruction_source_problems(kinds, instructions=None, annotator=None, dataset=None):
+    """Lines naming the fix when the instruction mix `kinds` (`--instruction-kinds`) needs conversation/reasoning
+    answers and neither `instructions` (`--instructions`) nor `annotator` (`--annotator`) gives them, or a source is
+    given that the mix does not use, or `--instructions demo` goes with another `dataset` than the demo's, or an
+    `--instructions` file is missing (empty when all is well)."""
     found = []
-    wanted = [kind for kind in cfg.instruction_kinds if kind != "categorical"]
-    given = [flag for flag, value in (("--instructions", cfg.instructions), ("--annotator", cfg.annotator)) if value]
+    wanted = [kind for kind in kinds if kind != "categorical"]
+    given = [flag for flag, value in (("--instructions", instructions), ("--annotator", annotator)) if value]
     if wanted and not given:
-        found.append(f"the instruction mix ({' '.join(cfg.instruction_kinds)}) needs {' and '.join(wanted)} answers "
+        found.append(f"the instruction mix ({' '.join(kinds)}) needs {' and '.join(wanted)} answers "
                      f"and none were given: {HOW_TO_GET_ANSWERS}")
     if given and not wanted:
         found.append(f"{' and '.join(given)} given, but --instruction-kinds categorical uses no conversation or "
                      "reasoning answers: drop it, or add the kinds (--instruction-kinds categorical conversation "
                      "reasoning)")
-    if cfg.instructions == DEMO and dataset not in (None, DEMO):
+    if instructions == DEMO and dataset not in (None, DEMO):
         found.append("--instructions demo (the synthetic dataset's reasoning answers) goes with --dataset demo")
-    if cfg.instructions and cfg.instructions != DEMO and not Path(cfg.instructions).is_file():
-        found.append(f"--instructions {cfg.instructions}: no such file")
+    if instructions and instructions != DEMO and not Path(instructions).is_file():
+        found.append(f"--instructions {instructions}: no such file")
     return found
 
 
-def check_instruction_sources(cfg, dataset=None):
-    """`InputError` with every line of `instruction_source_problems`, if any."""
-    found = instruction_source_problems(cfg, dataset)
+def check_instruction_sources(settings, dataset=None):
+    """`InputError` with every line of `instruction_source_problems` of `settings` (an `InstructionArguments`, or
+    the flat `TrainConfig`), if any."""
+    found = instruction_source_problems(settings.instruction_kinds, settings.instructions, settings.annotator,
+                                        dataset)
     if found:
         raise InputError("; ".join(found))

@@ -76,13 +76,25 @@ def sample_answers(model, processor, images, seeds, temperature):
     return output.vlm_scores.float().cpu(), output.vlm_answer_found.cpu()
 
 
-def sampled_answer_cache(settings, cache, model, processor, split, *, seed, batch_size, split_name="train",
-                         samples=None):
-    """`{"vlm_samples": (N, K, C), "answer_found": (N, K)}`: K = `settings.gate_samples` answers per image at
-    `settings.gate_temperature` (`settings`: stage 4's `GateArguments`), computed once (each batch of images repeated
-    K times, about `batch_size` rows a call) and cached. `answer_protocol: official` also asks for one answer per
-    val/test image (`split_name`, `samples=1`): the official evaluation."""
-    samples, temperature = samples or settings.gate_samples, settings.gate_temperature
+def add_sampled_answers(gate, cache, passes, bundle, processor, dataset, *, seed, batch_size):
+    """The answers stage 4's `GateArguments` (`gate`) asks to sample from the VLM, added to `passes`: K per train
+    image for the gate's training data (`gate_data: sampled`), and one per val/test image for the official
+    evaluation (`answer_protocol: official`)."""
+    if gate.gate_data == "sampled":
+        passes["train"].update(sampled_answer_cache(cache, bundle, processor, dataset["train"], seed=seed,
+                                                    batch_size=batch_size, samples=gate.gate_samples,
+                                                    temperature=gate.gate_temperature))
+    if gate.answer_protocol == "official":
+        for split in (s for s in ("val", "test") if s in dataset):
+            answers = sampled_answer_cache(cache, bundle, processor, dataset[split], seed=seed, batch_size=batch_size,
+                                           split_name=split, samples=1, temperature=gate.gate_temperature)
+            passes[split].update(vlm_answer=answers["vlm_samples"][:, 0], vlm_answer_found=answers["answer_found"][:, 0])
+
+
+def sampled_answer_cache(cache, model, processor, split, *, seed, batch_size, samples, temperature,
+                         split_name="train"):
+    """`{"vlm_samples": (N, K, C), "answer_found": (N, K)}`: K = `samples` answers per image at `temperature`,
+    computed once (each batch of images repeated K times, about `batch_size` rows a call) and cached."""
     max_side = model.config.max_image_side  # images as the VLM pass sees them
     key = fingerprint("gate_samples", fingerprint_module(model.vlm), fingerprint_dataset(split),
                       model.config.classification_prompt(), model.config.vlm_max_new_tokens, max_side,
@@ -155,16 +167,16 @@ def gate_training_set(gate_data, vlm_vectors, head_probs, labels, samples=None, 
     return vlm_vectors[split], head_probs[split], labels[split]
 
 
-def gate_data_summary(settings, passes, val_rows=None):
-    """What the gate trained on (`settings`: stage 4's `GateArguments`; `val_rows`: as `gate_training_set`), for
-    RUN/eval_results.json and the model card."""
-    split = "train" if settings.gate_data == "sampled" else gate_split(settings.gate_data, passes)
+def gate_data_summary(gate_data, passes, val_rows=None, *, samples=None, temperature=None):
+    """What the gate trained on (`gate_data`, `val_rows`: as `gate_training_set`; `samples` and `temperature`: stage
+    4's `--gate-samples` and `--gate-temperature`), for RUN/eval_results.json and the model card."""
+    split = "train" if gate_data == "sampled" else gate_split(gate_data, passes)
     held_out = split == "val" and val_rows is not None
-    summary = {"protocol": settings.gate_data, "split": split,
+    summary = {"protocol": gate_data, "split": split,
                "images": len(val_rows) if held_out else len(passes[split]["labels"])}
     if held_out:
         summary["held_out_for_calibration"] = len(passes["val"]["labels"]) - len(val_rows)
-    if settings.gate_data == "sampled":
-        summary.update(samples_per_image=settings.gate_samples, temperature=settings.gate_temperature,
+    if gate_data == "sampled":
+        summary.update(samples_per_image=samples, temperature=temperature,
                        answers_naming_a_label=round(float(passes["train"]["answer_found"].float().mean()), 4))
     return summary

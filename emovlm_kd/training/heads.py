@@ -2,13 +2,15 @@
 `train_head` / `train_gate` serve the ablations. Also the small helpers that apply them to cached tensors."""
 
 import copy
+import dataclasses
 import logging
 from functools import partial
 
 import torch
 from safetensors.torch import load_file, save_file
 
-from emovlm_kd.training.stage import last_checkpoint, run_stage, run_trainer, trained
+from emovlm_kd.training.cache import fingerprint
+from emovlm_kd.training.stage import adam, last_checkpoint, run_stage, run_trainer, trained
 
 logger = logging.getLogger(__name__)
 
@@ -16,7 +18,8 @@ logger = logging.getLogger(__name__)
 def run_stage3(settings, run_dir, bundle, features, teacher_logits, labels, *, seed):
     """Distil the teacher into the head (only the head trains) on cached features and teacher logits, by the
     stage's `DistillArguments` (`settings`)."""
-    key = settings.stage_key([fingerprint_tensor(features), fingerprint_tensor(teacher_logits)], seed)
+    key = fingerprint(settings.stage, dataclasses.asdict(settings),
+                      [fingerprint_tensor(features), fingerprint_tensor(teacher_logits)], seed)
     return run_module_stage(run_dir, "stage3_distill", key, "head.safetensors", bundle.distill_head,
                             "[stage 3] distillation: done, skipped",
                             lambda folder: train_head(settings, bundle.distill_head, features, teacher_logits, labels,
@@ -26,7 +29,8 @@ def run_stage3(settings, run_dir, bundle, features, teacher_logits, labels, *, s
 def run_stage4(settings, run_dir, bundle, vlm_scores, head_probs, labels, *, seed):
     """Train the gate (only the gate) on cached VLM vectors (or sampled answers, see `train_gate`) and head
     probabilities, by the stage's `GateArguments` (`settings`)."""
-    key = settings.stage_key([fingerprint_tensor(vlm_scores), fingerprint_tensor(head_probs)], seed)
+    key = fingerprint(settings.stage, dataclasses.asdict(settings),
+                      [fingerprint_tensor(vlm_scores), fingerprint_tensor(head_probs)], seed)
     return run_module_stage(run_dir, "stage4_gate", key, "gate.safetensors", bundle.gate,
                             "[stage 4] gate: done, skipped",
                             lambda folder: train_gate(settings, bundle.gate, vlm_scores, head_probs, labels, folder,
@@ -60,7 +64,7 @@ def train_head(settings, head, features, teacher_logits, labels, output_dir, *, 
     args = training_arguments(settings, output_dir, seed, **args_extra)
     trainer = DistillationTrainer(model=head, args=args, train_dataset=data,
                                   optimizer_cls_and_kwargs=adam(settings.distill_optimizer, head, settings.distill_lr))
-    return _train(trainer, args, resume)
+    return _train(trainer, resume)
 
 
 def train_gate(settings, gate, vlm_scores, head_probs, labels, output_dir, *, seed, resume=False, **args_extra):
@@ -82,20 +86,7 @@ def train_gate(settings, gate, vlm_scores, head_probs, labels, output_dir, *, se
     args = training_arguments(settings, output_dir, seed, **args_extra)
     trainer = GateTrainer(model=GateModule(gate), args=args, train_dataset=data, callbacks=callbacks,
                           optimizer_cls_and_kwargs=adam(settings.gate_optimizer, gate, settings.gate_lr))
-    return _train(trainer, args, resume)
-
-
-OFFICIAL_WEIGHT_DECAY = 1e-4  # train_distillation.py:111,155 and train_gate.py:336,358: Adam(weight_decay=1e-4)
-
-
-def adam(optimizer, module, lr):
-    """`Trainer(optimizer_cls_and_kwargs=...)`: for `adam`, torch.optim.Adam with L2 weight decay 1e-4 on every
-    parameter of `module` (biases included), as the official code (its constant rate: the group's `recipe`); None
-    (Trainer's AdamW, linear decay) otherwise."""
-    if optimizer != "adam":
-        return None
-    params = [p for p in module.parameters() if p.requires_grad]
-    return torch.optim.Adam, {"params": params, "lr": lr, "weight_decay": OFFICIAL_WEIGHT_DECAY}
+    return _train(trainer, resume)
 
 
 def gate_head_input(head_logits, gate_input):
@@ -103,8 +94,8 @@ def gate_head_input(head_logits, gate_input):
     return head_logits if gate_input == "logits" else head_logits.softmax(-1)
 
 
-def _train(trainer, args, resume):
-    return run_trainer(trainer, last_checkpoint(args.output_dir) if resume else None)
+def _train(trainer, resume):
+    return run_trainer(trainer, last_checkpoint(trainer.args.output_dir) if resume else None)
 
 
 def vlm_vectors(log_likelihoods, mode):

@@ -23,6 +23,7 @@ Without conversation/reasoning answers the paper's mix stops the run before any 
 and the model card (`instruction_mix`).
 """
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -32,12 +33,8 @@ from pathlib import Path
 from emovlm_kd.distributed import is_main_process
 from emovlm_kd.errors import InputError, few
 from emovlm_kd.training.annotate import annotate_images, parse_annotation
-from emovlm_kd.training.cache import fingerprint_dataset
-from emovlm_kd.training.config import (
-    HOW_TO_GET_ANSWERS,
-    INSTRUCTION_KINDS,
-    check_instruction_sources,
-)
+from emovlm_kd.training.cache import fingerprint, fingerprint_dataset
+from emovlm_kd.training.config import HOW_TO_GET_ANSWERS, INSTRUCTION_KINDS
 from emovlm_kd.training.stage import run_stage
 from scoring_emovlm_kd import EXPLANATION_QUESTION
 
@@ -295,12 +292,12 @@ def file_digest(path):
 
 def run_stage0(settings, run_dir, dataset, bundle_config):
     """instructions.jsonl: the rows of the kinds of `settings` (the stage's `InstructionArguments`), categorical for
-    every train image."""
-    check_instruction_sources(settings)
+    every train image. The run checked its answer sources before any work (`config.check_instruction_sources`)."""
     train = dataset["train"]
     kinds = list(settings.instruction_kinds)
-    key = settings.stage_key(fingerprint_dataset(train), bundle_config.classification_prompt(),
-                             bundle_config.answer_template, file_digest(settings.instructions))
+    key = fingerprint(settings.stage, dataclasses.asdict(settings), fingerprint_dataset(train),
+                      bundle_config.classification_prompt(), bundle_config.answer_template,
+                      file_digest(settings.instructions))
 
     def work(stage):
         question = categorical_instruction(bundle_config)

@@ -172,10 +172,11 @@ def dataset_hub_id(dataset):
         else str(dataset)
 
 
-def card_license(cfg, base_model):
-    """--license, else the base model's; a warning when neither is known (not for the offline demo)."""
-    chosen = getattr(cfg, "license", None) or inherited_license(base_model)
-    if chosen is None and demo_backbone(cfg.vlm) is None:
+def card_license(license, vlm, base_model):
+    """`license` (--license), else the base model's; a warning when neither is known (not for the offline demo,
+    `vlm` demo)."""
+    chosen = license or inherited_license(base_model)
+    if chosen is None and demo_backbone(vlm) is None:
         logger.warning("the model card has no license: the base model's card (%s) could not be read; set --license",
                        base_model)
     return chosen
@@ -194,11 +195,12 @@ def widget_examples(examples, repo_id=None):
     return entries
 
 
-def card_data(cfg, results, base_model, backbone_type="qwen2_vl", examples=(), repo_id=None):
-    """The card's YAML metadata; `eval_results` only for the model's own parts (not the teacher); `widget` for the
-    `examples` (bundle-relative file names)."""
-    dataset = dataset_hub_id(cfg.dataset)
-    shown = "synthetic demo data" if cfg.dataset == "demo" else (dataset or Path(str(cfg.dataset)).name)
+def card_data(results, base_model, *, dataset, vlm, license=None, backbone_type="qwen2_vl", examples=(),
+              repo_id=None):
+    """The card's YAML metadata (`dataset`, `vlm`, `license`: the run's settings); `eval_results` only for the model's
+    own parts (not the teacher); `widget` for the `examples` (bundle-relative file names)."""
+    source, dataset = dataset, dataset_hub_id(dataset)
+    shown = "synthetic demo data" if source == "demo" else (dataset or Path(str(source)).name)
     evals = [
         EvalResult(task_type="image-classification", dataset_type=dataset or shown, dataset_name=shown,
                    dataset_split=results["split"], metric_type="accuracy", metric_name=f"accuracy ({part})",
@@ -208,8 +210,8 @@ def card_data(cfg, results, base_model, backbone_type="qwen2_vl", examples=(), r
     return ModelCardData(
         library_name="transformers",
         pipeline_tag="image-classification",
-        license=card_license(cfg, base_model),
-        base_model=hub_id_of(base_model) if demo_backbone(cfg.vlm) is None else None,
+        license=card_license(license, vlm, base_model),
+        base_model=hub_id_of(base_model) if demo_backbone(vlm) is None else None,
         datasets=[dataset] if dataset else None,
         metrics=["accuracy"],
         tags=["emovlm-kd", "visual-emotion-analysis", backbone_tag(backbone_type), "knowledge-distillation"],
@@ -228,7 +230,8 @@ def model_card(cfg, labels, results, base_model, backbone_type="qwen2_vl", repo_
     dataset = "synthetic demo data" if cfg.dataset == "demo" else (dataset_hub_id(cfg.dataset) or
                                                                    Path(str(cfg.dataset)).name)
     return ModelCard.from_template(
-        card_data(cfg, results, base_model, backbone_type, examples=examples, repo_id=repo_id),
+        card_data(results, base_model, dataset=cfg.dataset, vlm=cfg.vlm, license=getattr(cfg, "license", None),
+                  backbone_type=backbone_type, examples=examples, repo_id=repo_id),
         template_str=TEMPLATE, labels=", ".join(labels), base=base, dataset=dataset, cfg=cfg, results=results,
         part_names=PART_NAMES, repo_id=repo_id or "THIS_FOLDER_OR_REPO",
     )

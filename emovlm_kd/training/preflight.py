@@ -81,26 +81,23 @@ def read_dataset(cfg, source=None):
     opened once), with the `--splits` file applied; `InputError` (a `ValueError`) when the dataset or the split file
     does not read, has no train or test split, or (with `--leakage error`) when identical images sit in two splits
     (a warning otherwise)."""
-    try:
-        return _read_dataset(cfg, cfg.dataset if source is None else source)
-    except ValueError as error:
-        if type(error) is not ValueError:  # its own type kept (`SplitMismatchError` is an `InputError` already)
-            raise
-        raise InputError(str(error)) from error  # the readers' and the split file's checks: the user's data
-
-
-def _read_dataset(cfg, source):
     from emovlm_kd.data import load_image_dataset
     from emovlm_kd.data.splitfile import apply_splits, check_leakage, read_splits
     from emovlm_kd.settings import dataset_options
 
-    dataset = load_image_dataset(source, **dataset_options(cfg))
-    if cfg.splits:
-        dataset = apply_splits(dataset, read_splits(cfg.splits), where=cfg.splits)
-    for split in ("train", "test"):
-        if split not in dataset:
-            raise ValueError(f"dataset {source!r} has no {split} split (found: {', '.join(dataset)})")
-    check_leakage(dataset, strict=cfg.leakage == "error")
+    source = cfg.dataset if source is None else source
+    try:
+        dataset = load_image_dataset(source, **dataset_options(cfg))
+        if cfg.splits:
+            dataset = apply_splits(dataset, read_splits(cfg.splits), where=cfg.splits)
+        for split in ("train", "test"):
+            if split not in dataset:
+                raise ValueError(f"dataset {source!r} has no {split} split (found: {', '.join(dataset)})")
+        check_leakage(dataset, strict=cfg.leakage == "error")
+    except ValueError as error:
+        if type(error) is not ValueError:  # its own type kept (`SplitMismatchError` is an `InputError` already)
+            raise
+        raise InputError(str(error)) from error  # the readers' and the split file's checks: the user's data
     return dataset
 
 
@@ -151,7 +148,7 @@ def check_output(cfg):
 def problems(cfg):
     """Every problem with the run's inputs but the dataset's contents (a list of lines; empty when all resolve)."""
     hub = HubAccess()
-    found = list(instruction_source_problems(cfg.instruction_args, cfg.dataset))
+    found = instruction_source_problems(cfg.instruction_kinds, cfg.instructions, cfg.annotator, cfg.dataset)
     if cfg.instructions and cfg.instructions != DEMO and Path(cfg.instructions).is_file():
         from emovlm_kd.training.instructions import instruction_file_problem  # every line's shape, file:line
 

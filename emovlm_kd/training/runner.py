@@ -8,6 +8,7 @@ modification time, or content with `--verify-data content`: see `load_data`). Th
 every file it wrote and a rerun rebuilds RUN/model and RUN/eval_results.json when one is missing or differs.
 """
 
+import dataclasses
 import json
 import logging
 import time
@@ -34,11 +35,7 @@ from emovlm_kd.training.cache import (
 from emovlm_kd.training.calibration import calibrate_bundle, calibration_rows, test_calibration
 from emovlm_kd.training.config import DEMO, DEMO_BACKBONE, check_instruction_sources, demo_backbone
 from emovlm_kd.training.demo import prepare_demo_inputs
-from emovlm_kd.training.gatedata import (
-    gate_data_summary,
-    gate_training_set,
-    sampled_answer_cache,
-)
+from emovlm_kd.training.gatedata import add_sampled_answers, gate_data_summary, gate_training_set
 from emovlm_kd.training.heads import (
     gate_head_input,
     gate_outputs,
@@ -90,13 +87,13 @@ def see_image_files(dataset, verify):
     return dataset
 
 
-def record_splits(cfg, run_dir, dataset, data_source):
+def record_splits(run_dir, dataset, data_source, options, *, splits, seed):
     """RUN/splits.json: the ids of every split this run used, with the dataset's fingerprint and the settings
-    that made the split."""
+    that made the split (`options`: the run's `dataset_options`; `splits`: its `--splits` file)."""
     from emovlm_kd.data.splitfile import SPLITS_FILE, split_record, write_splits
 
-    record = split_record(dataset, data_source, from_file=cfg.splits, seed=cfg.seed, **{
-        k: v for k, v in dataset_options(cfg).items() if k != "seed"})
+    record = split_record(dataset, data_source, from_file=splits, seed=seed, **{
+        k: v for k, v in options.items() if k != "seed"})
     if is_main_process():
         write_splits(run_dir / SPLITS_FILE, record)
     return record
@@ -113,10 +110,11 @@ def run_training(cfg, dataset=None):
     state()  # joins the process group under torchrun before any collective
     tidy_transformers_bars()
     torch.manual_seed(cfg.seed)
+    groups = cfg.stage_groups()  # each stage's settings, built once; each stage gets its own
     # the paper's mix needs conversation/reasoning answers: stop before any work
-    check_instruction_sources(cfg.instruction_args, cfg.dataset)
+    check_instruction_sources(groups.instruction, cfg.dataset)
     with hold_run_lock(cfg.output_dir), deterministic():  # the lock before anything is written in RUN
-        results = run_stages(cfg, dataset)
+        results = run_stages(cfg, groups, dataset)
         if is_main_process():
             respect_umask(*owned_folders(Path(cfg.output_dir)), only_private=True)
     return results
@@ -128,74 +126,98 @@ def owned_folders(run_dir):
     return [*sorted(run_dir.glob("stage[0-9]_*")), *(run_dir / name for name in ("cache", "model", "base"))]
 
 
-def run_stages(cfg, dataset=None):
-    """Every stage, in order, each skipped when done with the same inputs; the results."""
+def run_stages(cfg, groups, dataset=None):
+    """Every stage, in order, each skipped when done with the same inputs; the results. `groups`: the run's
+    `StageGroups` (`cfg.stage_groups()`): each stage gets its own group; the rest of `cfg` is read here and handed
+    on as values."""
     from configuration_emovlm_kd import EmoVLMKDConfig
 
-    run_dir = start_run(cfg)
-    data_source, vlm_path, teacher_path = resolve_inputs(cfg, run_dir)
-    if cfg.instructions == DEMO:  # the synthetic dataset's reasoning answers, written beside its images
+    run_dir = start_run(Path(cfg.output_dir), dataclasses.asdict(cfg))
+    data_source, vlm_path, teacher_path = resolve_inputs(run_dir, cfg.dataset, cfg.vlm, cfg.teacher, seed=cfg.seed)
+    if groups.instruction.instructions == DEMO:  # the synthetic dataset's reasoning answers, written beside its images
         from emovlm_kd.data.synthetic import REASONING_FILE
 
-        cfg.instructions = str(Path(data_source) / REASONING_FILE)
+        groups.instruction.instructions = str(Path(data_source) / REASONING_FILE)
 
     logger.info("== Data: %s", data_source)
     dataset = load_data(cfg, data_source, dataset)
     names = dataset["train"].features["label"].names
     logger.info("splits: %s; labels: %s", {k: len(v) for k, v in dataset.items()}, ", ".join(names))
-    split_file = record_splits(cfg, run_dir, dataset, data_source)
+    split_file = record_splits(run_dir, dataset, data_source, dataset_options(cfg), splits=cfg.splits,
+                               seed=cfg.seed)
     if cfg.teacher_trained:
         check_teacher_labels(cfg.teacher_trained, names)
+    model_fields = protocols.model_fields(cfg)  # the model-side knobs the bundle's config records
     prompt_config = EmoVLMKDConfig(id2label=dict(enumerate(names)), label2id={n: i for i, n in enumerate(names)},
-                                   **protocols.model_fields(cfg))
+                                   **model_fields)
 
     logger.info("== Stage 0: instruction data")
-    instructions = run_stage0(cfg.instruction_args, run_dir, dataset, prompt_config)
+    instructions = run_stage0(groups.instruction, run_dir, dataset, prompt_config)
     mix = instruction_mix(instructions)
     logger.info("== Stage 1: instruction tuning (%s)", vlm_path)
-    merged_dir = run_stage1(cfg.sft_args, run_dir, dataset, vlm_path, instructions, seed=cfg.seed, dtype=cfg.dtype,
-                            max_image_side=cfg.max_image_side, chat_format=cfg.chat_format)
+    merged_dir = run_stage1(groups.sft, run_dir, dataset, vlm_path, instructions, seed=cfg.seed, dtype=cfg.dtype,
+                            max_image_side=cfg.max_image_side, chat_format=groups.instruction.chat_format)
     logger.info("== Stage 2: teacher (%s)", cfg.teacher_trained or teacher_path)
     teacher_dir = Path(cfg.teacher_trained) if cfg.teacher_trained else \
-        run_stage2(cfg.teacher_args, run_dir, dataset, teacher_path, seed=cfg.seed)
+        run_stage2(groups.teacher, run_dir, dataset, teacher_path, seed=cfg.seed)
 
-    bundle, processor = load_bundle_to_train(cfg, merged_dir, names)
+    distill, gate = groups.distill, groups.gate
+    bundle, processor = load_bundle_to_train(
+        merged_dir, names, cfg.dtype, head_hidden_sizes=distill.head_hidden_sizes, head_dropout=distill.head_dropout,
+        gate_type=gate.gate_type, vlm_vector=gate.vlm_vector, max_image_side=cfg.max_image_side, **model_fields)
     logger.info("== Caches: one VLM pass and one teacher pass per image")
-    gate = cfg.gate_args
-    passes = cache_passes(gate, run_dir, dataset, bundle, processor, teacher_dir, seed=cfg.seed, dtype=cfg.dtype,
-                          batch_size=cfg.batch_size)
-    rows = calibration_rows(gate.gate_data, passes["val"]["labels"], cfg.seed) if "val" in passes else (None, [])
-    outputs = train_head_and_gate(cfg.distill_args, gate, run_dir, bundle, passes, seed=cfg.seed, dtype=cfg.dtype,
-                                  gate_rows=rows[0])
+    cache = TensorCache(run_dir / "cache")
+    passes = cache_passes(cache, dataset, bundle, processor, teacher_dir, dtype=cfg.dtype, batch_size=cfg.batch_size)
+    add_sampled_answers(gate, cache, passes, bundle, processor, dataset, seed=cfg.seed, batch_size=cfg.batch_size)
+    gate_rows, calibration_part = calibration_rows(gate.gate_data, passes["val"]["labels"], cfg.seed) \
+        if "val" in passes else (None, [])
+
+    logger.info("== Stage 3: distillation")
+    dtype = resolve_dtype(cfg.dtype)
+    train = passes["train"]
+    bundle.distill_head.requires_grad_(True).float()
+    run_stage3(distill, run_dir, bundle, train["image_embeds"].float(), train["teacher_logits"], train["labels"],
+               seed=cfg.seed)
+    bundle.distill_head.requires_grad_(False).to(dtype)
+    outputs = branch_outputs(bundle, passes, gate.vlm_vector, gate.gate_input)
+
+    logger.info("== Stage 4: gate (%s, on %s data)", gate.gate_type, gate.gate_data)
+    gate_data = gate_training_set(gate.gate_data, {s: o["vlm_scores"] for s, o in outputs.items()},
+                                  {s: o["head_probs"] for s, o in outputs.items()},
+                                  {s: p["labels"] for s, p in passes.items()}, passes["train"].get("vlm_samples"),
+                                  val_rows=gate_rows)
+    bundle.gate.requires_grad_(True).float()
+    run_stage4(gate, run_dir, bundle, *gate_data, seed=cfg.seed)
+    bundle.gate.requires_grad_(False).to(dtype)
+    with torch.inference_mode():
+        outputs["test"]["gate_logits"] = gate_outputs(bundle.gate, outputs["test"]["vlm_scores"],
+                                                      outputs["test"]["head_probs"])
+
     logger.info("== Calibration: temperatures of the gate and the head, fitted on val images they never trained on")
     val_ids = dataset["val"]["id"] if "val" in dataset and "id" in dataset["val"].column_names else None
-    calibration = calibrate_bundle(gate, bundle, passes, outputs, rows, val_ids=val_ids, seed=cfg.seed)
+    calibration = calibrate_bundle(bundle, passes, outputs, (gate_rows, calibration_part), val_ids=val_ids,
+                                   seed=cfg.seed)
     results = test_results(passes["test"], outputs)
     if calibration:
         results["calibration"] = test_calibration(calibration, passes["test"]["labels"], {
             "gate": outputs["test"]["gate_logits"], "head": outputs["test"]["head_logits"]})
-    results.update(instruction_mix=mix, gate_data=gate_data_summary(gate, passes, rows[0]))
+    results.update(instruction_mix=mix, gate_data=gate_data_summary(
+        gate.gate_data, passes, gate_rows, samples=gate.gate_samples, temperature=gate.gate_temperature))
+    # the widget's example pictures are the synthetic dataset generator's: only for a model trained on it
+    examples = cfg.dataset == DEMO
     card = model_card(cfg, names, results, vlm_path, backbone_type=bundle.config.vlm_config.model_type,
-                      examples=widget_example_names(names) if ships_examples(cfg) else ())
-    export(run_dir, bundle, processor, card, results, split_file, examples=ships_examples(cfg),
-           push_to_hub=cfg.push_to_hub)
+                      examples=widget_example_names(names) if examples else ())
+    export(run_dir, bundle, processor, card, results, split_file, examples=examples, push_to_hub=cfg.push_to_hub)
     return results
 
 
-def ships_examples(cfg):
-    """Whether the export writes the card's widget examples: pictures of the synthetic dataset's generator, so only
-    for a model trained on it (`--dataset demo`)."""
-    return cfg.dataset == DEMO
-
-
-def start_run(cfg):
-    """RUN/ with the run's settings in train_config.json, and what killed writes left behind removed (main process,
-    under the run lock)."""
-    run_dir = Path(cfg.output_dir)
+def start_run(run_dir, settings):
+    """RUN/ with the run's settings (`settings`, a dict) in train_config.json, and what killed writes left behind
+    removed (main process, under the run lock)."""
     if is_main_process():
         run_dir.mkdir(parents=True, exist_ok=True)
         remove_partial_writes(run_dir)
-        folders.atomic_write_text(run_dir / "train_config.json", json.dumps(cfg.to_dict(), indent=2))
+        folders.atomic_write_text(run_dir / "train_config.json", json.dumps(settings, indent=2))
     barrier()
     return run_dir
 
@@ -209,95 +231,63 @@ def remove_partial_writes(run_dir):
         logger.info("removed %d temp file(s) or folder(s) of writes a killed run left", len(leftovers))
 
 
-def resolve_inputs(cfg, run_dir):
+def resolve_inputs(run_dir, dataset, vlm, teacher, *, seed):
     """(dataset, VLM, teacher) locations: the user's, or the demo's built under RUN/ where a setting is `demo` (only
     those: a run on the user's dataset gets no synthetic images)."""
-    data_source, vlm_path, teacher_path = cfg.dataset, cfg.vlm, cfg.teacher
-    wanted = {"data": cfg.dataset == DEMO, "vlm": cfg.is_demo, "teacher": cfg.teacher == DEMO}
+    data_source, vlm_path, teacher_path = dataset, vlm, teacher
+    wanted = {"data": dataset == DEMO, "vlm": demo_backbone(vlm) is not None, "teacher": teacher == DEMO}
     if any(wanted.values()):
-        demo_data, demo_vlm, demo_teacher = prepare_demo_inputs(run_dir, cfg.seed, **wanted,
-                                                                backbone=demo_backbone(cfg.vlm) or DEMO_BACKBONE)
+        demo_data, demo_vlm, demo_teacher = prepare_demo_inputs(run_dir, seed, **wanted,
+                                                                backbone=demo_backbone(vlm) or DEMO_BACKBONE)
         data_source, vlm_path = demo_data or data_source, demo_vlm or vlm_path
         teacher_path = demo_teacher or teacher_path
     return data_source, vlm_path, teacher_path
 
 
-def load_bundle_to_train(cfg, merged_dir, names):
-    """The tuned VLM wrapped into a new bundle (fresh head and gate), frozen, on the run's device and dtype."""
+def load_bundle_to_train(merged_dir, names, dtype, **options):
+    """The tuned VLM wrapped into a new bundle (fresh head and gate; `options`: `from_vlm`'s), frozen, on the run's
+    device and `dtype`."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     from modeling_emovlm_kd import EmoVLMKDForImageClassification
 
     processor = AutoProcessor.from_pretrained(merged_dir)
-    vlm = AutoModelForImageTextToText.from_pretrained(merged_dir, dtype=resolve_dtype(cfg.dtype), use_safetensors=True)
-    bundle = EmoVLMKDForImageClassification.from_vlm(
-        vlm, names, processor=processor, head_hidden_sizes=cfg.head_hidden_sizes, head_dropout=cfg.head_dropout,
-        gate_type=cfg.gate_type, vlm_vector=cfg.vlm_vector, max_image_side=cfg.max_image_side,
-        **protocols.model_fields(cfg),
-    ).to(run_device()).eval()
+    vlm = AutoModelForImageTextToText.from_pretrained(merged_dir, dtype=resolve_dtype(dtype), use_safetensors=True)
+    bundle = EmoVLMKDForImageClassification.from_vlm(vlm, names, processor=processor, **options)
+    bundle = bundle.to(run_device()).eval()
     bundle.requires_grad_(False)
     return bundle, processor
 
 
-def cache_passes(gate, run_dir, dataset, bundle, processor, teacher_dir, *, seed, dtype, batch_size):
-    """Per split: pooled visual features and label log-likelihoods (one VLM pass), teacher logits, labels; and the
-    sampled answers the gate trains on where stage 4's `GateArguments` (`gate`) asks for them."""
+def cache_passes(cache, dataset, bundle, processor, teacher_dir, *, dtype, batch_size):
+    """Per split: pooled visual features and label log-likelihoods (one VLM pass), teacher logits, labels."""
     from transformers import AutoImageProcessor, AutoModelForImageClassification
 
     teacher = AutoModelForImageClassification.from_pretrained(
         teacher_dir, dtype=resolve_dtype(dtype), use_safetensors=True
     ).to(run_device()).eval()
     teacher_processor = AutoImageProcessor.from_pretrained(teacher_dir)
-    cache = TensorCache(run_dir / "cache")
     passes = {}
     for split in (s for s in ("train", "val", "test") if s in dataset):
         passes[split] = dict(vlm_pass_cache(cache, bundle, processor, dataset[split], split, batch_size=batch_size))
         passes[split].update(teacher_cache(cache, teacher, teacher_processor, dataset[split], split,
                                            batch_size=batch_size))
         passes[split]["labels"] = torch.tensor(dataset[split]["label"])
-    if gate.gate_data == "sampled":  # the gate's training data: K sampled answers per train image
-        passes["train"].update(sampled_answer_cache(gate, cache, bundle, processor, dataset["train"], seed=seed,
-                                                    batch_size=batch_size))
-    if gate.answer_protocol == "official":  # the official evaluation: one sampled answer per val/test image
-        for split in (s for s in ("val", "test") if s in dataset):
-            answers = sampled_answer_cache(gate, cache, bundle, processor, dataset[split], seed=seed,
-                                           batch_size=batch_size, split_name=split, samples=1)
-            passes[split].update(vlm_answer=answers["vlm_samples"][:, 0], vlm_answer_found=answers["answer_found"][:, 0])
     return passes
 
 
-def train_head_and_gate(distill, gate, run_dir, bundle, passes, *, seed, dtype, gate_rows=None):
-    """Stages 3 and 4 (their `DistillArguments` and `GateArguments`) on the cached tensors; per split the head's
-    logits, its probabilities, the VLM vectors and, for test, the gate's logits. `gate_rows`: the val rows the gate
-    trains on under `--gate-data val` (the rest calibrates it)."""
-    dtype = resolve_dtype(dtype)
-    logger.info("== Stage 3: distillation")
-    train = passes["train"]
-    bundle.distill_head.requires_grad_(True).float()
-    run_stage3(distill, run_dir, bundle, train["image_embeds"].float(), train["teacher_logits"], train["labels"],
-               seed=seed)
-    bundle.distill_head.requires_grad_(False).to(dtype)
+def branch_outputs(bundle, passes, vlm_vector, gate_input):
+    """Per split, what the gate reads: the head's logits, what the gate takes of them (`head_probs`: probabilities,
+    or the logits with `gate_input` logits) and the VLM branch's vectors (`vlm_vector`; under the official answer
+    protocol the sampled answer's)."""
     outputs = {}
     for split, tensors in passes.items():
         head_logits = head_outputs(bundle.distill_head, tensors["image_embeds"])
-        vlm_scores = tensors.get("vlm_answer")  # answer_protocol official: the sampled answer's vector
+        vlm_scores = tensors.get("vlm_answer")
         if vlm_scores is None:
-            vlm_scores = vlm_vectors(tensors["vlm_log_likelihoods"], gate.vlm_vector)
-        # "head_probs": what the gate reads of the head (its probabilities, or its logits with gate_input logits)
-        outputs[split] = {"head_logits": head_logits, "head_probs": gate_head_input(head_logits, gate.gate_input),
+            vlm_scores = vlm_vectors(tensors["vlm_log_likelihoods"], vlm_vector)
+        outputs[split] = {"head_logits": head_logits, "head_probs": gate_head_input(head_logits, gate_input),
                           "vlm_scores": vlm_scores}
-
-    logger.info("== Stage 4: gate (%s, on %s data)", gate.gate_type, gate.gate_data)
-    gate_data = gate_training_set(gate.gate_data, {s: o["vlm_scores"] for s, o in outputs.items()},
-                                  {s: o["head_probs"] for s, o in outputs.items()},
-                                  {s: p["labels"] for s, p in passes.items()}, passes["train"].get("vlm_samples"),
-                                  val_rows=gate_rows)
-    bundle.gate.requires_grad_(True).float()
-    run_stage4(gate, run_dir, bundle, *gate_data, seed=seed)
-    bundle.gate.requires_grad_(False).to(dtype)
-    with torch.inference_mode():
-        outputs["test"]["gate_logits"] = gate_outputs(bundle.gate, outputs["test"]["vlm_scores"],
-                                                      outputs["test"]["head_probs"])
     return outputs
 
 

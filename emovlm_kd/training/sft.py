@@ -7,6 +7,7 @@ adapter is merged in float32 into a float32 copy of the base's full-precision we
 cast to the run's dtype: a merge in bfloat16 rounds LoRA updates smaller than half a bfloat16 step away.
 """
 
+import dataclasses
 import json
 import logging
 from functools import partial
@@ -20,7 +21,7 @@ from emovlm_kd.distributed import is_main_process
 from emovlm_kd.hub import reset_tokenizer_call_state
 from emovlm_kd.images import limit_processor_pixels, prepare_image
 from emovlm_kd.runtime import resolve_dtype
-from emovlm_kd.training.cache import fingerprint_checkpoint, fingerprint_dataset
+from emovlm_kd.training.cache import fingerprint, fingerprint_checkpoint, fingerprint_dataset
 from emovlm_kd.training.stage import last_checkpoint, run_stage, run_trainer, trained
 
 logger = logging.getLogger(__name__)
@@ -109,15 +110,15 @@ def image_token_ids(vlm_config):
             if getattr(vlm_config, name, None) is not None]
 
 
-def sft_collator(settings, processor, vlm_config):
+def sft_collator(sft_loss, processor, vlm_config):
     """None (TRL's own: the loss on the answer only, `sft_loss: answer`) or `ImageTokensMasked` (`all_tokens`)."""
-    return ImageTokensMasked(processor, image_token_ids(vlm_config)) if settings.sft_loss == "all_tokens" else None
+    return ImageTokensMasked(processor, image_token_ids(vlm_config)) if sft_loss == "all_tokens" else None
 
 
-def tf32_value(settings):
-    """What `TrainingArguments.tf32` gets: True where `settings.sft_tf32` asks for it and CUDA has TF32; None (left as
-    torch has it) otherwise; TrainingArguments refuses tf32 without it, so that case is logged and left off."""
-    if not settings.sft_tf32:
+def tf32_value(asked):
+    """What `TrainingArguments.tf32` gets: True where `sft_tf32` asks for it (`asked`) and CUDA has TF32; None (left
+    as torch has it) otherwise; TrainingArguments refuses tf32 without it, so that case is logged and left off."""
+    if not asked:
         return None
     from transformers.utils import is_torch_tf32_available
 
@@ -133,74 +134,67 @@ def sft_arguments(settings, output_dir, seed, dtype, quantized):
     from emovlm_kd.training.arguments import training_arguments
 
     return training_arguments(settings, output_dir, seed, bf16=dtype == torch.bfloat16,
-                              gradient_checkpointing=quantized, tf32=tf32_value(settings))
+                              gradient_checkpointing=quantized, tf32=tf32_value(settings.sft_tf32))
 
 
-def quantization_config(settings):
-    """`trl.get_quantization_config` of `model_config(settings)` (None without 4-bit), the visual tower and `lm_head`
-    left unquantised (TRL's `ModelConfig` has no skip list): 4-bit layers narrower than 64 features fail."""
+def quantization_config(model_cfg, scope="llm"):
+    """`trl.get_quantization_config` of stage 1's `model_config` (None without 4-bit), the visual tower and `lm_head`
+    left unquantised (TRL's `ModelConfig` has no skip list): 4-bit layers narrower than 64 features fail. `scope`
+    (`--quantize-scope`) all: transformers' default skip list, as the official BitsAndBytesConfig
+    (train_vlm.py:69-74)."""
     from trl import get_quantization_config
 
-    quant = get_quantization_config(model_config(settings))
-    if quant is not None and settings.quantize_scope != "all":  # all: transformers' default skip list, as the
-        quant.llm_int8_skip_modules = ["model.visual", "lm_head"]  # official BitsAndBytesConfig (train_vlm.py:69-74)
+    quant = get_quantization_config(model_cfg)
+    if quant is not None and scope != "all":
+        quant.llm_int8_skip_modules = ["model.visual", "lm_head"]
     return quant
-
-
-def lora_config(settings):
-    """`trl.get_peft_config` of `model_config(settings)`: a `peft.LoraConfig`."""
-    from trl import get_peft_config
-
-    return get_peft_config(model_config(settings))
 
 
 def run_stage1(settings, run_dir, dataset, vlm_path, instructions_path, *, seed, dtype, max_image_side,
                chat_format="paper"):
     """Instruction-tune the VLM with LoRA (QLoRA on CUDA) by the stage's `SFTArguments` (`settings`), merge the
     adapter, save RUN/stage1_sft/merged; `dtype` is the run's `--dtype`, `chat_format` stage 0's (the chat layout of
-    the rows)."""
-    key = settings.stage_key(fingerprint_checkpoint(vlm_path), fingerprint_dataset(dataset["train"]),
-                             Path(instructions_path).read_text(encoding="utf-8"), dtype, seed, max_image_side,
-                             *(() if chat_format == "paper" else (chat_format,)))
-    return run_stage(run_dir, "stage1_sft", key, "merged",
-                     partial(instruction_tune, settings, dataset["train"], vlm_path, instructions_path, seed=seed,
-                             dtype=dtype, max_image_side=max_image_side, chat_format=chat_format),
+    the rows). The work: SFT with LoRA, the adapter saved in RUN/stage1_sft/adapter and merged by the main process
+    (`merge_in_float32`)."""
+    key = fingerprint(settings.stage, dataclasses.asdict(settings), fingerprint_checkpoint(vlm_path),
+                      fingerprint_dataset(dataset["train"]), Path(instructions_path).read_text(encoding="utf-8"),
+                      dtype, seed, max_image_side, *(() if chat_format == "paper" else (chat_format,)))
+
+    def work(stage):
+        from transformers import AutoModelForImageTextToText, AutoProcessor
+        from trl import SFTTrainer, get_peft_config
+
+        from emovlm_kd.training.trainers import with_verified_resume
+
+        run_dtype = resolve_dtype(dtype)
+        lora = model_config(settings)
+        quant = quantization_config(lora, settings.quantize_scope)
+        if quant is not None:
+            logger.info("[stage 1] QLoRA: loading %s in 4-bit nf4 with double quantisation", vlm_path)
+        set_seed(seed)  # LoRA's initialisation draws from the global generator: same start in every process
+        processor = AutoProcessor.from_pretrained(vlm_path)
+        limit_processor_pixels(processor, max_image_side)  # saved with the merged model, hence with the bundle
+        vlm = AutoModelForImageTextToText.from_pretrained(
+            vlm_path, dtype=run_dtype, quantization_config=quant, use_safetensors=True
+        )
+        args = sft_arguments(settings, stage.checkpoints(), seed, run_dtype, quant is not None)
+        trainer = with_verified_resume(SFTTrainer)(
+            model=vlm,
+            args=args,
+            train_dataset=sft_dataset(dataset["train"], instructions_path, max_side=max_image_side,
+                                      chat_format=chat_format),
+            processing_class=processor,
+            data_collator=sft_collator(settings.sft_loss, processor, vlm.config),
+            peft_config=get_peft_config(lora),
+        )
+        result = run_trainer(trainer, last_checkpoint(args.output_dir))
+        adapter_dir = stage.dir / "adapter"
+        trainer.save_model(str(adapter_dir))
+        merged = merge_in_float32(vlm_path, adapter_dir, run_dtype) if is_main_process() else None
+        return partial(write_merged, merged, processor), trained(result)
+
+    return run_stage(run_dir, "stage1_sft", key, "merged", work,
                      skipped="[stage 1] instruction tuning: done, skipped", log=logger, folder=True)
-
-
-def instruction_tune(settings, train, vlm_path, instructions_path, stage, *, seed, dtype, max_image_side,
-                     chat_format="paper"):
-    """Stage 1's work (`run_stage`): SFT with LoRA, the adapter saved in RUN/stage1_sft/adapter and merged by the main
-    process; returns (how the merged model is written into the stage's temp folder, the DONE.json summary)."""
-    from transformers import AutoModelForImageTextToText, AutoProcessor
-    from trl import SFTTrainer
-
-    from emovlm_kd.training.trainers import with_verified_resume
-
-    dtype = resolve_dtype(dtype)
-    quant, peft_config = quantization_config(settings), lora_config(settings)
-    if quant is not None:
-        logger.info("[stage 1] QLoRA: loading %s in 4-bit nf4 with double quantisation", vlm_path)
-    set_seed(seed)  # LoRA's initialisation draws from the global generator: same start in every process
-    processor = AutoProcessor.from_pretrained(vlm_path)
-    limit_processor_pixels(processor, max_image_side)  # saved with the merged model, hence with the bundle
-    vlm = AutoModelForImageTextToText.from_pretrained(
-        vlm_path, dtype=dtype, quantization_config=quant, use_safetensors=True
-    )
-    args = sft_arguments(settings, stage.checkpoints(), seed, dtype, quant is not None)
-    trainer = with_verified_resume(SFTTrainer)(
-        model=vlm,
-        args=args,
-        train_dataset=sft_dataset(train, instructions_path, max_side=max_image_side, chat_format=chat_format),
-        processing_class=processor,
-        data_collator=sft_collator(settings, processor, vlm.config),
-        peft_config=peft_config,
-    )
-    result = run_trainer(trainer, last_checkpoint(args.output_dir))
-    adapter_dir = stage.dir / "adapter"
-    trainer.save_model(str(adapter_dir))
-    merged = merge_in_float32(vlm_path, adapter_dir, dtype) if is_main_process() else None
-    return partial(write_merged, merged, processor), trained(result)
 
 
 def merge_in_float32(vlm_path, adapter_dir, dtype):

@@ -82,6 +82,19 @@ def run_stage(run_dir, name, key, output, work, *, skipped, log, restore=None, f
     return path
 
 
+OFFICIAL_WEIGHT_DECAY = 1e-4  # train_distillation.py:111,155 and train_gate.py:336,358: Adam(weight_decay=1e-4)
+
+
+def adam(optimizer, module, lr, weight_decay=OFFICIAL_WEIGHT_DECAY):
+    """`Trainer(optimizer_cls_and_kwargs=...)`: for `optimizer` `adam`, torch.optim.Adam with L2 weight decay on
+    every parameter of `module` (biases included), as the official code (1e-4 for the head and the gate, whose
+    constant rate is their group's `recipe`; the teacher's own); None (Trainer's AdamW) otherwise."""
+    if optimizer != "adam":
+        return None
+    params = [p for p in module.parameters() if p.requires_grad]
+    return torch.optim.Adam, {"params": params, "lr": lr, "weight_decay": weight_decay}
+
+
 def trained(result):
     """The DONE.json summary of a stage that ran a Trainer: its final training loss and its steps."""
     return dict(train_loss=round(result.training_loss, 4), steps=result.global_step)

@@ -8,6 +8,7 @@ processor that does exactly this, so `emovlm-kd evaluate --teacher RUN/stage2_te
 teacher pass see the same pixels; a `--teacher-trained` model is evaluated with its own image processor.
 """
 
+import dataclasses
 import logging
 
 import torch
@@ -22,7 +23,7 @@ from emovlm_kd.training.cache import (
     fingerprint_module,
 )
 from emovlm_kd.training.passes import cached_map
-from emovlm_kd.training.stage import last_checkpoint, run_stage, run_trainer, trained
+from emovlm_kd.training.stage import adam, last_checkpoint, run_stage, run_trainer, trained
 
 logger = logging.getLogger(__name__)
 
@@ -58,16 +59,6 @@ def eval_image_processor(image_processor):
     )
 
 
-def teacher_optimizer(args, model):
-    """`Trainer(optimizer_cls_and_kwargs=...)` for `args.teacher_optimizer` `adam` (`args`: the stage's
-    `TeacherTrainingArguments`): torch.optim.Adam with L2 weight decay on every parameter, as the official
-    train_ViT.py; None for `adamw` (transformers' default optimizer, with no decay on biases and norms)."""
-    if args.teacher_optimizer != "adam":
-        return None
-    params = [p for p in model.parameters() if p.requires_grad]
-    return torch.optim.Adam, {"params": params, "lr": args.learning_rate, "weight_decay": args.weight_decay}
-
-
 def teacher_trainer(settings, teacher, train, output_dir, *, seed, callbacks=()):
     """The HF `Trainer` of stage 2 with the teacher recipe of `settings` (a `TeacherArguments`: optimizer, weight
     decay, schedule, epochs, lr, batch), resuming with every weight verified."""
@@ -75,8 +66,11 @@ def teacher_trainer(settings, teacher, train, output_dir, *, seed, callbacks=())
     from emovlm_kd.training.trainers import VerifiedTrainer
 
     args = training_arguments(settings, output_dir, seed)
+    # adam: torch.optim.Adam with L2 weight decay on every parameter, as the official train_ViT.py; adamw:
+    # transformers' default optimizer, with no decay on biases and norms
+    optimizer = adam(settings.teacher_optimizer, teacher, settings.teacher_lr, settings.teacher_weight_decay)
     return VerifiedTrainer(model=teacher, args=args, train_dataset=train, callbacks=list(callbacks),
-                           optimizer_cls_and_kwargs=teacher_optimizer(args, teacher))
+                           optimizer_cls_and_kwargs=optimizer)
 
 
 class SeededAugmentation:
@@ -136,7 +130,8 @@ def run_stage2(settings, run_dir, dataset, teacher_path, *, seed):
     from transformers import AutoImageProcessor, AutoModelForImageClassification
 
     names = dataset["train"].features["label"].names
-    key = settings.stage_key(fingerprint_checkpoint(teacher_path), fingerprint_dataset(dataset["train"]), names, seed)
+    key = fingerprint(settings.stage, dataclasses.asdict(settings), fingerprint_checkpoint(teacher_path),
+                      fingerprint_dataset(dataset["train"]), names, seed)
 
     def work(stage):
         image_processor = AutoImageProcessor.from_pretrained(teacher_path)
