@@ -593,9 +593,4 @@ class EmoVLMKDForImageClassification(EmoVLMKDPreTrainedModel):
 
 EmoVLMKDModel = EmoVLMKDForImageClassification
 
-__all__ = [
-    "EmoVLMKDForImageClassification",
-    "EmoVLMKDModel",
-    "EmoVLMKDOutput",
-    "EmoVLMKDPreTrainedModel",
-]
+__all__ = ["EmoVLMKDForImageClassification", "EmoVLMKDModel", "EmoVLMKDOutput", "EmoVLMKDPreTrainedModel"]

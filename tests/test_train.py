@@ -362,7 +362,8 @@ def test_qlora_stage_quantises_trains_and_merges_into_full_precision(tiny_inputs
     quant = sft.quantization_config(sft.model_config(cfg), cfg.quantize_scope)
     assert isinstance(quant, BitsAndBytesConfig)
     assert quant.load_in_4bit and quant.bnb_4bit_quant_type == "nf4" and quant.bnb_4bit_use_double_quant
-    assert sft.quantization_config(tiny_settings(data, vlm, teacher, tmp_path, quantize="none")) is None
+    unquantised = tiny_settings(data, vlm, teacher, tmp_path, quantize="none")
+    assert sft.quantization_config(sft.model_config(unquantised), unquantised.quantize_scope) is None
     dataset = load_image_dataset(str(data))
     from configuration_emovlm_kd import EmoVLMKDConfig
 
