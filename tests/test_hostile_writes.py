@@ -216,6 +216,39 @@ def test_a_full_disk_in_a_file_writer_keeps_the_old_file_and_names_it(tmp_path, 
     assert target.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["splits.json"]
 
 
+@pytest.mark.parametrize("number, kind", [(errno.ENOSPC, folders.WriteError), (errno.EIO, folders.WriteError),
+                                           (errno.EACCES, PermissionError), (errno.EROFS, OSError)])
+@pytest.mark.parametrize("writer", ["staged_file", "staged_folder", "parquet"])
+def test_one_rule_for_an_os_error_while_writing_a_path_problem_or_the_disks_failure(writer, number, kind, tmp_path,
+                                                                                    monkeypatch):
+    """`folders.write_error`, for every writer (the atomic ones and predict's Parquet row groups): a path problem
+    (the user's to fix) stays a plain OSError of its errno, a disk's failure is `WriteError`; both name the final
+    path, never the temp name, and leave nothing behind."""
+    target = tmp_path / ("out.parquet.part" if writer == "parquet" else "target")
+
+    def fail(*args, **kwargs):  # the library's write meets the OS error, naming the temp file it writes
+        raise OSError(number, os.strerror(number), str(args[-1]))
+
+    if writer == "parquet":
+        import pyarrow.parquet as pq
+
+        from emovlm_kd.parquetout import ParquetParts
+
+        parts = ParquetParts(tmp_path / "out.parquet", "path", {0: "negative", 1: "positive"},
+                             record={"inputs": {}, "model": "m", "settings": {}}, row_group_size=1)
+        monkeypatch.setattr(pq, "write_table", lambda table, where: fail(where))
+        target, write = target / "rows-000000.parquet", lambda: parts.write([{"path": "a.png", "label": "negative"}])
+    else:
+        def write():
+            with getattr(folders, writer)(target) as tmp:
+                fail(tmp)
+    with pytest.raises(OSError) as failed:
+        write()
+    assert type(failed.value) is kind and isinstance(failed.value, folders.WriteError) == (kind is folders.WriteError)
+    assert (failed.value.errno, failed.value.filename) == (number, str(target))
+    assert not [p for p in tmp_path.rglob("*") if folders.is_partial_write(p.name)]
+
+
 @pytest.mark.parametrize("failure", [
     SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)"),  # the weights
     RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 23680 vs 23572"),  # torch.save's
