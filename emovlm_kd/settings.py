@@ -3,7 +3,8 @@
     DatasetArguments   how a dataset is read and split where it brings no split (evaluate, split, train)
     DataArguments      train's data group: the dataset, its split file, leakage and verification on top
     LeakageArguments   identical images in two splits: warn or stop (split, train)
-    DeviceArguments    --device and --dtype (predict, evaluate, table1, demo)
+    DeviceArguments    --device and --dtype (predict, evaluate, table1, demo); `device_field` / `dtype_field`, the
+                       one definition of each flag, also make train's --dtype and the benchmark's
     QuantizationArguments  --load-in-4bit / --load-in-8bit (predict, evaluate, table1, demo)
     RuntimeArguments   DeviceArguments with --batch-size and --vlm-mode (predict, evaluate, table1), and QuantizationArguments
 
