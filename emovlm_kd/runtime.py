@@ -1,7 +1,8 @@
 """Where a command computes and in which dtype: the one resolver of each. The `--device` / `--dtype` flags are
 `emovlm_kd.settings.DeviceArguments`' fields."""
 
-from emovlm_kd.settings import AUTO_DTYPE, DTYPES, DeviceArguments, add_arguments  # noqa: F401  (DTYPES: the choices of --dtype)
+from emovlm_kd.settings import DTYPES, DeviceArguments, add_arguments  # noqa: F401  (DTYPES: the choices of --dtype)
+from emovlm_kd.settings import AUTO_DTYPE
 
 
 def add_device_arguments(parser):
