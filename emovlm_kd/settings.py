@@ -34,8 +34,9 @@ from emovlm_kd import protocol as protocols  # stdlib only
 DEMO = "demo"  # the synthetic dataset (and the tiny models) of the offline demo
 DTYPES = ("float32", "bfloat16", "float16")  # the choices of every --dtype (`dtype_field`)
 AUTO_DTYPE = "auto"  # train's --dtype default: bfloat16 on CUDA, else float32 (`runtime.resolve_dtype`)
+DTYPES_OR_AUTO = (AUTO_DTYPE, *DTYPES)
 Dtype = Literal[DTYPES]
-DtypeOrAuto = Literal[(AUTO_DTYPE, *DTYPES)]
+DtypeOrAuto = Literal[DTYPES_OR_AUTO]
 VLM_MODES = ("score", "generate")
 SPLIT_RATIOS_RULE = "must be three shares (train val test) summing to 1, train and test > 0"
 
@@ -84,7 +85,7 @@ def device_field(unset="cuda when available"):
 
 def dtype_ok(obj, auto=False):
     """(ok, flag, why) of `obj.dtype`: one of `DTYPES` (and "auto" with `auto`), or None where that is its default."""
-    allowed = (AUTO_DTYPE, *DTYPES) if auto else DTYPES
+    allowed = DTYPES_OR_AUTO if auto else DTYPES
     yield obj.dtype in allowed or (not auto and obj.dtype is None), "dtype", f"must be {'/'.join(allowed)}"
 
 
