@@ -85,6 +85,8 @@ import sys
 import time
 from dataclasses import dataclass, field
 
+from emovlm_kd.settings import Dtype, device_field, dtype_field
+
 from .meters import available_cpus
 from .models import CONFIGS, REAL_SIZES
 
@@ -104,10 +106,8 @@ class BenchArguments:
                 "small: qwen2_vl only)", "choices": list(REAL_SIZES)})
     model: str | None = field(default=None, metadata={
         "help": "a Qwen2-VL checkpoint or EmoVLM-KD bundle (name or folder)"})
-    device: str | None = field(default=None, metadata={"help": "cpu, cuda, cuda:1 ... (default: cpu; 7b: cuda)"})
-    dtype: str | None = field(default=None, metadata={
-        "choices": ["float32", "bfloat16", "float16"],
-        "help": "default: bfloat16 for 7b and for --model on CUDA, else float32"})
+    device: str | None = device_field("cpu; 7b: cuda")
+    dtype: Dtype | None = dtype_field("bfloat16 for 7b and for --model on CUDA, else float32")
     image_size: int | None = field(default=None, metadata={"help": "square image side (default 224; 7b 448; tiny 56)"})
     seed: int = 0
     # -- Timing

@@ -14,10 +14,14 @@ removed only when its name matches and its process is gone (`is_leftover`): by t
 a folder is replaced as a whole only after its caller checked that it holds nothing but its own files
 (`bundle_conflicts`, `folder_conflicts`).
 
-Errors. An OS error while writing (disk full, no permission, a read-only file system) is raised as `WriteError`:
-an `OSError` whose `str()` is one line naming the final path and the errno (the command line prints it and exits
-with status 1). The temp file or folder is removed and the final name keeps what it held before. safetensors'
-error that carries an OS error ("... (os error 28)") becomes a `WriteError` too.
+Errors (`write_error`, the one rule of every writer here and of `predict`'s part files). An OS error while
+writing names the final path, never a temp name, and is one of two kinds: a path problem (`PATH_ERRORS`: no
+permission, a read-only file system, a missing folder, a folder where a file goes ...: the user's to fix) stays a
+plain `OSError` of its errno; a failure of the disk (full, an I/O error, a quota, ...) is `WriteError`, an
+`OSError` whose `str()` is one line naming the path and the errno. The command line prints either as one line and
+exits with status 1; `predict` refuses an `--output` whose path is the problem as a usage error (status 2). The temp
+file or folder is removed and the final name keeps what it held before. safetensors' error that carries an OS error
+("... (os error 28)") and torch.save's failed write are handled alike.
 """
 
 import contextlib
@@ -40,6 +44,8 @@ OS_ERROR_IN_TEXT = re.compile(r"\(os error (\d+)\)")  # how safetensors (Rust) r
 # "PytorchStreamWriter failed writing file data/0: file write failed"
 TORCH_WRITE_FAILED = re.compile(r"unexpected pos \d+ vs \d+|PytorchStreamWriter failed writing")
 NEARLY_FULL = 16 << 20  # bytes free under which a write failure without an errno is taken for a full disk
+# errors that say the path is wrong (the user's to fix), not that the disk failed
+PATH_ERRORS = {errno.EACCES, errno.EPERM, errno.ENOENT, errno.ENOTDIR, errno.EISDIR, errno.EROFS, errno.ENAMETOOLONG}
 
 
 class WriteError(OSError):
@@ -47,6 +53,14 @@ class WriteError(OSError):
 
     def __str__(self):
         return f"cannot write {self.filename}: {self.strerror} ({errno_name(self.errno)})"
+
+
+def write_error(error, path):
+    """The error to raise for OS error `error` (or `(errno, strerror)`) while writing `path`: a path problem
+    (`PATH_ERRORS`) as a plain `OSError` of its errno (`PermissionError`, ...), a disk's failure (ENOSPC, EIO,
+    EDQUOT, ...) as `WriteError`; both name `path`."""
+    number, strerror = (error.errno, error.strerror) if isinstance(error, OSError) else error
+    return (OSError if number in PATH_ERRORS else WriteError)(number, strerror, str(path))
 
 
 def errno_name(number):
@@ -184,7 +198,7 @@ def _within(file, paths):
 
 @contextlib.contextmanager
 def writing(path, *own):
-    """OS errors of the block become `WriteError` naming `path`: those without a file name (a full disk as
+    """OS errors of the block become `write_error`'s naming `path`: those without a file name (a full disk as
     `write()` reports it, safetensors' errors) and those about `path` or one of `own` (its temp file or folder,
     files written inside it included: the user hears of the folder, not of our temp names). An OS error about
     another file (a source being copied) is left as it is."""
@@ -195,20 +209,19 @@ def writing(path, *own):
         if found is None:
             raise
         files = _file_names(error)
-        if isinstance(error, WriteError):  # from a writer inside the block: renamed when it names our temp path
-            files = [error.filename]
-            if not _within(error.filename, own):
-                raise
-        elif files and not all(_within(f, [path, *own]) for f in files):
+        # a WriteError comes from a writer inside the block: renamed only when it names our temp path
+        ours = own if isinstance(error, WriteError) else (path, *own)
+        if files and not all(_within(f, ours) for f in files):
             raise
-        raise WriteError(*found, str(path)) from error
+        raise write_error(found, path) from error
 
 
 def refuse_folder(path):
-    """`WriteError` (EISDIR) when `path`, a file to write, is a folder (the user's: never replaced)."""
+    """`IsADirectoryError` (a path problem, `write_error`) when `path`, a file to write, is a folder (the user's:
+    never replaced)."""
     path = Path(path)
     if path.is_dir():
-        raise WriteError(errno.EISDIR, "it is a folder, not a file (move it or choose another name)", str(path))
+        raise write_error((errno.EISDIR, "it is a folder, not a file (move it or choose another name)"), path)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -244,8 +257,8 @@ def respect_umask(*paths, only_private=False):
 
 def atomic_write(path, write, mode="w"):
     """Write `path` through `write(handle)` into a temp file beside it, then `os.replace` it into place: `path`
-    holds its old bytes or the new ones, never a part. `WriteError` on an OS error (nothing left behind) or when
-    `path` is a folder."""
+    holds its old bytes or the new ones, never a part. An OS error is raised as `write_error` makes it (nothing left
+    behind); `IsADirectoryError` when `path` is a folder."""
     with staged_file(path) as tmp, open(tmp, mode, **({"encoding": "utf-8"} if "b" not in mode else {})) as handle:
         write(handle)
     return Path(path)
@@ -257,10 +270,11 @@ def atomic_write_text(path, text):
 
 
 @contextlib.contextmanager
-def staged_file(path):
+def staged_file(path, fsync=False):
     """A temp path beside `path` for a library that writes a file by name; when the block ends the file gets the
-    umask's mode (safetensors creates 0600) and replaces `path`. On an error it is removed (`WriteError` for an OS
-    error); `path` keeps its old bytes."""
+    umask's mode (safetensors creates 0600), is flushed to the disk with `fsync` (so that a file in place is whole
+    after a crash: `predict`'s Parquet row groups, which `--resume` counts) and replaces `path`. On an error it is
+    removed (an OS error as `write_error`); `path` keeps its old bytes."""
     path = Path(path)
     tmp = temp_path(path)
     with writing(path, tmp):
@@ -269,6 +283,9 @@ def staged_file(path):
         try:
             yield tmp
             os.chmod(tmp, default_file_mode())
+            if fsync:
+                with open(tmp, "rb+") as handle:
+                    os.fsync(handle.fileno())
             os.replace(tmp, path)
         except BaseException:
             tmp.unlink(missing_ok=True)
@@ -283,7 +300,7 @@ def staged_file(path):
 @contextlib.contextmanager
 def staged_folder(target):
     """A new, empty temp folder beside `target` to write into; when the block ends it replaces `target`
-    (`replace_folder`). On an error it is removed (`WriteError` for an OS error) and `target` is left as it was.
+    (`replace_folder`). On an error it is removed (an OS error as `write_error`) and `target` is left as it was.
     Leftovers of killed writes of `target` are removed first. The caller checks that `target` may be replaced."""
     target = Path(target)
     tmp = temp_path(target)

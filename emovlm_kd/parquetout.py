@@ -7,24 +7,32 @@ Columns (one row per input, in input order): `id` (string: the file's path, or t
 
 A Parquet file is only readable once its footer is written, so a killed writer leaves nothing to resume. The rows
 therefore go, `row_group_size` at a time (at the end of a `predict` window), to complete files in the folder
-`FILE.part/` (`rows-000000.parquet`, ..., each written to a temporary name and renamed), with `FILE.part.json`
-beside it as for JSON lines. `--resume` keeps those files (their `id`s are checked against the inputs) and goes on
-after their last row; the rows of a group not yet written are predicted again. `finish()` copies the groups, one at
-a time, into `FILE` (through a temporary file, renamed), then removes the folder. Only files of these names are ever
-removed from `FILE.part/`: a folder holding anything else is refused.
+`FILE.part/` (`rows-000000.parquet`, ...), with `FILE.part.json` beside it as for JSON lines. `--resume` keeps those
+files (their `id`s are checked against the inputs) and goes on after their last row; the rows of a group not yet
+written are predicted again. `finish()` copies the groups, one at a time, into `FILE`, then removes the folder.
+Every file is written by `emovlm_kd.folders.staged_file` (a temp name beside it, fsynced, renamed): the temp file of
+a write cut by a kill, in `FILE.part/` or beside `FILE`, is a leftover that the next run over `FILE` removes
+(`folders.is_leftover`). Only files of these names are ever removed from `FILE.part/`: a folder holding anything
+else is refused.
 """
 
 import json
 import logging
-import os
 import re
 from pathlib import Path
 
-from emovlm_kd.partfiles import RECORD_SUFFIX, check_part_record, write_error
+from emovlm_kd.folders import PARTIAL_WRITE, is_leftover, remove_leftovers, staged_file, write_error
+from emovlm_kd.partfiles import RECORD_SUFFIX, check_part_record
 
 logger = logging.getLogger(__name__)
 
-GROUP_FILE = re.compile(r"rows-\d{6}\.parquet(\.tmp)?")
+GROUP_FILE = re.compile(r"rows-\d{6}\.parquet")
+
+
+def is_group_file(name):
+    """Whether `name` is a row group's file in `FILE.part/`, or the temp file of one being written."""
+    temp = PARTIAL_WRITE.match(name)
+    return GROUP_FILE.fullmatch(temp["name"] if temp else name) is not None
 
 
 def parquet_schema(id2label):
@@ -53,9 +61,9 @@ class ParquetParts:
         if foreign:
             raise ValueError(f"{self.part} holds files predict did not write ({', '.join(foreign[:3])}); move them "
                              "or choose another --output")
+        self._remove_leftovers()
         kept = []
         if resume and self.part.is_dir():
-            self._remove(self.part.glob("rows-*.parquet.tmp"))  # a group cut by the kill
             self.groups = sorted(self.part.glob("rows-*.parquet"))
             kept = self._kept_rows()
             if kept:
@@ -63,18 +71,27 @@ class ParquetParts:
         else:
             if resume:
                 logger.info("no %s to resume: starting afresh", self.part)
-            self._remove(list(self.part.glob("rows-*.parquet*")) if self.part.is_dir() else [])
+            self._remove(list(self.part.glob("rows-*.parquet")) if self.part.is_dir() else [])
         self.kept_ids = [name for name, _ in kept]
         self.kept_skipped = sum(error for _, error in kept)
         self.kept_predicted = len(kept) - self.kept_skipped
         if not kept:
             self.part.mkdir(exist_ok=True)
-            self.record_file.write_text(json.dumps(record, sort_keys=True) + "\n", encoding="utf-8")
+            try:
+                self.record_file.write_text(json.dumps(record, sort_keys=True) + "\n", encoding="utf-8")
+            except OSError as error:
+                raise write_error(error, self.record_file) from None
 
     def _foreign_files(self):
         if not self.part.is_dir():
             return []
-        return sorted(entry.name for entry in self.part.iterdir() if not GROUP_FILE.fullmatch(entry.name))
+        return sorted(entry.name for entry in self.part.iterdir() if not is_group_file(entry.name))
+
+    def _remove_leftovers(self):
+        """The temp files of writes cut by a kill (their process gone): of the groups, and of FILE beside it."""
+        if self.part.is_dir():
+            self._remove([entry for entry in self.part.iterdir() if is_leftover(entry.name)])
+        remove_leftovers(self.path)
 
     @staticmethod
     def _remove(files):
@@ -109,15 +126,8 @@ class ParquetParts:
         rows = [{**{k: v for k, v in record.items() if k != self.key}, "id": str(record[self.key])}
                 for record in self.buffer]
         group = self.part / f"rows-{len(self.groups):06d}.parquet"
-        temporary = Path(f"{group}.tmp")
-        try:
+        with staged_file(group, fsync=True) as temporary:
             pq.write_table(pa.Table.from_pylist(rows, schema=self.schema), temporary)
-            with open(temporary, "rb+") as handle:
-                os.fsync(handle.fileno())
-        except OSError as error:
-            temporary.unlink(missing_ok=True)
-            raise write_error(error, temporary) from None
-        os.replace(temporary, group)
         self.groups.append(group)
         self.buffer = []
 
@@ -125,17 +135,9 @@ class ParquetParts:
         import pyarrow.parquet as pq
 
         self._flush()
-        temporary = self.part / "rows-999999.parquet.tmp"
-        try:
-            with pq.ParquetWriter(temporary, self.schema) as writer:
-                for group in self.groups:  # one group in memory at a time
-                    writer.write_table(pq.read_table(group))
-            with open(temporary, "rb+") as handle:
-                os.fsync(handle.fileno())
-        except OSError as error:
-            temporary.unlink(missing_ok=True)
-            raise write_error(error, temporary) from None
-        os.replace(temporary, self.path)
+        with staged_file(self.path, fsync=True) as temporary, pq.ParquetWriter(temporary, self.schema) as writer:
+            for group in self.groups:  # one group in memory at a time
+                writer.write_table(pq.read_table(group))
         self._remove(self.groups)
         self.part.rmdir()
         self.record_file.unlink(missing_ok=True)

@@ -1,22 +1,11 @@
 """What `predict`'s two part writers share (`emovlm_kd.commands.predict.PartFileLines` for JSON lines,
-`emovlm_kd.parquetout.ParquetParts` for Parquet): the record beside a part (`FILE.part.json`) and its check, and
-how an OS error while writing becomes a path problem (exit 2) or a disk's failure (`WriteError`, exit 1)."""
+`emovlm_kd.parquetout.ParquetParts` for Parquet): the record beside a part (`FILE.part.json`) and its check. An OS
+error while writing either is raised as `emovlm_kd.folders.write_error` makes it (a path problem, the user's: exit
+2 when the output is opened; a disk's failure: `WriteError`, exit 1)."""
 
-import errno
 import json
 
-from emovlm_kd.folders import WriteError
-
-# errors that say the path is wrong (the user's to fix: exit 2), not that the disk failed (exit 1)
-PATH_ERRORS = {errno.EACCES, errno.EPERM, errno.ENOENT, errno.ENOTDIR, errno.EISDIR, errno.EROFS, errno.ENAMETOOLONG}
 RECORD_SUFFIX = ".part.json"  # beside FILE.part: what its lines were written for (`run_record`)
-
-
-def write_error(error, path):
-    """A disk's failure (ENOSPC, EIO, EDQUOT, ...) as `WriteError` naming `path`; a path problem as it is."""
-    if error.errno in PATH_ERRORS:
-        return error
-    return WriteError(error.errno, error.strerror, str(path))
 
 
 def check_part_record(part, record_file, record, ids):

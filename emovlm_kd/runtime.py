@@ -1,7 +1,7 @@
 """Where a command computes and in which dtype: the one resolver of each. The `--device` / `--dtype` flags are
 `emovlm_kd.settings.DeviceArguments`' fields."""
 
-from emovlm_kd.settings import DTYPES, DeviceArguments, add_arguments  # noqa: F401  (DTYPES: the choices of --dtype)
+from emovlm_kd.settings import AUTO_DTYPE, DTYPES, DeviceArguments, add_arguments  # noqa: F401  (DTYPES: re-exported)
 
 
 def add_device_arguments(parser):
@@ -40,6 +40,6 @@ def resolve_dtype(name):
         return None
     import torch
 
-    if name == "auto":
+    if name == AUTO_DTYPE:
         return torch.bfloat16 if torch.cuda.is_available() else torch.float32
     return getattr(torch, name)

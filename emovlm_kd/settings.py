@@ -3,7 +3,8 @@
     DatasetArguments   how a dataset is read and split where it brings no split (evaluate, split, train)
     DataArguments      train's data group: the dataset, its split file, leakage and verification on top
     LeakageArguments   identical images in two splits: warn or stop (split, train)
-    DeviceArguments    --device and --dtype (predict, evaluate, table1, demo)
+    DeviceArguments    --device and --dtype (predict, evaluate, table1, demo); `device_field` / `dtype_field`, the
+                       one definition of each flag, also make train's --dtype and the benchmark's
     QuantizationArguments  --load-in-4bit / --load-in-8bit (predict, evaluate, table1, demo)
     RuntimeArguments   DeviceArguments with --batch-size and --vlm-mode (predict, evaluate, table1), and QuantizationArguments
 
@@ -31,7 +32,11 @@ from typing import Literal
 from emovlm_kd import protocol as protocols  # stdlib only
 
 DEMO = "demo"  # the synthetic dataset (and the tiny models) of the offline demo
-DTYPES = ("float32", "bfloat16", "float16")
+DTYPES = ("float32", "bfloat16", "float16")  # the choices of every --dtype (`dtype_field`)
+AUTO_DTYPE = "auto"  # train's --dtype default: bfloat16 on CUDA, else float32 (`runtime.resolve_dtype`)
+DTYPES_OR_AUTO = (AUTO_DTYPE, *DTYPES)
+Dtype = Literal[DTYPES]
+DtypeOrAuto = Literal[DTYPES_OR_AUTO]
 VLM_MODES = ("score", "generate")
 SPLIT_RATIOS_RULE = "must be three shares (train val test) summing to 1, train and test > 0"
 
@@ -62,6 +67,26 @@ def help_field(text, default=None, **metadata):
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata={"help": text, **metadata})
     return field(default=default, metadata={"help": text, **metadata})
+
+
+def dtype_field(unset="as saved", default=None):
+    """The one `--dtype` field (its type: `Dtype | None`, or `DtypeOrAuto` where `default` is "auto"); `unset` says
+    what None means, the help of "auto" is written here too."""
+    if default == AUTO_DTYPE:
+        return help_field(f"weights dtype; {AUTO_DTYPE}: bfloat16 on CUDA, else float32", default)
+    return help_field(f"weights dtype (default: {unset})", default)
+
+
+def device_field(unset="cuda when available"):
+    """The one `--device` field (type `str | None`): None is `unset` (`runtime.resolve_device`: cuda when
+    available)."""
+    return help_field(f"cpu, cuda, cuda:1 ... (default: {unset})")
+
+
+def dtype_ok(obj, auto=False):
+    """(ok, flag, why) of `obj.dtype`: one of `DTYPES` (and "auto" with `auto`), or None where that is its default."""
+    allowed = DTYPES_OR_AUTO if auto else DTYPES
+    yield obj.dtype in allowed or (not auto and obj.dtype is None), "dtype", f"must be {'/'.join(allowed)}"
 
 
 class Checked:
@@ -175,8 +200,11 @@ class DeviceArguments(Checked):
     """Where a command computes and in which dtype (`emovlm_kd.runtime` resolves both)."""
 
     _argument_group_name = "Device"
-    device: str | None = help_field("cpu, cuda, cuda:1 ... (default: cuda when available)")
-    dtype: Literal[DTYPES] | None = help_field("weights dtype (default: as saved)")
+    device: str | None = device_field()
+    dtype: Dtype | None = dtype_field()
+
+    def _checks(self):
+        yield from dtype_ok(self)
 
 
 @dataclass

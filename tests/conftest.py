@@ -1,6 +1,10 @@
 """Shared fixtures: everything offline, seeded and tiny."""
 
+import json
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -11,6 +15,24 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
+
+
+REPO = Path(__file__).resolve().parents[1]
+HEAVY = ("torch", "transformers")  # what `--help`, a refusal and a plain import must not wait for
+IMPORTED = "modules imported: "  # the line of `imported_by_a_child`'s report
+
+
+def imported_by_a_child(code, modules=HEAVY, then="", args=(), env=None):
+    """`(imported, result)`: which of `modules` (sorted) a fresh Python, run in the checkout, holds in `sys.modules`
+    after running `code` (with `args` as its `sys.argv[1:]`, `env` added to this environment), and its completed
+    process; `then` runs after that check. The child must exit 0."""
+    report = f"\nimport json as _json, sys as _sys\nprint({IMPORTED!r} + _json.dumps(sorted(set({list(modules)!r}) & " \
+             "set(_sys.modules))))\n"
+    result = subprocess.run([sys.executable, "-c", code + report + then, *map(str, args)], cwd=REPO,
+                            env={**os.environ, **(env or {})}, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (line,) = [line for line in result.stdout.splitlines() if line.startswith(IMPORTED)]
+    return json.loads(line[len(IMPORTED):]), result
 
 
 @pytest.fixture(autouse=True)

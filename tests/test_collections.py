@@ -212,6 +212,76 @@ def test_a_kill_and_resume_give_the_uninterrupted_output(case, tiny_bundle_dir, 
         assert out.read_bytes() == whole.read_bytes()
 
 
+KILLED_IN_A_PARQUET_WRITE = """
+import json, os, signal, sys
+import pyarrow.parquet as pq
+from emovlm_kd.parquetout import ParquetParts
+
+out, where = sys.argv[1], sys.argv[2]
+parts = ParquetParts(out, "path", {0: "negative", 1: "positive"}, record=json.loads(sys.argv[3]), row_group_size=1)
+parts.write([{"path": "img_0", "label": "positive", "score": 0.75}])  # group 0: complete, in place
+if where == "a row group":
+    real = pq.write_table
+
+    def write_table(*args, **kwargs):  # group 1 written whole to its temp name, then the kill before the rename
+        real(*args, **kwargs)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    pq.write_table = write_table
+    parts.write([{"path": "img_1", "label": "negative", "score": 0.5}])
+else:
+    parts.write([{"path": "img_1", "label": "negative", "score": 0.5}])
+    real = pq.ParquetWriter.write_table
+
+    def write_table(self, *args, **kwargs):  # FILE's first group copied into its temp name, no footer yet: killed
+        real(self, *args, **kwargs)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    pq.ParquetWriter.write_table = write_table
+    parts.finish()
+"""
+
+
+@pytest.mark.skipif(not hasattr(os, "kill") or sys.platform == "win32", reason="SIGKILL")
+@pytest.mark.parametrize("where", ["a row group", "the final file"])
+def test_a_parquet_write_cut_by_a_kill_leaves_a_temp_file_the_next_run_removes(where, tmp_path):
+    """The Parquet writer's files go through `folders.staged_file`: a kill mid-write leaves a temp file of the one
+    pattern (`.NAME.emovlm-kd-PID-TOKEN.tmp`, a group's in FILE.part/, FILE's beside it) that `--resume` (and a fresh
+    run) removes once its process is gone; the complete groups are kept, and nothing of the user's is touched."""
+    import pyarrow.parquet as pq
+
+    from emovlm_kd.folders import PARTIAL_WRITE, is_leftover
+    from emovlm_kd.parquetout import ParquetParts
+
+    out, part = tmp_path / "out.parquet", tmp_path / "out.parquet.part"
+    record = {"inputs": {"count": 3}, "model": "m", "settings": {}}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])}
+    killed = subprocess.run([sys.executable, "-c", KILLED_IN_A_PARQUET_WRITE, str(out), where, json.dumps(record)],
+                            cwd=ROOT, env=env, capture_output=True, text=True, check=False, timeout=120)
+    assert killed.returncode == -9, killed.stderr[-3000:]
+    folder, cut = (part, "rows-000001.parquet") if where == "a row group" else (tmp_path, out.name)
+    leftovers = [p for p in folder.iterdir() if PARTIAL_WRITE.match(p.name)]
+    assert [PARTIAL_WRITE.match(p.name)["name"] for p in leftovers] == [cut] and is_leftover(leftovers[0].name)
+    assert sorted(p.name for p in part.glob("rows-*.parquet")) == (
+        ["rows-000000.parquet"] if where == "a row group" else ["rows-000000.parquet", "rows-000001.parquet"])
+    assert not out.exists()
+    users = {tmp_path / "out.parquet.tmp": "mine\n",  # a user's names, and a live writer's temp file: kept
+             tmp_path / f".out.parquet.emovlm-kd-{os.getpid()}-0123abcd.tmp": "a live writer's\n"}
+    for path, text in users.items():
+        path.write_text(text)
+
+    parts = ParquetParts(out, "path", {0: "negative", 1: "positive"}, resume=True, record=record, row_group_size=1)
+    assert not any(p.exists() for p in leftovers)
+    kept = ["img_0"] if where == "a row group" else ["img_0", "img_1"]
+    assert parts.kept_ids == kept
+    rows = [{"path": f"img_{i}", "label": "positive", "score": 0.25} for i in range(len(kept), 3)]
+    parts.write(rows)
+    parts.finish()
+    assert pq.read_table(out).column("id").to_pylist() == ["img_0", "img_1", "img_2"]
+    assert {path: path.read_text() for path in users} == users
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([out.name, *(p.name for p in users)])
+
+
 def test_resume_refuses_rows_that_are_not_the_first_inputs(tiny_bundle_dir, collection, tmp_path, capsys,
                                                            monkeypatch):
     import emovlm_kd.inference

@@ -11,6 +11,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
+from conftest import HEAVY, imported_by_a_child
 
 ROOT = Path(__file__).resolve().parents[1]
 HUB_MODULES = ("configuration_emovlm_kd", "modeling_emovlm_kd", "pipeline_emovlm_kd", "scoring_emovlm_kd")
@@ -141,12 +142,9 @@ def test_top_level_python_files_are_the_hub_files_setup_and_app():
 def test_importing_app_does_nothing():
     """A Space runs `python app.py`; importing it (as tools and tests do) loads no model and imports neither torch
     nor gradio, even when the model it names does not exist."""
-    check = "import sys, app; print(sorted({'torch', 'gradio', 'transformers'} & set(sys.modules)))"
-    env = {**os.environ, "EMOVLM_KD_MODEL": str(ROOT / "no-such-model")}
-    result = subprocess.run([sys.executable, "-c", check], cwd=ROOT, env=env, capture_output=True, text=True,
-                            timeout=120)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout.strip() == "[]"
+    imported, _ = imported_by_a_child("import app", (*HEAVY, "gradio"),
+                                      env={"EMOVLM_KD_MODEL": str(ROOT / "no-such-model")})
+    assert imported == []
 
 
 @pytest.fixture(scope="module")
@@ -202,9 +200,8 @@ def test_commands_run_from_the_installed_wheel(wheel, tmp_path):
 def test_the_dataset_readers_and_the_image_helpers_import_no_torch():
     """A bad `--dataset` is refused in about a second: reading a dataset's layout (and `emovlm_kd.images`' file
     listing) never waits for torch or transformers, which `prepare_image`'s pipeline file imports (loaded on use)."""
-    code = ("import sys, emovlm_kd.data.loading, emovlm_kd.images as images, emovlm_kd.commands.split\n"
-            "assert not {'torch', 'transformers', 'pipeline_emovlm_kd'} & set(sys.modules), "
-            "sorted({'torch', 'transformers', 'pipeline_emovlm_kd'} & set(sys.modules))\n"
-            "assert callable(images.prepare_image) and 'pipeline_emovlm_kd' in sys.modules\n")
-    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, result.stderr[-2000:]
+    imported, _ = imported_by_a_child("import sys, emovlm_kd.data.loading, emovlm_kd.images as images, "
+                                      "emovlm_kd.commands.split", (*HEAVY, "pipeline_emovlm_kd"),
+                                      then="assert callable(images.prepare_image) and 'pipeline_emovlm_kd' in "
+                                           "sys.modules\n")
+    assert imported == []

@@ -2,11 +2,10 @@
 `split` and `train`, one split-ratio rule for the flags and the loader, and a new field is a new flag."""
 
 import dataclasses
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from conftest import imported_by_a_child
 
 from emovlm_kd.settings import (
     REQUIRED,
@@ -97,13 +96,11 @@ def test_switches_positionals_and_repeated_flags_keep_their_forms():
 
 
 def test_every_command_module_has_a_settings_dataclass_and_its_help_imports_nothing_heavy():
-    code = ("import sys\nfrom emovlm_kd.cli import main\n"
+    code = ("from emovlm_kd.cli import main\n"
             "for command in ('tiny', 'split', 'evaluate', 'table1', 'demo', 'ablate'):\n"
-            "    try:\n        main([command, '--help'])\n    except SystemExit:\n        pass\n"
-            "print(sorted({'torch', 'transformers'} & set(sys.modules)))\n")
-    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert result.stdout.strip().splitlines()[-1] == "[]"
+            "    try:\n        main([command, '--help'])\n    except SystemExit:\n        pass\n")
+    imported, result = imported_by_a_child(code)
+    assert imported == [] and "usage: emovlm-kd ablate" in result.stdout
     from emovlm_kd.commands import ablate, demo, evaluate, split, table1, tiny
 
     for module in (ablate, demo, evaluate, split, table1, tiny):
@@ -131,3 +128,84 @@ def test_huggingfaces_parser_reads_the_same_settings_from_the_same_words(command
     ours = read(build_parser().parse_args([*command.split(), *words]), module.ARGUMENTS)
     (theirs,) = HfArgumentParser(type(ours)).parse_args_into_dataclasses(words)
     assert ours == theirs
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# One definition of --device and --dtype
+# ---------------------------------------------------------------------------------------------------------------
+
+SOURCE_FILES = sorted([*ROOT.glob("*.py"), *(ROOT / "emovlm_kd").rglob("*.py"), *(ROOT / "benchmarks").rglob("*.py")])
+FLAG_FIELDS = {"dtype": "dtype_field", "device": "device_field"}  # field name -> the one helper that makes it
+
+
+def settings_fields(path):
+    """`(class, field, annotation source, value source)` of every `dtype`/`device` field of a dataclass in `path`."""
+    import ast
+
+    source = path.read_text(encoding="utf-8")
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.ClassDef) and any("dataclass" in ast.unparse(d) for d in node.decorator_list):
+            for item in node.body:
+                if isinstance(item, ast.AnnAssign) and getattr(item.target, "id", None) in FLAG_FIELDS:
+                    yield (node.name, item.target.id, ast.unparse(item.annotation),
+                           ast.unparse(item.value) if item.value else "")
+
+
+def test_every_device_and_dtype_field_is_made_by_the_one_helper():
+    """A settings dataclass anywhere (the commands', train's ModelArguments, the benchmark's) gets its --device and
+    --dtype from `settings.device_field`/`dtype_field`, typed by `Dtype`/`DtypeOrAuto`: a second list of choices or
+    a second help text fails here."""
+    found = {}
+    for path in SOURCE_FILES:
+        for klass, name, annotation, value in settings_fields(path):
+            found[f"{path.relative_to(ROOT)}:{klass}.{name}"] = (annotation, value)
+    assert {"emovlm_kd/settings.py:DeviceArguments.dtype", "emovlm_kd/training/config.py:ModelArguments.dtype",
+            "benchmarks/bench.py:BenchArguments.dtype", "benchmarks/bench.py:BenchArguments.device"} <= set(found)
+    for where, (annotation, value) in found.items():
+        name = where.rsplit(".", 1)[1]
+        assert value.startswith(f"{FLAG_FIELDS[name]}("), where
+        if name == "dtype":
+            assert annotation in ("Dtype | None", "DtypeOrAuto"), where
+
+
+def test_the_dtype_choices_and_the_device_help_are_written_once():
+    """The choices of --dtype (`DTYPES`) and the words of --device's help stand in one place of the source."""
+    import re
+
+    written = {"dtype choices": re.compile(r"[\"']float16[\"']"), "device help": re.compile(r"cpu, cuda, cuda:1")}
+    for what, pattern in written.items():
+        places = [f"{p.relative_to(ROOT)}:{n}" for p in SOURCE_FILES
+                  for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1) if pattern.search(line)]
+        assert places and all(place.startswith("emovlm_kd/settings.py:") for place in places), (what, places)
+        assert len(places) == 1, (what, places)
+
+
+def test_train_and_the_benchmark_parse_the_one_dtype_flag():
+    """The parsers of `train` (TRL's TrlParser) and of the benchmark (HfArgumentParser) take --dtype's choices and
+    help from `settings`; train keeps its default "auto" and its check of a YAML value, the benchmark its None."""
+    from benchmarks.bench import BenchArguments, parse_args
+    from emovlm_kd.settings import AUTO_DTYPE, DTYPES, DTYPES_OR_AUTO, device_field, dtype_field
+    from emovlm_kd.training.config import ModelArguments, train_parser
+
+    train = actions_by_dest(train_parser())["dtype"]
+    assert (tuple(train.choices), train.default) == (DTYPES_OR_AUTO, AUTO_DTYPE) and DTYPES_OR_AUTO[1:] == DTYPES
+    assert train.help == dtype_field(default=AUTO_DTYPE).metadata["help"]
+    with pytest.raises(ValueError, match="--dtype must be auto/float32/bfloat16/float16, got 'float8'"):
+        ModelArguments(dtype="float8")  # a YAML value (no argparse choices on that path)
+    from transformers import HfArgumentParser
+
+    bench = actions_by_dest(HfArgumentParser(BenchArguments))
+    assert tuple(bench["dtype"].choices) == DTYPES and bench["dtype"].default is None
+    assert bench["device"].help.startswith(device_field("x").metadata["help"][: -len("(default: x)")])
+    assert parse_args(["--config", "tiny", "--dtype", "float16"]).dtype == "float16"
+    with pytest.raises(SystemExit) as exited:
+        parse_args(["--config", "tiny", "--dtype", "float8"])
+    assert exited.value.code == 2
+
+
+def test_the_commands_device_group_checks_its_dtype_from_python_too():
+    from emovlm_kd.settings import DeviceArguments
+
+    assert DeviceArguments(dtype="bfloat16").dtype == "bfloat16" and DeviceArguments().dtype is None
+    with pytest.raises(ValueError, match="--dtype must be float32/bfloat16/float16, got 'auto'"):
+        DeviceArguments(dtype="auto")

@@ -50,8 +50,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from emovlm_kd.errors import UsageError, few
-from emovlm_kd.folders import WriteError
-from emovlm_kd.partfiles import RECORD_SUFFIX, check_part_record, write_error
+from emovlm_kd.folders import WriteError, write_error
+from emovlm_kd.partfiles import RECORD_SUFFIX, check_part_record
 from emovlm_kd.settings import REQUIRED, Checked, RuntimeArguments, help_field, positive
 
 logger = logging.getLogger(__name__)

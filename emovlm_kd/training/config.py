@@ -24,6 +24,7 @@ from emovlm_kd.settings import DEMO, DataArguments
 from emovlm_kd.settings import Checked as _Checked
 from emovlm_kd.settings import help_field as _help
 from emovlm_kd.settings import positive as _positive_set
+from emovlm_kd.settings import AUTO_DTYPE, DtypeOrAuto, dtype_field, dtype_ok
 
 DEMO_BACKBONE = "qwen2_vl"  # `--vlm demo` is `--vlm demo:qwen2_vl`
 INSTRUCTION_KINDS = ("categorical", "conversation", "reasoning")  # the paper's three kinds of stage 1 rows
@@ -124,9 +125,7 @@ class ModelArguments(_Checked):
     output_dir: str = field(default="runs/demo", metadata={"help": "run folder (RUN); RUN/model is the Hub model"})
     push_to_hub: str | None = _help("Hub repo id to push RUN/model to")
     license: str | None = _help("the model card's license (a Hub license id); default: the base model's")
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = field(
-        default="auto", metadata={"help": "weights dtype; auto: bfloat16 on CUDA, else float32"}
-    )
+    dtype: DtypeOrAuto = dtype_field(default=AUTO_DTYPE)
     batch_size: int = field(default=8, metadata={"help": "batch size of feature/answer caching and evaluation"})
     max_image_side: int = field(
         default=DEFAULT_MAX_IMAGE_SIDE, metadata={"help": "images are scaled down to this long side (px) in SFT, the "
@@ -135,7 +134,7 @@ class ModelArguments(_Checked):
 
     def _checks(self):
         yield self.protocol in protocols.PROTOCOLS, "protocol", f"must be one of {', '.join(protocols.PROTOCOLS)}"
-        yield self.dtype in ("auto", "float32", "bfloat16", "float16"), "dtype", "must be auto/float32/bfloat16/float16"
+        yield from dtype_ok(self, auto=True)
         yield from _positive(self, "batch_size", strict=False)
         yield self.max_image_side >= MIN_IMAGE_SIDE, "max-image-side", f"must be >= {MIN_IMAGE_SIDE}"
         yield demo_backbone(self.vlm) in (None, *SUPPORTED_BACKBONES), "vlm", \
