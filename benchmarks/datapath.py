@@ -15,6 +15,12 @@ the tiny bundle (`emovlm_kd.tiny.build_tiny_bundle`, saved there); nothing is do
 - `processor_ms`: per image, `emovlm_kd.inference.model_inputs` on batches of `--batch-size` prepared images (the
   chat-formatted prompt and the image processor, as `predict` builds them), median over the passes.
 - `data_path_ms`: the sum of the two, what one process spends per image before the model sees it.
+- `loader`: the data path as the commands run it, with no model behind it, for each of `--workers` (0, 1, 2):
+  `wall_ms_per_image` (wall time from creating the `DataLoader` to its last batch, worker start-up included, over
+  the images; median over the passes), `images_per_s` (its inverse) and `first_batch_ms` (the wait for the first
+  batch). `predict`: `emovlm_kd.datapath.batch_loader` over the files (`--group-batches 1`); `evaluate`:
+  `planned_loader(runner.dataset_batches(...))` over a `datasets.Dataset` of the same files (an `Image()` column of
+  paths, as `load_image_dataset` makes of a folder). What one process's loader delivers per second.
 - `model_only_images_per_s`: `model(**inputs, prompt_cache=...)` on the prebuilt batches (score mode).
 - `predict_images_per_s`: `python -m emovlm_kd.cli predict --model BUNDLE FOLDER --output out.jsonl` on the same
   files, in a fresh process: all images over the whole run's wall time (start-up included), and
@@ -81,6 +87,52 @@ def time_data_path(model, processor, paths, batch_size, repeats):
     return statistics.median(decode), statistics.median(process), inputs
 
 
+def time_loader(make_loader, count, repeats):
+    """`(wall ms per image, ms to the first batch)` of iterating `make_loader()` to its end, medians over the passes;
+    the batches must hold `count` rows in all."""
+    walls, firsts = [], []
+    for _ in range(repeats):
+        start, first, rows = time.perf_counter(), None, 0
+        for batch in make_loader():
+            first = first if first is not None else time.perf_counter() - start
+            if batch["errors"]:
+                raise RuntimeError(f"the loader could not read {batch['errors']}")
+            rows += len(batch["rows"])
+        walls.append((time.perf_counter() - start) * 1e3 / count)
+        firsts.append(first * 1e3)
+        if rows != count:
+            raise RuntimeError(f"the loader gave {rows} rows for {count} images")
+    return statistics.median(walls), statistics.median(firsts)
+
+
+def time_loaders(model, processor, paths, batch_size, workers, repeats):
+    """`{"predict": {workers: figures}, "evaluate": {...}}` (`time_loader`'s figures for each number of workers)."""
+    import datasets
+
+    from emovlm_kd.collection import FileInputs
+    from emovlm_kd.datapath import batch_loader, planned_loader
+    from emovlm_kd.evaluation.runner import dataset_batches
+
+    split = datasets.Dataset.from_dict(
+        {"image": [str(path) for path in paths], "label": [0] * len(paths)},
+        features=datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=["any"])}))
+    makers = {
+        "predict": lambda w: lambda: batch_loader(FileInputs(paths).rows(), processor, model.config, batch_size,
+                                                  group=1, num_workers=w),
+        "evaluate": lambda w: lambda: planned_loader(dataset_batches(split, batch_size), processor, model.config,
+                                                     num_workers=w),
+    }
+    report = {}
+    for path, maker in makers.items():
+        for count in workers:
+            logger.info("loader: %s, %d worker(s)", path, count)
+            wall, first = time_loader(maker(count), len(paths), repeats)
+            report.setdefault(path, {})[str(count)] = {"wall_ms_per_image": round(wall, 2),
+                                                       "images_per_s": round(1e3 / wall, 2),
+                                                       "first_batch_ms": round(first, 1)}
+    return report
+
+
 def time_model(model, inputs, count, repeats):
     import torch
 
@@ -115,6 +167,7 @@ def main(argv=None):
     parser.add_argument("--height", type=int, default=1200)
     parser.add_argument("--repeats", type=int, default=3, help="passes of the data path and of the model")
     parser.add_argument("--skip-predict", action="store_true", help="leave out the end-to-end `predict` runs")
+    parser.add_argument("--workers", default="0,1,2", help="the loaders' numbers of workers, comma-separated")
     parser.add_argument("--output", help="write the JSON report here")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -137,6 +190,8 @@ def main(argv=None):
         model.eval()
         logger.info("data path: %d JPEGs of %dx%d", args.images, args.width, args.height)
         decode_ms, processor_ms, inputs = time_data_path(model, processor, paths, args.batch_size, args.repeats)
+        workers = [int(count) for count in args.workers.split(",") if count.strip()]
+        report["loader"] = time_loaders(model, processor, paths, args.batch_size, workers, args.repeats)
         logger.info("model only")
         model_rate = time_model(model, inputs, args.images, args.repeats)
         report.update(decode_prepare_ms=round(decode_ms, 2), processor_ms=round(processor_ms, 2),

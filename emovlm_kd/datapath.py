@@ -20,6 +20,12 @@ from the start of the window holding its position, hence the same batches as an 
 the batches in input order.
 
 On CUDA the loader pins the batches (`pin_memory=True`) and `run_batch` copies them with `non_blocking=True`.
+
+`evaluate` (`emovlm_kd.evaluation.runner.predict_split`) plans its own batches (a dataset split's rows, round by round
+of `sharded_batches`, each batch's labels and ids carried in `Planned.meta`) and feeds them to the same loader
+(`planned_loader`); with a teacher the worker builds the teacher's inputs too (`PreparedBatches(teacher_processor=)`).
+The loader draws its workers' seed from a generator of its own, so the global torch RNG (seeded by a run, drawn by
+a sampled `generate`) is left as it was: the same numbers with and without workers.
 """
 
 import io
@@ -27,6 +33,7 @@ import logging
 import os
 from dataclasses import dataclass
 from itertools import islice
+from typing import Any
 
 import torch
 
@@ -63,11 +70,13 @@ def header_pixels(source):
 
 @dataclass
 class Planned:
-    """One planned batch: its window (number and how many batches it has) and its rows."""
+    """One planned batch: its window (number and how many batches it has), its rows, and `meta`: what its planner
+    wants back with the prepared batch (`batch["meta"]`; evaluate: the rows' labels and ids)."""
 
     window: int
     batches_in_window: int
     rows: list
+    meta: Any = None
 
 
 def plan_batches(rows, batch_size, group=1, size=header_pixels):
@@ -107,26 +116,40 @@ class PreparedBatches(torch.utils.data.Dataset):
     """A map-style dataset whose "indices" are `Planned` batches: `self[planned]` decodes and prepares its rows and
     runs the processor (`emovlm_kd.inference.processor_inputs`), in a `DataLoader` worker. Returns a dict: `rows`
     (`[(position, id)]`), `errors` (`{index in rows: message}` for sources that are not readable images), `inputs`
-    (the processor's tensors for the others, in order; None when none is readable), `window`,
-    `batches_in_window`."""
+    (the processor's tensors for the others, in order; None when none is readable), `teacher_inputs`, `window`,
+    `batches_in_window`, `meta` (the `Planned`'s).
 
-    def __init__(self, processor, config):
-        self.processor, self.config = processor, config
+    `teacher_processor` (an image classifier's image processor, evaluate's `--teacher`): `teacher_inputs` holds its
+    tensors (`teacher_processor(images=..., return_tensors="pt")`) for the same readable images, each prepared at
+    full size (`prepare_image` without a long-side bound: what the teacher was trained and evaluated on); else
+    None. Such an image is decoded twice, once per bound, so the model's copy is exactly the one a run without a
+    teacher (and `predict`) makes: a large JPEG decodes reduced for the model (`decode_reduced`), never for the
+    teacher."""
+
+    def __init__(self, processor, config, teacher_processor=None):
+        self.processor, self.config, self.teacher_processor = processor, config, teacher_processor
         self.max_side = getattr(config, "max_image_side", None)
 
     def __getitem__(self, planned):
         from emovlm_kd.images import ImageLoadError
         from emovlm_kd.inference import processor_inputs
 
-        images, errors = [], {}
+        images, full, errors = [], [], {}
         for i, row in enumerate(planned.rows):
             try:
-                images.append(load_row_image(row.source, self.max_side))
+                image = load_row_image(row.source, self.max_side)
+                if self.teacher_processor is not None:
+                    full.append(load_row_image(row.source, None))
+                images.append(image)
             except ImageLoadError as error:
                 errors[i] = str(error)
         inputs = dict(processor_inputs(self.processor, self.config, images)) if images else None
+        teacher_inputs = None
+        if self.teacher_processor is not None and full:
+            teacher_inputs = dict(self.teacher_processor(images=full, return_tensors="pt"))
         return {"rows": [(row.position, row.id) for row in planned.rows], "errors": errors, "inputs": inputs,
-                "window": planned.window, "batches_in_window": planned.batches_in_window}
+                "teacher_inputs": teacher_inputs, "window": planned.window,
+                "batches_in_window": planned.batches_in_window, "meta": planned.meta}
 
 
 def as_is(batch):
@@ -137,12 +160,21 @@ def as_is(batch):
 def batch_loader(rows, processor, config, batch_size, group=1, num_workers=0, pin_memory=False):
     """A `DataLoader` over `plan_batches(rows, batch_size, group)`: the batches of `PreparedBatches`, prepared by
     `num_workers` processes (0: in this one), in the planned order."""
+    return planned_loader(plan_batches(rows, batch_size, group), processor, config, num_workers=num_workers,
+                          pin_memory=pin_memory)
+
+
+def planned_loader(plan, processor, config, num_workers=0, pin_memory=False, teacher_processor=None):
+    """A `DataLoader` over the `Planned` batches of the iterable `plan` (read once, in this process, as the workers
+    ask for more): `PreparedBatches(processor, config, teacher_processor)` of each, prepared by `num_workers`
+    processes (0: in this one), handed back in the planned order, at most `2 * num_workers` ahead. Its workers'
+    seed comes from a generator of its own (`generator=`), not from the global torch RNG."""
     extra = {"prefetch_factor": 2} if num_workers else {}
     if num_workers:
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # the forked workers tokenise on one thread each
-    plan = plan_batches(rows, batch_size, group)
-    return torch.utils.data.DataLoader(PreparedBatches(processor, config), sampler=plan, batch_size=None,
-                                       collate_fn=as_is, num_workers=num_workers, pin_memory=pin_memory, **extra)
+    return torch.utils.data.DataLoader(PreparedBatches(processor, config, teacher_processor), sampler=plan,
+                                       batch_size=None, collate_fn=as_is, num_workers=num_workers,
+                                       pin_memory=pin_memory, generator=torch.Generator(), **extra)
 
 
 def windows(records_of_batches):

@@ -7,6 +7,7 @@
                        one definition of each flag, also make train's --dtype and the benchmark's
     QuantizationArguments  --load-in-4bit / --load-in-8bit (predict, evaluate, table1, demo)
     RuntimeArguments   DeviceArguments with --batch-size and --vlm-mode (predict, evaluate, table1), and QuantizationArguments
+    DataPathArguments  --num-workers: the DataLoader processes feeding the model (predict, evaluate, table1)
 
 A command's settings are a tuple of such dataclasses (its module's `ARGUMENTS`). `add_arguments(parser, groups)`
 makes their fields flags by HfArgumentParser's rules (the parser `train` uses through TRL's `TrlParser`, over the
@@ -329,3 +330,21 @@ def read(namespace, settings):
 def parser_for(settings, **kwargs):
     """A standalone `argparse.ArgumentParser` over `settings` (tests, scripts)."""
     return add_arguments(argparse.ArgumentParser(**kwargs), settings)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The data path
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(kw_only=True)
+class DataPathArguments(Checked):
+    """The data path that feeds the model (`emovlm_kd.datapath`): `DataLoader` processes decode, prepare and run the
+    processor beside it (predict, evaluate, table1)."""
+
+    _argument_group_name = "Data path"
+    num_workers: int | None = help_field("processes decoding and preparing images beside the model (default: the "
+                                         "available cores less one, at most 8; 0: in the main process)")
+
+    def _checks(self):
+        yield self.num_workers is None or self.num_workers >= 0, "num-workers", "must be >= 0"

@@ -249,3 +249,158 @@ def test_evaluate_model_on_an_in_memory_dataset(tiny_bundle):
     report = evaluate_model(bound, processor, data, None, label_perm=perm, batch_size=2)
     assert report["labels"] == labels and report["num_samples"] == 5
     assert report["accuracy"]["emovlm_kd"] == pytest.approx((arrays["final_probs"].argmax(-1) == [0, 1, 2, 1, 0]).mean())
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The data path (issue 25): decoding, prepare_image and the processors in DataLoader workers
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _in_line(model, processor, data, perm, teacher, teacher_processor, teacher_perm, batch_size, vlm_mode, seed=0):
+    """`predict_split`'s arrays as it computed them before its data path moved to workers (d4ab06f `_RowPredictor`):
+    each batch's rows decoded by `datasets` in this process, prepared (`prepare_image`, the model's bound; the
+    teacher's copy unbounded), run through `run_batch` and the teacher."""
+    import numpy as np
+
+    from emovlm_kd.inference import PromptPrefixCache, run_batch
+    from emovlm_kd.images import prepare_image
+
+    torch.manual_seed(seed)
+    cache, parts = PromptPrefixCache(), {}
+    temperatures = {"final_probs": model.config.gate_calibration_temperature,
+                    "distill_probs": model.config.head_calibration_temperature}
+    for start in range(0, len(data), batch_size):
+        batch = data[start : start + batch_size]
+        raw = batch["image"]
+        images = [prepare_image(image, max_side=model.config.max_image_side) for image in raw]
+        output = run_batch(model, processor, images, vlm_mode=vlm_mode, prompt_cache=cache)
+        part = {"paths": [getattr(image, "filename", None) or None for image in raw],
+                "vlm_scores": output.vlm_scores[:, perm], "vlm_found": output.vlm_answer_found.bool(),
+                "vlm_answers": list(output.get("generated_text") or [None] * len(raw)),
+                "references": [int(label) for label in batch["label"]], "ids": [str(i) for i in batch["id"]]}
+        for key, logits in (("final_probs", output.logits), ("distill_probs", output.distill_logits)):
+            part[key] = logits.softmax(-1)[:, perm]
+            part[f"{key}_uncalibrated"] = (logits * temperatures[key]).softmax(-1)[:, perm]
+        inputs = teacher_processor(images=[prepare_image(image) for image in raw], return_tensors="pt")
+        with torch.inference_mode():
+            part["teacher_probs"] = teacher(**inputs).logits.float().softmax(-1)[:, teacher_perm]
+        for key, value in part.items():
+            parts.setdefault(key, []).append(value)
+    arrays = {key: torch.cat(value).numpy() if torch.is_tensor(value[0]) else [x for v in value for x in v]
+              for key, value in parts.items()}
+    arrays["references"] = np.asarray(arrays["references"], dtype=np.int64)
+    if not any(arrays["vlm_answers"]):
+        arrays["vlm_answers"] = None
+    return arrays
+
+
+def _same_arrays(got, want):
+    import numpy as np
+
+    assert sorted(got) == sorted(want)
+    for key, value in want.items():
+        if isinstance(value, np.ndarray):
+            assert got[key].dtype == value.dtype and np.array_equal(got[key], value), key
+        else:
+            assert got[key] == value, key
+
+
+@pytest.mark.parametrize("sampled", [False, True], ids=["score", "generate-sampled"])
+def test_predict_split_gives_the_same_arrays_with_workers_as_in_line(tiny_bundle, dataset_dir, teacher_dir, sampled):
+    """Every array `predict_split` returns (each branch, the teacher, references, ids, paths; sampled answers too:
+    the loader leaves the global RNG alone) is equal, bit for bit, with 0 and 2 workers and to the in-line path."""
+    from emovlm_kd.evaluation.runner import (
+        align_labels,
+        bind_labels,
+        dataset_label_names,
+        load_split,
+        load_teacher,
+        predict_split,
+        teacher_label_names,
+    )
+
+    data = load_split(str(dataset_dir), "test", limit=8)  # one image per class
+    names = dataset_label_names(data)
+    model, processor = tiny_bundle
+    bound, perm = bind_labels(model, processor, False, names)
+    teacher, teacher_processor = load_teacher(str(teacher_dir), device="cpu")
+    teacher_perm = align_labels(teacher_label_names(teacher), names, "teacher")
+    options = dict(label_perm=perm, teacher=teacher, teacher_processor=teacher_processor, teacher_perm=teacher_perm,
+                   batch_size=3, vlm_mode="generate" if sampled else "score")  # 8 rows: a last batch of 2
+    saved = bound.config.vlm_do_sample, bound.config.vlm_max_new_tokens
+    bound.config.vlm_do_sample, bound.config.vlm_max_new_tokens = sampled, 8  # short answers: a fast test
+    try:
+        want = _in_line(bound, processor, data, perm, teacher, teacher_processor, teacher_perm, 3,
+                        options["vlm_mode"])
+        for workers in (0, 2):
+            _same_arrays(predict_split(bound, processor, data, num_workers=workers, **options), want)
+    finally:
+        bound.config.vlm_do_sample, bound.config.vlm_max_new_tokens = saved
+    assert all(path.endswith(row_id) for path, row_id in zip(want["paths"], want["ids"])) and len(want["ids"]) == 8
+    assert (want["vlm_answers"] is not None) == sampled
+
+
+def test_the_split_is_read_a_batch_at_a_time_and_decoded_only_by_the_data_path(tiny_bundle, dataset_dir,
+                                                                             monkeypatch):
+    """`load_split` and `predict_split` never decode an image through `datasets` (`dataset["image"]` on a split
+    would decode all of it) nor read more than one batch of rows at once: the workers decode."""
+    import datasets
+
+    from emovlm_kd.evaluation.runner import bind_labels, dataset_label_names, load_split, predict_split
+
+    def no_decoding(self, value, token_per_repo_id=None):
+        raise AssertionError("an image was decoded by datasets")
+
+    reads = []
+    original = datasets.Dataset.__getitem__
+
+    def recording(self, key):
+        reads.append(key)
+        return original(self, key)
+
+    monkeypatch.setattr(datasets.Image, "decode_example", no_decoding)
+    monkeypatch.setattr(datasets.Dataset, "__getitem__", recording)
+    data = load_split(str(dataset_dir), "test", limit=12)
+    model, processor = tiny_bundle
+    bound, perm = bind_labels(model, processor, False, dataset_label_names(data))
+    arrays = predict_split(bound, processor, data, label_perm=perm, batch_size=4, num_workers=0)
+    assert len(arrays["references"]) == 12 and arrays["final_probs"].shape == (12, 8)
+    assert "image" not in [key for key in reads if isinstance(key, str)]
+    rows = [key for key in reads if not isinstance(key, str)]
+    assert rows and all(len(key) <= 4 for key in rows), rows
+
+
+def test_an_image_that_does_not_read_is_an_input_error_naming_the_row(tiny_bundle):
+    import datasets
+
+    from emovlm_kd.errors import InputError
+    from emovlm_kd.evaluation.runner import bind_labels, predict_split
+
+    labels = list(MIKELS8)
+    data = datasets.Dataset.from_dict(
+        {"id": ["good", "broken"], "image": [_png_bytes(), {"bytes": b"not an image", "path": None}],
+         "label": [0, 1]},
+        features=datasets.Features({"id": datasets.Value("string"), "image": datasets.Image(),
+                                    "label": datasets.ClassLabel(names=labels)}),
+    )
+    model, processor = tiny_bundle
+    bound, perm = bind_labels(model, processor, False, labels)
+    with pytest.raises(InputError, match=r"broken \(not an image"):
+        predict_split(bound, processor, data, label_perm=perm, batch_size=2, num_workers=0)
+
+
+def _png_bytes():
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (40, 40), (200, 30, 30)).save(buffer, format="PNG")
+    return {"bytes": buffer.getvalue(), "path": None}
+
+
+def test_evaluate_num_workers_gives_the_same_report(evaluated, tiny_bundle_dir, dataset_dir, teacher_dir, tmp_path):
+    """`--num-workers 0` (decoding in the main process) writes what the default workers wrote."""
+    assert _evaluate(tiny_bundle_dir, dataset_dir, tmp_path / "in-line", "--teacher", str(teacher_dir),
+                     "--num-workers", "0") == 0
+    assert _read(tmp_path / "in-line") == _read(evaluated)

@@ -45,6 +45,23 @@ def test_the_dataset_flags_are_one_definition_in_evaluate_split_and_train():
         assert seen["train"][0] == spec.metadata["help"]
 
 
+def test_the_data_path_flag_is_one_definition_in_predict_evaluate_and_table1():
+    from emovlm_kd.settings import DataPathArguments
+
+    spec = {f.name: f for f in dataclasses.fields(DataPathArguments)}["num_workers"]
+    seen = {}
+    for command in ("predict", "evaluate", "table1"):
+        action = actions_by_dest(command_parser(command))["num_workers"]
+        seen[command] = (tuple(action.option_strings), action.help, action.default, action.type)
+    assert set(seen.values()) == {(("--num-workers", "--num_workers"), spec.metadata["help"], None, int)}, seen
+    for module in ("predict", "evaluate", "table1"):
+        arguments = __import__(f"emovlm_kd.commands.{module}", fromlist=["ARGUMENTS"]).ARGUMENTS
+        owners = [klass for klass in arguments.__mro__ if "num_workers" in klass.__dict__.get("__annotations__", {})]
+        assert owners == [DataPathArguments], (module, owners)
+    with pytest.raises(ValueError, match="--num-workers must be >= 0"):
+        DataPathArguments(num_workers=-1)
+
+
 @pytest.mark.parametrize("ratios", [(0.8, 0.1, 0.1), (0.85, 0.0, 0.15), (0.5, 0.5, 0.0), (0.0, 0.5, 0.5),
                                     (0.5, 0.2, 0.2), (1.1, -0.05, -0.05)])
 def test_one_split_ratio_rule_for_the_flags_and_the_loader(ratios, tmp_path):
@@ -111,7 +128,8 @@ def test_every_command_module_has_a_settings_dataclass_and_its_help_imports_noth
 
 @pytest.mark.parametrize("command, words", [
     ("evaluate", ["--model", "m", "--dataset", "d", "--output-dir", "o", "--split-ratios", "0.8", "0.1", "0.1",
-                  "--vote-rule", "plurality", "--batch-size", "3", "--dtype", "bfloat16", "--trust-remote-code"]),
+                  "--vote-rule", "plurality", "--batch-size", "3", "--dtype", "bfloat16", "--trust-remote-code",
+                  "--num-workers", "2"]),
     ("demo", ["--model", "m", "--port", "7861", "--share", "--device", "cpu"]),
     ("ablate head-depth", ["--run", "r", "--depths", "64;64,32", "--tau", "3", "--gate-type", "moe"]),
 ])

@@ -140,8 +140,8 @@ def test_two_processes_evaluate_to_the_same_report(tiny_bundle_dir, tmp_path):
     data = make_synthetic_dataset(tmp_path / "FI", per_class=(1, 0, 1), image_size=40)  # 8 test images
     one, two = tmp_path / "one", tmp_path / "two"
     common = ["--model", str(tiny_bundle_dir), "--dataset", str(data), "--batch-size", "3", "--device", "cpu"]
-    assert main(["evaluate", *common, "--output-dir", str(one)]) == 0
-    result = _torchrun("evaluate", *common, "--output-dir", str(two))
+    assert main(["evaluate", *common, "--output-dir", str(one), "--num-workers", "0"]) == 0
+    result = _torchrun("evaluate", *common, "--output-dir", str(two), "--num-workers", "1")  # a loader per process
     assert result.returncode == 0, result.stderr[-3000:]
     lines_one = _records(one / "predictions.jsonl")
     lines_two = _records(two / "predictions.jsonl")

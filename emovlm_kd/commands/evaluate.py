@@ -3,11 +3,16 @@
     emovlm-kd evaluate --model runs/demo/model --dataset data/FI --output-dir results/fi
     emovlm-kd evaluate --model runs/fi/model --dataset data/FI --teacher runs/fi/teacher --output-dir results/fi
     emovlm-kd evaluate --model Qwen/Qwen2-VL-7B-Instruct --dataset data/FI --output-dir results/fi-zero-shot
+    emovlm-kd evaluate --model runs/fi/model --dataset data/FI --output-dir results/fi --num-workers 7
 
 Writes `report.json` (accuracy and macro-F1 per part, complementarity, the gate on disagreements, ECE),
 `predictions.jsonl` (one line per sample), `confusion_matrix.png`, `complementarity.png` and `report.md`, all or
 nothing: the set replaces `--output-dir` as a whole, so a folder holding other files is refused before any work.
 A bare Qwen2-VL checkpoint gives the zero-shot baseline: the VLM branch alone.
+
+The images go through predict's data path (`emovlm_kd.datapath`): `--num-workers` DataLoader processes (default:
+the available cores less one, at most 8) decode them, prepare them and run the processor (and the teacher's) while
+the model computes; the split is read a batch at a time, never whole. The report does not depend on the workers.
 
     torchrun --nproc_per_node 4 -m emovlm_kd.cli evaluate --model runs/fi/model --dataset data/FI --output-dir results/fi
 
@@ -27,6 +32,7 @@ from emovlm_kd.errors import UsageError
 from emovlm_kd.evaluation.options import EvaluationArguments
 from emovlm_kd.settings import (
     REQUIRED,
+    DataPathArguments,
     DatasetArguments,
     ProtocolArguments,
     RuntimeArguments,
@@ -38,7 +44,8 @@ logger = logging.getLogger(__name__)
 
 
 @dataclass(kw_only=True)
-class EvaluateArguments(ProtocolArguments, RuntimeArguments, EvaluationArguments, DatasetArguments):
+class EvaluateArguments(ProtocolArguments, RuntimeArguments, DataPathArguments, EvaluationArguments,
+                        DatasetArguments):
     model: str = help_field("EmoVLM-KD bundle folder or Hub id, or a bare Qwen2-VL", REQUIRED)
     dataset: str = help_field("dataset folder, manifest, save_to_disk folder or Hub id (see emovlm_kd.data)", REQUIRED)
     teacher: str | None = help_field("an AutoModelForImageClassification folder or Hub id (the ViT teacher) to compare")
@@ -91,7 +98,8 @@ def _evaluate(args):
     try:
         report = evaluate_model(model, processor, dataset, args.output_dir, zero_shot=zero_shot, label_perm=perm,
                                 teacher=teacher, teacher_processor=teacher_processor, teacher_perm=teacher_perm,
-                                batch_size=args.batch_size, vlm_mode=args.vlm_mode, meta=meta)
+                                batch_size=args.batch_size, vlm_mode=args.vlm_mode, meta=meta,
+                                num_workers=args.num_workers)
     except FileExistsError as error:  # a file put into --output-dir while the run went on
         raise UsageError(f"--output-dir: {error}")
     from emovlm_kd import distributed

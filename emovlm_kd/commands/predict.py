@@ -52,14 +52,15 @@ from pathlib import Path
 from emovlm_kd.errors import UsageError, few
 from emovlm_kd.folders import WriteError, write_error
 from emovlm_kd.partfiles import RECORD_SUFFIX, check_part_record
-from emovlm_kd.settings import REQUIRED, Checked, RuntimeArguments, help_field, positive
+from emovlm_kd.settings import REQUIRED, Checked, DataPathArguments, RuntimeArguments, help_field, positive
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass(kw_only=True)
 class CollectionArguments(Checked):
-    """Where `predict`'s images come from beyond files and folders, and the data path that feeds the model."""
+    """Where `predict`'s images come from beyond files and folders, and how the data path groups and writes them
+    (its `--num-workers`: `emovlm_kd.settings.DataPathArguments`, shared with evaluate and table1)."""
 
     _argument_group_name = "Datasets and the data path"
     dataset: str | None = help_field("a Hugging Face dataset instead of INPUTS: a Hub id, or a local folder "
@@ -71,15 +72,12 @@ class CollectionArguments(Checked):
     image_column: str | None = help_field("the dataset's image column (default: its first Image column)")
     id_column: str | None = help_field("the column naming each row in the output (default: id, __key__, key, "
                                        "image_id, file_name or filename; else the row's position)")
-    num_workers: int | None = help_field("processes decoding and preparing images beside the model (default: the "
-                                         "available cores less one, at most 8; 0: in the main process)")
     group_batches: int = help_field("sort each window of N batches by image size, so a batch pads less (output "
                                     "order unchanged; 1: no sorting)", 8, metavar="N")
     row_group_size: int = help_field("with --output FILE.parquet: rows per row group, each written (and kept for "
                                      "--resume) as it fills", 4096, metavar="ROWS")
 
     def _checks(self):
-        yield self.num_workers is None or self.num_workers >= 0, "num-workers", "must be >= 0"
         yield from positive(self, "group_batches", "row_group_size", strict=False)
 
 
@@ -97,7 +95,7 @@ class ExplanationArguments(Checked):
 
 
 @dataclass(kw_only=True)
-class PredictArguments(RuntimeArguments, CollectionArguments, ExplanationArguments):
+class PredictArguments(RuntimeArguments, DataPathArguments, CollectionArguments, ExplanationArguments):
     inputs: list[str] = help_field("image files or folders (searched recursively), parquet files, WebDataset .tar "
                                    "shards or a save_to_disk folder", [], positional=True, nargs="*")
     model: str = help_field("bundle folder or Hub id", REQUIRED)

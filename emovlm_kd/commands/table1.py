@@ -30,13 +30,13 @@ from typing import Literal
 from emovlm_kd.errors import UsageError
 from emovlm_kd.evaluation.options import EvaluationArguments
 from emovlm_kd.evaluation.paper import TABLE1_DATASETS
-from emovlm_kd.settings import REQUIRED, RuntimeArguments, help_field
+from emovlm_kd.settings import REQUIRED, DataPathArguments, RuntimeArguments, help_field
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass(kw_only=True)
-class Table1Arguments(RuntimeArguments, EvaluationArguments):
+class Table1Arguments(RuntimeArguments, DataPathArguments, EvaluationArguments):
     model: list[str] = help_field("bundle or bare Qwen2-VL; NAME=MODEL for one dataset only (repeatable)", REQUIRED,
                                   action="append", metavar="[NAME=]MODEL")
     data_root: str | None = help_field("folder holding emoset, fi, emotion6, flickr, instagram")
@@ -112,7 +112,7 @@ def run(args: Table1Arguments) -> int:
     models = {name: per_dataset.get(name, default) for name in found}
     options = dict(split=args.split, limit=args.limit, batch_size=args.batch_size, vlm_mode=args.vlm_mode,
                    device=resolve_device(args.device), dtype=resolve_dtype(args.dtype), skipped=missing,
-                   splits=parse_splits(args.splits), quantize=args.quantize)
+                   splits=parse_splits(args.splits), quantize=args.quantize, num_workers=args.num_workers)
     if args.official_model and args.protocol != "both":
         raise UsageError("--official-model goes with --protocol both")
     try:

@@ -217,21 +217,49 @@ def _apply_split_file(data, record_path, explicit):
     return apply_splits(data, record, where=str(record_path))
 
 
-def _prepare_images(images, max_side=None):
-    from emovlm_kd.images import prepare_image
-
-    return [prepare_image(image, max_side=max_side) for image in images]
-
-
 @torch.inference_mode()
-def _teacher_probs(teacher, teacher_processor, images):
-    inputs = teacher_processor(images=images, return_tensors="pt").to(teacher.device)
+def _teacher_probs(teacher, inputs):
+    """The teacher's probabilities for its processor's `inputs` (built by a data path worker; pinned on CUDA)."""
+    inputs = {key: value.to(teacher.device, non_blocking=True) for key, value in inputs.items()}
     inputs["pixel_values"] = inputs["pixel_values"].to(teacher.dtype)
     return teacher(**inputs).logits.float().softmax(-1).cpu()
 
 
+def dataset_batches(dataset, batch_size):
+    """`emovlm_kd.datapath.Planned` batches of `dataset`'s rows, one per round of `sharded_batches` (this process's
+    share; an empty batch in a round where it has none, so every process joins every round's gather): each row's
+    `source` its encoded image (`{"bytes", "path"}`: the image column read with `Image(decode=False)`, one batch's
+    rows at a time, nothing decoded here), `meta` the rows' labels, ids (the `id` column, else the row's index) and
+    paths (a row stored as a path, not as bytes: its path)."""
+    import datasets
+
+    from emovlm_kd.collection import Row
+    from emovlm_kd.datapath import Planned
+    from emovlm_kd.inference import sharded_batches
+
+    columns = [name for name in ("image", "label", "id") if name in dataset.column_names]
+    undecoded = dataset.select_columns(columns)
+    feature = undecoded.features["image"]
+    if isinstance(feature, datasets.Image) and feature.decode:
+        undecoded = undecoded.cast_column("image", datasets.Image(decode=False))  # bytes and paths: decoded later
+    for number, mine in enumerate(sharded_batches(range(len(dataset)), batch_size)):
+        part = undecoded[mine] if mine else {name: [] for name in columns}
+        ids = [str(i) for i in part["id"]] if "id" in part else [str(i) for i in mine]
+        rows = [Row(position, row_id, source) for position, row_id, source in zip(mine, ids, part["image"])]
+        meta = {"references": [int(label) for label in part["label"]], "ids": ids,
+                "paths": [_stored_path(source) for source in part["image"]]}
+        yield Planned(number, 1, rows, meta)
+
+
+def _stored_path(source):
+    """The path of a row's image when it is stored as a file (a path without bytes), else None."""
+    if isinstance(source, dict):
+        return None if source.get("bytes") else source.get("path")
+    return str(source) if isinstance(source, (str, Path)) else None
+
+
 def predict_split(model, processor, dataset, *, label_perm=None, teacher=None, teacher_processor=None,
-                  teacher_perm=None, batch_size=8, vlm_mode=None, seed=0, desc="evaluate"):
+                  teacher_perm=None, batch_size=8, vlm_mode=None, seed=0, desc="evaluate", num_workers=None):
     """Batched inference once over `dataset` (`image`, `label`, optional `id`): per-sample arrays in dataset order.
 
     Returns a dict: `references` (N,), `ids`, `paths`, `final_probs`, `distill_probs`, `vlm_scores` (N, C, in the
@@ -240,6 +268,12 @@ def predict_split(model, processor, dataset, *, label_perm=None, teacher=None, t
     logits times the config's `gate_calibration_temperature` / `head_calibration_temperature`). The model sees each
     image with its long side limited to `config.max_image_side`; the teacher sees it as its training cache did.
 
+    The data path (`emovlm_kd.datapath.planned_loader`): `num_workers` DataLoader processes (default
+    `datapath.default_workers`; 0: in this process) decode the images, prepare them and run the processor (and the
+    teacher's) while the model computes; the main process reads one batch's rows at a time, undecoded
+    (`dataset_batches`), so no split is ever held in memory whole. On CUDA the batches are pinned and copied
+    without blocking. The arrays do not depend on `num_workers`.
+
     Under torchrun each round of `batch_size` x processes rows is split between the processes
     (`emovlm_kd.inference.sharded_batches`) and gathered back in order on every process: the same arrays as one
     process gives, up to float rounding (sampled answers in `generate` mode with `config.vlm_do_sample` excepted).
@@ -247,20 +281,25 @@ def predict_split(model, processor, dataset, *, label_perm=None, teacher=None, t
     from tqdm.auto import tqdm
 
     from emovlm_kd import distributed
-    from emovlm_kd.inference import gather_in_order, sharded_batches
+    from emovlm_kd.datapath import default_workers, planned_loader
+    from emovlm_kd.inference import gather_in_order
 
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if num_workers is None:
+        num_workers = default_workers(distributed.local_processes())
     torch.manual_seed(seed)  # generate mode may sample (config.vlm_do_sample): the same numbers on a rerun
     num_labels = len(dataset_label_names(dataset))
     perm = torch.as_tensor(label_perm if label_perm is not None else range(num_labels), dtype=torch.long)
-    step = _RowPredictor(model, processor, perm, teacher, teacher_processor, teacher_perm, vlm_mode,
-                         has_ids="id" in dataset.column_names)
+    step = _RowPredictor(model, processor, perm, teacher, teacher_perm, vlm_mode)
+    loader = planned_loader(dataset_batches(dataset, batch_size), processor, model.config, num_workers=num_workers,
+                            pin_memory=model.device.type == "cuda",
+                            teacher_processor=teacher_processor if teacher is not None else None)
     parts = []
     disable = None if distributed.is_main_process() else True
     with tqdm(total=len(dataset), desc=desc, unit="img", file=sys.stderr, disable=disable) as bar:
-        for mine in sharded_batches(range(len(dataset)), batch_size):
-            local = [step(dataset.select(mine)[:], mine)] if mine else []
+        for batch in loader:
+            local = [step(batch)] if batch["rows"] else []
             gathered = gather_in_order(local)
             parts += gathered
             bar.update(sum(len(part["references"]) for part in gathered))
@@ -268,37 +307,42 @@ def predict_split(model, processor, dataset, *, label_perm=None, teacher=None, t
 
 
 class _RowPredictor:
-    """One batch of dataset rows -> its per-sample values (`predict_split`'s keys), for one pass over a frozen model
-    (its prompt prefix encoded once: one `PromptPrefixCache` per pass)."""
+    """One prepared batch of dataset rows (`emovlm_kd.datapath.PreparedBatches`) -> its per-sample values
+    (`predict_split`'s keys), for one pass over a frozen model (its prompt prefix encoded once: one
+    `PromptPrefixCache` per pass)."""
 
-    def __init__(self, model, processor, perm, teacher, teacher_processor, teacher_perm, vlm_mode, has_ids):
+    def __init__(self, model, processor, perm, teacher, teacher_perm, vlm_mode):
         from emovlm_kd.inference import PromptPrefixCache
 
-        self.model, self.processor, self.perm, self.vlm_mode, self.has_ids = model, processor, perm, vlm_mode, has_ids
-        self.teacher, self.teacher_processor, self.teacher_perm = teacher, teacher_processor, teacher_perm
+        self.model, self.processor, self.perm, self.vlm_mode = model, processor, perm, vlm_mode
+        self.teacher, self.teacher_perm = teacher, teacher_perm
         self.temperatures = {"final_probs": model.config.gate_calibration_temperature,
                              "distill_probs": model.config.head_calibration_temperature}
         self.prompt_cache = PromptPrefixCache()
 
-    def __call__(self, batch, indices):
+    def __call__(self, batch):
+        from emovlm_kd.errors import InputError
         from emovlm_kd.inference import run_batch
 
-        raw, perm = batch["image"], self.perm
-        images = _prepare_images(raw, self.model.config.max_image_side)
-        output = run_batch(self.model, self.processor, images, vlm_mode=self.vlm_mode, prompt_cache=self.prompt_cache)
-        part = {"paths": [getattr(image, "filename", None) or None for image in raw]}
+        meta, perm = batch["meta"], self.perm
+        if batch["errors"]:
+            bad = [f"{meta['ids'][i]} ({message})" for i, message in sorted(batch["errors"].items())]
+            raise InputError(f"the dataset holds images that do not read: {few(bad, 3)}")
+        output = run_batch(self.model, self.processor, None, inputs=batch["inputs"], vlm_mode=self.vlm_mode,
+                           prompt_cache=self.prompt_cache)
+        part = {"paths": list(meta["paths"])}
         for key, logits in (("final_probs", output.logits), ("distill_probs", output.distill_logits)):
             part[key] = logits.softmax(-1)[:, perm]
             part[f"{key}_uncalibrated"] = (logits * self.temperatures[key]).softmax(-1)[:, perm]
         part["vlm_scores"] = output.vlm_scores[:, perm]
         part["vlm_found"] = output.vlm_answer_found.bool()
         texts = output.get("generated_text")
-        part["vlm_answers"] = list(texts) if texts is not None else [None] * len(images)
+        part["vlm_answers"] = list(texts) if texts is not None else [None] * len(batch["rows"])
         if self.teacher is not None:
-            probs = _teacher_probs(self.teacher, self.teacher_processor, _prepare_images(raw))
+            probs = _teacher_probs(self.teacher, batch["teacher_inputs"])
             part["teacher_probs"] = probs[:, self.teacher_perm] if self.teacher_perm is not None else probs
-        part["references"] = [int(label) for label in batch["label"]]
-        part["ids"] = [str(i) for i in batch["id"]] if self.has_ids else [str(i) for i in indices]
+        part["references"] = list(meta["references"])
+        part["ids"] = list(meta["ids"])
         return part
 
 
@@ -351,19 +395,20 @@ def calibration_inputs(model, arrays, zero_shot=False):
 
 def evaluate_model(model, processor, dataset, output_dir=None, *, zero_shot=False, label_perm=None, teacher=None,
                    teacher_processor=None, teacher_perm=None, batch_size=8, vlm_mode=None, meta=None, plots=True,
-                   n_bins=15, seed=0, desc="evaluate"):
+                   n_bins=15, seed=0, desc="evaluate", num_workers=None):
     """Run inference once over `dataset`, build the report and (with `output_dir`) write `REPORT_FILES` there.
 
     `model` is an `EmoVLMKDForImageClassification` (for zero-shot, one from `bind_labels`); `label_perm` and
-    `teacher_perm` reorder model and teacher outputs into the dataset's label order (see `align_labels`).
-    Returns the report dict (also `report.json`). Under torchrun the inference is sharded (`predict_split`) and
-    only the main process writes the files.
+    `teacher_perm` reorder model and teacher outputs into the dataset's label order (see `align_labels`);
+    `num_workers`: the data path's worker processes (`predict_split`). Returns the report dict (also
+    `report.json`). Under torchrun the inference is sharded (`predict_split`) and only the main process writes the
+    files.
     """
     labels = dataset_label_names(dataset)
     started = time.perf_counter()
     arrays = predict_split(model, processor, dataset, label_perm=label_perm, teacher=teacher,
                            teacher_processor=teacher_processor, teacher_perm=teacher_perm, batch_size=batch_size,
-                           vlm_mode=vlm_mode, seed=seed, desc=desc)
+                           vlm_mode=vlm_mode, seed=seed, desc=desc, num_workers=num_workers)
     elapsed = time.perf_counter() - started
     logger.info("inference on %d samples took %.1f s (%.2f img/s)", len(arrays["references"]), elapsed,
                 len(arrays["references"]) / max(elapsed, 1e-9))
@@ -456,6 +501,7 @@ __all__ = [
     "bind_labels",
     "calibration_inputs",
     "check_report_folder",
+    "dataset_batches",
     "dataset_label_names",
     "evaluate_model",
     "load_split",

@@ -97,7 +97,7 @@ class _Skip(Exception):
 
 
 def run_table1(datasets, models, output_dir, *, split="test", limit=None, batch_size=8, vlm_mode=None, device=None,
-               dtype=None, skipped=None, splits=None, protocol=None, quantize=None):
+               dtype=None, skipped=None, splits=None, protocol=None, quantize=None, num_workers=None):
     """Evaluate `models[name]` on each of `datasets` (`{name: path}`), writing `<output_dir>/<name>/` reports, and
     return the Table 1 result (also written to `table1.json` and `table1.md`). `models` maps dataset -> model id;
     `skipped` (`{name: reason}`) lists datasets left out beforehand. A model that does not load raises
@@ -105,12 +105,14 @@ def run_table1(datasets, models, output_dir, *, split="test", limit=None, batch_
     dataset is split by `splits[name]` (a split file) or else by the model folder's split file, as
     `emovlm-kd evaluate` does. `protocol` (paper or official) is how each bundle's VLM branch answers
     (`emovlm_kd.protocol.apply_to_model`); None keeps the bundle's own. `quantize` (4 or 8): each model's language
-    model loaded in 4-/8-bit (`hub.load_model`).
+    model loaded in 4-/8-bit (`hub.load_model`). `num_workers`: the data path's worker processes
+    (`runner.predict_split`; default: the available cores less one).
     """
     output_dir = Path(output_dir)
     results, skipped = {}, dict(skipped or {})
     cache = _OneModel(device, dtype, quantize)
-    options = {"split": split, "limit": limit, "batch_size": batch_size, "vlm_mode": vlm_mode, "protocol": protocol}
+    options = {"split": split, "limit": limit, "batch_size": batch_size, "vlm_mode": vlm_mode, "protocol": protocol,
+               "num_workers": num_workers}
     for name, path in datasets.items():
         try:
             results[name] = _evaluate_dataset(name, path, models.get(name), cache, output_dir,
@@ -132,7 +134,7 @@ def run_table1(datasets, models, output_dir, *, split="test", limit=None, batch_
 
 
 def _evaluate_dataset(name, path, model_id, cache, output_dir, *, split, limit, batch_size, vlm_mode, splits=None,
-                      protocol=None):
+                      protocol=None, num_workers=None):
     """One dataset's Table 1 entry (its report written to `<output_dir>/<name>/`), or `_Skip` with the reason."""
     if model_id is None:
         logger.warning("skipping %s: %s", name, "no --model for it")
@@ -156,7 +158,8 @@ def _evaluate_dataset(name, path, model_id, cache, output_dir, *, split, limit, 
     meta = {"model": str(model_id), "dataset": str(path), "split": split, "limit": limit,
             **({"protocol": protocol} if protocol else {})}
     report = evaluate_model(model, processor, dataset, output_dir / name, zero_shot=zero_shot, label_perm=perm,
-                            batch_size=batch_size, vlm_mode=vlm_mode, meta=meta, desc=name)
+                            batch_size=batch_size, vlm_mode=vlm_mode, meta=meta, desc=name,
+                            num_workers=num_workers)
     return {
         "path": str(path),
         "model": str(model_id),
