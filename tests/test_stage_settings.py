@@ -32,7 +32,7 @@ def another_values(spec, current, folder):
         elif option is int:
             found.append(current + 1)
         elif option is float:
-            found.append(current / 2)
+            found.append(current / 2 if current else 1.0)  # a default of 0.0 halves to itself
         elif option is str:
             path = folder / f"{spec.name}.txt"
             path.write_text(f"a file for --{spec.name}\n", encoding="utf-8")
