@@ -64,7 +64,7 @@ batch sizes 1, 8 and 32, and its own targets (the issue's GPU ones: `predict_ms`
 `lower_bound`, `predict_batch_32`).
 
 `--train` measures stage 1 instead: the base saved as safetensors and loaded as `emovlm_kd.training.sft` loads it
-(`quantization_config`: 4-bit nf4, double quantisation on CUDA; LoRA r 8 on the LLM's q, k, v from `lora_config`;
+(`quantization_config`: 4-bit nf4, double quantisation on CUDA; LoRA r 8 on the LLM's q, k, v from `model_config`;
 gradient checkpointing with 4-bit), TRL's `SFTTrainer` on prompt / completion rows over random images,
 `--train-warmup-steps` untimed steps then `--train-steps` timed ones of `--train-batch-size` images: `stage1` in the
 JSON holds `steps_per_s`, `s_per_step`, the peak memory of the whole `train()` call and a label saying what was
