@@ -230,8 +230,8 @@ def time_stages(model, processor, reference, args):
 def time_stage1(args, device, dtype):
     """Stage 1's training step as `emovlm_kd.training.sft.run_stage1` sets it up (the base loaded from safetensors
     with `sft.quantization_config`: 4-bit nf4 double quantisation on CUDA; LoRA from TRL's `get_peft_config` of
-    `sft.model_config` on the LLM's q, k, v; gradient checkpointing with 4-bit; TRL's `SFTTrainer` on prompt / completion rows), on a random
-    model: `7b` at 7B widths with `TRAIN_7B_DEPTH` (4 text layers, 4 vision blocks), labelled as such.
+    `sft.model_config` on the LLM's q, k, v; gradient checkpointing with 4-bit; TRL's `SFTTrainer` on prompt /
+    completion rows), on a random model: `7b` at 7B widths with `TRAIN_7B_DEPTH` (4 text layers, 4 vision blocks), labelled as such.
     `--train-warmup-steps` untimed steps, then `--train-steps` timed ones; the peak memory is that of the whole
     `train()` call (`MemoryMeter`). The report entry, JSON-ready."""
     from emovlm_kd.training import sft
@@ -245,7 +245,8 @@ def time_stage1(args, device, dtype):
         route_trainer_logs(trainer)  # the Trainer's metric dicts stay off stdout (the table is the output)
         memory = MemoryMeter(device).measure(trainer.train)
         vlm = trainer.model
-        entry = _stage1_entry(args, cfg, clock, memory, label, sft.quantization_config(sft.model_config(cfg), cfg.quantize_scope), depth)
+        quant = sft.quantization_config(sft.model_config(cfg), cfg.quantize_scope)
+        entry = _stage1_entry(args, cfg, clock, memory, label, quant, depth)
         entry.update(params=params, trainable_params=sum(p.numel() for p in vlm.parameters() if p.requires_grad))
         del trainer, vlm
     return entry
@@ -311,7 +312,8 @@ def _stage1_trainer(args, cfg, base, device, dtype, folder):
         report_to=[], seed=args.seed, data_seed=args.seed, dataloader_num_workers=0, **QUIET,
     )
     clock = _StepClock(device)
-    trainer = SFTTrainer(model=vlm, args=config, processing_class=processor, peft_config=get_peft_config(sft.model_config(cfg)),
+    trainer = SFTTrainer(model=vlm, args=config, processing_class=processor,
+                         peft_config=get_peft_config(sft.model_config(cfg)),
                          train_dataset=_stage1_rows(steps * args.train_batch_size, args.image_size, args.seed),
                          callbacks=[clock])
     return trainer, clock

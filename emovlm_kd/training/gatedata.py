@@ -88,7 +88,8 @@ def add_sampled_answers(gate, cache, passes, bundle, processor, dataset, *, seed
         for split in (s for s in ("val", "test") if s in dataset):
             answers = sampled_answer_cache(cache, bundle, processor, dataset[split], seed=seed, batch_size=batch_size,
                                            split_name=split, samples=1, temperature=gate.gate_temperature)
-            passes[split].update(vlm_answer=answers["vlm_samples"][:, 0], vlm_answer_found=answers["answer_found"][:, 0])
+            passes[split].update(vlm_answer=answers["vlm_samples"][:, 0],
+                                 vlm_answer_found=answers["answer_found"][:, 0])
 
 
 def sampled_answer_cache(cache, model, processor, split, *, seed, batch_size, samples, temperature,
