@@ -60,9 +60,8 @@ def _positive(obj, *names, strict=True):
 class StageArguments(_Checked):
     """The settings of one stage: each field is a knob, and a knob is one field and nothing else.
 
-    A field is a flag and a YAML key (`train_parser` reads the groups), enters the stage's key (the stage
-    hashes the group's fields with the stage's inputs) and reaches the stage's Trainer: `training.arguments.
-    training_arguments` derives the stage's `TrainingArguments` subclass (e.g. `DistillTrainingArguments`, which
+    A field is a flag and a YAML key (`train_parser` reads the groups), enters the stage's key (the stage hashes the
+    group's fields with its inputs) and reaches the stage's Trainer: `training.arguments.training_arguments` derives the stage's `TrainingArguments` subclass (e.g. `DistillTrainingArguments`, which
     subclasses TrainingArguments and this group as TRL's `GKDConfig` subclasses `TrainingArguments`), holding every
     field under its own name (`args.alpha`), with the stage's fixed values (`recipe`); a field named in `renames`
     also sets the TrainingArguments field it stands for (`sft_lr` -> `learning_rate`: the flags keep their stage
