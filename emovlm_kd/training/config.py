@@ -61,12 +61,13 @@ class StageArguments(_Checked):
     """The settings of one stage: each field is a knob, and a knob is one field and nothing else.
 
     A field is a flag and a YAML key (`train_parser` reads the groups), enters the stage's key (the stage hashes the
-    group's fields with its inputs) and reaches the stage's Trainer: `training.arguments.training_arguments` derives the stage's `TrainingArguments` subclass (e.g. `DistillTrainingArguments`, which
-    subclasses TrainingArguments and this group as TRL's `GKDConfig` subclasses `TrainingArguments`), holding every
-    field under its own name (`args.alpha`), with the stage's fixed values (`recipe`); a field named in `renames`
-    also sets the TrainingArguments field it stands for (`sft_lr` -> `learning_rate`: the flags keep their stage
-    prefix). Stage 0 trains nothing. A run builds each group once (`TrainConfig.stage_groups`) and hands each stage
-    its own; the stage's helpers get values.
+    group's fields with its inputs) and reaches the stage's Trainer: `training.arguments.training_arguments` derives
+    the stage's `TrainingArguments` subclass (e.g. `DistillTrainingArguments`, which subclasses TrainingArguments and
+    this group as TRL's `GKDConfig` subclasses `TrainingArguments`), holding every field under its own name
+    (`args.alpha`), with the stage's fixed values (`recipe`); a field named in `renames` also sets the
+    TrainingArguments field it stands for (`sft_lr` -> `learning_rate`: the flags keep their stage prefix). Stage 0
+    trains nothing. A run builds each group once (`TrainConfig.stage_groups`) and hands each stage its own; the
+    stage's helpers get values.
     """
 
     stage = None  # the stage's folder and key name (RUN/<stage>_...)
