@@ -48,8 +48,8 @@ model in nf4, head, gate, visual tower and lm_head in `--dtype`):
   `--repeats` passes.
 - `end_to_end_images_per_s`: what `predict` does after its start-up: `emovlm_kd.datapath.batch_loader` over the
   files (`--workers` processes, default `default_workers()`; predict's `--group-batches`; pinned memory on CUDA)
-  feeding predict's own batch step (`emovlm_kd.commands.predict._predict_batch`: `run_batch`, outputs to the CPU,
-  one record per image); all images over the wall time from creating the loader (worker start-up and the first
+  feeding predict's own batch step (`emovlm_kd.commands.predict._predict_batch`: `run_batch` in score mode, the
+  outputs to the CPU, one record per image); all images over the wall time from creating the loader (worker start-up and the first
   batch's wait included); `steady_end_to_end_images_per_s`: the images after the first batch over the time after
   it; `end_to_end_first_batch_ms`; each figure's ratio to model-only (`*_vs_model_only`). Median of `--repeats`.
 - `4bit_vs_<dtype>`: the 4-bit load's peak memory and model-only images/s over the `--dtype` bundle's.
@@ -336,7 +336,7 @@ def loader_batches(model, processor, paths, batch_size, workers, pin_memory):
 
 
 def time_model_only(model, batches, repeats, device):
-    """Images/s of `model(**batch, prompt_cache=...)` (score mode) over the prebuilt `batches` (on the model's
+    """Images/s of `model(**batch, vlm_mode="score", prompt_cache=...)` over the prebuilt `batches` (on the model's
     device), median over `repeats` passes after one untimed batch; the device synchronised around each pass."""
     import torch
 
@@ -347,11 +347,11 @@ def time_model_only(model, batches, repeats, device):
     cache, clock, runs = PromptPrefixCache(), Stopwatch(device), []
     count = sum(batch["input_ids"].shape[0] for batch in batches)
     with torch.inference_mode():
-        model(**batches[0], prompt_cache=cache)  # warm-up (kernels, and the prompt prefix)
+        model(**batches[0], vlm_mode="score", prompt_cache=cache)  # warm-up (kernels, and the prompt prefix)
         for _ in range(repeats):
             clock.start()
             for batch in batches:
-                model(**batch, prompt_cache=cache)
+                model(**batch, vlm_mode="score", prompt_cache=cache)
             runs.append(clock.stop())
     return count / statistics.median(runs)
 
@@ -373,7 +373,7 @@ def time_end_to_end(model, processor, paths, batch_size, workers, repeats, devic
         sync(device)
         start = time.perf_counter()
         for batch in loader_batches(model, processor, paths, batch_size, workers, device.type == "cuda"):
-            records = _predict_batch(model, processor, batch, "path", cache, {})
+            records = _predict_batch(model, processor, batch, "path", cache, {"vlm_mode": "score"})
             failed = [record for _, record in records if "error" in record]
             if failed:
                 raise RuntimeError(f"predict's path failed on {failed[0]}")
@@ -401,7 +401,7 @@ def peak_memory(model, inputs, device):
 
     meter = MemoryMeter(device)
     with torch.inference_mode():
-        peak = meter.measure(lambda: model(**inputs, prompt_cache=PromptPrefixCache()))
+        peak = meter.measure(lambda: model(**inputs, vlm_mode="score", prompt_cache=PromptPrefixCache()))
     memory = {"method": meter.method, "weights_mb": round(model.get_memory_footprint() / 2**20, 1), **peak}
     if device.type == "cuda":
         memory["allocated_before_mb"] = round(peak["peak_mb"] - peak["above_before_mb"], 1)
