@@ -49,9 +49,10 @@ model in nf4, head, gate, visual tower and lm_head in `--dtype`):
 - `end_to_end_images_per_s`: what `predict` does after its start-up: `emovlm_kd.datapath.batch_loader` over the
   files (`--workers` processes, default `default_workers()`; predict's `--group-batches`; pinned memory on CUDA)
   feeding predict's own batch step (`emovlm_kd.commands.predict._predict_batch`: `run_batch` in score mode, the
-  outputs to the CPU, one record per image); all images over the wall time from creating the loader (worker start-up and the first
-  batch's wait included); `steady_end_to_end_images_per_s`: the images after the first batch over the time after
-  it; `end_to_end_first_batch_ms`; each figure's ratio to model-only (`*_vs_model_only`). Median of `--repeats`.
+  outputs to the CPU, one record per image); all images over the wall time from creating the loader (worker
+  start-up and the first batch's wait included); `steady_end_to_end_images_per_s`: the images after the first batch
+  over the time after it; `end_to_end_first_batch_ms`; each figure's ratio to model-only (`*_vs_model_only`).
+  Median of `--repeats`.
 - `4bit_vs_<dtype>`: the 4-bit load's peak memory and model-only images/s over the `--dtype` bundle's.
 
 The report is rewritten to `--output` after each part (a `timeout` keeps what was measured); the images and the
