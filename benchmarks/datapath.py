@@ -64,7 +64,6 @@ files); `predict` runs with this tree as its working directory and first on `PYT
 revision, export it (`git archive REV | tar -x -C DIR`), copy this file into `DIR/benchmarks/` and run it there.
 """
 
-import argparse
 import json
 import logging
 import os
@@ -74,7 +73,10 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
+
+from emovlm_kd.settings import Dtype, device_field, dtype_field
 
 logger = logging.getLogger(__name__)
 ROOT = Path(__file__).resolve().parents[1]
@@ -201,50 +203,76 @@ PRESETS = {  # --config: the defaults of each; `tiny` is the CPU report above, t
 }
 
 
+@dataclass
+class DatapathArguments:
+    """The benchmark's flags (parsed by `HfArgumentParser`); `None` means the `--config` preset's value (`PRESETS`,
+    resolved in `__post_init__`). A bad value raises `ValueError` (`parse_args`: exit status 2 naming the flag)."""
+
+    config: str = field(default="tiny", metadata={
+        "help": "tiny: the CPU data-path report (default); 7b / small: model-only against end-to-end images/s and "
+                "peak memory, the bundle and its 4-bit reload, on benchmarks.models' random preset",
+        "choices": list(PRESETS)})
+    images: int | None = field(default=None, metadata={
+        "help": "JPEGs made on the spot (default: tiny 16, small 64, 7b 256)"})
+    batch_size: int | None = field(default=None, metadata={"help": "default: tiny 8, else 32"})
+    width: int | None = field(default=None, metadata={"help": "default: tiny 1600, else 1024"})
+    height: int | None = field(default=None, metadata={"help": "default: tiny 1200, else 1024"})
+    repeats: int | None = field(default=None, metadata={
+        "help": "passes of the data path and of the model (default: tiny 3, else 2)"})
+    skip_predict: bool = field(default=False, metadata={"help": "tiny: leave out the end-to-end `predict` runs"})
+    workers: str | None = field(default=None, metadata={
+        "help": "the loaders' numbers of workers, comma-separated (tiny: default 0,1,2); 7b / small: one number "
+                "(default: emovlm_kd.datapath.default_workers())"})
+    # -- the model report (7b / small)
+    device: str | None = device_field("7b: cuda; small: cpu")
+    dtype: Dtype | None = dtype_field("bfloat16; 7b / small only, also the 4-bit compute dtype")
+    text_layers: int | None = field(default=None, metadata={
+        "help": "7b / small: text layers (default: the preset's, 7b 28)"})
+    vision_blocks: int | None = field(default=None, metadata={
+        "help": "7b / small: vision blocks (default: the preset's, 7b 32)"})
+    image_size: int | None = field(default=None, metadata={
+        "help": "7b / small: the processor's pixel budget, a square side (default: 7b 448 = 256 image tokens, "
+                "small 224)"})
+    skip_4bit: bool = field(default=False, metadata={
+        "help": "7b / small: the --dtype bundle only (no save and 4-bit reload)"})
+    skip_4bit_end_to_end: bool = field(default=False, metadata={
+        "help": "7b / small: the 4-bit load's peak memory and model-only images/s, not its end-to-end"})
+    tmp_dir: str | None = field(default=None, metadata={
+        "help": "7b / small: where the images and the saved bundle go (a 7B bundle is about 17 GB; removed at the "
+                "end), default the system's temp folder"})
+    output: str | None = field(default=None, metadata={
+        "help": "write the JSON report here (7b / small: rewritten after each part)"})
+    worker_counts: list = field(init=False, default=None)  # --workers as integers
+
+    def __post_init__(self):
+        preset = PRESETS[self.config]
+        for name in ("images", "batch_size", "width", "height", "repeats", "workers", "device", "dtype"):
+            if getattr(self, name) is None:
+                setattr(self, name, preset[name])
+        for name in ("images", "batch_size", "width", "height", "repeats", "text_layers", "vision_blocks",
+                     "image_size"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+        try:
+            self.worker_counts = None if self.workers is None else [
+                int(count) for count in str(self.workers).split(",") if count.strip()]
+        except ValueError:
+            raise ValueError(f"--workers must be comma-separated integers, got {self.workers!r}") from None
+        if self.config != "tiny" and self.worker_counts is not None and len(self.worker_counts) != 1:
+            raise ValueError(f"--config {self.config} takes one --workers number, got {self.workers}")
+
+
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.datapath", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", choices=list(PRESETS), default="tiny",
-                        help="tiny: the CPU data-path report (default); 7b / small: model-only against end-to-end "
-                             "images/s and peak memory, bfloat16 and 4-bit, on benchmarks.models' random preset")
-    parser.add_argument("--images", type=int, help="JPEGs made on the spot (default: tiny 16, small 64, 7b 256)")
-    parser.add_argument("--batch-size", type=int, help="default: tiny 8, else 32")
-    parser.add_argument("--width", type=int, help="default: tiny 1600, else 1024")
-    parser.add_argument("--height", type=int, help="default: tiny 1200, else 1024")
-    parser.add_argument("--repeats", type=int,
-                        help="passes of the data path and of the model (default: tiny 3, else 2)")
-    parser.add_argument("--skip-predict", action="store_true", help="tiny: leave out the end-to-end `predict` runs")
-    parser.add_argument("--workers", help="the loaders' numbers of workers, comma-separated (tiny: default 0,1,2); "
-                                          "7b / small: one number (default: emovlm_kd.datapath.default_workers())")
-    # the model report (7b / small)
-    parser.add_argument("--device", help="7b / small: where the model runs (default: 7b cuda, small cpu)")
-    parser.add_argument("--dtype", choices=["bfloat16", "float16", "float32"],
-                        help="7b / small: the model's dtype and the 4-bit compute dtype (default bfloat16)")
-    parser.add_argument("--text-layers", type=int, help="7b / small: text layers (default: the preset's, 7b 28)")
-    parser.add_argument("--vision-blocks", type=int, help="7b / small: vision blocks (default: the preset's, 7b 32)")
-    parser.add_argument("--image-size", type=int,
-                        help="7b / small: the processor's pixel budget, a square side (default: 7b 448 = 256 image "
-                             "tokens, small 224)")
-    parser.add_argument("--skip-4bit", action="store_true", help="7b / small: bfloat16 only (no save and 4-bit reload)")
-    parser.add_argument("--skip-4bit-end-to-end", action="store_true",
-                        help="7b / small: the 4-bit load's peak memory and model-only images/s, not its end-to-end")
-    parser.add_argument("--tmp-dir", help="7b / small: where the images and the saved bundle go (a 7B bundle is "
-                                          "about 17 GB; removed at the end), default the system's temp folder")
-    parser.add_argument("--output", help="write the JSON report here (7b / small: rewritten after each part)")
-    args = parser.parse_args(argv)
-    preset = PRESETS[args.config]
-    for name in ("images", "batch_size", "width", "height", "repeats", "workers", "device", "dtype"):
-        if getattr(args, name) is None:
-            setattr(args, name, preset[name])
-    for name in ("images", "batch_size", "width", "height", "repeats", "text_layers", "vision_blocks", "image_size"):
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    """DatapathArguments from the command line; a bad value exits with status 2 and says which flag."""
+    from transformers import HfArgumentParser
+
+    parser = HfArgumentParser(DatapathArguments, prog="python -m benchmarks.datapath",
+                              description=__doc__.split("\n\n")[0])
     try:
-        args.workers = None if args.workers is None else [int(c) for c in str(args.workers).split(",") if c.strip()]
-    except ValueError:
-        parser.error(f"--workers must be comma-separated integers, got {args.workers!r}")
-    if args.config != "tiny" and args.workers is not None and len(args.workers) != 1:
-        parser.error(f"--config {args.config} takes one --workers number, got {args.workers}")
+        (args,) = parser.parse_args_into_dataclasses(args=argv)
+    except ValueError as error:
+        parser.error(str(error))  # exits with status 2
     return args
 
 
@@ -272,7 +300,8 @@ def main(argv=None):
         model.eval()
         logger.info("data path: %d JPEGs of %dx%d", args.images, args.width, args.height)
         decode_ms, processor_ms, inputs = time_data_path(model, processor, paths, args.batch_size, args.repeats)
-        report["loader"] = time_loaders(model, processor, paths, args.batch_size, args.workers, args.repeats)
+        report["loader"] = time_loaders(model, processor, paths, args.batch_size, args.worker_counts,
+                                        args.repeats)
         logger.info("model only")
         model_rate = time_model(model, inputs, args.images, args.repeats)
         report.update(decode_prepare_ms=round(decode_ms, 2), processor_ms=round(processor_ms, 2),
@@ -417,9 +446,9 @@ def measure_model(model, processor, paths, args, device, end_to_end=True):
 
     from emovlm_kd.inference import to_model
 
-    logger.info("prebuilding the batches (the loader, %d worker(s))", args.workers[0])
+    logger.info("prebuilding the batches (the loader, %d worker(s))", args.worker_counts[0])
     cpu_batches = [batch["inputs"] for batch in loader_batches(model, processor, paths, args.batch_size,
-                                                               args.workers[0], False)]
+                                                               args.worker_counts[0], False)]
     merge = model.vlm.config.vision_config.spatial_merge_size
     figures = {"image_tokens": sorted({int(row.prod()) // merge**2 for inputs in cpu_batches
                                        for row in inputs["image_grid_thw"]})}
@@ -432,8 +461,8 @@ def measure_model(model, processor, paths, args, device, end_to_end=True):
     if device.type == "cuda":
         torch.cuda.empty_cache()
     if end_to_end:
-        logger.info("end to end: the loader with %d worker(s) feeding predict's batch step", args.workers[0])
-        whole, steady, first_ms = time_end_to_end(model, processor, paths, args.batch_size, args.workers[0],
+        logger.info("end to end: the loader with %d worker(s) feeding predict's batch step", args.worker_counts[0])
+        whole, steady, first_ms = time_end_to_end(model, processor, paths, args.batch_size, args.worker_counts[0],
                                                   args.repeats, device)
         figures.update(end_to_end_images_per_s=round(whole, 2), end_to_end_vs_model_only=round(whole / model_rate, 3),
                        steady_end_to_end_images_per_s=None if steady is None else round(steady, 2),
@@ -481,7 +510,7 @@ def measure_bundles(args, device):
     from .models import CONFIGS, build_random_model, count_params, preset_widths
 
     dtype = getattr(torch, args.dtype)
-    args.workers = args.workers or [default_workers()]
+    args.worker_counts = args.worker_counts or [default_workers()]
     widths = preset_widths(args.config)
     depth = {"num_layers": args.text_layers or widths["num_layers"],
              "vision_depth": args.vision_blocks or widths["vision_depth"]}
@@ -489,7 +518,7 @@ def measure_bundles(args, device):
     load_before = os.getloadavg()
     report = {"config": args.config, "device": str(device), "device_name": device_name(device),
               "dtype": args.dtype, "images": args.images, "size": [args.width, args.height],
-              "batch_size": args.batch_size, "workers": args.workers[0], "repeats": args.repeats,
+              "batch_size": args.batch_size, "workers": args.worker_counts[0], "repeats": args.repeats,
               "threads": torch.get_num_threads(), "torch": torch.__version__,
               "modules": {"emovlm_kd": emovlm_kd.__file__, "pipeline_emovlm_kd": pipeline_emovlm_kd.__file__}}
     with tempfile.TemporaryDirectory(prefix="emovlm-kd-datapath-", dir=args.tmp_dir) as tmp:
