@@ -71,3 +71,21 @@ def test_bad_flags_exit_2(argv):
     with pytest.raises(SystemExit) as error:
         datapath.main(argv)
     assert error.value.code == 2
+
+
+def test_the_gpu_script_names_flags_and_tests_that_exist():
+    """`benchmarks/gpu_issue25.sh` runs on a lent machine in one go: its benchmark flags must parse here (a renamed
+    flag would cost that run) and the test files it names must exist."""
+    import re
+    import shlex
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    script = (root / "benchmarks" / "gpu_issue25.sh").read_text(encoding="utf-8").replace("\\\n", " ")
+    (command,) = re.findall(r"^step datapath-7b \d+ \"\$PY\" -m benchmarks\.datapath (.*)$", script, flags=re.M)
+    # the shell's values ("$WORK", "$OUT/...") stand for paths; ${DATAPATH_ARGS:-} is empty unless given
+    argv = [arg if "$" not in arg else "placeholder" for arg in shlex.split(command) if "DATAPATH_ARGS" not in arg]
+    args = datapath.parse_args(argv)
+    assert (args.config, args.batch_size, args.device, args.images) == ("7b", 32, "cuda", 256)
+    tests = set(re.findall(r"tests/test_\w+\.py", script))
+    assert tests and all((root / test).is_file() for test in tests), tests
