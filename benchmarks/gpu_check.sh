@@ -15,14 +15,7 @@ export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 PYTHONUNBUF
 PY="${PYTHON:-python}"
 : > "$OUT/summary.txt"
 
-step() {  # step NAME SECONDS COMMAND...
-    local name="$1" limit="$2"
-    shift 2
-    local start=$SECONDS
-    timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
-    local status=$?
-    printf '%-12s exit %3d  %5ds  %s\n' "$name" "$status" "$((SECONDS - start))" "$*" | tee -a "$OUT/summary.txt"
-}
+. "$(dirname "${BASH_SOURCE[0]}")/gpu_steps.sh"  # step NAME SECONDS COMMAND...
 
 "$PY" - > "$OUT/device.txt" 2>&1 <<'EOF'
 import torch

@@ -41,14 +41,7 @@ WORK="$(mktemp -d "${TMPDIR:-/tmp}/emovlm-kd-issue25.XXXXXX")"
 trap 'rm -rf "$WORK"' EXIT
 : > "$OUT/summary.txt"
 
-step() {  # step NAME SECONDS COMMAND...
-    local name="$1" limit="$2"
-    shift 2
-    local start=$SECONDS
-    timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
-    local status=$?
-    printf '%-14s exit %3d  %4ds  %s\n' "$name" "$status" "$((SECONDS - start))" "$*" | tee -a "$OUT/summary.txt"
-}
+. "$(dirname "${BASH_SOURCE[0]}")/gpu_steps.sh"  # step NAME SECONDS COMMAND...
 
 install_wheels() {  # once per machine: a second run on a warm machine finds the marker of the same wheel set
     local wheels=(.whl/*.whl)
