@@ -1,13 +1,7 @@
 """Where a command computes and in which dtype: the one resolver of each. The `--device` / `--dtype` flags are
 `emovlm_kd.settings.DeviceArguments`' fields."""
 
-from emovlm_kd.settings import AUTO_DTYPE, DTYPES, DeviceArguments, add_arguments  # noqa: F401  (DTYPES: re-exported)
-
-
-def add_device_arguments(parser):
-    """--device and --dtype (`DeviceArguments`' fields) on an argparse parser: for a command not yet parsing a
-    settings dataclass (`predict`)."""
-    add_arguments(parser, DeviceArguments)
+from emovlm_kd.settings import AUTO_DTYPE
 
 
 def resolve_device(device=None):

@@ -222,7 +222,7 @@ def test_a_given_device_is_kept_and_none_is_this_processs_own(monkeypatch):
 def test_every_command_with_device_flags_takes_the_one_definition():
     from emovlm_kd.cli import build_parser
     from emovlm_kd.helptext import parsers_of
-    from emovlm_kd.runtime import DTYPES
+    from emovlm_kd.settings import DTYPES
 
     flags = {}
     for parser in parsers_of(build_parser()):

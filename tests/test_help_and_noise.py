@@ -122,7 +122,6 @@ def test_calibrating_a_gate_trained_on_val_is_no_warning(tiny_bundle, caplog, mo
     information line; a warning only where a fit fails (see test_calibration)."""
     from emovlm_kd.training import heads
     from emovlm_kd.training.calibration import calibrate_bundle, calibration_rows
-    from emovlm_kd.training.config import TrainConfig
 
     model = copy.deepcopy(tiny_bundle[0])  # the session's bundle keeps its temperatures
     labels = model.config.num_labels
