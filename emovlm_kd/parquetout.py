@@ -16,13 +16,12 @@ a write cut by a kill, in `FILE.part/` or beside `FILE`, is a leftover that the 
 else is refused.
 """
 
-import json
 import logging
 import re
 from pathlib import Path
 
-from emovlm_kd.folders import PARTIAL_WRITE, is_leftover, remove_leftovers, staged_file, write_error
-from emovlm_kd.partfiles import RECORD_SUFFIX, check_part_record
+from emovlm_kd.folders import PARTIAL_WRITE, is_leftover, remove_leftovers, staged_file
+from emovlm_kd.partfiles import RECORD_SUFFIX, check_part_record, write_part_record
 
 logger = logging.getLogger(__name__)
 
@@ -77,10 +76,7 @@ class ParquetParts:
         self.kept_predicted = len(kept) - self.kept_skipped
         if not kept:
             self.part.mkdir(exist_ok=True)
-            try:
-                self.record_file.write_text(json.dumps(record, sort_keys=True) + "\n", encoding="utf-8")
-            except OSError as error:
-                raise write_error(error, self.record_file) from None
+            write_part_record(self.record_file, record)
 
     def _foreign_files(self):
         if not self.part.is_dir():

@@ -1,11 +1,22 @@
 """What `predict`'s two part writers share (`emovlm_kd.commands.predict.PartFileLines` for JSON lines,
-`emovlm_kd.parquetout.ParquetParts` for Parquet): the record beside a part (`FILE.part.json`) and its check. An OS
-error while writing either is raised as `emovlm_kd.folders.write_error` makes it (a path problem, the user's: exit
-2 when the output is opened; a disk's failure: `WriteError`, exit 1)."""
+`emovlm_kd.parquetout.ParquetParts` for Parquet): the record beside a part (`FILE.part.json`), its writing and its
+check. An OS error while writing either is raised as `emovlm_kd.folders.write_error` makes it (a path problem, the
+user's: exit 2 when the output is opened; a disk's failure: `WriteError`, exit 1)."""
 
 import json
 
+from emovlm_kd.folders import write_error
+
 RECORD_SUFFIX = ".part.json"  # beside FILE.part: what its lines were written for (`run_record`)
+
+
+def write_part_record(record_file, record):
+    """`record` (`run_record`: what a part is written for) as JSON in `record_file`, which `check_part_record` reads
+    back on `--resume`; an OS error as `write_error` makes it, naming `record_file`."""
+    try:
+        record_file.write_text(json.dumps(record, sort_keys=True) + "\n", encoding="utf-8")
+    except OSError as error:
+        raise write_error(error, record_file) from None
 
 
 def check_part_record(part, record_file, record, ids):

@@ -51,7 +51,7 @@ from pathlib import Path
 
 from emovlm_kd.errors import UsageError, few
 from emovlm_kd.folders import WriteError, write_error
-from emovlm_kd.partfiles import RECORD_SUFFIX, check_part_record
+from emovlm_kd.partfiles import RECORD_SUFFIX, check_part_record, write_part_record
 from emovlm_kd.settings import REQUIRED, Checked, DataPathArguments, RuntimeArguments, help_field, positive
 
 logger = logging.getLogger(__name__)
@@ -446,12 +446,12 @@ class PartFileLines:
         self.handle = open(self.part, "a" if resume else "w", encoding="utf-8")  # noqa: SIM115 (kept for the run)
         if not records:  # the lines (none yet) are cut first: a kill now leaves no line under another record
             try:
-                self.record_file.write_text(json.dumps(record, sort_keys=True) + "\n", encoding="utf-8")
-            except OSError as error:  # e.g. a full disk: nothing of this run is left to be trusted by a rerun
+                write_part_record(self.record_file, record)
+            except OSError:  # e.g. a full disk: nothing of this run is left to be trusted by a rerun
                 self.handle.close()
                 self.part.unlink(missing_ok=True)
                 self.record_file.unlink(missing_ok=True)
-                raise write_error(error, self.record_file) from None
+                raise
 
     def write(self, records):
         try:
