@@ -109,6 +109,19 @@ class CachedRowsArguments(StageArguments):
                     disable_tqdm=not interactive(), accelerator_config={"split_batches": True})
 
 
+class SmallModuleArguments(CachedRowsArguments):
+    """Stages 3 and 4 (the head, the gate): weight decay 1e-4 (the official Adam's, train_distillation.py:111 and
+    train_gate.py:336), and a constant rate where the group's optimiser knob (`optimizer_knob`) is `adam`, as the
+    official code; Trainer's linear decay with `adamw`."""
+
+    optimizer_knob = None  # the field naming the stage's optimiser
+
+    @classmethod
+    def recipe(cls, knobs):
+        return {**super().recipe(knobs), "weight_decay": 1e-4,
+                **({"lr_scheduler_type": "constant"} if knobs[cls.optimizer_knob] == "adam" else {})}
+
+
 @dataclass
 class ModelArguments(_Checked):
     _argument_group_name = "Models and output"
@@ -264,9 +277,10 @@ class TeacherArguments(CachedRowsArguments):
 
 
 @dataclass
-class DistillArguments(CachedRowsArguments):
+class DistillArguments(SmallModuleArguments):
     _argument_group_name = "Stage 3: distillation"
     stage = "stage3"
+    optimizer_knob = "distill_optimizer"
 
     renames = {"distill_epochs": "num_train_epochs", "distill_lr": "learning_rate",
                "distill_batch_size": "per_device_train_batch_size"}
@@ -283,11 +297,6 @@ class DistillArguments(CachedRowsArguments):
     distill_init: Literal["normal", "pytorch"] | None = _knob(
         "distill_init", "the head's initial weights: normal (N(0, 0.02), zero bias) or pytorch (nn.Linear's)")
 
-    @classmethod
-    def recipe(cls, knobs):
-        return {**super().recipe(knobs), "weight_decay": 1e-4,
-                **({"lr_scheduler_type": "constant"} if knobs["distill_optimizer"] == "adam" else {})}
-
     def _checks(self):
         self.head_hidden_sizes = [int(h) for h in self.head_hidden_sizes]
         yield all(h > 0 for h in self.head_hidden_sizes), "head-hidden-sizes", "must be positive integers"
@@ -301,9 +310,10 @@ class DistillArguments(CachedRowsArguments):
 
 
 @dataclass
-class GateArguments(CachedRowsArguments):
+class GateArguments(SmallModuleArguments):
     _argument_group_name = "Stage 4: gate"
     stage = "stage4"
+    optimizer_knob = "gate_optimizer"
 
     renames = {"gate_epochs": "num_train_epochs", "gate_lr": "learning_rate",
                "gate_batch_size": "per_device_train_batch_size"}
@@ -336,11 +346,6 @@ class GateArguments(CachedRowsArguments):
     gate_samples: int = field(default=10, metadata={"help": "sampled answers per train image (gate-data sampled)"})
     gate_temperature: float = field(default=0.8, metadata={"help": "sampling temperature (gate-data sampled)"})
     gate_train_split: Literal["train", "val"] | None = _help("old name of --gate-data train|val (sets it)")
-
-    @classmethod
-    def recipe(cls, knobs):
-        return {**super().recipe(knobs), "weight_decay": 1e-4,
-                **({"lr_scheduler_type": "constant"} if knobs["gate_optimizer"] == "adam" else {})}
 
     def _checks(self):
         if self.gate_train_split is not None:  # the old setting: folded into gate_data
