@@ -87,6 +87,7 @@ from dataclasses import dataclass, field
 
 from emovlm_kd.settings import Dtype, device_field, dtype_field
 
+from .flags import parse_settings
 from .meters import available_cpus
 from .models import CONFIGS, REAL_SIZES
 
@@ -186,15 +187,8 @@ def _parse_batch_sizes(text):
 
 def parse_args(argv=None):
     """BenchArguments from the command line; a bad value exits with status 2 and says which flag."""
-    from transformers import HfArgumentParser
-
-    parser = HfArgumentParser(BenchArguments, prog="python -m benchmarks.bench",
-                              description="Speed and memory of EmoVLM-KD against the paper's protocol and the floor.")
-    try:
-        (args,) = parser.parse_args_into_dataclasses(args=argv)
-    except ValueError as error:
-        parser.error(str(error))  # exits with status 2
-    return args
+    return parse_settings(BenchArguments, argv, "python -m benchmarks.bench",
+                          "Speed and memory of EmoVLM-KD against the paper's protocol and the floor.")
 
 
 def main(argv=None):

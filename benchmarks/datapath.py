@@ -265,15 +265,9 @@ class DatapathArguments:
 
 def parse_args(argv=None):
     """DatapathArguments from the command line; a bad value exits with status 2 and says which flag."""
-    from transformers import HfArgumentParser
+    from .flags import parse_settings
 
-    parser = HfArgumentParser(DatapathArguments, prog="python -m benchmarks.datapath",
-                              description=__doc__.split("\n\n")[0])
-    try:
-        (args,) = parser.parse_args_into_dataclasses(args=argv)
-    except ValueError as error:
-        parser.error(str(error))  # exits with status 2
-    return args
+    return parse_settings(DatapathArguments, argv, "python -m benchmarks.datapath", __doc__.split("\n\n")[0])
 
 
 def main(argv=None):
