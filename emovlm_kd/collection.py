@@ -38,7 +38,7 @@ from itertools import islice
 from pathlib import Path
 from typing import Any
 
-from emovlm_kd.errors import UsageError, few
+from emovlm_kd.errors import UsageError, few, first_line
 
 logger = logging.getLogger(__name__)
 
@@ -242,7 +242,3 @@ def find_id_column(dataset, requested, image_column, where):
             raise UsageError(f"--id-column {requested!r} is not a column of {where}: {', '.join(features)}")
         return requested
     return next((name for name in ID_COLUMNS if name in features and name != image_column), None)
-
-
-def first_line(error):
-    return (str(error).strip().splitlines() or [""])[0]

@@ -9,6 +9,12 @@ def few(items, count=5):
     return ", ".join(items[:count]) + (f" and {len(items) - count} more" if len(items) > count else "")
 
 
+def first_line(error):
+    """The first line of an exception's message for a one-line message (its type's name when it says nothing)."""
+    text = str(error).strip() or type(error).__name__
+    return text.splitlines()[0]
+
+
 class UsageError(Exception):
     """A bad flag or value: the command exits with status 2 and this message."""
 

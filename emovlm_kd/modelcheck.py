@@ -31,7 +31,7 @@ import os
 import re
 from pathlib import Path
 
-from emovlm_kd.errors import ModelCheckError, few
+from emovlm_kd.errors import ModelCheckError, few, first_line
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -257,15 +257,10 @@ def load_checked_config(folder):
     try:
         config = EmoVLMKDConfig.from_pretrained(folder)
     except (OSError, ValueError, KeyError, TypeError) as error:
-        raise ModelCheckError(file, _first_line(error)) from None
+        raise ModelCheckError(file, first_line(error)) from None
     check_weights_fit_config(config, shapes, _weights_name(folder))
     check_answer_token_ids(config, file)
     return config
-
-
-def _first_line(error):
-    text = str(error).strip() or type(error).__name__
-    return text.splitlines()[0]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -282,7 +277,7 @@ def weight_files(folder):
         try:
             names = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
-            raise ModelCheckError(index, f"not a readable shard index ({_first_line(error)})") from None
+            raise ModelCheckError(index, f"not a readable shard index ({first_line(error)})") from None
         files = [folder / name for name in names]
     else:
         files = [folder / WEIGHTS_FILE]
@@ -303,7 +298,7 @@ def check_safetensors_file(path):
             handle.keys()
     except (SafetensorError, OSError) as error:
         size = Path(path).stat().st_size
-        raise ModelCheckError(path, f"not a complete safetensors file ({_first_line(error)}; {size:,} bytes): "
+        raise ModelCheckError(path, f"not a complete safetensors file ({first_line(error)}; {size:,} bytes): "
                                     "truncated or damaged, copy or export it again") from None
 
 
@@ -334,7 +329,7 @@ def build_on_meta(config, file):
             return EmoVLMKDForImageClassification(config)
     except Exception as error:  # noqa: BLE001 (a backbone's constructor fails in many ways: one problem)
         raise ModelCheckError(file, f"the model does not build from this config ({type(error).__name__}: "
-                                    f"{_first_line(error)})") from None
+                                    f"{first_line(error)})") from None
 
 
 def checkpoint_names(model, names):
@@ -433,7 +428,7 @@ def load_checked_weights(folder, config, dtype=None, **placed):
                 folder, config=config, use_safetensors=True, output_loading_info=True, ignore_mismatched_sizes=True,
                 **kwargs)
     except (OSError, RuntimeError, ValueError, KeyError, SafetensorError) as error:
-        raise ModelCheckError(where, f"does not load: {_first_line(error)}") from None
+        raise ModelCheckError(where, f"does not load: {first_line(error)}") from None
     check_loading_info(info, where, len(config.labels))
     return model
 
@@ -461,7 +456,7 @@ def check_loading_info(info, file, num_labels):
                                     f"({few(unexpected, 3)})")
     errors = list(info.get("error_msgs") or [])
     if errors:
-        raise ModelCheckError(file, f"does not load: {_first_line(errors[0])}")
+        raise ModelCheckError(file, f"does not load: {first_line(errors[0])}")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -493,7 +488,7 @@ def load_checked_processor(folder):
         processor = AutoProcessor.from_pretrained(folder, trust_remote_code=False)
     except Exception as error:  # noqa: BLE001 (a processor's files fail in many libraries' ways: one problem)
         raise ModelCheckError(folder, f"the processor does not load ({type(error).__name__}: "
-                                      f"{_first_line(error)})") from None
+                                      f"{first_line(error)})") from None
     if getattr(processor, "tokenizer", None) is None or getattr(processor, "image_processor", None) is None:
         raise ModelCheckError(folder, f"the processor ({type(processor).__name__}) lacks a tokenizer or an image "
                                       "processor: preprocessor_config.json or processor_config.json is missing")
@@ -555,7 +550,7 @@ def _chat_template_problem(processor, config):
         except MemoryError:
             raise  # past the bound of `bounded_in_child`: said by the caller
         except Exception as error:  # noqa: BLE001 (jinja2's errors, or a template calling what fails: one problem)
-            return f"the chat template does not render the prompt ({type(error).__name__}: {_first_line(error)})"
+            return f"the chat template does not render the prompt ({type(error).__name__}: {first_line(error)})"
         if not isinstance(prompt, str):
             return f"the chat template renders a {type(prompt).__name__}, not text"
     return None
@@ -583,7 +578,7 @@ def bounded_in_child(problem_of, seconds, memory):
         except MemoryError:
             os.write(write_end, json.dumps({"memory": True}).encode())
         except BaseException as error:  # noqa: BLE001 (anything in the child is one line for the parent)
-            os.write(write_end, json.dumps({"problem": f"{type(error).__name__}: {_first_line(error)}"}).encode())
+            os.write(write_end, json.dumps({"problem": f"{type(error).__name__}: {first_line(error)}"}).encode())
         finally:
             os._exit(0)
     os.close(write_end)
@@ -643,7 +638,7 @@ def _check_answers_match_tokenizer(model, processor, file):
     try:
         written = model.set_answer_tokens(processor)
     except ValueError as error:
-        raise ModelCheckError(file, _first_line(error)) from None
+        raise ModelCheckError(file, first_line(error)) from None
     finally:
         model.config.label_answer_token_ids = saved
     for index, (label, ours, theirs) in enumerate(zip(model.config.labels, saved, written)):
