@@ -278,7 +278,7 @@ def accuracy_table(report):
     tests = report.get("mcnemar", {})
     if tests:
         lines.append("McNemar vs EmoVLM-KD: " + "; ".join(
-            f"{PART_TITLES[pair.split('_vs_')[0]]} p = {_p(test['p_value'])}" for pair, test in tests.items()))
+            f"{PART_TITLES[pair.split('_vs_')[0]]} p = {p_text(test['p_value'])}" for pair, test in tests.items()))
     return "\n".join(lines)
 
 
@@ -286,7 +286,13 @@ def _ci(interval):
     return "-" if interval is None else f"[{_pct(interval[0])}, {_pct(interval[1])}]"
 
 
-def _p(value):
+def percent_ci_text(value, interval):
+    """An accuracy (a fraction) and its 95 % interval as the tables write them: "78.12 [70.31, 85.94]"."""
+    return f"{_pct(value)} {_ci(interval)}"
+
+
+def p_text(value):
+    """A p-value as the tables write it: 2 significant digits below 0.001, else 3 decimals."""
     return f"{value:.2g}" if value < 0.001 else f"{value:.3f}"
 
 
@@ -355,7 +361,7 @@ def _paired_tests_section(report):
         branch = PART_TITLES[pair.split("_vs_")[0]]
         rows.append((f"{branch} vs EmoVLM-KD", test["b"], test["c"],
                      "exact binomial" if test["method"] == "exact" else f"chi-square {test['statistic']:.3f}",
-                     _p(test["p_value"])))
+                     p_text(test["p_value"])))
     explanation = ("McNemar's test on the images where exactly one of the two is right (the first: only the branch; "
                    "the second: only EmoVLM-KD); exact binomial below 25 such images, else chi-square with continuity "
                    "correction. A small p means the accuracies differ by more than chance on these images.")

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from emovlm_kd.errors import UsageError
 from emovlm_kd.evaluation.paper import TABLE1, TABLE1_DATASETS, TABLE1_TITLES
-from emovlm_kd.evaluation.report import write_json, write_text
+from emovlm_kd.evaluation.report import p_text, percent_ci_text, write_json, write_text
 from emovlm_kd.evaluation.runner import (
     LabelMismatchError,
     ModelLoadError,
@@ -177,6 +177,17 @@ def _evaluate_dataset(name, path, model_id, cache, output_dir, *, split, limit, 
 PAPER_ROW = {False: "EmoVLM-KD", True: "Qwen2-VL-7B zero-shot"}  # the paper's row this model's final answer stands by
 
 
+def _mcnemar_text(found):
+    """A McNemar cell: "b/c, p = ..." (images only the first got right / only the second; "of N" where the pairing
+    counted the images), "not paired: why", or "-" where no test was made."""
+    if found is None:
+        return "-"
+    if "not_paired" in found:
+        return f"not paired: {found['not_paired']}"
+    images = f" of {found['images']}" if "images" in found else ""
+    return f"{found['b']}/{found['c']}{images}, p = {p_text(found['p_value'])}"
+
+
 def _per_dataset_lines(results, limited):
     """Per dataset: each part's accuracy with its 95 % bootstrap interval, the paper's number for the same model
     kind, and McNemar's test of each branch against the gate on the same images."""
@@ -184,15 +195,10 @@ def _per_dataset_lines(results, limited):
     def cell(result, part):
         if part not in result["accuracy"]:
             return "-"
-        low, high = result["accuracy_ci"][part]
-        return f"{100 * result['accuracy'][part]:.2f} [{100 * low:.2f}, {100 * high:.2f}]"
+        return percent_ci_text(result["accuracy"][part], result["accuracy_ci"][part])
 
     def test(result, branch):
-        found = result["mcnemar"].get(f"{branch}_vs_emovlm_kd")
-        if found is None:
-            return "-"
-        p = found["p_value"]
-        return f"{found['b']}/{found['c']}, p = {p:.2g}" if p < 0.001 else f"{found['b']}/{found['c']}, p = {p:.3f}"
+        return _mcnemar_text(result["mcnemar"].get(f"{branch}_vs_emovlm_kd"))
 
     header = ["dataset", "images", "this model (%) [95 % CI]", "paper (%)", "VLM branch", "distill head",
               "McNemar VLM vs gate", "McNemar head vs gate"]
@@ -303,19 +309,11 @@ def render_protocols_markdown(rows, limited=False):
         low, high = entry["ci95"]
         return f"{entry['accuracy']:.2f} [{low:.2f}, {high:.2f}]"
 
-    def test(entry):
-        found = entry.get("mcnemar")
-        if found is None:
-            return "-"
-        if "not_paired" in found:
-            return f"not paired: {found['not_paired']}"
-        p = found["p_value"]
-        return f"{found['b']}/{found['c']} of {found['images']}, p = " + (f"{p:.2g}" if p < 0.001 else f"{p:.3f}")
-
     for name, entry in rows.items():
         published = entry["paper_published"]
         lines.append("| " + " | ".join([TABLE1_TITLES[name], cell(entry.get("paper")), cell(entry.get("official")),
-                                         "-" if published is None else f"{published:.2f}", test(entry)]) + " |")
+                                         "-" if published is None else f"{published:.2f}",
+                                         _mcnemar_text(entry.get("mcnemar"))]) + " |")
     lines += ["", "paper: the paper's text and this project's defaults (label scores); official: what the authors' "
               "code ran (github sange1104/EmoVLM-KD; one answer sampled at T 0.8, seeded, parsed as its "
               "train_gate.py:83-93; README: What differs from the paper and its code). Intervals: percentile "
