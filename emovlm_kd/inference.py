@@ -50,7 +50,8 @@ def processor_inputs(processor: "ProcessorMixin", config: Any, images: Sequence[
 def to_model(
     model: "EmoVLMKDForImageClassification", inputs: Any, non_blocking: bool = False
 ) -> "BatchFeature":
-    """`processor_inputs`' tensors on the model's device, pixels in its dtype (`non_blocking`: from pinned memory)."""
+    """`processor_inputs`' tensors on the model's device, pixels in its dtype (`non_blocking`: from pinned memory);
+    any model with a `device` and a `dtype` (evaluate's teacher too)."""
     from transformers import BatchFeature
 
     inputs = BatchFeature({key: value.to(model.device, non_blocking=non_blocking) if torch.is_tensor(value) else value

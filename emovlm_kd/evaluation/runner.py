@@ -220,9 +220,9 @@ def _apply_split_file(data, record_path, explicit):
 @torch.inference_mode()
 def _teacher_probs(teacher, inputs):
     """The teacher's probabilities for its processor's `inputs` (built by a data path worker; pinned on CUDA)."""
-    inputs = {key: value.to(teacher.device, non_blocking=True) for key, value in inputs.items()}
-    inputs["pixel_values"] = inputs["pixel_values"].to(teacher.dtype)
-    return teacher(**inputs).logits.float().softmax(-1).cpu()
+    from emovlm_kd.inference import to_model
+
+    return teacher(**to_model(teacher, inputs, non_blocking=True)).logits.float().softmax(-1).cpu()
 
 
 def dataset_batches(dataset, batch_size):
