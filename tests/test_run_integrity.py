@@ -346,19 +346,26 @@ def test_a_process_holding_the_lock_takes_it_again_and_the_outer_hold_releases_i
     assert lock_is_free(run)
 
 
+# Each line is one write(2) of its own (os.write, under PIPE_BUF): `print` writes the text and the newline in two
+# calls, and the two processes' lines then interleaved on the shared pipe ("rank 0 refused: ...rank 1 refused: ...\n\n",
+# one line lost; seen once in CI).
 TORCHRUN_SCRIPT = """
 import os, sys
 from emovlm_kd.distributed import state
 from emovlm_kd.training.runlock import RunFolderBusy, hold_run_lock
 rank = state().process_index
+
+def say(line):
+    os.write(1, (line + "\\n").encode())
+
 with hold_run_lock(sys.argv[1]):  # a free folder: every process of the launch goes on
-    print(f"rank {rank} pid {os.getpid()} holds", flush=True)
+    say(f"rank {rank} pid {os.getpid()} holds")
     state().wait_for_everyone()
 try:
     with hold_run_lock(sys.argv[2]):  # a folder another run holds: every process is refused
-        print(f"rank {rank} let in", flush=True)
+        say(f"rank {rank} let in")
 except RunFolderBusy as error:
-    print(f"rank {rank} refused: {error}", flush=True)
+    say(f"rank {rank} refused: {error}")
 """
 
 
@@ -377,7 +384,7 @@ def test_the_processes_of_one_torchrun_launch_share_the_lock_and_another_run_ref
     held, refused = [line for line in lines if line.endswith("holds")], [line for line in lines if "refused" in line]
     assert [line.split()[1] for line in held] == ["0", "1"]
     assert (free / LOCK_FILE).read_text().startswith(f"pid {held[0].split()[3]} on ")  # the main process took it
-    assert [line.split()[1] for line in refused] == ["0", "1"] and len(lines) == 4
+    assert [line.split()[1] for line in refused] == ["0", "1"] and len(lines) == 4, result.stdout
     assert all(f"refused: {busy} is in use by another training run (pid {os.getpid()} on " in line for line in refused)
 
 
