@@ -172,6 +172,11 @@ def dataset_hub_id(dataset):
         else str(dataset)
 
 
+def dataset_shown(dataset):
+    """The dataset's name on the card: its Hub id, else its folder's name ("synthetic demo data" for the demo's)."""
+    return "synthetic demo data" if dataset == "demo" else (dataset_hub_id(dataset) or Path(str(dataset)).name)
+
+
 def card_license(license, vlm, base_model):
     """`license` (--license), else the base model's; a warning when neither is known (not for the offline demo,
     `vlm` demo)."""
@@ -199,8 +204,7 @@ def card_data(results, base_model, *, dataset, vlm, license=None, backbone_type=
               repo_id=None):
     """The card's YAML metadata (`dataset`, `vlm`, `license`: the run's settings); `eval_results` only for the model's
     own parts (not the teacher); `widget` for the `examples` (bundle-relative file names)."""
-    source, dataset = dataset, dataset_hub_id(dataset)
-    shown = "synthetic demo data" if source == "demo" else (dataset or Path(str(source)).name)
+    shown, dataset = dataset_shown(dataset), dataset_hub_id(dataset)
     evals = [
         EvalResult(task_type="image-classification", dataset_type=dataset or shown, dataset_name=shown,
                    dataset_split=results["split"], metric_type="accuracy", metric_name=f"accuracy ({part})",
@@ -227,8 +231,7 @@ def model_card(cfg, labels, results, base_model, backbone_type="qwen2_vl", repo_
     (`widget_example_names`: `{name: label}`, or a list of names), listed as the widget's inputs."""
     repo_id = repo_id or getattr(cfg, "push_to_hub", None)
     base = "local demo model" if demo_backbone(cfg.vlm) is not None else (hub_id_of(base_model) or str(cfg.vlm))
-    dataset = "synthetic demo data" if cfg.dataset == "demo" else (dataset_hub_id(cfg.dataset) or
-                                                                   Path(str(cfg.dataset)).name)
+    dataset = dataset_shown(cfg.dataset)
     return ModelCard.from_template(
         card_data(results, base_model, dataset=cfg.dataset, vlm=cfg.vlm, license=getattr(cfg, "license", None),
                   backbone_type=backbone_type, examples=examples, repo_id=repo_id),
