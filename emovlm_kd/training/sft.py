@@ -10,6 +10,7 @@ cast to the run's dtype: a merge in bfloat16 rounds LoRA updates smaller than ha
 import dataclasses
 import json
 import logging
+import types
 from functools import partial
 from pathlib import Path
 
@@ -39,7 +40,7 @@ def sft_dataset(train, instructions_path, max_side=DEFAULT_MAX_IMAGE_SIDE, chat_
 
     from scoring_emovlm_kd import chat_messages
 
-    layout = type("ChatFormat", (), {"chat_format": chat_format})()
+    layout = types.SimpleNamespace(chat_format=chat_format)  # what `chat_messages` reads of a config
 
     raw_images = dict(zip(train["id"], train.cast_column("image", Image(decode=False))["image"]))
     rows = [json.loads(line) for line in Path(instructions_path).read_text(encoding="utf-8").splitlines() if line]
