@@ -4,8 +4,9 @@
 authors' code (github sange1104/EmoVLM-KD, commit fdffa10) actually ran, bugs that shaped Table 1 included (the
 categorical prompt that is the string "None", item 5). A knob a config or a flag sets keeps its value; a knob left
 unset (None) is filled from the row of the run's protocol (`fill`). Each training stage still reads only its own
-knobs (`cfg.sft_loss`, `cfg.distill_optimizer`, ...); the model-side knobs (`MODEL_KNOBS`) are fields of the Hub
-bundle's config (`configuration_emovlm_kd.EmoVLMKDConfig`), implemented in the Hub files.
+knobs (`cfg.sft_loss`, `cfg.distill_optimizer`, ...); the model-side knobs (chat_format, gate_input,
+answer_protocol: `model_fields`) are fields of the Hub bundle's config (`configuration_emovlm_kd.EmoVLMKDConfig`),
+implemented in the Hub files.
 
 The numbers in brackets are issue 24's items; file:line is the official code at commit fdffa10.
 This module imports nothing heavy (the standard library only): configs, commands and tests read it freely.
@@ -52,9 +53,7 @@ KNOBS = {
                    "Emotion6; the pre-split folders elsewhere"),
 }
 
-# The knobs that are fields of the bundle's config (what the model does at inference), with the config values each
-# `answer_protocol` / `chat_format` / `gate_input` value stands for.
-MODEL_KNOBS = ("chat_format", "gate_input", "answer_protocol")
+# The config values the official `answer_protocol` stands for (`model_fields`, `apply_to_model`).
 OFFICIAL_SAMPLING = {"vlm_mode": "generate", "vlm_do_sample": True, "vlm_temperature": 0.8, "vlm_max_new_tokens": 256}
 # train_gate.py:67-73 (and train_vlm.py:153): do_sample=True, temperature=0.8, top_p=1.0, max_new_tokens=256
 
@@ -80,13 +79,6 @@ def fill(cfg):
         if hasattr(cfg, knob) and getattr(cfg, knob) is None:
             setattr(cfg, knob, value)
     return cfg
-
-
-def changed(cfg, *knobs):
-    """(knob, value) pairs of `knobs` that differ from the paper's row: what a stage adds to its cache key, so that
-    the keys of a `paper` run stay what they were before the knobs existed."""
-    paper = preset("paper")
-    return tuple((k, getattr(cfg, k)) for k in knobs if getattr(cfg, k, paper.get(k)) != paper.get(k))
 
 
 def with_protocol(cfg, name):
@@ -146,8 +138,3 @@ def knob_help(knob, text):
     """A knob's flag help: `text` and what each protocol fills it with (`%` doubled: argparse formats help)."""
     paper, official, _ = KNOBS[knob]
     return f"{text} (default: the --protocol's: paper {paper}, official {official})".replace("%", "%%")
-
-
-def table_rows():
-    """(knob, paper, official, source) per knob, for the README and `--help`."""
-    return [(knob, *row) for knob, row in KNOBS.items()]
