@@ -23,8 +23,8 @@ from emovlm_kd.settings import REQUIRED, Subcommands, help_field
 DEFAULT_DEPTHS = "1024;1024,512;1024,512,256;1024,512,256,128;1024,512,256,128,64"
 DEFAULT_ALPHAS = ",".join(f"{i / 10:g}" for i in range(11))
 # Flags that override a run setting of the same name.
-OVERRIDABLE = ("protocol", "seed", "gate_epochs", "gate_lr", "tau", "head_dropout", "distill_epochs", "distill_lr", "gate_type",
-               "alpha", "head_hidden_sizes", "gate_samples")
+OVERRIDABLE = ("protocol", "seed", "gate_epochs", "gate_lr", "tau", "head_dropout", "distill_epochs", "distill_lr",
+               "gate_type", "alpha", "head_hidden_sizes", "gate_samples")
 GATE_DATA = ("sampled", "val", "train")
 
 
