@@ -231,7 +231,8 @@ def time_stage1(args, device, dtype):
     """Stage 1's training step as `emovlm_kd.training.sft.run_stage1` sets it up (the base loaded from safetensors
     with `sft.quantization_config`: 4-bit nf4 double quantisation on CUDA; LoRA from TRL's `get_peft_config` of
     `sft.model_config` on the LLM's q, k, v; gradient checkpointing with 4-bit; TRL's `SFTTrainer` on prompt /
-    completion rows), on a random model: `7b` at 7B widths with `TRAIN_7B_DEPTH` (4 text layers, 4 vision blocks), labelled as such.
+    completion rows), on a random model: `7b` at 7B widths with `TRAIN_7B_DEPTH` (4 text layers, 4 vision blocks),
+    labelled as such.
     `--train-warmup-steps` untimed steps, then `--train-steps` timed ones; the peak memory is that of the whole
     `train()` call (`MemoryMeter`). The report entry, JSON-ready."""
     from emovlm_kd.training import sft
